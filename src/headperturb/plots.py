@@ -1,0 +1,173 @@
+"""The figures, from the contribution table alone. Colour-blind-safe colours (Okabe-Ito)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from . import io  # noqa: E402
+
+CATEGORY_COLOURS = {"HIGH": "#D55E00", "MEDIUM": "#E69F00", "LOW": "#56B4E9"}
+METRICS = {"accuracy": "accuracy", "f1": "macro-F1"}
+DPI = 150
+
+
+def _setting_label(site: str, scale: str) -> str:
+    return f"site {site}, noise sigma {scale}"
+
+
+def _combos(table: pd.DataFrame) -> list[tuple[str, str]]:
+    combos = table[["site", "scale"]].drop_duplicates()
+    combos = combos.assign(_s=combos["scale"].astype(float)).sort_values(["site", "_s"])
+    return list(zip(combos["site"], combos["scale"]))
+
+
+def _baseline_text(meta: dict) -> str:
+    base = meta.get("baseline", {})
+    return (
+        f"baseline accuracy {base.get('accuracy', float('nan')):.3f}, "
+        f"macro-F1 {base.get('f1', float('nan')):.3f} on {base.get('n_prompts', '?')} prompts"
+    )
+
+
+def _save(fig, out_path) -> None:
+    with io.atomic_path(out_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def contribution_distributions(table: pd.DataFrame, meta: dict, out_path) -> None:
+    """Histograms of the accuracy and F1 contribution scores, stacked by impact category."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (metric, name) in zip(axes, METRICS.items()):
+        values = 100 * table[f"contribution_{metric}"].to_numpy()
+        lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
+        bins = np.linspace(lo - 0.5, hi + 0.5, min(40, max(8, len(values))) + 1)
+        stacks = [
+            100 * table.loc[table["impact"] == c, f"contribution_{metric}"]
+            for c in CATEGORY_COLOURS
+        ]
+        ax.hist(stacks, bins=bins, stacked=True, color=list(CATEGORY_COLOURS.values()),
+                label=[f"{c} impact" for c in CATEGORY_COLOURS], edgecolor="white", linewidth=0.5)  # fmt: skip
+        ax.axvline(0, color="black", linewidth=1)
+        ax.axvline(values.mean(), color="black", linestyle="--", linewidth=1,
+                   label=f"mean {values.mean():+.2f}")  # fmt: skip
+        ax.set_xlabel(f"contribution to {name} (percentage points)\n"
+                      "baseline - perturbed; > 0: the head helps")  # fmt: skip
+        ax.set_title(f"{name}: {len(values)} perturbations")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend(frameon=False, fontsize=8, title="impact (on accuracy)", title_fontsize=8)
+    axes[0].set_ylabel("number of (head, setting) pairs")
+    fig.suptitle("Distribution of head contribution scores\n" + _baseline_text(meta), fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _save(fig, out_path)
+
+
+def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
+    """A bar per head and setting: the contribution score, coloured by impact category."""
+    combos = _combos(table)
+    n = len(table[table["site"].eq(combos[0][0]) & table["scale"].eq(combos[0][1])])
+    width = min(24, max(8, 0.35 * n + 3))
+    fig, axes = plt.subplots(len(combos), 2, figsize=(width, 3.6 * len(combos)), squeeze=False)
+    for row, (site, scale) in enumerate(combos):
+        part = table[(table["site"] == site) & (table["scale"] == scale)]
+        part = part.sort_values(["layer", "head"])
+        labels = [f"L{layer}H{head}" for layer, head in zip(part["layer"], part["head"])]
+        x = np.arange(len(part))
+        for col, (metric, name) in enumerate(METRICS.items()):
+            ax = axes[row, col]
+            values = 100 * part[f"contribution_{metric}"].to_numpy()
+            colours = [CATEGORY_COLOURS[c] for c in part["impact"]]
+            ax.bar(x, values, color=colours, edgecolor="black", linewidth=0.4)
+            ax.plot(x, values, "_", color="black", markersize=10)  # a zero bar still shows
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xticks(x, labels, rotation=90 if len(x) > 12 else 0, fontsize=8)
+            ax.set_ylabel(f"{name} contribution (pp)\n> 0 helps, < 0 hurts")
+            ax.set_title(f"{name}, {_setting_label(site, scale)}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
+    labels = [f"{c} (|relative change of accuracy| {rng})" for c, rng in
+              zip(CATEGORY_COLOURS, (f"> {meta.get('high', 10):g}%",
+                                     f"{meta.get('medium', 5):g}-{meta.get('high', 10):g}%",
+                                     f"< {meta.get('medium', 5):g}%"))]  # fmt: skip
+    fig.legend(
+        handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02)
+    )
+    fig.suptitle(
+        "Head-by-head contribution (baseline - perturbed)\n" + _baseline_text(meta), fontsize=11
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, out_path)
+
+
+def layer_head_heatmap(table: pd.DataFrame, meta: dict, out_path) -> None:
+    """Layers x heads, coloured by the accuracy contribution, diverging scale centred on zero."""
+    combos = _combos(table)
+    fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5), squeeze=False)
+    limit = max(100 * table["contribution_accuracy"].abs().max(), 1e-9)
+    for ax, (site, scale) in zip(axes[0], combos):
+        part = table[(table["site"] == site) & (table["scale"] == scale)]
+        grid = part.pivot_table(index="layer", columns="head", values="contribution_accuracy") * 100
+        image = ax.imshow(grid.to_numpy(), cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto",
+                          origin="lower", interpolation="nearest")  # fmt: skip
+        ax.set_xticks(range(len(grid.columns)), grid.columns, fontsize=7)
+        ax.set_yticks(range(len(grid.index)), grid.index, fontsize=7)
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_title(_setting_label(site, scale), fontsize=10)
+        fig.colorbar(image, ax=ax, label="accuracy contribution (pp); > 0 helps")
+    fig.suptitle("Accuracy contribution by layer and head\n" + _baseline_text(meta), fontsize=11)
+    _save(fig, out_path)
+
+
+def contribution_vs_scale(table: pd.DataFrame, meta: dict, out_path) -> None:
+    """Accuracy contribution against noise scale: a line per head, the mean over heads in black."""
+    sites = sorted(table["site"].unique())
+    fig, axes = plt.subplots(1, len(sites), figsize=(7 * len(sites), 4.5), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        part = table[table["site"] == site].assign(sigma=lambda t: t["scale"].astype(float))
+        for _key, g in part.groupby(["layer", "head"]):
+            g = g.sort_values("sigma")
+            ax.plot(
+                g["sigma"],
+                100 * g["contribution_accuracy"],
+                color="#999999",
+                linewidth=0.8,
+                alpha=0.7,
+            )
+        mean = part.groupby("sigma")["contribution_accuracy"].mean() * 100
+        ax.plot(
+            mean.index,
+            mean.to_numpy(),
+            color="black",
+            linewidth=2.2,
+            marker="o",
+            label="mean over heads",
+        )
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("noise standard deviation sigma (log scale)")
+        ax.set_ylabel("accuracy contribution (pp); > 0 helps")
+        ax.set_title(f"site {site}: one grey line per head", fontsize=10)
+        ax.legend(frameon=False)
+    fig.suptitle("Contribution against noise scale\n" + _baseline_text(meta), fontsize=11)
+    _save(fig, out_path)
+
+
+PLOTS = {
+    "plot_distributions": contribution_distributions,
+    "plot_heads": detailed_head_analysis,
+    "plot_heatmap": layer_head_heatmap,
+    "plot_scales": contribution_vs_scale,
+}
+
+
+def plot_for_rule(rule: str, table_path, out_path) -> None:
+    table = pd.read_parquet(table_path)
+    meta = io.read_parquet_metadata(table_path)
+    PLOTS[rule](table, meta, out_path)

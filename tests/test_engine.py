@@ -1,0 +1,60 @@
+"""The engine against plain forward passes, on the tiny random Llama."""
+
+import numpy as np
+import pytest
+import torch
+
+from headperturb.engine import Engine
+from headperturb.intervention import make_noise, perturb_head
+from headperturb.prompts import build_prompts
+from headperturb.sites import locate_sites
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, imdb_sample):
+    model, tok = tiny_llama
+    train, test = imdb_sample
+    built = build_prompts(
+        train, test, tok, k_shot=4, n_test=6, max_review_tokens=25,
+        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
+        separator="\n\n", seed=0, context_length=1024,
+    )  # fmt: skip
+    engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
+    ids = [np.asarray(x) for x in built.prompts["input_ids"]]
+    return model, engine, ids, built
+
+
+def test_baseline_with_cached_prefix_equals_full_forward(setup):
+    model, engine, ids, built = setup
+    cached = engine.baseline(ids)
+    tokens = built.info["verbalizer_token_ids"]
+    for i, x in enumerate(ids):
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor(x[None])).logits[0, -1, tokens].numpy()
+        np.testing.assert_allclose(cached[i], full, atol=1e-4)
+
+
+def test_baseline_rejects_a_prompt_without_the_prefix(setup):
+    _, engine, ids, _ = setup
+    with pytest.raises(ValueError, match="prompt 1 does not start with the shared prefix"):
+        engine.baseline([ids[0], ids[1][::-1]])
+
+
+def test_perturbed_naive_matches_a_hand_made_hook_and_is_deterministic(setup):
+    model, engine, ids, built = setup
+    site = locate_sites(model)[1]
+    kwargs = dict(site=site, head=2, where="o_proj_input", scale=3.0, draws=2, seed=7)
+    out = engine.perturbed_naive(ids[:3], [10, 11, 12], **kwargs)
+    assert out.shape == (3, 2, 2)
+    np.testing.assert_array_equal(out, engine.perturbed_naive(ids[:3], [10, 11, 12], **kwargs))
+    tokens = built.info["verbalizer_token_ids"]
+    for i, pid in enumerate([10, 11, 12]):
+        noise = make_noise(
+            seed=7, layer=1, head=2, scale=3.0, draws=2, prompt=pid, length=len(ids[i]), width=8
+        )
+        for draw in range(2):
+            with perturb_head(model, site, 2, noise[draw : draw + 1]), torch.no_grad():
+                ref = model(input_ids=torch.tensor(ids[i][None])).logits[0, -1, tokens].numpy()
+            np.testing.assert_allclose(out[i, draw], ref, atol=1e-4)
+    base = engine.baseline(ids[:3])
+    assert np.abs(out[:, 0, :] - base).max() > 1e-3  # the noise does move the logits

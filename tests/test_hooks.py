@@ -1,0 +1,132 @@
+"""The per-head site and the noise hook, on a tiny random Llama (2 layers, 4 query heads, 2 KV heads)."""
+
+import pytest
+import torch
+
+from headperturb.intervention import make_noise, perturb_head
+from headperturb.sites import SiteError, locate_sites, projection_weight
+
+
+def _capture(model, name, ids):
+    """The input and output of module ``name`` in a forward pass over ``ids``."""
+    seen = {}
+    module = model.get_submodule(name)
+    handle = module.register_forward_hook(
+        lambda _m, args, out: seen.update(x=args[0].clone(), y=out.clone())
+    )
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen["x"], seen["y"]
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
+
+
+def test_sites_are_query_heads_at_the_o_proj_input(tiny_llama):
+    model, _ = tiny_llama
+    sites = locate_sites(model)
+    assert [s.module_name for s in sites] == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.self_attn.o_proj",
+    ]
+    assert {(s.n_heads, s.head_dim) for s in sites} == {(4, 8)}  # 4 query heads, not the 2 KV heads
+    x, _ = _capture(model, sites[1].module_name, IDS)
+    assert x.shape == (1, IDS.shape[1], 4 * 8)
+
+
+def test_head_slices_times_o_proj_columns_sum_to_the_o_proj_output(tiny_llama):
+    model, _ = tiny_llama
+    site = locate_sites(model)[1]
+    x, y = _capture(model, site.module_name, IDS)
+    weight = projection_weight(model, site)
+    total = sum(
+        x[..., site.head_slice(h)] @ weight[:, site.head_slice(h)].T for h in range(site.n_heads)
+    )
+    torch.testing.assert_close(total, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", [0, 3])
+def test_perturbing_head_h_changes_only_slice_h(tiny_llama, head):
+    model, _ = tiny_llama
+    site = locate_sites(model)[0]
+    clean, _ = _capture(model, site.module_name, IDS)
+    noise = make_noise(
+        seed=0, layer=0, head=head, scale=2.0, draws=1, prompt=0, length=IDS.shape[1], width=8
+    )
+    with perturb_head(model, site, head, noise):
+        # capture what o_proj really receives: a hook registered after the noise hook sees its result
+        seen = {}
+        h = model.get_submodule(site.module_name).register_forward_pre_hook(
+            lambda _m, a: seen.update(x=a[0].clone())
+        )
+        with torch.no_grad():
+            model(input_ids=IDS)
+        h.remove()
+    diff = (seen["x"] - clean).abs()[0]
+    changed = [bool((diff[:, site.head_slice(k)] > 0).any()) for k in range(4)]
+    assert changed == [k == head for k in range(4)]
+    torch.testing.assert_close(
+        seen["x"][..., site.head_slice(head)] - clean[..., site.head_slice(head)], noise
+    )
+
+
+def test_hook_is_removed_after_the_block_even_on_error(tiny_llama):
+    model, _ = tiny_llama
+    site = locate_sites(model)[1]
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    noise = make_noise(
+        seed=0, layer=1, head=1, scale=5.0, draws=1, prompt=0, length=IDS.shape[1], width=8
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        with perturb_head(model, site, 1, noise):
+            with torch.no_grad():
+                during = model(input_ids=IDS).logits
+            raise RuntimeError("boom")
+    with torch.no_grad():
+        after = model(input_ids=IDS).logits
+    assert not torch.allclose(before, during)
+    assert torch.equal(before, after)
+    assert not model.get_submodule(site.module_name)._forward_pre_hooks
+
+
+def test_o_proj_output_site_perturbs_residual_coordinates(tiny_llama):
+    model, _ = tiny_llama
+    site = locate_sites(model)[1]
+    _, clean = _capture(model, site.module_name, IDS)
+    noise = make_noise(
+        seed=0, layer=1, head=2, scale=1.0, draws=1, prompt=0, length=IDS.shape[1], width=8
+    )
+    with perturb_head(model, site, 2, noise, where="o_proj_output"):
+        _, noisy = _capture(model, site.module_name, IDS)
+    torch.testing.assert_close(noisy - clean, torch.nn.functional.pad(noise, (16, 8)))
+
+
+def test_noise_is_seeded_per_draw_and_scaled():
+    a = make_noise(seed=1, layer=2, head=3, scale=2.0, draws=3, prompt=4, length=5, width=6)
+    b = make_noise(seed=1, layer=2, head=3, scale=2.0, draws=2, prompt=4, length=5, width=6)
+    assert torch.equal(a[:2], b)  # a draw does not depend on how many draws are asked for
+    assert not torch.equal(a[0], a[1])
+    other_scale = make_noise(
+        seed=1, layer=2, head=3, scale=1.0, draws=3, prompt=4, length=5, width=6
+    )
+    assert not torch.allclose(a, 2 * other_scale)  # the scale is part of the seed, as specified
+    big = make_noise(seed=0, layer=0, head=0, scale=2.0, draws=1, prompt=0, length=200, width=64)
+    assert abs(float(big.std()) - 2.0) < 0.05 and abs(float(big.mean())) < 0.05
+
+
+def test_unknown_architecture_names_the_keys(tiny_llama):
+    model, _ = tiny_llama
+    model.config.model_type = "mystery"
+    try:
+        with pytest.raises(
+            SiteError, match="model_type 'mystery'.*model.site.layers.*model.site.proj"
+        ):
+            locate_sites(model)
+        sites = locate_sites(model, {"layers": "model.layers", "proj": "self_attn.o_proj"})
+        assert len(sites) == 2 and sites[0].n_heads == 4
+    finally:
+        model.config.model_type = "llama"

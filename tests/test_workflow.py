@@ -1,0 +1,152 @@
+"""The whole Snakemake workflow on a tiny random Llama: outputs, numbers, incremental reruns, lint."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from headperturb import io, scoring
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run Snakemake on the repository's Snakefile in ``workdir`` with ``config`` as the config file."""
+    config_file = workdir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(config_file), "--cores", "2", *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
+    """The jobs a dry run would execute, by rule (Snakemake's own job stats)."""
+    result = snakemake(workdir, config, "--dry-run", "--quiet", "rules")
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text[text.index("Job stats:") :]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_llama_dir, imdb_dir) -> dict:
+    config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    config["model"]["path"] = str(tiny_llama_dir)
+    config["data"]["path"] = str(imdb_dir)
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, base_config) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    snakemake(workdir, base_config)
+    return workdir
+
+
+def test_outputs_exist_and_no_temporary_files_remain(finished_run):
+    results = finished_run / "results" / "test"
+    for name in [
+        "prompts/prompts.parquet",
+        "prompts/demonstrations.parquet",
+        "baseline/per_prompt.parquet",
+        "baseline/metrics.json",
+        "perturb/o_proj_input/layer1/head0_scale2.parquet",
+        "perturb/o_proj_input/layer1/head1_scale2.parquet",
+        "contributions.parquet",
+        "contributions.csv",
+        "plots/contribution_distributions.png",
+        "plots/detailed_head_analysis.png",
+        "logs/prepare_model.log",
+        "logs/baseline.log",
+        "logs/perturb/o_proj_input/layer1/head0_scale2.log",
+        "logs/aggregate.log",
+    ]:
+        assert (results / name).is_file(), name
+    assert (results / "plots/detailed_head_analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    leftovers = [p for p in finished_run.rglob("*.tmp") if ".snakemake" not in p.parts]
+    assert leftovers == []
+
+
+def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_run):
+    results = finished_run / "results" / "test"
+    base = pd.read_parquet(results / "baseline/per_prompt.parquet")
+    base_metrics = scoring.metrics(base["label"], base["prediction"])
+    assert io.read_json(results / "baseline/metrics.json")["accuracy"] == pytest.approx(base_metrics["accuracy"])
+    table = pd.read_parquet(results / "contributions.parquet")
+    assert len(table) == 2 and set(table["head"]) == {0, 1} and set(table["layer"]) == {1}
+    for _, row in table.iterrows():
+        per_prompt = pd.read_parquet(results / f"perturb/o_proj_input/layer1/head{row['head']}_scale2.parquet")
+        assert sorted(per_prompt["draw"].unique()) == [0, 1]
+        assert set(per_prompt.columns) >= {"site", "layer", "head", "scale", "seed", "draw", "margin", "correct"}
+        accs = [g["correct"].mean() for _, g in per_prompt.groupby("draw")]
+        expected = base_metrics["accuracy"] - sum(accs) / len(accs)
+        assert row["contribution_accuracy"] == pytest.approx(expected)
+        assert row["relative_change_accuracy"] == pytest.approx(100 * expected / base_metrics["accuracy"])
+    csv = pd.read_csv(results / "contributions.csv")
+    assert list(csv.columns) == list(table.columns)
+    meta = io.read_parquet_metadata(results / "perturb/o_proj_input/layer1/head0_scale2.parquet")
+    assert meta["model_architecture"] == "LlamaForCausalLM" and meta["device"] == "cpu"
+
+
+def test_nothing_to_do_on_a_second_run(finished_run, base_config):
+    assert planned_jobs(finished_run, base_config) == {}
+
+
+def test_adding_a_head_reruns_only_its_job_aggregation_and_plots(finished_run, base_config):
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["heads"] = [0, 1, 2]
+    assert planned_jobs(finished_run, config) == {
+        "perturb_head": 1, "aggregate": 1, "plot_distributions": 1, "plot_heads": 1, "all": 1,
+    }  # fmt: skip
+
+
+def test_adding_a_scale_adds_its_jobs_and_the_scale_plot(finished_run, base_config):
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["scales"] = [2.0, 8.0]
+    assert planned_jobs(finished_run, config) == {
+        "perturb_head": 2, "aggregate": 1, "plot_distributions": 1, "plot_heads": 1, "plot_scales": 1, "all": 1,
+    }  # fmt: skip
+
+
+def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_run, base_config):
+    config = copy.deepcopy(base_config)
+    config["prompts"]["seed"] = 1
+    assert planned_jobs(finished_run, config) == {
+        "build_prompts": 1, "baseline": 1, "perturb_head": 2, "aggregate": 1,
+        "plot_distributions": 1, "plot_heads": 1, "all": 1,
+    }  # fmt: skip
+
+
+def test_config_errors_stop_before_any_job(tmp_path, base_config):
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["scales"] = [0.0]
+    result = snakemake(tmp_path, config, "--dry-run", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "perturbation" in out and "scales" in out and "0.0 is less than or equal to the minimum of 0" in out
+    config = copy.deepcopy(base_config)
+    config["prompts"]["k_shots"] = 4
+    result = snakemake(tmp_path, config, "--dry-run", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Additional properties are not allowed ('k_shots' was unexpected)" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_finds_nothing(finished_run, base_config):
+    result = snakemake(finished_run, base_config, "--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

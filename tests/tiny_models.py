@@ -1,0 +1,85 @@
+"""Tiny random causal LMs with a tiny trained tokenizer, for tests and quick trials. No downloads.
+
+python tests/tiny_models.py OUT_DIR [--family llama|gpt2|gpt_neox] [--imdb ../shared/data/imdb]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def train_tokenizer(texts: list[str], out: Path) -> Path:
+    """A byte-level BPE tokenizer (vocab 600) trained on ``texts``, saved to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(
+        list(texts) + ["Sentiment: positive", "Sentiment: negative"] * 50, trainer
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(out)
+    return out
+
+
+def tiny_config(family: str, vocab: int):
+    import transformers as tf
+
+    if family == "llama":  # 2 layers, 4 query heads, 2 KV heads, head_dim 8
+        return tf.LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        )  # fmt: skip
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=1024)
+    if family == "gpt_neox":  # attention and MLP in parallel
+        return tf.GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=1024, use_parallel_residual=True,
+        )  # fmt: skip
+    raise ValueError(f"family {family!r} is not allowed; allowed: llama, gpt2, gpt_neox")
+
+
+def build_tiny_model(
+    folder: Path, tokenizer_dir: Path, family: str = "llama", seed: int = 0
+) -> Path:
+    """Save a tiny random causal LM of ``family`` with the tokenizer of ``tokenizer_dir``."""
+    import torch
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    import pandas as pd
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--family", default="llama")
+    parser.add_argument(
+        "--imdb", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/imdb"
+    )
+    args = parser.parse_args()
+    texts = pd.read_parquet(args.imdb / "train.parquet")["text"].sample(400, random_state=0)
+    tok_dir = train_tokenizer(list(texts), args.out / "tokenizer")
+    build_tiny_model(args.out, tok_dir, args.family)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

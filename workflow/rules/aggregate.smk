@@ -1,0 +1,19 @@
+# Contribution scores and impact categories: one table for the whole run.
+
+
+rule aggregate:
+    input:
+        baseline=BASELINE_METRICS,
+        perturbed=perturb_files,
+    output:
+        parquet=TABLE,
+        csv=f"{RESULTS}/contributions.csv",
+    log:
+        f"{LOGS}/aggregate.log",
+    conda:
+        ENV
+    params:
+        high=config["categories"]["high"],
+        medium=config["categories"]["medium"],
+    script:
+        "../scripts/aggregate.py"

@@ -1,0 +1,28 @@
+# One job per (site, layer, head, noise scale): adding a head or a scale adds only its own jobs.
+
+
+rule perturb_head:
+    input:
+        prompts=PROMPTS,
+        info=PROMPT_INFO,
+        model=MODEL_DIR,
+    output:
+        spec.perturb_path(RESULTS, "{site}", "{layer}", "{head}", "{scale}"),
+    log:
+        f"{LOGS}/perturb/{{site}}/layer{{layer}}/head{{head}}_scale{{scale}}.log",
+    wildcard_constraints:
+        site="|".join(spec.SITES),
+        layer=r"\d+",
+        head=r"\d+",
+        scale=r"[0-9][0-9.e+-]*",
+    conda:
+        ENV
+    threads: config["threads"]["perturb"]
+    params:
+        repeats=PERTURBATION["repeats"],
+        seed=PERTURBATION["seed"],
+        device=MODEL["device"],
+        dtype=MODEL["dtype"],
+        site_override=MODEL.get("site"),
+    script:
+        "../scripts/perturb_head.py"
