@@ -39,6 +39,8 @@ def test_select_balanced_is_seeded_and_balanced():
     assert a["label"].value_counts().to_dict() == {1: 4, 0: 3}
     assert a.equals(select_balanced(frame, 7, seed=3, what="x"))
     assert not a.equals(select_balanced(frame, 7, seed=4, what="x"))
+    inter = select_balanced(frame, 6, seed=3, what="x", interleave=True)
+    assert inter["label"].tolist() == [0, 1, 0, 1, 0, 1]
     with pytest.raises(PromptError, match="asked for 11 reviews with label 0 .*offers 10"):
         select_balanced(frame, 22, seed=0, what="x")
 
@@ -66,7 +68,7 @@ def test_build_prompts(tiny_llama, imdb_sample):
     built = _build(tok, imdb_sample)
     prompts, demos, info = built.prompts, built.demonstrations, built.info
     assert len(prompts) == 10 and prompts["label"].value_counts().to_dict() == {0: 5, 1: 5}
-    assert demos["label"].value_counts().to_dict() == {0: 2, 1: 2}
+    assert demos["label"].tolist() == [0, 1, 0, 1]  # interleaved, ending on positive
     prefix = info["prefix_len"]
     first = list(prompts["input_ids"].iloc[0][:prefix])
     assert all(list(ids[:prefix]) == first for ids in prompts["input_ids"])  # one shared prefix

@@ -1,6 +1,7 @@
 """k-shot prompt construction.
 
-Every prompt is the same shared prefix (the k demonstrations) followed by one test review:
+Every prompt is the same shared prefix (the k demonstrations, balanced and interleaved by label:
+negative, positive, negative, ...) followed by one test review:
 
     <demo 1>SEP<demo 2>SEP ... <demo k>SEP<query>
 
@@ -56,8 +57,13 @@ class Template:
         return self._before(text, verbalizer) + verbalizer + after
 
 
-def select_balanced(frame: pd.DataFrame, n: int, seed: int, what: str) -> pd.DataFrame:
-    """``n`` rows, half of each label (the extra one positive when ``n`` is odd), seeded, shuffled."""
+def select_balanced(frame: pd.DataFrame, n: int, seed: int, what: str, interleave: bool = False) -> pd.DataFrame:
+    """``n`` rows, half of each label (the extra one positive when ``n`` is odd), seeded.
+
+    The rows come shuffled, or with ``interleave`` in the order negative, positive, negative, ...
+    (used for the demonstrations: a random order can end on a run of one label, and small models
+    then answer that label for everything).
+    """
     if n < 1:
         raise PromptError(f"{what}: the number of reviews must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
@@ -71,8 +77,12 @@ def select_balanced(frame: pd.DataFrame, n: int, seed: int, what: str) -> pd.Dat
                 f"the split offers {len(pool)}"
             )
         parts.append(rng.choice(pool, size=count, replace=False))
-    chosen = np.concatenate(parts)
-    rng.shuffle(chosen)
+    if interleave:
+        order = [part[i] for i in range(max(map(len, parts))) for part in parts if i < len(part)]
+        chosen = np.asarray(order)
+    else:
+        chosen = np.concatenate(parts)
+        rng.shuffle(chosen)
     return frame.loc[chosen].reset_index(drop=True)
 
 
@@ -141,7 +151,7 @@ def build_prompts(
         return frame
 
     demos = (
-        prepare(select_balanced(train, k_shot, seed, "k_shot demonstrations from train"))
+        prepare(select_balanced(train, k_shot, seed, "k_shot demonstrations", interleave=True))
         if k_shot
         else train.iloc[:0].assign(text=[])
     )
