@@ -51,7 +51,12 @@ def smollm2(tmp_path_factory, imdb_sample):
 def test_prepared_model_is_the_documented_smollm2(smollm2):
     _, info, built = smollm2
     assert info["architecture"] == "LlamaForCausalLM"
-    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"]) == (30, 9, 3, 64)
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"]) == (
+        30,
+        9,
+        3,
+        64,
+    )
     assert info["weights_sha256"] == SHA256
     assert 130e6 < info["n_parameters"] < 140e6
     assert built.info["verbalizer_token_ids"][0] != built.info["verbalizer_token_ids"][1]

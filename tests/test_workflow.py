@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, config: dict, *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run Snakemake on the repository's Snakefile in ``workdir`` with ``config`` as the config file."""
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -28,7 +30,9 @@ def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> su
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -39,7 +43,11 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
     if "Nothing to be done" in text:
         return {}
     table = text[text.index("Job stats:") :]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+        if m.group(1) != "total"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +93,32 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
     results = finished_run / "results" / "test"
     base = pd.read_parquet(results / "baseline/per_prompt.parquet")
     base_metrics = scoring.metrics(base["label"], base["prediction"])
-    assert io.read_json(results / "baseline/metrics.json")["accuracy"] == pytest.approx(base_metrics["accuracy"])
+    assert io.read_json(results / "baseline/metrics.json")["accuracy"] == pytest.approx(
+        base_metrics["accuracy"]
+    )
     table = pd.read_parquet(results / "contributions.parquet")
     assert len(table) == 2 and set(table["head"]) == {0, 1} and set(table["layer"]) == {1}
     for _, row in table.iterrows():
-        per_prompt = pd.read_parquet(results / f"perturb/o_proj_input/layer1/head{row['head']}_scale2.parquet")
+        per_prompt = pd.read_parquet(
+            results / f"perturb/o_proj_input/layer1/head{row['head']}_scale2.parquet"
+        )
         assert sorted(per_prompt["draw"].unique()) == [0, 1]
-        assert set(per_prompt.columns) >= {"site", "layer", "head", "scale", "seed", "draw", "margin", "correct"}
+        assert set(per_prompt.columns) >= {
+            "site",
+            "layer",
+            "head",
+            "scale",
+            "seed",
+            "draw",
+            "margin",
+            "correct",
+        }
         accs = [g["correct"].mean() for _, g in per_prompt.groupby("draw")]
         expected = base_metrics["accuracy"] - sum(accs) / len(accs)
         assert row["contribution_accuracy"] == pytest.approx(expected)
-        assert row["relative_change_accuracy"] == pytest.approx(100 * expected / base_metrics["accuracy"])
+        assert row["relative_change_accuracy"] == pytest.approx(
+            100 * expected / base_metrics["accuracy"]
+        )
     csv = pd.read_csv(results / "contributions.csv")
     assert list(csv.columns) == list(table.columns)
     meta = io.read_parquet_metadata(results / "perturb/o_proj_input/layer1/head0_scale2.parquet")
@@ -137,7 +160,11 @@ def test_config_errors_stop_before_any_job(tmp_path, base_config):
     result = snakemake(tmp_path, config, "--dry-run", check=False)
     out = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "perturbation" in out and "scales" in out and "0.0 is less than or equal to the minimum of 0" in out
+    assert (
+        "perturbation" in out
+        and "scales" in out
+        and "0.0 is less than or equal to the minimum of 0" in out
+    )
     config = copy.deepcopy(base_config)
     config["prompts"]["k_shots"] = 4
     result = snakemake(tmp_path, config, "--dry-run", check=False)

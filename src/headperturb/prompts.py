@@ -57,7 +57,9 @@ class Template:
         return self._before(text, verbalizer) + verbalizer + after
 
 
-def select_balanced(frame: pd.DataFrame, n: int, seed: int, what: str, interleave: bool = False) -> pd.DataFrame:
+def select_balanced(
+    frame: pd.DataFrame, n: int, seed: int, what: str, interleave: bool = False
+) -> pd.DataFrame:
     """``n`` rows, half of each label (the extra one positive when ``n`` is odd), seeded.
 
     The rows come shuffled, or with ``interleave`` in the order negative, positive, negative, ...
