@@ -26,7 +26,7 @@ def setup(tiny_llama, imdb_sample):
 
 def test_baseline_with_cached_prefix_equals_full_forward(setup):
     model, engine, ids, built = setup
-    cached = engine.baseline(ids)
+    cached, _ = engine.baseline(ids)
     tokens = built.info["verbalizer_token_ids"]
     for i, x in enumerate(ids):
         with torch.no_grad():
@@ -56,5 +56,5 @@ def test_perturbed_naive_matches_a_hand_made_hook_and_is_deterministic(setup):
             with perturb_head(model, site, 2, noise[draw : draw + 1]), torch.no_grad():
                 ref = model(input_ids=torch.tensor(ids[i][None])).logits[0, -1, tokens].numpy()
             np.testing.assert_allclose(out[i, draw], ref, atol=1e-4)
-    base = engine.baseline(ids[:3])
+    base, _ = engine.baseline(ids[:3])
     assert np.abs(out[:, 0, :] - base).max() > 1e-3  # the noise does move the logits

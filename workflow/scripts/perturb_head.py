@@ -14,6 +14,8 @@ evaluation.run_perturbation(
     info_path=snakemake.input.info,
     model_dir=snakemake.input.model,
     out_path=snakemake.output[0],
+    activations_path=snakemake.input.activations or None,
+    method=p.method,
     site=w.site,
     layer=int(w.layer),
     head=int(w.head),

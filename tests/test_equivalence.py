@@ -1,0 +1,91 @@
+"""The fast engine equals the reference method (full forward passes with the hook) to 1e-4.
+
+Tiny random models with 4 layers, so that a middle layer has layers both below it (skipped by the
+fast path) and above it (recomputed), and the last layer takes the one-position path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import build_tiny_model
+
+from headperturb.engine import Engine
+from headperturb.prompts import build_prompts
+from headperturb.sites import locate_sites
+
+FAMILIES = ["llama", "gpt2", "gpt_neox"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_setup(request, tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = build_tiny_model(
+        tmp_path_factory.mktemp(request.param),
+        tiny_tokenizer_dir,
+        request.param,
+        seed=1,
+        n_layers=4,
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    train, test = imdb_sample
+    built = build_prompts(
+        train, test, tok, k_shot=2, n_test=4, max_review_tokens=15,
+        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
+        separator="\n\n", seed=0, context_length=1024,
+    )  # fmt: skip
+    engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
+    ids = [np.asarray(x) for x in built.prompts["input_ids"]]
+    return model, engine, ids, built.prompts["prompt_id"].tolist()
+
+
+def _forward_is_untouched(model, ids, before):
+    with torch.no_grad():
+        after = model(input_ids=torch.as_tensor(ids[0])[None]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["o_proj_input", "o_proj_output"])
+def test_last_layer_fast_path_equals_naive(family_setup, where):
+    model, engine, ids, pids = family_setup
+    site = locate_sites(model)[-1]
+    with torch.no_grad():
+        before = model(input_ids=torch.as_tensor(ids[0])[None]).logits
+    base, state = engine.baseline(ids, record=site)
+    kwargs = dict(site=site, head=3, where=where, scale=4.0, draws=3, seed=5)
+    fast = engine.perturbed_last(state, pids, **kwargs)
+    naive = engine.perturbed_naive(ids, pids, **kwargs)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    np.testing.assert_allclose(
+        fast[..., 1] - fast[..., 0], naive[..., 1] - naive[..., 0], atol=1e-4
+    )
+    assert np.abs(fast - base[:, None, :]).max() > 1e-3  # the noise moved something
+    _forward_is_untouched(model, ids, before)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_middle_layer_fast_path_equals_naive(family_setup, layer):
+    model, engine, ids, pids = family_setup
+    site = locate_sites(model)[layer]
+    with torch.no_grad():
+        before = model(input_ids=torch.as_tensor(ids[0])[None]).logits
+    captured = engine.capture_layer_inputs(ids, site)
+    assert captured["prefix"].shape[0] == engine.prefix_len
+    kwargs = dict(site=site, head=1, where="o_proj_input", scale=4.0, draws=2, seed=5)
+    fast = engine.perturbed_from_layer(captured, ids, pids, **kwargs)
+    naive = engine.perturbed_naive(ids, pids, **kwargs)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    _forward_is_untouched(model, ids, before)
+
+
+def test_baseline_state_matches_the_last_layer_inputs(family_setup):
+    model, engine, ids, _ = family_setup
+    site = locate_sites(model)[-1]
+    _, state = engine.baseline(ids, record=site)
+    captured = engine.capture_layer_inputs(ids, site)
+    ends = captured["offsets"][1:] - 1
+    torch.testing.assert_close(state["resid_final"], captured["suffix"][ends], atol=1e-5, rtol=1e-5)
+    assert state["n_tokens"].tolist() == [len(x) for x in ids]
