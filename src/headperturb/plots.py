@@ -77,7 +77,11 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
     for row, (site, scale) in enumerate(combos):
         part = table[(table["site"] == site) & (table["scale"] == scale)]
         part = part.sort_values(["layer", "head"])
-        labels = [f"L{layer}H{head}" for layer, head in zip(part["layer"], part["head"])]
+        one_layer = part["layer"].nunique() == 1
+        labels = [
+            f"H{head}" if one_layer else f"L{layer}H{head}"
+            for layer, head in zip(part["layer"], part["head"])
+        ]
         x = np.arange(len(part))
         for col, (metric, name) in enumerate(METRICS.items()):
             ax = axes[row, col]
@@ -86,7 +90,9 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
             ax.bar(x, values, color=colours, edgecolor="black", linewidth=0.4)
             ax.plot(x, values, "_", color="black", markersize=10)  # a zero bar still shows
             ax.axhline(0, color="black", linewidth=0.8)
-            ax.set_xticks(x, labels, rotation=90 if len(x) > 12 else 0, fontsize=8)
+            ax.set_xticks(x, labels, rotation=90 if len(x) > 16 else 0, fontsize=8)
+            if one_layer:
+                ax.set_xlabel(f"query head of layer {part['layer'].iloc[0]}")
             ax.set_ylabel(f"{name} contribution (pp)\n> 0 helps, < 0 hurts")
             ax.set_title(f"{name}, {_setting_label(site, scale)}", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
