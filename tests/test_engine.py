@@ -58,3 +58,21 @@ def test_perturbed_naive_matches_a_hand_made_hook_and_is_deterministic(setup):
             np.testing.assert_allclose(out[i, draw], ref, atol=1e-4)
     base, _ = engine.baseline(ids[:3])
     assert np.abs(out[:, 0, :] - base).max() > 1e-3  # the noise does move the logits
+
+
+def test_prepared_model_loads_identically_by_assignment(tmp_path, tiny_llama_dir):
+    """load_prepared takes the weights straight from the safetensors files; the model must be
+    the one from_pretrained gives, tied weights included."""
+    from transformers import AutoModelForCausalLM
+
+    from headperturb import models
+
+    models.prepare_model(str(tiny_llama_dir), tmp_path / "prepared")
+    fast, tok, info = models.load_prepared(tmp_path / "prepared", device="cpu")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "prepared").eval()
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    assert tok is not None and info["n_layers"] == 2
+    _, no_tok, _ = models.load_prepared(tmp_path / "prepared", device="cpu", tokenizer=False)
+    assert no_tok is None

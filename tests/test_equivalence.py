@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import build_tiny_model
+from tiny_models import (
+    FAMILIES,  # noqa: E402
+    build_tiny_model,
+)
 
 from headperturb.engine import Engine
 from headperturb.prompts import build_prompts
 from headperturb.sites import locate_sites
-
-FAMILIES = ["llama", "gpt2", "gpt_neox"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -54,7 +55,8 @@ def test_last_layer_fast_path_equals_naive(family_setup, where):
     site = locate_sites(model)[-1]
     with torch.no_grad():
         before = model(input_ids=torch.as_tensor(ids[0])[None]).logits
-    base, state = engine.baseline(ids, record=site)
+    base, state = engine.baseline(ids, record=site, batch_size=3)  # batches of unequal lengths
+    np.testing.assert_allclose(base, np.stack([engine.full(x)[0] for x in ids]), atol=1e-4)
     kwargs = dict(site=site, head=3, where=where, scale=4.0, draws=3, seed=5)
     fast = engine.perturbed_last(state, pids, **kwargs)
     naive = engine.perturbed_naive(ids, pids, **kwargs)

@@ -211,3 +211,23 @@ def test_config_errors_stop_before_any_job(tmp_path, base_config):
 def test_lint_finds_nothing(finished_run, base_config):
     result = snakemake(finished_run, base_config, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_dir, family):
+    """GPT-2 (Conv1D c_proj) and GPT-NeoX (parallel attention and MLP), a middle and the last
+    layer, end to end."""
+    from tiny_models import build_tiny_model
+
+    config = copy.deepcopy(base_config)
+    config["model"]["name"] = f"tiny-{family}"
+    config["model"]["path"] = str(
+        build_tiny_model(tmp_path / family, tiny_tokenizer_dir, family, n_layers=3)
+    )
+    config["perturbation"].update(layers=[1, -1], heads=[0, 3], repeats=1)
+    snakemake(tmp_path, config)
+    table = pd.read_csv(tmp_path / "results/test/contributions.csv")
+    assert sorted(zip(table["layer"], table["head"])) == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert (tmp_path / "results/test/plots/layer_head_heatmap.png").is_file()
+    info = io.read_json(tmp_path / f"resources/models/tiny-{family}/headperturb_model.json")
+    assert info["model_type"] == family and info["n_heads"] == 4

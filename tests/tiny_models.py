@@ -32,24 +32,47 @@ def train_tokenizer(texts: list[str], out: Path) -> Path:
     return out
 
 
+FAMILIES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt",
+)  # fmt: skip
+
+
 def tiny_config(family: str, vocab: int, n_layers: int = 2):
+    """A config of ``family`` with 4 query heads; GQA, head_dim != hidden/heads, parallel blocks
+    and sliding-window layers where the family has them."""
     import transformers as tf
 
-    if family == "llama":  # 2 layers, 4 query heads, 2 KV heads, head_dim 8
-        return tf.LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        )  # fmt: skip
-    if family == "gpt2":
+    common = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+        num_attention_heads=4, max_position_embeddings=1024,
+    )  # fmt: skip
+    if family == "llama":  # 4 query heads, 2 KV heads, head_dim 8
+        return tf.LlamaConfig(**common, num_key_value_heads=2)
+    if family == "mistral":
+        return tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=16)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=2)
+    if family == "qwen3":  # head_dim 16: the o_proj input (64) is wider than the hidden size (32)
+        return tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    if family == "gemma2":  # head_dim 16, alternating sliding/global layers, logit soft-capping
+        return tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=16)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=16, sliding_window=16)
+    if family == "phi3":  # fused qkv_proj before o_proj
+        return tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)
+    if family == "gpt2":  # Conv1D c_proj, weight stored (in, out)
         return tf.GPT2Config(
             vocab_size=vocab, n_embd=32, n_layer=n_layers, n_head=4, n_positions=1024
         )
     if family == "gpt_neox":  # attention and MLP in parallel
-        return tf.GPTNeoXConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-            num_attention_heads=4, max_position_embeddings=1024, use_parallel_residual=True,
+        return tf.GPTNeoXConfig(**common, use_parallel_residual=True)
+    if family == "opt":
+        return tf.OPTConfig(
+            vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=n_layers,
+            num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=32,
+            pad_token_id=0, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
-    raise ValueError(f"family {family!r} is not allowed; allowed: llama, gpt2, gpt_neox")
+    raise ValueError(f"family {family!r} is not allowed; allowed: {', '.join(FAMILIES)}")
 
 
 def build_tiny_model(

@@ -8,8 +8,8 @@ the noise hook active, all noise draws of a prompt in one batch.
 
 Fast method, which gives the same numbers (the equivalence tests check it to 1e-4) with less work:
 
-- :meth:`Engine.baseline` encodes the shared prefix once and runs each query on a copy of its
-  key/value cache, computing logits for the last position only. It also records, at the final
+- :meth:`Engine.baseline` encodes the shared prefix once and runs the queries, in batches, on
+  copies of its key/value cache, computing only the two verbalizer logits. It also records, at the final
   position of every prompt, the residual stream entering the last layer and that layer's o_proj
   input (:data:`FINAL_STATE`).
 - Last layer: only the final position's output reaches the logits, and noise added after the
@@ -128,7 +128,7 @@ class Engine:
 
     # -- helpers ---------------------------------------------------------------------------
     def _ids(self, ids) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None, :]
+        return torch.tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None, :]
 
     def _labels(self, logits: torch.Tensor) -> np.ndarray:
         return logits[:, -1, :].index_select(-1, self.label_ids).float().cpu().numpy()
@@ -154,19 +154,44 @@ class Engine:
         )
         return cache
 
-    def _suffix_pass(self, cache, ids) -> torch.Tensor:
-        kwargs = {self._cache_kw: copy.deepcopy(cache)} if cache is not None else {}
-        return self.model(
-            input_ids=self._ids(ids[self.prefix_len :]),
-            use_cache=cache is not None,
-            logits_to_keep=1,
-            **kwargs,
-        ).logits
+    def _suffix_batches(self, cache, prompts, batch_size: int):
+        """Yield (indices, lengths, two-logit array) for batches of prompts run on the prefix cache.
+
+        Queries are right-padded to the longest in the batch: with causal attention no real token
+        sees a pad, so each prompt's last real position is exactly what it is alone.
+        """
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(start + batch_size, len(prompts))))
+            queries = [np.asarray(prompts[i][self.prefix_len :], dtype=np.int64) for i in idx]
+            lengths = torch.tensor([len(q) for q in queries], device=self.device)
+            width = int(lengths.max())
+            padded = np.stack(
+                [np.pad(q, (0, width - len(q)), constant_values=q[-1]) for q in queries]
+            )
+            kwargs = {}
+            if cache is not None:
+                batch_cache = copy.deepcopy(cache)
+                if len(idx) > 1:
+                    batch_cache.batch_repeat_interleave(len(idx))
+                kwargs = {self._cache_kw: batch_cache}
+            self._lengths = lengths
+            with narrow_lm_head(self.model, self.token_ids):
+                logits = self.model(
+                    input_ids=torch.tensor(padded, device=self.device),
+                    use_cache=cache is not None,
+                    **kwargs,
+                ).logits
+            rows = torch.arange(len(idx), device=self.device)
+            yield idx, lengths, logits[rows, lengths - 1].float().cpu().numpy()
 
     # -- baseline ----------------------------------------------------------------------------
     @torch.inference_mode()
     def baseline(
-        self, prompts: list, progress: Progress | None = None, record: HeadSite | None = None
+        self,
+        prompts: list,
+        progress: Progress | None = None,
+        record: HeadSite | None = None,
+        batch_size: int = 4,
     ) -> tuple[np.ndarray, dict[str, torch.Tensor] | None]:
         """(n, 2) verbalizer logits of the unperturbed model, reusing the prefix's cache.
 
@@ -184,7 +209,8 @@ class Engine:
             def grab(name):
                 def hook(_m, args, kwargs):
                     x = args[0] if args else next(iter(kwargs.values()))
-                    seen[name] = x[0, -1].detach().float().cpu().clone()
+                    rows = torch.arange(x.shape[0], device=x.device)
+                    seen[name] = x[rows, self._lengths - 1].detach().float().cpu().clone()
 
                 return hook
 
@@ -194,21 +220,21 @@ class Engine:
             ]
         resid, z = [], []
         try:
-            for i, ids in enumerate(prompts):
-                out[i] = self._labels(self._suffix_pass(cache, ids))[0]
+            for idx, _lengths, logits in self._suffix_batches(cache, prompts, batch_size):
+                out[idx] = logits
                 if record is not None:
                     resid.append(seen["resid"])
                     z.append(seen["z"])
                 if progress:
-                    progress.update()
+                    progress.update(len(idx))
         finally:
             for handle in handles:
                 handle.remove()
         if record is None:
             return out, None
         state = {
-            "resid_final": torch.stack(resid),
-            "z_final": torch.stack(z),
+            "resid_final": torch.cat(resid),
+            "z_final": torch.cat(z),
             "last_token": torch.tensor([int(ids[-1]) for ids in prompts], dtype=torch.int64),
             "n_tokens": torch.tensor([len(ids) for ids in prompts], dtype=torch.int64),
         }
@@ -293,7 +319,7 @@ class Engine:
 
     @torch.inference_mode()
     def capture_layer_inputs(
-        self, prompts: list, site: HeadSite, progress: Progress | None = None
+        self, prompts: list, site: HeadSite, progress: Progress | None = None, batch_size: int = 4
     ) -> dict[str, torch.Tensor]:
         """The residual stream entering ``site.layer`` at every position of every prompt.
 
@@ -305,19 +331,19 @@ class Engine:
 
         def grab(_m, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            seen["x"] = x[0].detach().float().cpu().clone()
+            seen["x"] = x.detach().float().cpu().clone()
 
         handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
         suffix, offsets = [], [0]
         try:
             cache = self._prefix_cache(prompts)  # the hook records the prefix's layer input
-            prefix = seen.pop("x") if cache is not None else torch.empty(0)
-            for ids in prompts:
-                self._suffix_pass(cache, ids)
-                suffix.append(seen["x"])
-                offsets.append(offsets[-1] + len(seen["x"]))
+            prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
+            for idx, lengths, _logits in self._suffix_batches(cache, prompts, batch_size):
+                for row, length in enumerate(lengths.tolist()):
+                    suffix.append(seen["x"][row, :length])
+                    offsets.append(offsets[-1] + length)
                 if progress:
-                    progress.update()
+                    progress.update(len(idx))
         finally:
             handle.remove()
         return {

@@ -39,7 +39,9 @@ def _load(model_dir, prompts_path, info_path, device, dtype, threads):
     from .engine import Engine
 
     models.set_threads(threads)
-    model, _tokenizer, model_info = models.load_prepared(model_dir, device=device, dtype=dtype)
+    model, _, model_info = models.load_prepared(
+        model_dir, device=device, dtype=dtype, tokenizer=False
+    )
     prompts = pd.read_parquet(prompts_path)
     info = io.read_json(info_path)
     engine = Engine(model, info["prefix_len"], info["verbalizer_token_ids"])

@@ -220,18 +220,58 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def load_prepared(folder: str | os.PathLike, *, device: str = "auto", dtype: str | None = None):
-    """(model, tokenizer, info) from a folder written by :func:`prepare_model`, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_prepared(
+    folder: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    tokenizer: bool = True,
+):
+    """(model, tokenizer or None, info) from a folder written by :func:`prepare_model`, in eval mode."""
     folder = Path(folder)
     info = io.read_json(folder / INFO_FILE)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype(dtype or info["dtype"]), local_files_only=True
-    )
+    dt = torch_dtype(dtype or info["dtype"])
+    model = _assign_weights(folder, dt)
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, local_files_only=True)
     model.to(resolve_device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer, info
+    return model, (load_tokenizer(folder) if tokenizer else None), info
+
+
+def _assign_weights(folder: Path, dtype):
+    """The model built without initialising weights, its tensors taken from the safetensors files.
+
+    About 50 times faster than ``from_pretrained`` for a small model (no random init, no copy:
+    the file is memory-mapped). Returns None, and the caller falls back to ``from_pretrained``,
+    unless every parameter is loaded from the files or tied to one that is.
+    """
+    try:
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {}
+    for f in files:
+        state.update({k: v.to(dtype) for k, v in load_file(f).items()})
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    loaded = {t.data_ptr() for t in state.values()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if unexpected or any(k in params and params[k].data_ptr() not in loaded for k in missing):
+        log.info(
+            "fast weight loading not possible (missing %s, unexpected %s)", missing, unexpected
+        )
+        return None
+    return model
 
 
 def load_tokenizer(folder: str | os.PathLike):
