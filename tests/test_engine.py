@@ -72,7 +72,9 @@ def test_prepared_model_loads_identically_by_assignment(tmp_path, tiny_llama_dir
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "prepared").eval()
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     with torch.no_grad():
-        torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0
+        )
     assert tok is not None and info["n_layers"] == 2
     _, no_tok, _ = models.load_prepared(tmp_path / "prepared", device="cpu", tokenizer=False)
     assert no_tok is None
