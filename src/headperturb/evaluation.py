@@ -182,8 +182,9 @@ def run_perturbation(
     return out
 
 
-def job_metrics(frame: pd.DataFrame) -> dict:
-    """Accuracy and F1 of one perturbation file: mean (and sd) over its draws."""
+def job_metrics(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kwargs) -> dict:
+    """One perturbation file's row of the table: metrics (mean and sd over its draws) and, given
+    the baseline's per-prompt frame, changes with intervals and p-values (stats.paired_summary)."""
     per_draw = [scoring.metrics(g["label"], g["prediction"]) for _, g in frame.groupby("draw")]
     first = frame.iloc[0]
     row = {key: first[key] for key in stats.KEYS}
@@ -194,22 +195,88 @@ def job_metrics(frame: pd.DataFrame) -> dict:
         row[metric] = float(values.mean())
         row[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     row["mean_margin"] = float(frame["margin"].mean())
+    if baseline is None:
+        return row
+    wide = frame.pivot(index="prompt_id", columns="draw", values=["prediction", "margin"])
+    base = baseline.set_index("prompt_id").loc[wide.index]
+    summary = stats.paired_summary(
+        base["label"].to_numpy(),
+        base["prediction"].to_numpy(),
+        base["margin"].to_numpy(),
+        wide["prediction"].to_numpy(),
+        wide["margin"].to_numpy(),
+        **stat_kwargs,
+    )
+    row.update(summary)
+    half = row["draws"] // 2
+    if half:
+        accs = np.array([m["accuracy"] for m in per_draw])
+        row["_halves"] = (accs[:half].mean(), accs[half : 2 * half].mean())
     return row
 
 
-def run_aggregation(*, baseline_path, perturbed_paths, parquet_path, csv_path, high, medium):
+def run_aggregation(
+    *,
+    baseline_path,
+    baseline_per_prompt_path,
+    perturbed_paths,
+    parquet_path,
+    csv_path,
+    high,
+    medium,
+    statistics: dict | None = None,
+):
+    statistics = dict(statistics or {})
+    alpha = float(statistics.pop("alpha", 0.05))
+    stat_kwargs = {
+        "n_boot": int(statistics.get("bootstrap", 2000)),
+        "n_perm": int(statistics.get("permutations", 10_000)),
+        "seed": int(statistics.get("seed", 0)),
+    }
     baseline = io.read_json(baseline_path)
-    rows = [job_metrics(pd.read_parquet(p)) for p in perturbed_paths]
+    base_frame = pd.read_parquet(baseline_per_prompt_path)
+    rows = [job_metrics(pd.read_parquet(p), base_frame, **stat_kwargs) for p in perturbed_paths]
+    halves = [row.pop("_halves", (np.nan, np.nan)) for row in rows]
     table = stats.aggregate(baseline, pd.DataFrame(rows), high=high, medium=medium)
-    io.write_parquet(parquet_path, table, {"baseline": baseline, "high": high, "medium": medium})
+    # intervals of the accuracy contribution under the issue's names; the rest keep a suffix
+    table = table.rename(columns={"ci_low_accuracy": "ci_low", "ci_high_accuracy": "ci_high"}).drop(
+        columns=["change_accuracy", "change_f1"]
+    )
+    table["q_value"] = stats.bh_qvalues(table["p_value"])
+    table["q_value_logit_diff"] = stats.bh_qvalues(table["p_value_logit_diff"])
+    table["significant"] = table["q_value"] < alpha
+    order = {(r["site"], r["layer"], r["head"], r["scale"]): h for r, h in zip(rows, halves)}
+    base_acc = baseline["accuracy"]
+    rel_halves = [
+        tuple(float(stats.relative_change(base_acc, x)) for x in order[key])
+        for key in zip(table["site"], table["layer"], table["head"], table["scale"])
+    ]
+    table["category_stable"] = stats.category_stability(rel_halves, high, medium)
+    first = [*stats.KEYS, "draws", "baseline_accuracy", "accuracy", "contribution_accuracy",
+             "ci_low", "ci_high", "relative_change_accuracy", "p_value", "q_value", "significant",
+             "direction", "impact", "category_stable", "baseline_f1", "f1", "contribution_f1",
+             "ci_low_f1", "ci_high_f1", "relative_change_f1"]  # fmt: skip
+    table = table[first + [c for c in table.columns if c not in first]]
+    judged = table["category_stable"].dropna()
+    share = float(judged.astype(bool).mean()) if len(judged) else None
+    meta = {"baseline": baseline, "high": high, "medium": medium, "alpha": alpha,
+            "statistics": stat_kwargs, "stability_share": share}  # fmt: skip
+    io.write_parquet(parquet_path, table, meta)
     with io.atomic_path(csv_path, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     counts = stats.category_counts(table)
     log.info(
-        "%d perturbations; baseline accuracy %.4f, F1 %.4f; impact %s",
+        "%d perturbations; baseline accuracy %.4f, F1 %.4f; impact %s; %d significant (q < %g)",
         len(table), baseline["accuracy"], baseline["f1"],
-        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        ", ".join(f"{k} {v}" for k, v in counts.items()), int(table["significant"].sum()), alpha,
     )  # fmt: skip
+    if share is None:
+        log.info("category stability: needs repeats >= 2")
+    else:
+        log.info(
+            "category stability: %.0f%% of %d heads keep their category between two halves of the draws",
+            100 * share, len(judged),
+        )  # fmt: skip
     return table
 
 

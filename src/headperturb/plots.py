@@ -14,6 +14,13 @@ from . import io  # noqa: E402
 
 CATEGORY_COLOURS = {"HIGH": "#D55E00", "MEDIUM": "#E69F00", "LOW": "#56B4E9"}
 METRICS = {"accuracy": "accuracy", "f1": "macro-F1"}
+# column of the change, its interval, the axis label, the factor to the plotted unit
+DETAIL = {
+    "accuracy": ("contribution_accuracy", "ci_low", "ci_high", "accuracy contribution (pp)", 100),
+    "f1": ("contribution_f1", "ci_low_f1", "ci_high_f1", "macro-F1 contribution (pp)", 100),
+    "logit_diff": ("change_logit_diff", "ci_low_logit_diff", "ci_high_logit_diff",
+                   "correct-label logit difference\ncontribution (logits)", 1),
+}  # fmt: skip
 DPI = 150
 
 
@@ -73,7 +80,13 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
     combos = _combos(table)
     n = len(table[table["site"].eq(combos[0][0]) & table["scale"].eq(combos[0][1])])
     width = min(24, max(8, 0.35 * n + 3))
-    fig, axes = plt.subplots(len(combos), 2, figsize=(width, 3.6 * len(combos)), squeeze=False)
+    columns = [k for k, v in DETAIL.items() if v[0] in table.columns]
+    fig, axes = plt.subplots(
+        len(combos),
+        len(columns),
+        figsize=(width * len(columns) / 2, 3.8 * len(combos)),
+        squeeze=False,
+    )
     for row, (site, scale) in enumerate(combos):
         part = table[(table["site"] == site) & (table["scale"] == scale)]
         part = part.sort_values(["layer", "head"])
@@ -83,18 +96,28 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
             for layer, head in zip(part["layer"], part["head"])
         ]
         x = np.arange(len(part))
-        for col, (metric, name) in enumerate(METRICS.items()):
+        colours = [CATEGORY_COLOURS[c] for c in part["impact"]]
+        for col, key in enumerate(columns):
+            value_col, lo_col, hi_col, ylabel, factor = DETAIL[key]
             ax = axes[row, col]
-            values = 100 * part[f"contribution_{metric}"].to_numpy()
-            colours = [CATEGORY_COLOURS[c] for c in part["impact"]]
+            values = factor * part[value_col].to_numpy()
             ax.bar(x, values, color=colours, edgecolor="black", linewidth=0.4)
             ax.plot(x, values, "_", color="black", markersize=10)  # a zero bar still shows
+            if lo_col in part.columns:
+                err = np.vstack([values - factor * part[lo_col], factor * part[hi_col] - values])
+                ax.errorbar(x, values, yerr=np.clip(err, 0, None), fmt="none", ecolor="black",
+                            elinewidth=0.8, capsize=2)  # fmt: skip
+            if key == "accuracy" and "significant" in part.columns:
+                top = factor * part[hi_col] if hi_col in part.columns else values
+                for xi, yi, sig in zip(x, top, part["significant"]):
+                    if sig:
+                        ax.annotate("*", (xi, yi), ha="center", va="bottom", fontsize=12)
             ax.axhline(0, color="black", linewidth=0.8)
             ax.set_xticks(x, labels, rotation=90 if len(x) > 16 else 0, fontsize=8)
             if one_layer:
                 ax.set_xlabel(f"query head of layer {part['layer'].iloc[0]}")
-            ax.set_ylabel(f"{name} contribution (pp)\n> 0 helps, < 0 hurts")
-            ax.set_title(f"{name}, {_setting_label(site, scale)}", fontsize=10)
+            ax.set_ylabel(ylabel + "\n> 0 helps, < 0 hurts")
+            ax.set_title(f"{_setting_label(site, scale)}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
     labels = [f"{c} (|relative change of accuracy| {rng})" for c, rng in
@@ -104,8 +127,12 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
     fig.legend(
         handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02)
     )
+    draws = int(table["draws"].max()) if "draws" in table.columns else 1
     fig.suptitle(
-        "Head-by-head contribution (baseline - perturbed)\n" + _baseline_text(meta), fontsize=11
+        "Head-by-head contribution (baseline - perturbed): mean of "
+        f"{draws} noise draw(s), 95% bootstrap intervals, * significant "
+        f"(Benjamini-Hochberg q < {meta.get('alpha', 0.05):g})\n" + _baseline_text(meta),
+        fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     _save(fig, out_path)

@@ -4,6 +4,7 @@
 rule aggregate:
     input:
         baseline=BASELINE_METRICS,
+        baseline_per_prompt=f"{RESULTS}/baseline/per_prompt.parquet",
         perturbed=perturb_files,
     output:
         parquet=TABLE,
@@ -15,5 +16,6 @@ rule aggregate:
     params:
         high=config["categories"]["high"],
         medium=config["categories"]["medium"],
+        statistics=config["statistics"],
     script:
         "../scripts/aggregate.py"

@@ -1,0 +1,69 @@
+"""Intervals, paired tests and q-values against hand computations."""
+
+import numpy as np
+import pytest
+
+from headperturb import stats
+
+
+def test_bh_qvalues_by_hand():
+    # p sorted: 0.01, 0.02, 0.03, 0.5 (m = 4): p*m/rank = 0.04, 0.04, 0.04, 0.5; monotone from the top
+    q = stats.bh_qvalues([0.03, 0.5, 0.01, 0.02])
+    assert q.tolist() == pytest.approx([0.04, 0.5, 0.04, 0.04])
+    # a later smaller ratio pulls earlier ones down: p = 0.01, 0.04 -> 0.02, 0.04
+    assert stats.bh_qvalues([0.04, 0.01]).tolist() == pytest.approx([0.04, 0.02])
+    assert stats.bh_qvalues([0.9, 0.95]).max() <= 1.0
+    q = stats.bh_qvalues([np.nan, 0.01])
+    assert np.isnan(q[0]) and q[1] == pytest.approx(0.01)
+
+
+def test_sign_flip_exact_by_hand():
+    # d = (1, 1, 1): of the 8 sign patterns only +++ and --- reach |mean| 1 -> p = 2/8
+    assert stats.sign_flip_pvalue([1, 1, 1]) == pytest.approx(0.25)
+    # d = (2, 1): |mean| >= 1.5 for ++ and -- only -> 2/4
+    assert stats.sign_flip_pvalue([2, 1]) == pytest.approx(0.5)
+    assert stats.sign_flip_pvalue([0, 0]) == 1.0
+    # Monte Carlo: 30 equal differences: exact p = 2 / 2**30, the estimate is 1/(1+n_perm)
+    assert stats.sign_flip_pvalue(np.ones(30), n_perm=999) == pytest.approx(1e-3)
+
+
+def test_correct_label_logit_difference_and_probability():
+    assert stats.correct_logit_diff([1, 0], [2.0, 2.0]).tolist() == [2.0, -2.0]
+    assert stats.correct_probability([1], [0.0])[0] == pytest.approx(0.5)
+
+
+def _fake(n=100, draws=4, flip=0, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], n // 2)
+    margin = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 0.1, n)
+    base_pred = (margin > 0).astype(int)
+    pert_margin = np.repeat(margin[:, None], draws, axis=1)
+    pert_margin[:flip] *= -1  # the first `flip` prompts become wrong in every draw
+    return labels, base_pred, margin, (pert_margin > 0).astype(int), pert_margin
+
+
+def test_no_change_gives_zero_and_p_one():
+    out = stats.paired_summary(*_fake(), n_boot=300, n_perm=500)
+    for metric in ("accuracy", "f1", "logit_diff", "probability"):
+        assert out[f"change_{metric}"] == pytest.approx(0.0)
+        assert out[f"ci_low_{metric}"] == pytest.approx(0.0) and out[
+            f"ci_high_{metric}"
+        ] == pytest.approx(0.0)
+    assert out["p_value"] == 1.0
+
+
+def test_a_real_drop_is_detected_with_an_interval_around_it():
+    out = stats.paired_summary(*_fake(flip=20), n_boot=1000, n_perm=2000)
+    assert out["change_accuracy"] == pytest.approx(0.20)
+    assert out["ci_low_accuracy"] < 0.20 < out["ci_high_accuracy"]
+    assert out["ci_low_accuracy"] > 0.1 and out["ci_high_accuracy"] < 0.3
+    assert out["p_value"] < 0.001 and out["p_value_logit_diff"] < 0.001
+    assert out["change_logit_diff"] > 0 and out["change_f1"] > 0.15
+
+
+def test_category_stability():
+    assert stats.category_stability([(12.0, 15.0), (12.0, 4.0), (np.nan, 1.0)], 10, 5) == [
+        True,
+        False,
+        None,
+    ]
