@@ -37,8 +37,21 @@ def test_format_scale_is_canonical_and_positive():
 
 def test_head_jobs_resolve_against_the_model_and_deduplicate():
     jobs = spec.head_jobs([-1], "all", [2.0, 2], ["o_proj_input"], n_layers=3, n_heads=2)
-    assert [(j.layer, j.head, j.scale) for j in jobs] == [(2, 0, "2"), (2, 1, "2")]
-    assert jobs[0].path("results/r") == "results/r/perturb/o_proj_input/layer2/head0_scale2.parquet"
+    assert [(j.kind, j.layer, j.head, j.scale) for j in jobs] == [
+        ("noise", 2, 0, "2"),
+        ("noise", 2, 1, "2"),
+    ]
+    assert (
+        jobs[0].path("results/r")
+        == "results/r/perturb/o_proj_input/noise/layer2/head0_scale2.parquet"
+    )
+    both = spec.head_jobs([0], [1], [1.0, 3.0], ["o_proj_input"], 1, 2, kinds=["noise", "zero"])
+    assert [(j.kind, j.scale) for j in both] == [("noise", "1"), ("noise", "3"), ("zero", "")]
+    assert both[2].path("r") == "r/perturb/o_proj_input/zero/layer0/head1.parquet"
+    ablations_only = spec.head_jobs([0], [1], [1.0], ["o_proj_input"], 1, 2, kinds=["mean"])
+    assert [(j.kind, j.scale) for j in ablations_only] == [("mean", "")]
+    with pytest.raises(spec.SpecError, match="kind 'shuffle'"):
+        spec.head_jobs([0], [0], [1.0], ["o_proj_input"], 1, 1, kinds=["shuffle"])
     with pytest.raises(spec.SpecError, match="site 'resid'"):
         spec.head_jobs([0], [0], [1.0], ["resid"], n_layers=1, n_heads=1)
 

@@ -73,15 +73,17 @@ def test_outputs_exist_and_no_temporary_files_remain(finished_run):
         "baseline/per_prompt.parquet",
         "baseline/metrics.json",
         "baseline/final_state.safetensors",
-        "perturb/o_proj_input/layer1/head0_scale2.parquet",
-        "perturb/o_proj_input/layer1/head1_scale2.parquet",
+        "perturb/o_proj_input/noise/layer1/head0_scale2.parquet",
+        "perturb/o_proj_input/noise/layer1/head1_scale2.parquet",
+        "perturb/o_proj_input/zero/layer1/head0.parquet",
+        "perturb/o_proj_input/mean/layer1/head1.parquet",
         "contributions.parquet",
         "contributions.csv",
         "plots/contribution_distributions.png",
         "plots/detailed_head_analysis.png",
         "logs/prepare_model.log",
         "logs/baseline.log",
-        "logs/perturb/o_proj_input/layer1/head0_scale2.log",
+        "logs/perturb/o_proj_input/noise/layer1/head0_scale2.log",
         "logs/aggregate.log",
     ]:
         assert (results / name).is_file(), name
@@ -98,10 +100,11 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
         base_metrics["accuracy"]
     )
     table = pd.read_parquet(results / "contributions.parquet")
-    assert len(table) == 2 and set(table["head"]) == {0, 1} and set(table["layer"]) == {1}
-    for _, row in table.iterrows():
+    assert len(table) == 6 and set(table["head"]) == {0, 1} and set(table["layer"]) == {1}
+    assert sorted(table["kind"].unique()) == ["mean", "noise", "zero"]
+    for _, row in table[table["kind"] == "noise"].iterrows():
         per_prompt = pd.read_parquet(
-            results / f"perturb/o_proj_input/layer1/head{row['head']}_scale2.parquet"
+            results / f"perturb/o_proj_input/noise/layer1/head{row['head']}_scale2.parquet"
         )
         assert sorted(per_prompt["draw"].unique()) == [0, 1]
         assert set(per_prompt.columns) >= {
@@ -122,7 +125,9 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
         )
     csv = pd.read_csv(results / "contributions.csv")
     assert list(csv.columns) == list(table.columns)
-    meta = io.read_parquet_metadata(results / "perturb/o_proj_input/layer1/head0_scale2.parquet")
+    meta = io.read_parquet_metadata(
+        results / "perturb/o_proj_input/noise/layer1/head0_scale2.parquet"
+    )
     assert meta["model_architecture"] == "LlamaForCausalLM" and meta["device"] == "cpu"
 
 
@@ -134,7 +139,8 @@ def test_adding_a_head_reruns_only_its_job_aggregation_and_plots(finished_run, b
     config = copy.deepcopy(base_config)
     config["perturbation"]["heads"] = [0, 1, 2]
     assert planned_jobs(finished_run, config) == {
-        "perturb_head": 1, "aggregate": 1, "plot_distributions": 1, "plot_heads": 1, "all": 1,
+        "perturb_head": 1, "ablate_head": 2, "aggregate": 1, "plot_distributions": 1,
+        "plot_heads": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -150,8 +156,8 @@ def test_adding_a_layer_captures_its_inputs_and_adds_the_heatmap(finished_run, b
     config = copy.deepcopy(base_config)
     config["perturbation"]["layers"] = [0, -1]
     assert planned_jobs(finished_run, config) == {
-        "capture_layer": 1, "perturb_head": 2, "aggregate": 1, "plot_distributions": 1,
-        "plot_heads": 1, "plot_heatmap": 1, "all": 1,
+        "capture_layer": 1, "perturb_head": 2, "ablate_head": 4, "aggregate": 1,
+        "plot_distributions": 1, "plot_heads": 1, "plot_heatmap": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -165,17 +171,19 @@ def test_naive_method_gives_the_same_numbers(finished_run, base_config):
     naive_config["perturbation"]["method"] = "naive"
     snakemake(finished_run, fast_config)
     snakemake(finished_run, naive_config)
-    for layer in (0, 1):
-        for head in (0, 1):
-            name = f"perturb/o_proj_input/layer{layer}/head{head}_scale2.parquet"
-            fast = pd.read_parquet(finished_run / "results/test" / name)
-            naive = pd.read_parquet(finished_run / "results/test-naive" / name)
-            assert (fast["margin"] - naive["margin"]).abs().max() < 1e-4
-            assert fast["prediction"].tolist() == naive["prediction"].tolist()
-            assert (
-                io.read_parquet_metadata(finished_run / "results/test-naive" / name)["method"]
-                == "naive"
-            )
+    names = [f"perturb/o_proj_input/{kind}/layer{{layer}}/head{{head}}{suffix}.parquet"
+             for kind, suffix in (("noise", "_scale2"), ("zero", ""), ("mean", ""))]  # fmt: skip
+    for name in [
+        p.format(layer=layer, head=head) for p in names for layer in (0, 1) for head in (0, 1)
+    ]:
+        fast = pd.read_parquet(finished_run / "results/test" / name)
+        naive = pd.read_parquet(finished_run / "results/test-naive" / name)
+        assert (fast["margin"] - naive["margin"]).abs().max() < 1e-4, name
+        assert fast["prediction"].tolist() == naive["prediction"].tolist()
+        assert (
+            io.read_parquet_metadata(finished_run / "results/test-naive" / name)["method"]
+            == "naive"
+        )
     assert not (finished_run / "results/test-naive/activations").exists()
 
 
@@ -183,7 +191,7 @@ def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_
     config = copy.deepcopy(base_config)
     config["prompts"]["seed"] = 1
     assert planned_jobs(finished_run, config) == {
-        "build_prompts": 1, "baseline": 1, "perturb_head": 2, "aggregate": 1,
+        "build_prompts": 1, "baseline": 1, "perturb_head": 2, "ablate_head": 4, "aggregate": 1,
         "plot_distributions": 1, "plot_heads": 1, "all": 1,
     }  # fmt: skip
 
@@ -227,7 +235,8 @@ def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_d
     config["perturbation"].update(layers=[1, -1], heads=[0, 3], repeats=1)
     snakemake(tmp_path, config)
     table = pd.read_csv(tmp_path / "results/test/contributions.csv")
-    assert sorted(zip(table["layer"], table["head"])) == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    noise = table[table["kind"] == "noise"]
+    assert sorted(zip(noise["layer"], noise["head"])) == [(1, 0), (1, 3), (2, 0), (2, 3)]
     assert (tmp_path / "results/test/plots/layer_head_heatmap.png").is_file()
     info = io.read_json(tmp_path / f"resources/models/tiny-{family}/headperturb_model.json")
     assert info["model_type"] == family and info["n_heads"] == 4

@@ -126,6 +126,10 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
+    def width(self, site: HeadSite, head: int, where: str) -> int:
+        """How many columns head ``head`` owns at ``where``."""
+        return _width(self.model, site, head, where)
+
     # -- helpers ---------------------------------------------------------------------------
     def _ids(self, ids) -> torch.Tensor:
         return torch.tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None, :]
@@ -247,6 +251,18 @@ class Engine:
         return self._labels(self.model(input_ids=inputs, use_cache=False, logits_to_keep=1).logits)
 
     # -- reference method ----------------------------------------------------------------------
+    def _values(self, site, head, where, scale, draws, seed, values):
+        """The per-prompt perturbation values: ``values`` when given, else Gaussian noise."""
+        if values is not None:
+            return values
+        width = _width(self.model, site, head, where)
+
+        def noise(_index, pid, length):
+            return make_noise(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
+                              prompt=pid, length=length, width=width)  # fmt: skip
+
+        return noise
+
     @torch.inference_mode()
     def perturbed_naive(
         self,
@@ -256,18 +272,23 @@ class Engine:
         site: HeadSite,
         head: int,
         where: str,
-        scale: float,
         draws: int,
-        seed: int,
+        scale: float = 0.0,
+        seed: int = 0,
+        values=None,
+        mode: str = "add",
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """(n, draws, 2) verbalizer logits with head ``head`` perturbed: full forward passes."""
-        width = _width(self.model, site, head, where)
+        """(n, draws, 2) verbalizer logits with head ``head`` perturbed: full forward passes.
+
+        ``values(index, prompt_id, length)`` gives the (draws, length, width) tensor that is
+        added (``mode="add"``) or set (``"set"``); by default seeded noise of ``scale``.
+        """
+        values = self._values(site, head, where, scale, draws, seed, values)
         out = np.empty((len(prompts), draws, 2), dtype=np.float64)
         for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
-            noise = make_noise(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
-                               prompt=pid, length=len(ids), width=width)  # fmt: skip
-            with perturb_head(self.model, site, head, noise.to(self.device), where):
+            v = values(i, pid, len(ids)).to(self.device)
+            with perturb_head(self.model, site, head, v, where, mode):
                 out[i] = self.full(ids, batch=draws)
             if progress:
                 progress.update()
@@ -283,28 +304,22 @@ class Engine:
         site: HeadSite,
         head: int,
         where: str,
-        scale: float,
         draws: int,
-        seed: int,
+        scale: float = 0.0,
+        seed: int = 0,
+        values=None,
+        mode: str = "add",
     ) -> np.ndarray:
         """(n, draws, 2) logits with a head of the LAST layer perturbed, from the final state."""
         n = len(prompt_ids)
-        width = _width(self.model, site, head, where)
-        noise = torch.stack(
+        values = self._values(site, head, where, scale, draws, seed, values)
+        v = torch.stack(
             [
-                make_noise(
-                    seed=seed,
-                    layer=site.layer,
-                    head=head,
-                    scale=scale,
-                    draws=draws,
-                    prompt=pid,
-                    length=int(length),
-                    width=width,
-                )[:, -1:, :]  # fmt: skip
-                for pid, length in zip(prompt_ids, state["n_tokens"].tolist())
+                values(i, pid, int(length))[:, -1:, :].expand(draws, 1, -1)
+                for i, (pid, length) in enumerate(zip(prompt_ids, state["n_tokens"].tolist()))
             ]
-        ).reshape(n * draws, 1, width)
+        )
+        v = v.reshape(n * draws, 1, v.shape[-1])
 
         def per_draw(x: torch.Tensor) -> torch.Tensor:  # (n, k) -> (n * draws, 1, k)
             return x.to(self.device).repeat_interleave(draws, dim=0)[:, None, :]
@@ -312,10 +327,68 @@ class Engine:
         with (
             start_at_layer(self.model, site, per_draw(state["resid_final"])),
             replace_site_input(self.model, site, per_draw(state["z_final"])),
-            perturb_head(self.model, site, head, noise.to(self.device), where),
+            perturb_head(self.model, site, head, v.to(self.device), where, mode),
         ):
             logits = self._two_logits(input_ids=per_draw(state["last_token"][:, None])[:, :, 0])
         return logits.reshape(n, draws, 2).astype(np.float64)
+
+    @torch.inference_mode()
+    def final_activations(
+        self, state: dict[str, torch.Tensor], site: HeadSite, head: int, where: str
+    ) -> list[torch.Tensor]:
+        """The head's clean output at each prompt's final position, (1, width) each, from the
+        baseline's final state (the last layer)."""
+        z = state["z_final"]
+        if where == "o_proj_output":
+            z = self.model.get_submodule(site.module_name)(z.to(self.device)).float().cpu()
+        cols = site_slice(self.model, site, head, where)
+        return [row[None, cols].clone() for row in z]
+
+    @torch.inference_mode()
+    def head_activations(
+        self,
+        prompts: list,
+        site: HeadSite,
+        head: int,
+        where: str,
+        captured: dict[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """The head's clean output at every position of every prompt, (length, width) each.
+
+        From the recorded layer input when ``captured`` is given, else from a full forward; the
+        pass stops as soon as the site has run.
+        """
+        cols = site_slice(self.model, site, head, where)
+        module = self.model.get_submodule(site.module_name)
+        seen = {}
+
+        def grab(x):
+            seen["x"] = x[0, :, cols].detach().float().cpu().clone()
+            raise _Stop
+
+        if where == "o_proj_input":
+            handle = module.register_forward_pre_hook(lambda _m, args: grab(args[0]))
+        else:
+            handle = module.register_forward_hook(lambda _m, _args, out: grab(out))
+        out = []
+        offsets = captured["offsets"].tolist() if captured is not None else None
+        try:
+            for i, ids in enumerate(prompts):
+                try:
+                    if captured is None:
+                        self.model(input_ids=self._ids(ids), use_cache=False, logits_to_keep=1)
+                    else:
+                        hidden = torch.cat(
+                            [captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]]
+                        )
+                        with start_at_layer(self.model, site, hidden.to(self.device)[None]):
+                            self.model(input_ids=self._ids(ids), use_cache=False, logits_to_keep=1)
+                except _Stop:
+                    pass
+                out.append(seen.pop("x"))
+        finally:
+            handle.remove()
+        return out
 
     @torch.inference_mode()
     def capture_layer_inputs(
@@ -362,13 +435,15 @@ class Engine:
         site: HeadSite,
         head: int,
         where: str,
-        scale: float,
         draws: int,
-        seed: int,
+        scale: float = 0.0,
+        seed: int = 0,
+        values=None,
+        mode: str = "add",
         progress: Progress | None = None,
     ) -> np.ndarray:
         """(n, draws, 2) logits with a head of any layer perturbed, running only layers >= L."""
-        width = _width(self.model, site, head, where)
+        values = self._values(site, head, where, scale, draws, seed, values)
         out = np.empty((len(prompts), draws, 2), dtype=np.float64)
         offsets = captured["offsets"].tolist()
         for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
@@ -380,16 +455,19 @@ class Engine:
                     f"the layer input recorded for prompt {pid} does not match its length"
                 )
             hidden = hidden.to(self.device)[None].expand(draws, -1, -1)
-            noise = make_noise(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
-                               prompt=pid, length=len(ids), width=width)  # fmt: skip
+            v = values(i, pid, len(ids)).to(self.device)
             with (
                 start_at_layer(self.model, site, hidden),
-                perturb_head(self.model, site, head, noise.to(self.device), where),
+                perturb_head(self.model, site, head, v, where, mode),
             ):
                 out[i] = self._two_logits(input_ids=self._ids(ids).expand(draws, -1))
             if progress:
                 progress.update()
         return out
+
+
+class _Stop(Exception):
+    """Ends a forward pass early, once a hook has what it needs."""
 
 
 def _width(model, site: HeadSite, head: int, where: str) -> int:

@@ -135,6 +135,7 @@ def run_perturbation(
     head: int,
     scale: str,
     repeats: int,
+    kind: str = "noise",
     seed: int,
     device,
     dtype,
@@ -147,22 +148,27 @@ def run_perturbation(
         model_dir, prompts_path, info_path, device, dtype, threads
     )
     sites = locate_sites(model, site_override)
-    kwargs = dict(
-        site=sites[layer], head=head, where=site, scale=float(scale), draws=repeats, seed=seed
-    )
+    target = sites[layer]
     pids = prompts["prompt_id"].tolist()
-    what = f"{site} layer {layer} head {head} scale {scale}"
+    last = layer == len(sites) - 1
+    activations = None if method == "naive" else _load_tensors(activations_path)
+    values, mode, draws = _perturbation(
+        engine, kind, ids, pids, target, head, site, repeats, seed, activations, last
+    )
+    kwargs = dict(site=target, head=head, where=site, scale=float(scale or 0), draws=draws,
+                  seed=seed, values=values, mode=mode)  # fmt: skip
+    what = f"{site} {kind} layer {layer} head {head}" + (f" scale {scale}" if scale else "")
     if method == "naive":
         logits = engine.perturbed_naive(ids, pids, progress=Progress(len(ids), what, log), **kwargs)
     elif method != "fast":
         raise ValueError(f"method {method!r} is not allowed; allowed: fast, naive")
-    elif layer == len(sites) - 1:
-        logits = engine.perturbed_last(_load_tensors(activations_path), pids, **kwargs)
+    elif last:
+        logits = engine.perturbed_last(activations, pids, **kwargs)
     else:
-        captured = _load_tensors(activations_path)
         logits = engine.perturbed_from_layer(
-            captured, ids, pids, progress=Progress(len(ids), what, log), **kwargs
+            activations, ids, pids, progress=Progress(len(ids), what, log), **kwargs
         )
+    repeats = draws
     frames = []
     for draw in range(repeats):
         frame = scoring.per_prompt(prompts["prompt_id"], prompts["label"], logits[:, draw, :])
@@ -173,6 +179,7 @@ def run_perturbation(
     out.insert(0, "scale", scale)
     out.insert(0, "head", head)
     out.insert(0, "layer", layer)
+    out.insert(0, "kind", kind)
     out.insert(0, "site", site)
     meta = provenance(model_info, str(engine.device))
     meta["method"] = method
@@ -180,6 +187,37 @@ def run_perturbation(
     acc = out.groupby("draw")["correct"].mean()
     log.info("accuracy per draw: %s", ", ".join(f"{a:.4f}" for a in acc))
     return out
+
+
+def _perturbation(engine, kind, ids, pids, target, head, where, repeats, seed, activations, last):
+    """(values, mode, draws) for ``kind``: None for noise (the engine draws it), else a function
+    giving the (draws, length, width) replacement of the head's output for a prompt."""
+    import torch
+
+    from .intervention import donors, mean_from_end
+
+    if kind == "noise":
+        return None, "add", repeats
+    width = engine.width(target, head, where)
+    if kind == "zero":
+        return (lambda _i, _pid, length: torch.zeros(1, length, width)), "set", 1
+    if kind not in ("mean", "resample"):
+        raise ValueError(f"kind {kind!r} is not allowed; allowed: noise, zero, mean, resample")
+    if activations is not None and last:
+        acts = engine.final_activations(activations, target, head, where)
+    else:
+        acts = engine.head_activations(ids, target, head, where, activations)
+    if kind == "mean":
+        mean = mean_from_end(acts)
+        return (lambda _i, _pid, length: mean[-length:][None]), "set", 1
+    chosen = [donors(seed, target.layer, head, d, len(acts)) for d in range(repeats)]
+
+    def resample(i, _pid, length):
+        picks = [acts[int(c[i])] for c in chosen]
+        k = min(length, *(len(p) for p in picks))
+        return torch.stack([p[-k:] for p in picks])
+
+    return resample, "set", repeats
 
 
 def job_metrics(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kwargs) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from .sites import HeadSite
@@ -53,28 +54,71 @@ def make_noise(
 
 @contextlib.contextmanager
 def perturb_head(
-    model, site: HeadSite, head: int, noise: torch.Tensor, where: str = "o_proj_input"
+    model,
+    site: HeadSite,
+    head: int,
+    values: torch.Tensor,
+    where: str = "o_proj_input",
+    mode: str = "add",
 ) -> Iterator[None]:
-    """While active, add ``noise`` to head ``head``'s slice at ``where``.
+    """While active, change head ``head``'s slice at ``where``: ``mode="add"`` adds ``values``
+    (noise), ``mode="set"`` replaces the slice by ``values`` (ablations).
 
-    ``noise`` has shape (batch or 1, length, width); it is aligned to the *last* positions of the
-    hooked tensor, so a pass over only the final tokens of a prompt receives the noise of those
-    positions.
+    ``values`` has shape (batch or 1, length, width) and is aligned to the *last* positions of the
+    hooked tensor, so a pass over only the final tokens of a prompt receives the values of those
+    positions. With ``set``, positions before the first of ``values`` keep their own output.
     """
+    if mode not in ("add", "set"):
+        raise ValueError(f"mode {mode!r} is not allowed; allowed: add, set")
     cols = site_slice(model, site, head, where)
     module = model.get_submodule(site.module_name)
 
-    def add(x: torch.Tensor) -> torch.Tensor:
+    def change(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        seq = x.shape[-2]
-        x[..., cols] += noise[..., -seq:, :].to(device=x.device, dtype=x.dtype)
+        k = min(x.shape[-2], values.shape[-2])
+        v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)
+        if mode == "add":
+            x[..., -k:, cols] += v
+        else:
+            x[..., -k:, cols] = v.expand(*x.shape[:-2], k, v.shape[-1])
         return x
 
     if where == "o_proj_input":
-        handle = module.register_forward_pre_hook(lambda _m, args: (add(args[0]), *args[1:]))
+        handle = module.register_forward_pre_hook(lambda _m, args: (change(args[0]), *args[1:]))
     else:
-        handle = module.register_forward_hook(lambda _m, _args, out: add(out))
+        handle = module.register_forward_hook(lambda _m, _args, out: change(out))
     try:
         yield
     finally:
         handle.remove()
+
+
+KINDS = ("noise", "zero", "mean", "resample")
+"""What replaces or disturbs the head's output.
+
+``noise``: ``randn * sigma`` added (the original study). ``zero``: the output set to 0. ``mean``:
+the output set to its mean over the prompts at each position counted from the end. ``resample``:
+the output taken from another prompt (a seeded derangement per draw), aligned from the end.
+"""
+
+
+def donors(seed: int, layer: int, head: int, draw: int, n: int) -> np.ndarray:
+    """For each of ``n`` prompts, the prompt whose head output replaces its own: a seeded
+    derangement (no prompt is its own donor when n > 1)."""
+    key = noise_seed(seed, layer, head, 1.0, draw, -1)
+    order = np.random.default_rng(key).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.roll(order, -1)
+    return out
+
+
+def mean_from_end(activations: list[torch.Tensor]) -> torch.Tensor:
+    """(max length, width): the mean over prompts at each position counted from the end."""
+    longest = max(a.shape[0] for a in activations)
+    width = activations[0].shape[1]
+    total = torch.zeros(longest, width, dtype=torch.float64)
+    count = torch.zeros(longest, 1, dtype=torch.float64)
+    for a in activations:
+        total[longest - a.shape[0] :] += a.double()
+        count[longest - a.shape[0] :] += 1
+    return (total / count).float()

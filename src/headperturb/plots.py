@@ -24,14 +24,26 @@ DETAIL = {
 DPI = 150
 
 
-def _setting_label(site: str, scale: str) -> str:
-    return f"site {site}, noise sigma {scale}"
+KIND_ORDER = {"noise": 0, "zero": 1, "mean": 2, "resample": 3}
 
 
-def _combos(table: pd.DataFrame) -> list[tuple[str, str]]:
-    combos = table[["site", "scale"]].drop_duplicates()
-    combos = combos.assign(_s=combos["scale"].astype(float)).sort_values(["site", "_s"])
-    return list(zip(combos["site"], combos["scale"]))
+def _setting_label(site: str, kind: str, scale: str) -> str:
+    what = f"noise sigma {scale}" if kind == "noise" else f"{kind} ablation"
+    return f"{what}, site {site}"
+
+
+def _combos(table: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The settings of a run, (site, kind, scale), noise scales ascending, then ablations."""
+    combos = table[["site", "kind", "scale"]].drop_duplicates()
+    combos = combos.assign(
+        _k=combos["kind"].map(KIND_ORDER), _s=pd.to_numeric(combos["scale"], errors="coerce")
+    ).sort_values(["site", "_k", "_s"])
+    return list(zip(combos["site"], combos["kind"], combos["scale"]))
+
+
+def _part(table: pd.DataFrame, site: str, kind: str, scale: str) -> pd.DataFrame:
+    rows = (table["site"] == site) & (table["kind"] == kind) & (table["scale"] == scale)
+    return table[rows].sort_values(["layer", "head"])
 
 
 def _baseline_text(meta: dict) -> str:
@@ -78,7 +90,7 @@ def contribution_distributions(table: pd.DataFrame, meta: dict, out_path) -> Non
 def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
     """A bar per head and setting: the contribution score, coloured by impact category."""
     combos = _combos(table)
-    n = len(table[table["site"].eq(combos[0][0]) & table["scale"].eq(combos[0][1])])
+    n = len(_part(table, *combos[0]))
     width = min(24, max(8, 0.35 * n + 3))
     columns = [k for k, v in DETAIL.items() if v[0] in table.columns]
     fig, axes = plt.subplots(
@@ -87,9 +99,8 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
         figsize=(width * len(columns) / 2, 3.8 * len(combos)),
         squeeze=False,
     )
-    for row, (site, scale) in enumerate(combos):
-        part = table[(table["site"] == site) & (table["scale"] == scale)]
-        part = part.sort_values(["layer", "head"])
+    for row, combo in enumerate(combos):
+        part = _part(table, *combo)
         one_layer = part["layer"].nunique() == 1
         labels = [
             f"H{head}" if one_layer else f"L{layer}H{head}"
@@ -117,7 +128,7 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
             if one_layer:
                 ax.set_xlabel(f"query head of layer {part['layer'].iloc[0]}")
             ax.set_ylabel(ylabel + "\n> 0 helps, < 0 hurts")
-            ax.set_title(f"{_setting_label(site, scale)}", fontsize=9)
+            ax.set_title(_setting_label(*combo), fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
     labels = [f"{c} (|relative change of accuracy| {rng})" for c, rng in
@@ -143,8 +154,8 @@ def layer_head_heatmap(table: pd.DataFrame, meta: dict, out_path) -> None:
     combos = _combos(table)
     fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5), squeeze=False)
     limit = max(100 * table["contribution_accuracy"].abs().max(), 1e-9)
-    for ax, (site, scale) in zip(axes[0], combos):
-        part = table[(table["site"] == site) & (table["scale"] == scale)]
+    for ax, combo in zip(axes[0], combos):
+        part = _part(table, *combo)
         grid = part.pivot_table(index="layer", columns="head", values="contribution_accuracy") * 100
         image = ax.imshow(grid.to_numpy(), cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto",
                           origin="lower", interpolation="nearest")  # fmt: skip
@@ -152,7 +163,7 @@ def layer_head_heatmap(table: pd.DataFrame, meta: dict, out_path) -> None:
         ax.set_yticks(range(len(grid.index)), grid.index, fontsize=7)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
-        ax.set_title(_setting_label(site, scale), fontsize=10)
+        ax.set_title(_setting_label(*combo), fontsize=10)
         fig.colorbar(image, ax=ax, label="accuracy contribution (pp); > 0 helps")
     fig.suptitle("Accuracy contribution by layer and head\n" + _baseline_text(meta), fontsize=11)
     _save(fig, out_path)
@@ -160,6 +171,7 @@ def layer_head_heatmap(table: pd.DataFrame, meta: dict, out_path) -> None:
 
 def contribution_vs_scale(table: pd.DataFrame, meta: dict, out_path) -> None:
     """Accuracy contribution against noise scale: a line per head, the mean over heads in black."""
+    table = table[table["kind"] == "noise"]
     sites = sorted(table["site"].unique())
     fig, axes = plt.subplots(1, len(sites), figsize=(7 * len(sites), 4.5), squeeze=False)
     for ax, site in zip(axes[0], sites):

@@ -20,6 +20,11 @@ projection mixes all heads, so that slice is a block of residual-stream coordina
 """
 
 
+KINDS = ("noise", "zero", "mean", "resample")
+"""Noise added to the head's output, or the output replaced (ablations): see
+:mod:`headperturb.intervention`."""
+
+
 class SpecError(ValueError):
     """A setting that names layers, heads or scales the model or the schema does not allow."""
 
@@ -72,34 +77,53 @@ def format_scale(scale: float) -> str:
 
 @dataclass(frozen=True, order=True)
 class HeadJob:
-    """One perturbation job: a head of a layer, at one noise scale, at one site."""
+    """One perturbation job: a head of a layer, at one site, under noise of one scale or under an
+    ablation (``scale`` is then empty)."""
 
     site: str
+    kind: str
     layer: int
     head: int
-    scale: str  # canonical text, see format_scale
+    scale: str  # canonical text (see format_scale); "" for ablations
 
     def path(self, results: str) -> str:
-        return perturb_path(results, self.site, self.layer, self.head, self.scale)
+        if self.kind == "noise":
+            return perturb_path(results, self.site, self.layer, self.head, self.scale)
+        return ablation_path(results, self.site, self.kind, self.layer, self.head)
 
 
 def perturb_path(results: str, site: str, layer: int | str, head: int | str, scale: str) -> str:
-    return f"{results}/perturb/{site}/layer{layer}/head{head}_scale{scale}.parquet"
+    return f"{results}/perturb/{site}/noise/layer{layer}/head{head}_scale{scale}.parquet"
+
+
+def ablation_path(results: str, site: str, kind: str, layer: int | str, head: int | str) -> str:
+    return f"{results}/perturb/{site}/{kind}/layer{layer}/head{head}.parquet"
 
 
 def head_jobs(
-    layers, heads, scales: Sequence[float], sites: Sequence[str], n_layers: int, n_heads: int
+    layers,
+    heads,
+    scales: Sequence[float],
+    sites: Sequence[str],
+    n_layers: int,
+    n_heads: int,
+    kinds: Sequence[str] = ("noise",),
 ) -> list[HeadJob]:
-    """Every (site, layer, head, scale) the config asks for, resolved against the model's shape."""
+    """Every job the config asks for, resolved against the model's shape."""
     for site in sites:
         if site not in SITES:
             raise SpecError(f"site {site!r} is not allowed; allowed: {', '.join(SITES)}")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise SpecError(f"kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+    settings = [("noise", format_scale(s)) for s in scales if "noise" in kinds]
+    settings += [(k, "") for k in kinds if k != "noise"]
     jobs = {
-        HeadJob(site, layer, head, format_scale(scale))
+        HeadJob(site, kind, layer, head, scale)
         for site in sites
         for layer in resolve_layers(layers, n_layers)
         for head in resolve_heads(heads, n_heads)
-        for scale in scales
+        for kind, scale in settings
     }
     return sorted(jobs)
 

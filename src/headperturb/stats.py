@@ -16,7 +16,7 @@ import pandas as pd
 
 CATEGORIES = ("HIGH", "MEDIUM", "LOW")
 DIRECTIONS = ("beneficial", "harmful", "neutral")
-KEYS = ["site", "layer", "head", "scale"]
+KEYS = ["site", "kind", "layer", "head", "scale"]
 
 
 def contribution(baseline: float, perturbed):
@@ -81,7 +81,7 @@ def aggregate(
 
 
 def _scale_sort_key(column: pd.Series) -> pd.Series:
-    return column.astype(float) if column.name == "scale" else column
+    return pd.to_numeric(column, errors="coerce").fillna(-1) if column.name == "scale" else column
 
 
 def category_counts(table: pd.DataFrame) -> dict[str, int]:

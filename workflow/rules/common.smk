@@ -64,6 +64,7 @@ def head_jobs():
         PERTURBATION["heads"],
         PERTURBATION["scales"],
         PERTURBATION["sites"],
+        kinds=PERTURBATION["kinds"],
         n_layers=info["n_layers"],
         n_heads=info["n_heads"],
     )
