@@ -91,3 +91,36 @@ def test_baseline_state_matches_the_last_layer_inputs(family_setup):
     ends = captured["offsets"][1:] - 1
     torch.testing.assert_close(state["resid_final"], captured["suffix"][ends], atol=1e-5, rtol=1e-5)
     assert state["n_tokens"].tolist() == [len(x) for x in ids]
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
+@pytest.mark.parametrize("layer", [2, 3])
+def test_ablations_fast_equal_naive(family_setup, kind, layer):
+    """Ablations through the fast paths (final state at the last layer, recorded input below it)
+    against full forward passes."""
+    from headperturb.evaluation import _perturbation
+
+    model, engine, ids, pids = family_setup
+    site = locate_sites(model)[layer]
+    last = layer == 3
+    if last:
+        _, recorded = engine.baseline(ids, record=site)
+    else:
+        recorded = engine.capture_layer_inputs(ids, site)
+    common = dict(site=site, head=2, where="o_proj_input", seed=3)
+    values, mode, draws = _perturbation(
+        engine, kind, ids, pids, site, 2, "o_proj_input", 2, 3, None, last
+    )
+    naive = engine.perturbed_naive(ids, pids, draws=draws, values=values, mode=mode, **common)
+    values, mode, draws = _perturbation(
+        engine, kind, ids, pids, site, 2, "o_proj_input", 2, 3, recorded, last
+    )
+    if last:
+        fast = engine.perturbed_last(
+            recorded, pids, draws=draws, values=values, mode=mode, **common
+        )
+    else:
+        fast = engine.perturbed_from_layer(
+            recorded, ids, pids, draws=draws, values=values, mode=mode, **common
+        )
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
