@@ -78,3 +78,35 @@ def test_prepared_model_loads_identically_by_assignment(tmp_path, tiny_llama_dir
     assert tok is not None and info["n_layers"] == 2
     _, no_tok, _ = models.load_prepared(tmp_path / "prepared", device="cpu", tokenizer=False)
     assert no_tok is None
+
+
+def test_head_rms_by_hand(setup, tmp_path):
+    """The baseline's per-head RMS equals the RMS over every position of every prompt, computed
+    from plain full forward passes; relative noise scales by it."""
+    from headperturb.evaluation import noise_sigma
+
+    model, engine, ids, _ = setup
+    sites = locate_sites(model)
+    engine.baseline(ids, rms_sites=sites, batch_size=4)
+    rows = {(r["site"], r["layer"], r["head"]): r["rms"] for r in engine.head_rms()}
+    assert len(rows) == 2 * 2 * 4  # both sites, 2 layers, 4 heads
+    seen = []
+    proj = model.get_submodule(sites[1].module_name)
+    handle = proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0][0].clone()))
+    with torch.no_grad():
+        for x in ids:
+            model(input_ids=torch.tensor(x[None]))
+    handle.remove()
+    z = torch.cat(seen)  # (all positions of all prompts, 4 * 8)
+    for head in range(4):
+        expected = z[:, head * 8 : (head + 1) * 8].pow(2).mean().sqrt().item()
+        assert rows[("o_proj_input", 1, head)] == pytest.approx(expected, rel=1e-4)
+    import pandas as pd
+
+    pd.DataFrame(
+        [{"site": k[0], "layer": k[1], "head": k[2], "rms": v} for k, v in rows.items()]
+    ).to_parquet(tmp_path / "rms.parquet")
+    assert noise_sigma(2.0, "absolute", None, "o_proj_input", 1, 3) == 2.0
+    assert noise_sigma(
+        2.0, "relative", tmp_path / "rms.parquet", "o_proj_input", 1, 3
+    ) == pytest.approx(2.0 * rows[("o_proj_input", 1, 3)])

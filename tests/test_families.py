@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build_tiny_model
+from tiny_models import FAMILIES, build_tiny_model, capture_io
 
 from headperturb.intervention import make_noise, perturb_head
 from headperturb.sites import locate_sites, projection_weight
@@ -33,16 +33,7 @@ def family_model(request, tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _io(model, name, ids=IDS):
-    seen = {}
-    handle = model.get_submodule(name).register_forward_hook(
-        lambda _m, args, out: seen.update(x=args[0].clone(), y=out.clone())
-    )
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        handle.remove()
-    return seen["x"], seen["y"]
+    return capture_io(model, name, ids)
 
 
 def test_site_shape_and_decomposition(family_model):

@@ -2,24 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import capture_io
 
 from headperturb.intervention import make_noise, perturb_head
 from headperturb.sites import SiteError, locate_sites, projection_weight
 
-
-def _capture(model, name, ids):
-    """The input and output of module ``name`` in a forward pass over ``ids``."""
-    seen = {}
-    module = model.get_submodule(name)
-    handle = module.register_forward_hook(
-        lambda _m, args, out: seen.update(x=args[0].clone(), y=out.clone())
-    )
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        handle.remove()
-    return seen["x"], seen["y"]
+_capture = capture_io
 
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])

@@ -131,6 +131,16 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
     assert meta["model_architecture"] == "LlamaForCausalLM" and meta["device"] == "cpu"
 
 
+def test_two_runs_give_byte_identical_result_files(tmp_path, finished_run, base_config):
+    """Determinism: a fresh run of the same config in another folder writes the same bytes."""
+    snakemake(tmp_path, base_config, "--until", "aggregate")
+    ours = sorted((tmp_path / "results/test").rglob("*.parquet"))
+    assert len(ours) >= 8
+    for path in ours:
+        theirs = finished_run / path.relative_to(tmp_path)
+        assert path.read_bytes() == theirs.read_bytes(), path.relative_to(tmp_path)
+
+
 def test_nothing_to_do_on_a_second_run(finished_run, base_config):
     assert planned_jobs(finished_run, base_config) == {}
 
@@ -166,6 +176,7 @@ def test_naive_method_gives_the_same_numbers(finished_run, base_config):
     and the last one, against the default fast method."""
     fast_config = copy.deepcopy(base_config)
     fast_config["perturbation"]["layers"] = [0, -1]
+    fast_config["perturbation"]["noise_mode"] = "relative"
     naive_config = copy.deepcopy(fast_config)
     naive_config["run_name"] = "test-naive"
     naive_config["perturbation"]["method"] = "naive"
@@ -185,6 +196,14 @@ def test_naive_method_gives_the_same_numbers(finished_run, base_config):
             == "naive"
         )
     assert not (finished_run / "results/test-naive/activations").exists()
+    rms = pd.read_parquet(finished_run / "results/test/baseline/head_rms.parquet")
+    noise = pd.read_parquet(
+        finished_run / "results/test/perturb/o_proj_input/noise/layer0/head1_scale2.parquet"
+    )
+    expected = 2.0 * rms.query("site == 'o_proj_input' and layer == 0 and head == 1")["rms"].item()
+    assert set(noise["noise_mode"]) == {"relative"} and noise["sigma"].iloc[0] == pytest.approx(
+        expected
+    )
 
 
 def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_run, base_config):
@@ -240,3 +259,41 @@ def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_d
     assert (tmp_path / "results/test/plots/layer_head_heatmap.png").is_file()
     info = io.read_json(tmp_path / f"resources/models/tiny-{family}/headperturb_model.json")
     assert info["model_type"] == family and info["n_heads"] == 4
+
+
+def test_a_killed_run_leaves_no_partial_output_and_resumes(tmp_path, base_config):
+    """SIGKILL the whole run while perturbation jobs run: every output present is complete, and
+    the next run redoes only what is missing."""
+    import signal
+    import time
+
+    config = copy.deepcopy(base_config)
+    config["perturbation"].update(method="naive", heads="all", kinds=["noise"])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(config_file), "--cores", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    logs = tmp_path / "results/test/logs/perturb"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if logs.exists() and any(logs.rglob("*.log")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before a perturbation job started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    outputs = list((tmp_path / "results/test").rglob("*.parquet"))
+    for path in outputs:
+        pd.read_parquet(path)  # every output file that exists is complete
+    done = {p.name for p in (tmp_path / "results/test/perturb").rglob("*.parquet")}
+    assert len(done) < 4  # the kill came before the sweep finished
+    assert "contributions.parquet" not in {p.name for p in outputs}
+    snakemake(tmp_path, config, "--unlock")  # the killed run's lock, as Snakemake asks
+    resumed = snakemake(tmp_path, config, "--rerun-incomplete")
+    assert len(list((tmp_path / "results/test/perturb").rglob("*.parquet"))) == 4
+    assert "Nothing to be done" not in resumed.stdout + resumed.stderr
+    assert planned_jobs(tmp_path, config) == {}

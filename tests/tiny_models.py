@@ -90,6 +90,22 @@ def build_tiny_model(
     return folder
 
 
+def capture_io(model, name: str, ids):
+    """The input and output of module ``name`` in a forward pass over ``ids``."""
+    import torch
+
+    seen = {}
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda _m, args, out: seen.update(x=args[0].clone(), y=out.clone())
+    )
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen["x"], seen["y"]
+
+
 def main() -> None:
     import pandas as pd
 

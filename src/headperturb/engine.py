@@ -196,16 +196,25 @@ class Engine:
         progress: Progress | None = None,
         record: HeadSite | None = None,
         batch_size: int = 4,
+        rms_sites: list[HeadSite] | None = None,
     ) -> tuple[np.ndarray, dict[str, torch.Tensor] | None]:
         """(n, 2) verbalizer logits of the unperturbed model, reusing the prefix's cache.
 
         With ``record`` (the site of the last layer), also return the final-position state that
-        :meth:`perturbed_last` needs (:data:`FINAL_STATE`).
+        :meth:`perturbed_last` needs (:data:`FINAL_STATE`). With ``rms_sites``, also measure each
+        head's RMS output at both sites over every position of every prompt (:meth:`head_rms`).
         """
         out = np.empty((len(prompts), 2), dtype=np.float64)
-        cache = self._prefix_cache(prompts)
+        rms_handles, self._rms_sums = self._rms_hooks(rms_sites or [], len(prompts))
+        try:
+            self._lengths = None  # the prefix pass
+            cache = self._prefix_cache(prompts)
+        except BaseException:
+            for handle in rms_handles:
+                handle.remove()
+            raise
         seen: dict[str, torch.Tensor] = {}
-        handles = []
+        handles = list(rms_handles)
         if record is not None:
             layer = self.model.get_submodule(record.layers_path)[record.layer]
             proj = self.model.get_submodule(record.module_name)
@@ -218,7 +227,7 @@ class Engine:
 
                 return hook
 
-            handles = [
+            handles += [
                 layer.register_forward_pre_hook(grab("resid"), with_kwargs=True),
                 proj.register_forward_pre_hook(grab("z"), with_kwargs=True),
             ]
@@ -243,6 +252,42 @@ class Engine:
             "n_tokens": torch.tensor([len(ids) for ids in prompts], dtype=torch.int64),
         }
         return out, state
+
+    def _rms_hooks(self, sites: list[HeadSite], n_prompts: int):
+        """Hooks that add up each head's squared output at both sites; the shared prefix counts
+        once per prompt, padded positions not at all."""
+        sums: dict[tuple[str, int], list] = {}
+        handles = []
+
+        def accumulate(key, n_heads, x):
+            x = x.detach().float()
+            if self._lengths is None:  # the prefix, shared by every prompt
+                sq, count = x[0].pow(2).sum(0) * n_prompts, x.shape[1] * n_prompts
+            else:
+                valid = torch.arange(x.shape[1], device=x.device)[None, :] < self._lengths[:, None]
+                sq = (x.pow(2) * valid[..., None]).sum((0, 1))
+                count = int(valid.sum())
+            per_head = sq.reshape(n_heads, -1).sum(-1).double().cpu()
+            entry = sums.setdefault(key, [torch.zeros(n_heads, dtype=torch.float64), 0, 0])
+            entry[0] += per_head
+            entry[1] += count
+            entry[2] = sq.numel() // n_heads
+
+        for site in sites:
+            module = self.model.get_submodule(site.module_name)
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, s=site: accumulate(("o_proj_input", s.layer), s.n_heads, args[0])))  # fmt: skip
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, s=site: accumulate(("o_proj_output", s.layer), s.n_heads, out)))  # fmt: skip
+        return handles, sums
+
+    def head_rms(self) -> list[dict]:
+        """Rows (site, layer, head, rms) measured by the last :meth:`baseline` with rms_sites."""
+        rows = []
+        for (where, layer), (sq, count, width) in sorted(self._rms_sums.items()):
+            for head, value in enumerate((sq / max(count * width, 1)).sqrt().tolist()):
+                rows.append({"site": where, "layer": layer, "head": head, "rms": value})
+        return rows
 
     @torch.inference_mode()
     def full(self, ids, batch: int = 1) -> np.ndarray:

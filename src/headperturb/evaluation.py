@@ -6,6 +6,7 @@ and tested without Snakemake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -18,12 +19,21 @@ from .logs import Progress
 log = logging.getLogger("headperturb")
 
 
-def provenance(model_info: dict, device: str) -> dict:
-    """What produced a result file: versions, model source and weights hash, device."""
+def provenance(model_info: dict, device: str, settings: dict | None = None) -> dict:
+    """What produced a result file: versions, model source and weights hash, device, and the
+    step's effective settings with their sha256 (no timestamps or host names: reruns stay
+    byte-identical; those belong in the logs)."""
+    import hashlib
+    import json
+
     import torch
     import transformers
 
+    settings = dict(settings or {})
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return {
+        "settings": settings,
+        "config_sha256": digest,
         "headperturb_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -32,6 +42,29 @@ def provenance(model_info: dict, device: str) -> dict:
         "model_architecture": model_info.get("architecture"),
         "device": device,
     }
+
+
+@contextlib.contextmanager
+def gpu_memory_hint():
+    """Turn CUDA's out-of-memory error into one message that says what lowers memory."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        from .models import ModelError
+
+        raise ModelError(
+            "out of GPU memory: lower prompts.n_test or prompts.max_review_tokens, set "
+            "model.dtype: bfloat16, lower perturbation.repeats (draws run in one batch), or run "
+            f"on model.device: cpu ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def _prompt_digest(info_path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(info_path).read_bytes()).hexdigest()
 
 
 def _load(model_dir, prompts_path, info_path, device, dtype, threads):
@@ -60,6 +93,7 @@ def run_baseline(
     device,
     dtype,
     threads,
+    rms_path=None,
     site_override=None,
 ) -> dict:
     """Score the unperturbed model; also save the last layer's final-position state."""
@@ -68,13 +102,23 @@ def run_baseline(
     model, model_info, prompts, engine, ids = _load(
         model_dir, prompts_path, info_path, device, dtype, threads
     )
-    last = locate_sites(model, site_override)[-1]
-    logits, state = engine.baseline(ids, Progress(len(ids), "baseline prompts", log), record=last)
+    sites = locate_sites(model, site_override)
+    last = sites[-1]
+    with gpu_memory_hint():
+        logits, state = engine.baseline(
+            ids,
+            Progress(len(ids), "baseline prompts", log),
+            record=last,
+            rms_sites=sites if rms_path else None,
+        )
     _save_tensors(state_path, state, {"layer": str(last.layer)})
+    if rms_path:
+        io.write_parquet(rms_path, pd.DataFrame(engine.head_rms()))
     frame = scoring.per_prompt(prompts["prompt_id"], prompts["label"], logits)
     result = scoring.metrics(frame["label"], frame["prediction"])
     result["mean_margin"] = float(frame["margin"].mean())
-    meta = provenance(model_info, str(engine.device))
+    settings = {"step": "baseline", "dtype": dtype, "prompts_sha256": _prompt_digest(info_path)}
+    meta = provenance(model_info, str(engine.device), settings)
     io.write_parquet(per_prompt_path, frame, meta)
     io.write_json(metrics_path, result)
     log.info(
@@ -136,6 +180,8 @@ def run_perturbation(
     scale: str,
     repeats: int,
     kind: str = "noise",
+    noise_mode: str = "absolute",
+    rms_path=None,
     seed: int,
     device,
     dtype,
@@ -155,19 +201,27 @@ def run_perturbation(
     values, mode, draws = _perturbation(
         engine, kind, ids, pids, target, head, site, repeats, seed, activations, last
     )
-    kwargs = dict(site=target, head=head, where=site, scale=float(scale or 0), draws=draws,
+    sigma = (
+        noise_sigma(float(scale or 0), noise_mode, rms_path, site, layer, head)
+        if kind == "noise"
+        else float("nan")
+    )
+    kwargs = dict(site=target, head=head, where=site, scale=sigma, draws=draws,
                   seed=seed, values=values, mode=mode)  # fmt: skip
     what = f"{site} {kind} layer {layer} head {head}" + (f" scale {scale}" if scale else "")
-    if method == "naive":
-        logits = engine.perturbed_naive(ids, pids, progress=Progress(len(ids), what, log), **kwargs)
-    elif method != "fast":
+    if method not in ("fast", "naive"):
         raise ValueError(f"method {method!r} is not allowed; allowed: fast, naive")
-    elif last:
-        logits = engine.perturbed_last(activations, pids, **kwargs)
-    else:
-        logits = engine.perturbed_from_layer(
-            activations, ids, pids, progress=Progress(len(ids), what, log), **kwargs
-        )
+    with gpu_memory_hint():
+        if method == "naive":
+            progress = Progress(len(ids), what, log)
+            logits = engine.perturbed_naive(ids, pids, progress=progress, **kwargs)
+        elif last:
+            logits = engine.perturbed_last(activations, pids, **kwargs)
+        else:
+            progress = Progress(len(ids), what, log)
+            logits = engine.perturbed_from_layer(
+                activations, ids, pids, progress=progress, **kwargs
+            )
     repeats = draws
     frames = []
     for draw in range(repeats):
@@ -176,17 +230,36 @@ def run_perturbation(
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "seed", seed)
+    out.insert(0, "sigma", sigma)
+    out.insert(0, "noise_mode", noise_mode if kind == "noise" else "")
     out.insert(0, "scale", scale)
     out.insert(0, "head", head)
     out.insert(0, "layer", layer)
     out.insert(0, "kind", kind)
     out.insert(0, "site", site)
-    meta = provenance(model_info, str(engine.device))
+    settings = {"step": "perturbation", "site": site, "kind": kind, "layer": layer, "head": head,
+                "scale": scale, "noise_mode": noise_mode, "repeats": repeats, "seed": seed,
+                "method": method, "dtype": dtype, "prompts_sha256": _prompt_digest(info_path)}  # fmt: skip
+    meta = provenance(model_info, str(engine.device), settings)
     meta["method"] = method
     io.write_parquet(out_path, out, meta)
     acc = out.groupby("draw")["correct"].mean()
     log.info("accuracy per draw: %s", ", ".join(f"{a:.4f}" for a in acc))
     return out
+
+
+def noise_sigma(scale: float, mode: str, rms_path, site: str, layer: int, head: int) -> float:
+    """The noise's standard deviation: ``scale`` itself (``absolute``, the original study), or
+    ``scale`` times the head's RMS output on the baseline prompts (``relative``)."""
+    if mode == "absolute":
+        return scale
+    if mode != "relative":
+        raise ValueError(f"noise_mode {mode!r} is not allowed; allowed: absolute, relative")
+    rms = pd.read_parquet(rms_path)
+    row = rms[(rms["site"] == site) & (rms["layer"] == layer) & (rms["head"] == head)]
+    if len(row) != 1:
+        raise ValueError(f"{rms_path} holds no RMS for {site} layer {layer} head {head}")
+    return scale * float(row["rms"].iloc[0])
 
 
 def _perturbation(engine, kind, ids, pids, target, head, where, repeats, seed, activations, last):
@@ -228,6 +301,8 @@ def job_metrics(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **sta
     row = {key: first[key] for key in stats.KEYS}
     row["layer"], row["head"], row["scale"] = int(row["layer"]), int(row["head"]), str(row["scale"])
     row["draws"] = len(per_draw)
+    if "noise_mode" in frame.columns:
+        row["noise_mode"], row["sigma"] = str(first["noise_mode"]), float(first["sigma"])
     for metric in ("accuracy", "f1"):
         values = np.array([m[metric] for m in per_draw])
         row[metric] = float(values.mean())

@@ -10,6 +10,7 @@ rule baseline:
         per_prompt=f"{RESULTS}/baseline/per_prompt.parquet",
         metrics=BASELINE_METRICS,
         state=FINAL_STATE,
+        rms=HEAD_RMS,
     log:
         f"{LOGS}/baseline.log",
     conda:

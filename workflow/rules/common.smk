@@ -18,6 +18,7 @@ PROMPTS = f"{RESULTS}/prompts/prompts.parquet"
 PROMPT_INFO = f"{RESULTS}/prompts/prompt_info.json"
 BASELINE_METRICS = f"{RESULTS}/baseline/metrics.json"
 FINAL_STATE = f"{RESULTS}/baseline/final_state.safetensors"
+HEAD_RMS = f"{RESULTS}/baseline/head_rms.parquet"
 TABLE = f"{RESULTS}/contributions.parquet"
 FETCHED_GGUF = (
     f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"

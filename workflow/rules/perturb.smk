@@ -7,6 +7,7 @@ rule perturb_head:
         info=PROMPT_INFO,
         model=MODEL_DIR,
         activations=perturb_activations,
+        rms=HEAD_RMS,
     output:
         spec.perturb_path(RESULTS, "{site}", "{layer}", "{head}", "{scale}"),
     log:
@@ -21,6 +22,7 @@ rule perturb_head:
     threads: config["threads"]["perturb"]
     params:
         kind="noise",
+        noise_mode=PERTURBATION["noise_mode"],
         method=PERTURBATION["method"],
         repeats=PERTURBATION["repeats"],
         seed=PERTURBATION["seed"],

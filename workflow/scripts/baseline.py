@@ -15,6 +15,7 @@ evaluation.run_baseline(
     per_prompt_path=snakemake.output.per_prompt,
     metrics_path=snakemake.output.metrics,
     state_path=snakemake.output.state,
+    rms_path=snakemake.output.rms,
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
     threads=snakemake.threads,

@@ -21,6 +21,8 @@ evaluation.run_perturbation(
     head=int(w.head),
     scale=getattr(w, "scale", ""),
     kind=getattr(w, "kind", "noise"),
+    noise_mode=getattr(p, "noise_mode", "absolute"),
+    rms_path=getattr(snakemake.input, "rms", None),
     repeats=p.repeats,
     seed=p.seed,
     device=p.device,
