@@ -235,6 +235,26 @@ def test_config_errors_stop_before_any_job(tmp_path, base_config):
     assert not (tmp_path / "results").exists()
 
 
+def test_report_holds_every_plot_and_table(finished_run, base_config, tmp_path):
+    """`snakemake --report` gathers every plot and table with its caption."""
+    snakemake(finished_run, base_config)  # back to the base config's outputs
+    report = tmp_path / "report.html"
+    snakemake(finished_run, base_config, "--report", str(report))
+    html = report.read_text()
+    plots = sorted(p.name for p in (finished_run / "results/test/plots").glob("*.png"))
+    assert plots == ["contribution_distributions.png", "detailed_head_analysis.png"]
+    for name in [*plots, "contributions.csv", "summary.md"]:
+        assert name in html, name
+    for caption in (
+        "Distributions of the contribution scores",
+        "One bar per head",
+        "One row per perturbed head",
+    ):
+        assert caption in html, caption
+    summary = (finished_run / "results/test/summary.md").read_text()
+    assert "## Baseline" in summary and "Most beneficial heads" in summary
+
+
 def test_lint_finds_nothing(finished_run, base_config):
     result = snakemake(finished_run, base_config, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr

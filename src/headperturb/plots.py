@@ -12,7 +12,21 @@ import pandas as pd  # noqa: E402
 
 from . import io  # noqa: E402
 
+# One style for every figure: Okabe-Ito colours (colour-blind safe), the same colour for a
+# category in every figure, sizes that read in the HTML report and on a slide.
 CATEGORY_COLOURS = {"HIGH": "#D55E00", "MEDIUM": "#E69F00", "LOW": "#56B4E9"}
+STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 100,
+}
+plt.rcParams.update(STYLE)
 METRICS = {"accuracy": "accuracy", "f1": "macro-F1"}
 # column of the change, its interval, the axis label, the factor to the plotted unit
 DETAIL = {

@@ -8,7 +8,12 @@ rule aggregate:
         perturbed=perturb_files,
     output:
         parquet=TABLE,
-        csv=f"{RESULTS}/contributions.csv",
+        csv=report(
+            f"{RESULTS}/contributions.csv",
+            caption="../report/table.rst",
+            category="Run",
+            subcategory="contribution table",
+        ),
     log:
         f"{LOGS}/aggregate.log",
     conda:

@@ -98,6 +98,7 @@ def several_scales():
 def final_targets():
     targets = [
         TABLE,
+        f"{RESULTS}/summary.md",
         f"{RESULTS}/contributions.csv",
         f"{RESULTS}/plots/contribution_distributions.png",
         f"{RESULTS}/plots/detailed_head_analysis.png",

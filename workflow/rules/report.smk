@@ -1,0 +1,33 @@
+# The run's findings on one page; `snakemake --report report.html` gathers it with every plot.
+
+
+rule summarize:
+    input:
+        table=TABLE,
+        info=PROMPT_INFO,
+        model=MODEL_DIR,
+    output:
+        report(
+            f"{RESULTS}/summary.md",
+            caption="../report/summary.rst",
+            category="Run",
+            subcategory="summary",
+        ),
+    log:
+        f"{LOGS}/summarize.log",
+    conda:
+        ENV
+    params:
+        settings={
+            key: config[key]
+            for key in (
+                "run_name",
+                "model",
+                "data",
+                "prompts",
+                "perturbation",
+                "categories",
+            )
+        },
+    script:
+        "../scripts/summarize.py"
