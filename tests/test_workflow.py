@@ -233,6 +233,21 @@ def test_config_errors_stop_before_any_job(tmp_path, base_config):
     assert result.returncode != 0
     assert "Additional properties are not allowed ('k_shots' was unexpected)" in out
     assert not (tmp_path / "results").exists()
+    config = copy.deepcopy(base_config)
+    config["prompts"]["template"] = "Review: {text}"
+    result = snakemake(tmp_path, config, "--dry-run", check=False)
+    assert result.returncode != 0 and "template" in result.stdout + result.stderr
+
+
+def test_a_layer_out_of_range_stops_once_the_model_is_known(tmp_path, base_config):
+    """Checked against the prepared model's config, before any evaluation job runs."""
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["layers"] = [5]
+    result = snakemake(tmp_path, config, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "layer 5 is out of range: the model has 2 layers (allowed -2..1)" in out
+    assert not (tmp_path / "results/test/baseline/per_prompt.parquet").exists()
 
 
 def test_report_holds_every_plot_and_table(finished_run, base_config, tmp_path):
