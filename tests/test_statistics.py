@@ -67,3 +67,29 @@ def test_category_stability():
         False,
         None,
     ]
+
+
+def test_stability_is_kept_apart_for_ablations_of_one_head(tmp_path):
+    """mean (one draw) and resample (two draws) of the same head share site, layer, head and an
+    empty scale; each row must get its own stability."""
+    import pandas as pd
+
+    from headperturb import evaluation, io, scoring
+
+    labels = np.array([0, 1, 0, 1])
+    base = scoring.per_prompt(range(4), labels, np.array([[1.0, 0], [0, 1], [1, 0], [0, 1]]))
+    base.to_parquet(tmp_path / "base.parquet")
+    io.write_json(tmp_path / "metrics.json", scoring.metrics(labels, base["prediction"]))
+    paths = []
+    for kind, draws in (("mean", 1), ("resample", 2)):
+        frames = [base.assign(draw=d) for d in range(draws)]
+        frame = pd.concat(frames).assign(site="o_proj_input", kind=kind, layer=0, head=0, scale="")
+        frame.to_parquet(tmp_path / f"{kind}.parquet")
+        paths.append(tmp_path / f"{kind}.parquet")
+    table = evaluation.run_aggregation(
+        baseline_path=tmp_path / "metrics.json", baseline_per_prompt_path=tmp_path / "base.parquet",
+        perturbed_paths=paths, parquet_path=tmp_path / "t.parquet", csv_path=tmp_path / "t.csv",
+        high=10.0, medium=5.0, statistics={"bootstrap": 100, "permutations": 100},
+    )  # fmt: skip
+    stable = dict(zip(table["kind"], table["category_stable"]))
+    assert stable["mean"] is None and stable["resample"] is True

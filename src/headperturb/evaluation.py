@@ -358,11 +358,12 @@ def run_aggregation(
     table["q_value"] = stats.bh_qvalues(table["p_value"])
     table["q_value_logit_diff"] = stats.bh_qvalues(table["p_value_logit_diff"])
     table["significant"] = table["q_value"] < alpha
-    order = {(r["site"], r["layer"], r["head"], r["scale"]): h for r, h in zip(rows, halves)}
+    # the full key: zero, mean and resample rows of one head share site, layer, head and scale
+    order = {tuple(r[k] for k in stats.KEYS): h for r, h in zip(rows, halves)}
     base_acc = baseline["accuracy"]
     rel_halves = [
         tuple(float(stats.relative_change(base_acc, x)) for x in order[key])
-        for key in zip(table["site"], table["layer"], table["head"], table["scale"])
+        for key in zip(*(table[k] for k in stats.KEYS))
     ]
     table["category_stable"] = stats.category_stability(rel_halves, high, medium)
     first = [*stats.KEYS, "draws", "baseline_accuracy", "accuracy", "contribution_accuracy",
