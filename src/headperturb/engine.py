@@ -423,9 +423,7 @@ class Engine:
                     if captured is None:
                         self.model(input_ids=self._ids(ids), use_cache=False, logits_to_keep=1)
                     else:
-                        hidden = torch.cat(
-                            [captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]]
-                        )
+                        hidden = _layer_input(captured, offsets, i)
                         with start_at_layer(self.model, site, hidden.to(self.device)[None]):
                             self.model(input_ids=self._ids(ids), use_cache=False, logits_to_keep=1)
                 except _Stop:
@@ -492,9 +490,7 @@ class Engine:
         out = np.empty((len(prompts), draws, 2), dtype=np.float64)
         offsets = captured["offsets"].tolist()
         for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
-            hidden = torch.cat(
-                [captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]]
-            )
+            hidden = _layer_input(captured, offsets, i)
             if hidden.shape[0] != len(ids):
                 raise ValueError(
                     f"the layer input recorded for prompt {pid} does not match its length"
@@ -513,6 +509,11 @@ class Engine:
 
 class _Stop(Exception):
     """Ends a forward pass early, once a hook has what it needs."""
+
+
+def _layer_input(captured: dict[str, torch.Tensor], offsets: list[int], i: int) -> torch.Tensor:
+    """Prompt ``i``'s recorded layer input: the shared prefix, then its own query positions."""
+    return torch.cat([captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]])
 
 
 def _width(model, site: HeadSite, head: int, where: str) -> int:
