@@ -108,13 +108,19 @@ def test_ablations_fast_equal_naive(family_setup, kind, layer):
     else:
         recorded = engine.capture_layer_inputs(ids, site)
     common = dict(site=site, head=2, where="o_proj_input", seed=3)
-    values, mode, draws = _perturbation(
-        engine, kind, ids, pids, site, 2, "o_proj_input", 2, 3, None, last
-    )
+    width = engine.width(site, 2, "o_proj_input")
+
+    def clean_full():
+        return engine.head_activations(ids, site, 2, "o_proj_input")
+
+    def clean_recorded():
+        if last:
+            return engine.final_activations(recorded, site, 2, "o_proj_input")
+        return engine.head_activations(ids, site, 2, "o_proj_input", recorded)
+
+    values, mode, draws = _perturbation(kind, width, clean_full, layer, 2, 2, 3)
     naive = engine.perturbed_naive(ids, pids, draws=draws, values=values, mode=mode, **common)
-    values, mode, draws = _perturbation(
-        engine, kind, ids, pids, site, 2, "o_proj_input", 2, 3, recorded, last
-    )
+    values, mode, draws = _perturbation(kind, width, clean_recorded, layer, 2, 2, 3)
     if last:
         fast = engine.perturbed_last(
             recorded, pids, draws=draws, values=values, mode=mode, **common
@@ -124,3 +130,49 @@ def test_ablations_fast_equal_naive(family_setup, kind, layer):
             recorded, ids, pids, draws=draws, values=values, mode=mode, **common
         )
     np.testing.assert_allclose(fast, naive, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["o_proj_input", "o_proj_output"])
+def test_exported_last_layer_equals_naive(family_setup, where, tmp_path):
+    """The program the baseline exports (saved and loaded back) gives the full forward passes'
+    numbers, for noise and for a set (zero) ablation, and carries only the last layer."""
+    from headperturb import tail
+
+    model, engine, ids, pids = family_setup
+    site = locate_sites(model)[-1]
+    with torch.no_grad():
+        before = model(input_ids=torch.as_tensor(ids[0])[None]).logits
+    base, state = engine.baseline(ids, record=site)
+    exported = tail.export(model, site, engine.token_ids, state)
+    _forward_is_untouched(model, ids, before)
+    vocab = model.get_input_embeddings().num_embeddings
+    assert all(vocab not in t.shape for t in exported.state_dict.values())
+    meta = tail.describe(model, site, engine.token_ids, "cpu", "float32")
+    tail.save(tmp_path / "program", exported, meta)
+    program, loaded = tail.load(tmp_path / "program", "cpu")
+    assert loaded == {**meta, "exported": True}
+
+    common = dict(head=3, where=where, draws=3)
+    naive = engine.perturbed_naive(ids, pids, site=site, scale=4.0, seed=5, **common)
+    fast = tail.perturbed(program, state, pids, loaded, scale=4.0, seed=5, **common)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    assert np.abs(fast - base[:, None, :]).max() > 1e-3  # the noise moved the logits
+
+    width = engine.width(site, 3, where)
+
+    def zero(_i, _pid, length):
+        return torch.zeros(1, length, width)
+
+    common = dict(head=3, where=where, draws=1, values=zero, mode="set")
+    naive = engine.perturbed_naive(ids, pids, site=site, **common)
+    fast = tail.perturbed(program, state, pids, loaded, **common)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+
+
+def test_last_layer_program_refuses_another_layer(family_setup):
+    from headperturb import tail
+
+    model, engine, _ids, _pids = family_setup
+    with pytest.raises(ValueError, match="not the last layer"):
+        with tail.last_layer(model, locate_sites(model)[1], engine.token_ids):
+            pass

@@ -77,3 +77,36 @@ def test_smollm2_scores_above_chance_and_noise_moves_the_last_layer(smollm2):
         ids[:3], [0, 1, 2], site=site, head=0, where="o_proj_input", scale=2.0, draws=1, seed=0
     )
     assert np.abs(perturbed[:, 0] - logits[:3]).max() > 1e-3
+
+
+def test_smollm2_fast_paths_equal_the_naive_method(smollm2, tmp_path):
+    """Issue 3's equivalence on the real model: the last layer (its exported program and the
+    engine's one-position pass) and a middle layer (from its recorded input), against full
+    forward passes with the hook, same noise."""
+    from headperturb import tail
+
+    model, _, built = smollm2
+    engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
+    ids = [np.asarray(x) for x in built.prompts["input_ids"]][:4]
+    pids = built.prompts["prompt_id"].tolist()[:4]
+    sites = locate_sites(model)
+    last = sites[-1]
+    _, state = engine.baseline(ids, record=last)
+    meta = tail.describe(model, last, engine.token_ids, "cpu", "float32")
+    tail.save(tmp_path / "program", tail.export(model, last, engine.token_ids, state), meta)
+    program, meta = tail.load(tmp_path / "program", "cpu")
+    kwargs = dict(head=4, where="o_proj_input", scale=2.0, draws=2, seed=0)
+    naive = engine.perturbed_naive(ids, pids, site=last, **kwargs)
+    np.testing.assert_allclose(
+        engine.perturbed_last(state, pids, site=last, **kwargs), naive, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        tail.perturbed(program, state, pids, meta, **kwargs), naive, atol=1e-4
+    )
+
+    middle = sites[15]
+    captured = engine.capture_layer_inputs(ids, middle)
+    naive = engine.perturbed_naive(ids, pids, site=middle, **kwargs)
+    fast = engine.perturbed_from_layer(captured, ids, pids, site=middle, **kwargs)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    assert np.abs(naive[:, 0] - naive[:, 1]).max() > 1e-4  # the two draws differ

@@ -15,15 +15,16 @@ Fast method, which gives the same numbers (the equivalence tests check it to 1e-
 - Last layer: only the final position's output reaches the logits, and noise added after the
   attention does not change the keys and values of that layer. So :meth:`Engine.perturbed_last`
   runs only the last layer, on one position per prompt, from the recorded state: every prompt and
-  draw in one batch.
+  draw in one batch, through :class:`headperturb.tail.LastLayer`, the same module the baseline
+  exports as a program for the perturbation jobs.
 - Other layers: every layer before ``L`` computes exactly what the baseline computed.
   :meth:`Engine.capture_layer_inputs` records the residual stream entering ``L`` at every position
   (the prefix once), and :meth:`Engine.perturbed_from_layer` runs only layers ``>= L``.
 
 The fast paths run the model's own modules through its own ``forward``: layers below ``L`` are
 swapped for a pass-through, the input of layer ``L`` is replaced by the recorded residual stream,
-and (last layer) the input of o_proj by the recorded head outputs, on which the same noise hook as
-the reference method acts. The LM head is narrowed to the two verbalizer rows while scoring.
+and (last layer) the input of o_proj by the recorded head outputs, edited as the reference method's
+hook edits them. The LM head is narrowed to the two verbalizer rows while scoring.
 """
 
 from __future__ import annotations
@@ -37,25 +38,17 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from . import tail
 from .intervention import make_noise, perturb_head, site_slice
 from .logs import Progress
 from .sites import HeadSite
+from .tail import _PassThrough, narrow_lm_head
 
 log = logging.getLogger(__name__)
 
-FINAL_STATE = ("resid_final", "z_final", "last_token", "n_tokens")
-
-
-class _PassThrough(torch.nn.Module):
-    """Stands in for a skipped decoder layer: returns its input unchanged."""
-
-    def __init__(self, original: torch.nn.Module):
-        super().__init__()
-        if hasattr(original, "attention_type"):
-            self.attention_type = original.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+FINAL_STATE = ("resid_final", "z_final", "out_final", "last_token", "n_tokens")
+"""What the baseline records at each prompt's final position: the residual stream entering the last
+layer, that layer's o_proj input and output, the last token and the prompt length."""
 
 
 def _replace_input(value: torch.Tensor):
@@ -86,34 +79,6 @@ def start_at_layer(model, site: HeadSite, hidden: torch.Tensor) -> Iterator[None
         handle.remove()
         for i, layer in enumerate(originals):
             layers[i] = layer
-
-
-@contextlib.contextmanager
-def replace_site_input(model, site: HeadSite, z: torch.Tensor) -> Iterator[None]:
-    """While active, the input of the site's projection is ``z`` (batch, seq, n_heads*head_dim)."""
-    module = model.get_submodule(site.module_name)
-    handle = module.register_forward_pre_hook(_replace_input(z), with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def narrow_lm_head(model, token_ids: list[int]) -> Iterator[None]:
-    """While active, the LM head computes only the rows of ``token_ids`` (same weights, bias)."""
-    head = model.get_output_embeddings()
-    small = torch.nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None)
-    small.to(device=head.weight.device, dtype=head.weight.dtype)
-    with torch.no_grad():
-        small.weight.copy_(head.weight[token_ids])
-        if head.bias is not None:
-            small.bias.copy_(head.bias[token_ids])
-    model.set_output_embeddings(small)
-    try:
-        yield
-    finally:
-        model.set_output_embeddings(head)
 
 
 class Engine:
@@ -219,25 +184,28 @@ class Engine:
             layer = self.model.get_submodule(record.layers_path)[record.layer]
             proj = self.model.get_submodule(record.module_name)
 
+            def final(name, x):
+                rows = torch.arange(x.shape[0], device=x.device)
+                seen[name] = x[rows, self._lengths - 1].detach().float().cpu().clone()
+
             def grab(name):
                 def hook(_m, args, kwargs):
-                    x = args[0] if args else next(iter(kwargs.values()))
-                    rows = torch.arange(x.shape[0], device=x.device)
-                    seen[name] = x[rows, self._lengths - 1].detach().float().cpu().clone()
+                    final(name, args[0] if args else next(iter(kwargs.values())))
 
                 return hook
 
             handles += [
                 layer.register_forward_pre_hook(grab("resid"), with_kwargs=True),
                 proj.register_forward_pre_hook(grab("z"), with_kwargs=True),
+                proj.register_forward_hook(lambda _m, _args, out: final("out", out)),
             ]
-        resid, z = [], []
+        recorded = {"resid": [], "z": [], "out": []}
         try:
             for idx, _lengths, logits in self._suffix_batches(cache, prompts, batch_size):
                 out[idx] = logits
                 if record is not None:
-                    resid.append(seen["resid"])
-                    z.append(seen["z"])
+                    for name, rows in recorded.items():
+                        rows.append(seen[name])
                 if progress:
                     progress.update(len(idx))
         finally:
@@ -246,8 +214,9 @@ class Engine:
         if record is None:
             return out, None
         state = {
-            "resid_final": torch.cat(resid),
-            "z_final": torch.cat(z),
+            "resid_final": torch.cat(recorded["resid"]),
+            "z_final": torch.cat(recorded["z"]),
+            "out_final": torch.cat(recorded["out"]),
             "last_token": torch.tensor([int(ids[-1]) for ids in prompts], dtype=torch.int64),
             "n_tokens": torch.tensor([len(ids) for ids in prompts], dtype=torch.int64),
         }
@@ -356,38 +325,19 @@ class Engine:
         mode: str = "add",
     ) -> np.ndarray:
         """(n, draws, 2) logits with a head of the LAST layer perturbed, from the final state."""
-        n = len(prompt_ids)
-        values = self._values(site, head, where, scale, draws, seed, values)
-        v = torch.stack(
-            [
-                values(i, pid, int(length))[:, -1:, :].expand(draws, 1, -1)
-                for i, (pid, length) in enumerate(zip(prompt_ids, state["n_tokens"].tolist()))
-            ]
-        )
-        v = v.reshape(n * draws, 1, v.shape[-1])
+        meta = tail.describe(self.model, site, self.token_ids)
+        with tail.last_layer(self.model, site, self.token_ids) as program:
+            return tail.perturbed(program, state, prompt_ids, meta, head=head, where=where,
+                                  draws=draws, scale=scale, seed=seed, values=values, mode=mode,
+                                  device=self.device)  # fmt: skip
 
-        def per_draw(x: torch.Tensor) -> torch.Tensor:  # (n, k) -> (n * draws, 1, k)
-            return x.to(self.device).repeat_interleave(draws, dim=0)[:, None, :]
-
-        with (
-            start_at_layer(self.model, site, per_draw(state["resid_final"])),
-            replace_site_input(self.model, site, per_draw(state["z_final"])),
-            perturb_head(self.model, site, head, v.to(self.device), where, mode),
-        ):
-            logits = self._two_logits(input_ids=per_draw(state["last_token"][:, None])[:, :, 0])
-        return logits.reshape(n, draws, 2).astype(np.float64)
-
-    @torch.inference_mode()
     def final_activations(
         self, state: dict[str, torch.Tensor], site: HeadSite, head: int, where: str
     ) -> list[torch.Tensor]:
         """The head's clean output at each prompt's final position, (1, width) each, from the
         baseline's final state (the last layer)."""
-        z = state["z_final"]
-        if where == "o_proj_output":
-            z = self.model.get_submodule(site.module_name)(z.to(self.device)).float().cpu()
-        cols = site_slice(self.model, site, head, where)
-        return [row[None, cols].clone() for row in z]
+        meta = tail.describe(self.model, site, self.token_ids)
+        return [row[None].clone() for row in tail.clean_outputs(state, meta, head, where)]
 
     @torch.inference_mode()
     def head_activations(

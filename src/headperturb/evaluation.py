@@ -9,12 +9,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from . import __version__, io, scoring, stats
+from . import __version__, io, scoring
 from .logs import Progress
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas, stats, torch and transformers are imported where they are used: a last-layer
+# perturbation job (perturb_with_program) needs only torch and pyarrow, not the model code.
 
 log = logging.getLogger("headperturb")
 
@@ -25,9 +31,9 @@ def provenance(model_info: dict, device: str, settings: dict | None = None) -> d
     byte-identical; those belong in the logs)."""
     import hashlib
     import json
+    from importlib.metadata import version
 
     import torch
-    import transformers
 
     settings = dict(settings or {})
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -36,7 +42,7 @@ def provenance(model_info: dict, device: str, settings: dict | None = None) -> d
         "config_sha256": digest,
         "headperturb_version": __version__,
         "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "transformers_version": version("transformers"),
         "model_source": model_info.get("source"),
         "model_weights_sha256": model_info.get("weights_sha256"),
         "model_architecture": model_info.get("architecture"),
@@ -68,6 +74,8 @@ def _prompt_digest(info_path) -> str:
 
 
 def _load(model_dir, prompts_path, info_path, device, dtype, threads):
+    import pandas as pd
+
     from . import models
     from .engine import Engine
 
@@ -94,9 +102,13 @@ def run_baseline(
     dtype,
     threads,
     rms_path=None,
+    program_dir=None,
     site_override=None,
 ) -> dict:
-    """Score the unperturbed model; also save the last layer's final-position state."""
+    """Score the unperturbed model; also save the last layer's final-position state and, in
+    ``program_dir``, the last layer as a program for the perturbation jobs (:mod:`.tail`)."""
+    import pandas as pd
+
     from .sites import locate_sites
 
     model, model_info, prompts, engine, ids = _load(
@@ -112,6 +124,8 @@ def run_baseline(
             rms_sites=sites if rms_path else None,
         )
     _save_tensors(state_path, state, {"layer": str(last.layer)})
+    if program_dir:
+        export_last_layer(engine, last, state, program_dir, dtype)
     if rms_path:
         io.write_parquet(rms_path, pd.DataFrame(engine.head_rms()))
     frame = scoring.per_prompt(prompts["prompt_id"], prompts["label"], logits)
@@ -126,6 +140,24 @@ def run_baseline(
         result["accuracy"], result["f1"], result["n_prompts"],
     )  # fmt: skip
     return result
+
+
+def export_last_layer(engine, site, state, program_dir, dtype) -> bool:
+    """Export the last layer as a program (:func:`.tail.export`) into ``program_dir``. A model the
+    export cannot trace gets a ``program.json`` that says why; its jobs then load the model."""
+    from . import tail
+
+    meta = tail.describe(engine.model, site, engine.token_ids, str(engine.device), dtype)
+    try:
+        exported = tail.export(engine.model, site, engine.token_ids, state)
+    except Exception as exc:  # any tracing failure: the jobs fall back to the model
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("could not export the last layer (%s); its jobs will load the model", reason)
+        tail.save(program_dir, None, {**meta, "reason": reason})
+        return False
+    tail.save(program_dir, exported, meta)
+    log.info("exported the last layer (layer %d) to %s", site.layer, program_dir)
+    return True
 
 
 def _save_tensors(path, tensors: dict, metadata: dict) -> None:
@@ -166,6 +198,9 @@ def run_capture(
     _save_tensors(out_path, captured, {"layer": str(layer)})
 
 
+METHODS = ("fast", "naive")
+
+
 def run_perturbation(
     *,
     prompts_path,
@@ -173,6 +208,7 @@ def run_perturbation(
     model_dir,
     out_path,
     activations_path=None,
+    program_dir=None,
     method: str = "fast",
     site: str,
     layer: int,
@@ -187,7 +223,33 @@ def run_perturbation(
     dtype,
     threads,
     site_override=None,
-) -> pd.DataFrame:
+) -> dict[str, np.ndarray]:
+    """Score every prompt with one head perturbed, every draw; write and return the columns.
+
+    A last-layer job given ``program_dir`` (method ``fast``) runs the baseline's exported last
+    layer (:func:`perturb_with_program`) and never loads the model; every other job loads it."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+    job = dict(site=site, layer=layer, head=head, scale=scale, kind=kind, noise_mode=noise_mode,
+               repeats=repeats, seed=seed, method=method, dtype=dtype)  # fmt: skip
+    if method == "fast" and program_dir is not None:
+        out = perturb_with_program(
+            program_dir=program_dir, prompts_path=prompts_path, info_path=info_path,
+            model_dir=model_dir, out_path=out_path, state_path=activations_path,
+            rms_path=rms_path, device=device, threads=threads, **job,
+        )  # fmt: skip
+        if out is not None:
+            return out
+    return _perturb_with_model(
+        prompts_path=prompts_path, info_path=info_path, model_dir=model_dir, out_path=out_path,
+        activations_path=activations_path, rms_path=rms_path, device=device, threads=threads,
+        site_override=site_override, **job,
+    )  # fmt: skip
+
+
+def _perturb_with_model(*, prompts_path, info_path, model_dir, out_path, activations_path,
+                        rms_path, device, threads, site_override, site, layer, head, scale, kind,
+                        noise_mode, repeats, seed, method, dtype):  # fmt: skip
     from .sites import locate_sites
 
     model, model_info, prompts, engine, ids = _load(
@@ -198,19 +260,19 @@ def run_perturbation(
     pids = prompts["prompt_id"].tolist()
     last = layer == len(sites) - 1
     activations = None if method == "naive" else _load_tensors(activations_path)
+
+    def clean():
+        if activations is not None and last:
+            return engine.final_activations(activations, target, head, site)
+        return engine.head_activations(ids, target, head, site, activations)
+
     values, mode, draws = _perturbation(
-        engine, kind, ids, pids, target, head, site, repeats, seed, activations, last
+        kind, engine.width(target, head, site), clean, layer, head, repeats, seed
     )
-    sigma = (
-        noise_sigma(float(scale or 0), noise_mode, rms_path, site, layer, head)
-        if kind == "noise"
-        else float("nan")
-    )
+    sigma = _sigma(kind, scale, noise_mode, rms_path, site, layer, head)
     kwargs = dict(site=target, head=head, where=site, scale=sigma, draws=draws,
                   seed=seed, values=values, mode=mode)  # fmt: skip
     what = f"{site} {kind} layer {layer} head {head}" + (f" scale {scale}" if scale else "")
-    if method not in ("fast", "naive"):
-        raise ValueError(f"method {method!r} is not allowed; allowed: fast, naive")
     with gpu_memory_hint():
         if method == "naive":
             progress = Progress(len(ids), what, log)
@@ -222,30 +284,86 @@ def run_perturbation(
             logits = engine.perturbed_from_layer(
                 activations, ids, pids, progress=progress, **kwargs
             )
-    repeats = draws
-    frames = []
-    for draw in range(repeats):
-        frame = scoring.per_prompt(prompts["prompt_id"], prompts["label"], logits[:, draw, :])
-        frame.insert(0, "draw", draw)
-        frames.append(frame)
-    out = pd.concat(frames, ignore_index=True)
-    out.insert(0, "seed", seed)
-    out.insert(0, "sigma", sigma)
-    out.insert(0, "noise_mode", noise_mode if kind == "noise" else "")
-    out.insert(0, "scale", scale)
-    out.insert(0, "head", head)
-    out.insert(0, "layer", layer)
-    out.insert(0, "kind", kind)
-    out.insert(0, "site", site)
-    settings = {"step": "perturbation", "site": site, "kind": kind, "layer": layer, "head": head,
-                "scale": scale, "noise_mode": noise_mode, "repeats": repeats, "seed": seed,
-                "method": method, "dtype": dtype, "prompts_sha256": _prompt_digest(info_path)}  # fmt: skip
-    meta = provenance(model_info, str(engine.device), settings)
+    return _write_perturbation(
+        out_path, pids, prompts["label"].to_numpy(), logits, model_info, str(engine.device),
+        info_path, "model", site=site, kind=kind, layer=layer, head=head, scale=scale,
+        noise_mode=noise_mode, sigma=sigma, seed=seed, method=method, dtype=dtype,
+    )  # fmt: skip
+
+
+def perturb_with_program(*, program_dir, prompts_path, info_path, model_dir, out_path,
+                         state_path, rms_path, device, threads, site, layer, head, scale, kind,
+                         noise_mode, repeats, seed, method, dtype):  # fmt: skip
+    """A last-layer job from the baseline's final state and exported last layer: torch and
+    pyarrow only, every prompt and draw in one call. None when there is no program for this
+    job's device (the caller then loads the model)."""
+    import pyarrow.parquet as pq
+
+    from . import models, tail
+
+    models.set_threads(threads)
+    resolved = models.resolve_device(device)
+    program, meta = tail.load(program_dir, resolved)
+    if program is None:
+        log.info("last-layer program not used: %s; loading the model", meta)
+        return None
+    if meta["layer"] != layer:
+        raise ValueError(f"the program in {program_dir} is layer {meta['layer']}, not {layer}")
+    state = _load_tensors(state_path)
+    prompts = pq.ParquetFile(prompts_path).read(columns=["prompt_id", "label"])
+    pids = prompts.column("prompt_id").to_pylist()
+    if len(pids) != len(state["n_tokens"]):
+        raise ValueError(f"{state_path} holds {len(state['n_tokens'])} prompts, not {len(pids)}")
+
+    def clean():
+        return [row[None] for row in tail.clean_outputs(state, meta, head, site)]
+
+    cols = tail.columns(meta, head, site)
+    values, mode, draws = _perturbation(
+        kind, cols.stop - cols.start, clean, layer, head, repeats, seed
+    )
+    sigma = _sigma(kind, scale, noise_mode, rms_path, site, layer, head)
+    with gpu_memory_hint():
+        logits = tail.perturbed(program, state, pids, meta, head=head, where=site, draws=draws,
+                                scale=sigma, seed=seed, values=values, mode=mode,
+                                device=resolved)  # fmt: skip
+    model_info = io.read_json(Path(model_dir) / models.INFO_FILE)
+    return _write_perturbation(
+        out_path, pids, np.asarray(prompts.column("label").to_pylist()), logits, model_info, resolved,
+        info_path, "program", site=site, kind=kind, layer=layer, head=head, scale=scale,
+        noise_mode=noise_mode, sigma=sigma, seed=seed, method=method, dtype=dtype,
+    )  # fmt: skip
+
+
+def _sigma(kind, scale, noise_mode, rms_path, site, layer, head) -> float:
+    if kind != "noise":
+        return float("nan")
+    return noise_sigma(float(scale or 0), noise_mode, rms_path, site, layer, head)
+
+
+def _write_perturbation(out_path, pids, labels, logits, model_info, device, info_path, engine,
+                        *, site, kind, layer, head, scale, noise_mode, sigma, seed, method,
+                        dtype) -> dict[str, np.ndarray]:  # fmt: skip
+    """Write one row per (draw, prompt) with the job's settings in front; return the columns."""
+    n, draws = logits.shape[:2]
+    per_draw = [scoring.per_prompt_columns(pids, labels, logits[:, d, :]) for d in range(draws)]
+    settings = {"site": site, "kind": kind, "layer": layer, "head": head, "scale": scale,
+                "noise_mode": noise_mode if kind == "noise" else "", "sigma": sigma,
+                "seed": seed}  # fmt: skip
+    columns = {key: np.repeat(np.asarray([value]), n * draws) for key, value in settings.items()}
+    columns["draw"] = np.repeat(np.arange(draws, dtype=np.int64), n)
+    for key in scoring.PER_PROMPT_COLUMNS:
+        columns[key] = np.concatenate([d[key] for d in per_draw])
+    step = {"step": "perturbation", "site": site, "kind": kind, "layer": layer, "head": head,
+            "scale": scale, "noise_mode": noise_mode, "repeats": draws, "seed": seed,
+            "method": method, "dtype": dtype, "prompts_sha256": _prompt_digest(info_path)}  # fmt: skip
+    meta = provenance(model_info, device, step)
     meta["method"] = method
-    io.write_parquet(out_path, out, meta)
-    acc = out.groupby("draw")["correct"].mean()
-    log.info("accuracy per draw: %s", ", ".join(f"{a:.4f}" for a in acc))
-    return out
+    meta["engine"] = engine
+    io.write_parquet(out_path, columns, meta)
+    correct = columns["correct"].reshape(draws, n).mean(axis=1)
+    log.info("accuracy per draw: %s", ", ".join(f"{a:.4f}" for a in correct))
+    return columns
 
 
 def noise_sigma(scale: float, mode: str, rms_path, site: str, layer: int, head: int) -> float:
@@ -255,35 +373,35 @@ def noise_sigma(scale: float, mode: str, rms_path, site: str, layer: int, head: 
         return scale
     if mode != "relative":
         raise ValueError(f"noise_mode {mode!r} is not allowed; allowed: absolute, relative")
-    rms = pd.read_parquet(rms_path)
-    row = rms[(rms["site"] == site) & (rms["layer"] == layer) & (rms["head"] == head)]
-    if len(row) != 1:
+    import pyarrow.parquet as pq
+
+    rms = pq.ParquetFile(rms_path).read().to_pydict()
+    keys = zip(rms["site"], rms["layer"], rms["head"], rms["rms"])
+    found = [value for s_, l_, h_, value in keys if (s_, l_, h_) == (site, layer, head)]
+    if len(found) != 1:
         raise ValueError(f"{rms_path} holds no RMS for {site} layer {layer} head {head}")
-    return scale * float(row["rms"].iloc[0])
+    return scale * float(found[0])
 
 
-def _perturbation(engine, kind, ids, pids, target, head, where, repeats, seed, activations, last):
+def _perturbation(kind, width, clean, layer, head, repeats, seed):
     """(values, mode, draws) for ``kind``: None for noise (the engine draws it), else a function
-    giving the (draws, length, width) replacement of the head's output for a prompt."""
+    giving the (draws, length, width) replacement of the head's output for a prompt. ``clean()``
+    returns the head's clean outputs, one (length, width) tensor per prompt (mean, resample)."""
     import torch
 
     from .intervention import donors, mean_from_end
 
     if kind == "noise":
         return None, "add", repeats
-    width = engine.width(target, head, where)
     if kind == "zero":
         return (lambda _i, _pid, length: torch.zeros(1, length, width)), "set", 1
     if kind not in ("mean", "resample"):
         raise ValueError(f"kind {kind!r} is not allowed; allowed: noise, zero, mean, resample")
-    if activations is not None and last:
-        acts = engine.final_activations(activations, target, head, where)
-    else:
-        acts = engine.head_activations(ids, target, head, where, activations)
+    acts = clean()
     if kind == "mean":
         mean = mean_from_end(acts)
         return (lambda _i, _pid, length: mean[-length:][None]), "set", 1
-    chosen = [donors(seed, target.layer, head, d, len(acts)) for d in range(repeats)]
+    chosen = [donors(seed, layer, head, d, len(acts)) for d in range(repeats)]
 
     def resample(i, _pid, length):
         picks = [acts[int(c[i])] for c in chosen]
@@ -296,6 +414,8 @@ def _perturbation(engine, kind, ids, pids, target, head, where, repeats, seed, a
 def job_metrics(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kwargs) -> dict:
     """One perturbation file's row of the table: metrics (mean and sd over its draws) and, given
     the baseline's per-prompt frame, changes with intervals and p-values (stats.paired_summary)."""
+    from . import stats
+
     per_draw = [scoring.metrics(g["label"], g["prediction"]) for _, g in frame.groupby("draw")]
     first = frame.iloc[0]
     row = {key: first[key] for key in stats.KEYS}
@@ -339,6 +459,10 @@ def run_aggregation(
     medium,
     statistics: dict | None = None,
 ):
+    import pandas as pd
+
+    from . import stats
+
     statistics = dict(statistics or {})
     alpha = float(statistics.pop("alpha", 0.05))
     stat_kwargs = {
@@ -396,4 +520,6 @@ def run_aggregation(
 
 def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """The contribution table and its metadata (baseline metrics, thresholds)."""
+    import pandas as pd
+
     return pd.read_parquet(path), io.read_parquet_metadata(path)

@@ -65,7 +65,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) -> None:
-    """Write ``frame`` (a pandas DataFrame) to Parquet atomically, with ``metadata`` as JSON.
+    """Write ``frame`` (a pandas DataFrame, or a dict of equal-length columns) to Parquet
+    atomically, with ``metadata`` as JSON.
 
     The metadata is stored in the file's schema under the key ``headperturb`` and must not hold
     timestamps or host names, so that reruns give byte-identical files.
@@ -73,7 +74,10 @@ def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if isinstance(frame, dict):
+        table = pa.table(frame)
+    else:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged[METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=_json_default).encode()

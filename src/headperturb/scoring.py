@@ -7,7 +7,6 @@ positive (1) when the margin is > 0 and negative (0) otherwise.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 PER_PROMPT_COLUMNS = [
     "prompt_id",
@@ -24,8 +23,16 @@ class NumericsError(FloatingPointError):
     """Logits that are NaN or infinite."""
 
 
-def per_prompt(prompt_ids, labels, logits: np.ndarray) -> pd.DataFrame:
-    """One row per prompt from the (n, 2) logits of the negative and positive verbalizers."""
+def per_prompt(prompt_ids, labels, logits: np.ndarray):
+    """One row per prompt (a DataFrame of :data:`PER_PROMPT_COLUMNS`) from the (n, 2) logits of the
+    negative and positive verbalizers."""
+    import pandas as pd
+
+    return pd.DataFrame(per_prompt_columns(prompt_ids, labels, logits))
+
+
+def per_prompt_columns(prompt_ids, labels, logits: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`per_prompt` as a dict of numpy columns (no pandas: light jobs write it directly)."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] != 2:
         raise ValueError(f"logits must have shape (n, 2), got {logits.shape}")
@@ -36,17 +43,15 @@ def per_prompt(prompt_ids, labels, logits: np.ndarray) -> pd.DataFrame:
     labels = np.asarray(labels, dtype=np.int64)
     margin = logits[:, 1] - logits[:, 0]
     prediction = (margin > 0).astype(np.int64)
-    return pd.DataFrame(
-        {
-            "prompt_id": np.asarray(prompt_ids, dtype=np.int64),
-            "label": labels,
-            "logit_negative": logits[:, 0],
-            "logit_positive": logits[:, 1],
-            "margin": margin,
-            "prediction": prediction,
-            "correct": prediction == labels,
-        }
-    )
+    return {
+        "prompt_id": np.asarray(prompt_ids, dtype=np.int64),
+        "label": labels,
+        "logit_negative": logits[:, 0],
+        "logit_positive": logits[:, 1],
+        "margin": margin,
+        "prediction": prediction,
+        "correct": prediction == labels,
+    }
 
 
 def metrics(labels, predictions) -> dict[str, float]:

@@ -1,4 +1,6 @@
-# The unperturbed model on every prompt: the reference every head is compared with.
+# The unperturbed model on every prompt: the reference every head is compared with. It also
+# records what the last layer's perturbation jobs start from (the final-position state) and
+# exports that layer as a program, so those jobs never load the model.
 
 
 rule baseline:
@@ -11,6 +13,7 @@ rule baseline:
         metrics=BASELINE_METRICS,
         state=FINAL_STATE,
         rms=HEAD_RMS,
+        program=directory(LAST_LAYER_PROGRAM),
     log:
         f"{LOGS}/baseline.log",
     conda:

@@ -19,6 +19,7 @@ PROMPT_INFO = f"{RESULTS}/prompts/prompt_info.json"
 BASELINE_METRICS = f"{RESULTS}/baseline/metrics.json"
 FINAL_STATE = f"{RESULTS}/baseline/final_state.safetensors"
 HEAD_RMS = f"{RESULTS}/baseline/head_rms.parquet"
+LAST_LAYER_PROGRAM = f"{RESULTS}/baseline/last_layer"
 TABLE = f"{RESULTS}/contributions.parquet"
 FETCHED_GGUF = (
     f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"
@@ -80,6 +81,15 @@ def perturb_activations(wildcards):
     if int(wildcards.layer) == model_info()["n_layers"] - 1:
         return FINAL_STATE
     return f"{RESULTS}/activations/layer{wildcards.layer}.safetensors"
+
+
+def perturb_program(wildcards):
+    """The baseline's exported last layer, for the fast last-layer jobs (see headperturb.tail)."""
+    if PERTURBATION["method"] == "naive":
+        return []
+    if int(wildcards.layer) == model_info()["n_layers"] - 1:
+        return LAST_LAYER_PROGRAM
+    return []
 
 
 def perturb_files(wildcards):

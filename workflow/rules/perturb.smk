@@ -7,6 +7,7 @@ rule perturb_head:
         info=PROMPT_INFO,
         model=MODEL_DIR,
         activations=perturb_activations,
+        program=perturb_program,
         rms=HEAD_RMS,
     output:
         spec.perturb_path(RESULTS, "{site}", "{layer}", "{head}", "{scale}"),
@@ -39,6 +40,7 @@ rule ablate_head:
         info=PROMPT_INFO,
         model=MODEL_DIR,
         activations=perturb_activations,
+        program=perturb_program,
     output:
         spec.ablation_path(RESULTS, "{site}", "{kind}", "{layer}", "{head}"),
     log:

@@ -16,6 +16,7 @@ evaluation.run_baseline(
     metrics_path=snakemake.output.metrics,
     state_path=snakemake.output.state,
     rms_path=snakemake.output.rms,
+    program_dir=snakemake.output.program,
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
     threads=snakemake.threads,

@@ -15,6 +15,7 @@ evaluation.run_perturbation(
     model_dir=snakemake.input.model,
     out_path=snakemake.output[0],
     activations_path=snakemake.input.activations or None,
+    program_dir=snakemake.input.program or None,
     method=p.method,
     site=w.site,
     layer=int(w.layer),

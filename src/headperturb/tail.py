@@ -1,0 +1,340 @@
+"""The last layer as a standalone program: what a last-layer perturbation job runs.
+
+At the last layer only the final position reaches the logits, and a change made after the
+attention does not change that layer's keys and values. So scoring a prompt with a head of the last
+layer perturbed needs only two vectors the baseline records at the prompt's final position (the
+residual stream entering the layer, ``resid``, and the layer's o_proj input, ``z``; see
+:data:`headperturb.engine.FINAL_STATE`) and the part of the model that maps them to the two
+verbalizer logits: the last layer, the final norm and two rows of the LM head.
+
+That part is :class:`LastLayer`: the model's own modules run through the model's own ``forward``
+(the layers below are swapped for pass-throughs, the embedding table for a one-row stand-in, and
+hooks feed ``resid`` to the layer and ``z`` to o_proj), so nothing is re-derived per family. Its
+signature::
+
+    program(resid, z, keep_in, add_in, keep_out, add_out) -> (batch, 2) float32 logits
+
+    resid    (batch, 1, d_model)            residual stream entering the last layer, final position
+    z        (batch, 1, n_heads * head_dim) the o_proj input there (clean)
+    keep_in, add_in    same shape as z      the o_proj input becomes z * keep_in + add_in
+    keep_out, add_out  (batch, 1, d_out)    the o_proj output becomes out * keep_out + add_out
+
+A head's perturbation is an edit of its columns (:func:`edits`): noise is ``keep = 1, add = noise``
+(exactly ``x + noise``), an ablation ``keep = 0, add = value`` (exactly ``value``), at the site the
+config names; every other column is ``keep = 1, add = 0``, unchanged.
+
+The baseline exports it with :func:`torch.export.export` (a dynamic batch dimension) and saves it
+(:func:`save`): a few MB, the last layer's weights only. A perturbation job loads it with torch alone
+(:func:`load`), without transformers and without the model, and evaluates every prompt and draw in
+one call. The engine runs the same module eagerly when no program is available, and the equivalence
+tests check both against full forward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .intervention import make_noise
+from .sites import HeadSite
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "program.pt2"
+META = "program.json"
+INPUTS = ("resid", "z", "keep_in", "add_in", "keep_out", "add_out")
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer: returns its input unchanged."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        if hasattr(original, "attention_type"):
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class LastLayer(torch.nn.Module):
+    """``program(resid, z, keep_in, add_in, keep_out, add_out)`` on a model prepared by
+    :func:`last_layer` (see the module docstring)."""
+
+    def __init__(self, model, site: HeadSite):
+        super().__init__()
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+        self._inputs: dict[str, torch.Tensor] = {}
+        layer = model.get_submodule(site.layers_path)[site.layer]
+        proj = model.get_submodule(site.module_name)
+        self._handles = [
+            layer.register_forward_pre_hook(self._layer_input, with_kwargs=True),
+            proj.register_forward_pre_hook(self._proj_input),
+            proj.register_forward_hook(self._proj_output),
+        ]
+
+    def _layer_input(self, _module, args, kwargs):
+        resid = self._inputs["resid"]
+        if args:
+            return (resid, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: resid}
+
+    def _proj_input(self, _module, args):
+        x = self._inputs
+        return (x["z"] * x["keep_in"] + x["add_in"], *args[1:])
+
+    def _proj_output(self, _module, _args, out):
+        return out * self._inputs["keep_out"] + self._inputs["add_out"]
+
+    def forward(self, resid, z, keep_in, add_in, keep_out, add_out):
+        values = dict(zip(INPUTS, (resid, z, keep_in, add_in, keep_out, add_out)))
+        self._inputs = {k: v.to(self.dtype) for k, v in values.items()}
+        try:
+            out = self.model(
+                inputs_embeds=self._inputs["resid"], use_cache=False, logits_to_keep=1
+            ).logits
+        finally:
+            self._inputs = {}
+        return out[:, -1, :].float()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def narrow_lm_head(model, token_ids: list[int]) -> Iterator[None]:
+    """While active, the LM head computes only the rows of ``token_ids`` (same weights, bias)."""
+    head = model.get_output_embeddings()
+    small = torch.nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None)
+    small.to(device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(head.weight[token_ids])
+        if head.bias is not None:
+            small.bias.copy_(head.bias[token_ids])
+    model.set_output_embeddings(small)
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+@contextlib.contextmanager
+def last_layer(model, site: HeadSite, token_ids: list[int]) -> Iterator[LastLayer]:
+    """While active, ``model`` is cut down to its last layer and two LM-head rows, and the yielded
+    :class:`LastLayer` runs it. Everything is restored afterwards, also on an exception."""
+    layers = model.get_submodule(site.layers_path)
+    if site.layer != len(layers) - 1:
+        raise ValueError(f"layer {site.layer} is not the last layer ({len(layers) - 1})")
+    originals = [layers[i] for i in range(site.layer)]
+    embeddings = model.get_input_embeddings()
+    stand_in = torch.nn.Embedding(1, embeddings.embedding_dim)  # keeps the table out of exports
+    stand_in.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    program = None
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = _PassThrough(layer)
+        model.set_input_embeddings(stand_in)
+        with narrow_lm_head(model, token_ids):
+            program = LastLayer(model, site)
+            yield program
+    finally:
+        if program is not None:
+            program.remove_hooks()
+        model.set_input_embeddings(embeddings)
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def example_inputs(state: dict[str, torch.Tensor], d_out: int, device, rows: int = 2) -> tuple:
+    """Unperturbed program inputs for the first ``rows`` prompts of a baseline's final state."""
+    resid = state["resid_final"][:rows, None, :].to(device)
+    z = state["z_final"][:rows, None, :].to(device)
+    out = torch.zeros(z.shape[0], 1, d_out, device=device)
+    return resid, z, torch.ones_like(z), torch.zeros_like(z), out + 1, out
+
+
+@torch.inference_mode(False)
+def export(model, site: HeadSite, token_ids: list[int], state: dict[str, torch.Tensor]):
+    """The :class:`LastLayer` program of ``model`` as a :class:`torch.export.ExportedProgram`
+    with a dynamic batch dimension."""
+    d_out = _out_features(model, site)
+    device = next(model.parameters()).device
+    with torch.no_grad(), last_layer(model, site, token_ids) as program:
+        inputs = example_inputs(state, d_out, device, rows=max(2, min(4, len(state["z_final"]))))
+        batch = torch.export.Dim("batch", min=1)
+        return torch.export.export(
+            program, inputs, dynamic_shapes=tuple({0: batch} for _ in INPUTS), strict=False
+        )
+
+
+def save(folder: str | os.PathLike, exported, meta: dict) -> None:
+    """Write ``program.pt2`` (when ``exported`` is not None) and ``program.json`` into ``folder``,
+    built beside it and renamed into place complete."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        if exported is not None:
+            torch.export.save(exported, str(tmp / PROGRAM))
+        io.write_json(tmp / META, {**meta, "exported": exported is not None})
+        tmp.chmod(0o777 & ~io._umask())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(folder: str | os.PathLike, device: str):
+    """(callable program, meta) from ``folder``, or (None, reason) when there is no program for
+    ``device`` (none was exported, or it was exported for another device)."""
+    folder = Path(folder)
+    meta = io.read_json(folder / META)
+    if not meta.get("exported"):
+        return None, f"no program was exported ({meta.get('reason', 'unknown reason')})"
+    if meta["device"] != device:
+        return None, f"the program was exported on {meta['device']}, this job runs on {device}"
+    return torch.export.load(str(folder / PROGRAM)).module(), meta
+
+
+def describe(
+    model, site: HeadSite, token_ids: list[int], device: str | None = None, dtype: str | None = None
+) -> dict:
+    """What a perturbation job needs to know about the program besides its inputs."""
+    return {
+        "layer": site.layer,
+        "n_heads": site.n_heads,
+        "head_dim": site.head_dim,
+        "d_model": _d_model(model),
+        "d_out": _out_features(model, site),
+        "token_ids": [int(t) for t in token_ids],
+        "device": device,
+        "dtype": dtype,
+    }
+
+
+def _out_features(model, site: HeadSite) -> int:
+    weight = model.get_submodule(site.module_name).weight
+    return int(weight.shape[1] if site.transposed else weight.shape[0])
+
+
+def _d_model(model) -> int:
+    return int(model.get_input_embeddings().embedding_dim)
+
+
+def columns(meta: dict, head: int, where: str) -> slice:
+    """Head ``head``'s columns at ``where`` (as :func:`headperturb.intervention.site_slice`)."""
+    n_heads = meta["n_heads"]
+    if not 0 <= head < n_heads:
+        raise ValueError(f"head {head} is out of range: layer {meta['layer']} has {n_heads}")
+    if where == "o_proj_input":
+        width = meta["head_dim"]
+    elif where == "o_proj_output":
+        width = meta["d_out"] // n_heads
+    else:
+        raise ValueError(f"site {where!r} is not allowed; allowed: o_proj_input, o_proj_output")
+    return slice(head * width, (head + 1) * width)
+
+
+def edits(
+    state: dict[str, torch.Tensor],
+    meta: dict,
+    head: int,
+    where: str,
+    values: torch.Tensor,
+    mode: str,
+) -> tuple[torch.Tensor, ...]:
+    """The program's inputs for ``values`` (n * draws, width) on head ``head``'s columns at
+    ``where``, added (``mode="add"``) or set (``"set"``); rows are prompt-major, draw-minor."""
+    if mode not in ("add", "set"):
+        raise ValueError(f"mode {mode!r} is not allowed; allowed: add, set")
+    rows = values.shape[0]
+    draws = rows // state["z_final"].shape[0]
+
+    def per_draw(x: torch.Tensor) -> torch.Tensor:  # (n, k) -> (n * draws, 1, k)
+        return x.float().repeat_interleave(draws, dim=0)[:, None, :]
+
+    resid, z = per_draw(state["resid_final"]), per_draw(state["z_final"])
+    keep_in, add_in = torch.ones_like(z), torch.zeros_like(z)
+    keep_out = torch.ones(rows, 1, meta["d_out"])
+    add_out = torch.zeros(rows, 1, meta["d_out"])
+    keep, add = (keep_in, add_in) if where == "o_proj_input" else (keep_out, add_out)
+    cols = columns(meta, head, where)
+    add[:, 0, cols] = values.float()
+    if mode == "set":
+        keep[:, 0, cols] = 0.0
+    return resid, z, keep_in, add_in, keep_out, add_out
+
+
+def clean_outputs(state: dict[str, torch.Tensor], meta: dict, head: int, where: str):
+    """(n, width): head ``head``'s clean output at each prompt's final position."""
+    key = "z_final" if where == "o_proj_input" else "out_final"
+    return state[key][:, columns(meta, head, where)].float()
+
+
+def final_values(
+    state: dict[str, torch.Tensor],
+    prompt_ids: list[int],
+    meta: dict,
+    *,
+    head: int,
+    where: str,
+    draws: int,
+    scale: float = 0.0,
+    seed: int = 0,
+    values=None,
+) -> torch.Tensor:
+    """(n * draws, width): the perturbation at each prompt's final position, prompt-major.
+
+    ``values(index, prompt_id, length)`` gives the (draws or 1, length, width) tensor of the
+    reference method; by default the same seeded noise (:func:`make_noise`), of which the final
+    position's row is taken."""
+    width = columns(meta, head, where)
+    width = width.stop - width.start
+    rows = []
+    for i, (pid, length) in enumerate(zip(prompt_ids, state["n_tokens"].tolist())):
+        if values is None:
+            v = make_noise(seed=seed, layer=meta["layer"], head=head, scale=scale, draws=draws,
+                           prompt=pid, length=int(length), width=width)  # fmt: skip
+        else:
+            v = values(i, pid, int(length))
+        rows.append(v[:, -1, :].expand(draws, -1))
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def perturbed(
+    program,
+    state: dict[str, torch.Tensor],
+    prompt_ids: list[int],
+    meta: dict,
+    *,
+    head: int,
+    where: str,
+    draws: int,
+    scale: float = 0.0,
+    seed: int = 0,
+    values=None,
+    mode: str = "add",
+    device="cpu",
+) -> np.ndarray:
+    """(n, draws, 2) verbalizer logits with head ``head`` of the last layer perturbed: every
+    prompt and draw in one call of ``program``."""
+    v = final_values(state, prompt_ids, meta, head=head, where=where, draws=draws,
+                     scale=scale, seed=seed, values=values)  # fmt: skip
+    inputs = [x.to(device) for x in edits(state, meta, head, where, v, mode)]
+    logits = program(*inputs)
+    return logits.float().cpu().numpy().reshape(len(prompt_ids), draws, 2).astype(np.float64)
