@@ -75,30 +75,41 @@ def _save(fig, out_path) -> None:
 
 
 def contribution_distributions(table: pd.DataFrame, meta: dict, out_path) -> None:
-    """Histograms of the accuracy and F1 contribution scores, stacked by impact category."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, (metric, name) in zip(axes, METRICS.items()):
-        values = 100 * table[f"contribution_{metric}"].to_numpy()
-        lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
-        bins = np.linspace(lo - 0.5, hi + 0.5, min(40, max(8, len(values))) + 1)
-        stacks = [
-            100 * table.loc[table["impact"] == c, f"contribution_{metric}"]
-            for c in CATEGORY_COLOURS
-        ]
-        ax.hist(stacks, bins=bins, stacked=True, color=list(CATEGORY_COLOURS.values()),
-                label=[f"{c} impact" for c in CATEGORY_COLOURS], edgecolor="white", linewidth=0.5)  # fmt: skip
-        ax.axvline(0, color="black", linewidth=1)
-        ax.axvline(values.mean(), color="black", linestyle="--", linewidth=1,
-                   label=f"mean {values.mean():+.2f}")  # fmt: skip
+    """Histograms of the accuracy and F1 contribution scores, stacked by impact category: one row
+    per setting (site, noise scale or ablation), which are not pooled since they are different
+    interventions."""
+    combos = _combos(table)
+    fig, axes = plt.subplots(
+        len(combos), 2, figsize=(11, 3.6 * len(combos) + 0.6), sharey="row", squeeze=False
+    )
+    for row, combo in enumerate(combos):
+        part = _part(table, *combo)
+        for ax, (metric, name) in zip(axes[row], METRICS.items()):
+            _histogram(ax, part, metric)
+            ax.set_title(f"{name}, {_setting_label(*combo)}: {len(part)} heads")
+        axes[row, 0].set_ylabel("number of heads")
+    for ax, name in zip(axes[-1], METRICS.values()):
         ax.set_xlabel(f"contribution to {name} (percentage points)\n"
                       "baseline - perturbed; > 0: the head helps")  # fmt: skip
-        ax.set_title(f"{name}: {len(values)} perturbations")
-        ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.legend(frameon=False, fontsize=8, title="impact (on accuracy)", title_fontsize=8)
-    axes[0].set_ylabel("number of (head, setting) pairs")
     fig.suptitle("Distribution of head contribution scores\n" + _baseline_text(meta), fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
     _save(fig, out_path)
+
+
+def _histogram(ax, part: pd.DataFrame, metric: str) -> None:
+    values = 100 * part[f"contribution_{metric}"].to_numpy()
+    lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
+    bins = np.linspace(lo - 0.5, hi + 0.5, min(40, max(8, len(values))) + 1)
+    stacks = [
+        100 * part.loc[part["impact"] == c, f"contribution_{metric}"] for c in CATEGORY_COLOURS
+    ]
+    ax.hist(stacks, bins=bins, stacked=True, color=list(CATEGORY_COLOURS.values()),
+            label=[f"{c} impact" for c in CATEGORY_COLOURS], edgecolor="white", linewidth=0.5)  # fmt: skip
+    ax.axvline(0, color="black", linewidth=1)
+    ax.axvline(values.mean(), color="black", linestyle="--", linewidth=1,
+               label=f"mean {values.mean():+.2f}")  # fmt: skip
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(frameon=False, fontsize=8, title="impact (on accuracy)", title_fontsize=8)
 
 
 def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
