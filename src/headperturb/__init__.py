@@ -10,6 +10,8 @@ The package holds the logic of the Snakemake workflow in this repository, one mo
 - :mod:`headperturb.sites`: where each attention head's output lives in a model.
 - :mod:`headperturb.intervention`: the noise hook on one head.
 - :mod:`headperturb.engine`: forward passes that score prompts, with and without a perturbation.
+- :mod:`headperturb.tail`: the last layer as a program the baseline exports for the last-layer jobs.
+- :mod:`headperturb.evaluation`: the workflow's steps as plain functions.
 - :mod:`headperturb.scoring`: margins, predictions, accuracy and F1.
 - :mod:`headperturb.stats`: contribution scores, relative change, impact categories, aggregation.
 - :mod:`headperturb.plots`: the figures.

@@ -1,0 +1,105 @@
+"""Benchmark: one last-layer perturbation job at the original study's model size.
+
+    python benchmarks/job_scale_benchmark.py [--dtype bfloat16] [--out /tmp/headperturb-1b]
+
+Builds a Llama with Llama-3.2-1B's shapes (16 layers, 32 query heads, 8 KV heads, d_model 2048,
+vocab 128256, tied embeddings) and random weights (no download), prepares it as the workflow does,
+runs the baseline step on 20 short prompts (which exports the last layer), and times one
+last-layer job as its own process: loading the whole model against loading the exported layer
+(median of 3 each). Prints a Markdown table and writes it to benchmarks/job_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from engine_benchmark import job_code, process_seconds  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "headperturb-1b")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imdb"))
+    args = parser.parse_args()
+
+    import pandas as pd
+    import torch
+    import transformers as tf
+    from tiny_models import train_tokenizer
+
+    from headperturb import evaluation, io, models
+    from headperturb.data import load_split
+    from headperturb.prompts import build_prompts
+
+    out = args.out
+    model_dir = out / "prepared"
+    if not (model_dir / models.INFO_FILE).is_file():
+        texts = pd.read_parquet(Path(args.data) / "train.parquet")["text"].sample(
+            400, random_state=0
+        )
+        tok_dir = train_tokenizer(list(texts), out / "tokenizer")
+        config = tf.LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+            tie_word_embeddings=True, rope_theta=500000.0,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        model.save_pretrained(out / "source")
+        tf.AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out / "source")
+        del model
+        models.prepare_model(str(out / "source"), model_dir, dtype=args.dtype)
+    torch.set_num_threads(2)
+    tokenizer = models.load_tokenizer(model_dir)
+    train, test = (load_split(args.data, s) for s in ("train", "test"))
+    built = build_prompts(
+        train, test, tokenizer, k_shot=4, n_test=20, max_review_tokens=80,
+        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
+        separator="\n\n", seed=0, context_length=4096,
+    )  # fmt: skip
+    results = out / "results"
+    io.write_parquet(results / "prompts" / "prompts.parquet", built.prompts)
+    io.write_json(results / "prompts" / "prompt_info.json", built.info)
+    base = results / "baseline"
+    evaluation.run_baseline(
+        prompts_path=results / "prompts" / "prompts.parquet",
+        info_path=results / "prompts" / "prompt_info.json", model_dir=model_dir,
+        per_prompt_path=base / "per_prompt.parquet", metrics_path=base / "metrics.json",
+        state_path=base / "final_state.safetensors", program_dir=base / "last_layer",
+        device="cpu", dtype=args.dtype, threads=2,
+    )  # fmt: skip
+    program = base / "last_layer" / "program.pt2"
+    times = {
+        name: statistics.median(
+            process_seconds(job_code(results, model_dir, 15, program=name == "program"))
+            for _ in range(3)
+        )
+        for name in ("model", "program")
+    }
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    lines = [
+        f"Llama-3.2-1B shapes, random weights, {args.dtype}, CPU, 1 thread per job, 20 prompts.",
+        "",
+        "| one last-layer job as its own process | reads | wall (s, median of 3) |",
+        "| --- | --- | --- |",
+        f"| loads the model | {weights / 1e9:.2f} GB of weights | {times['model']:.1f} |",
+        f"| loads the exported last layer | {program.stat().st_size / 1e6:.0f} MB program "
+        f"| {times['program']:.1f} |",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (REPO / "benchmarks" / "job_scale.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
