@@ -155,3 +155,10 @@ def test_failed_export_says_why_and_jobs_load_the_model(run, tmp_path, monkeypat
         repeats=1, seed=0, device="cpu", dtype="float32", threads=1,
     )  # fmt: skip
     assert io.read_parquet_metadata(out)["engine"] == "model"
+
+
+def test_device_names_compare_by_device():
+    from headperturb.tail import same_device
+
+    assert same_device("cuda:0", "cuda") and same_device("cpu", "cpu")
+    assert not same_device("cuda:0", "cpu") and not same_device("cuda:1", "cuda")

@@ -205,9 +205,15 @@ def load(folder: str | os.PathLike, device: str):
     meta = io.read_json(folder / META)
     if not meta.get("exported"):
         return None, f"no program was exported ({meta.get('reason', 'unknown reason')})"
-    if meta["device"] != device:
+    if not same_device(meta["device"], device):
         return None, f"the program was exported on {meta['device']}, this job runs on {device}"
     return torch.export.load(str(folder / PROGRAM)).module(), meta
+
+
+def same_device(a: str, b: str) -> bool:
+    """Whether two device names mean the same device: ``cuda`` is ``cuda:0``."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def describe(
