@@ -45,6 +45,18 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_no_temporary(tmp_path):
+    folder = tmp_path / "prepared"
+    with io.atomic_dir(folder) as tmp:
+        (tmp / "a.json").write_text("1")
+    with pytest.raises(OSError, match="disk full"):
+        with io.atomic_dir(folder) as tmp:
+            (tmp / "a.json").write_text("half")
+            raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == [folder]
+    assert (folder / "a.json").read_text() == "1"
+
+
 def test_provenance_has_settings_hash_and_no_timestamps():
     meta = evaluation.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 3})
     again = evaluation.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 3})

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import tail
-from .intervention import make_noise, perturb_head, site_slice
+from .intervention import noise_values, perturb_head, site_slice
 from .logs import Progress
 from .sites import HeadSite
 from .tail import _PassThrough, narrow_lm_head
@@ -270,12 +270,8 @@ class Engine:
         if values is not None:
             return values
         width = _width(self.model, site, head, where)
-
-        def noise(_index, pid, length):
-            return make_noise(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
-                              prompt=pid, length=length, width=width)  # fmt: skip
-
-        return noise
+        return noise_values(seed=seed, layer=site.layer, head=head, scale=scale, draws=draws,
+                            width=width)  # fmt: skip
 
     @torch.inference_mode()
     def perturbed_naive(

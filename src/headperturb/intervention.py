@@ -16,21 +16,38 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .sites import HeadSite
+from .sites import HeadSite, SiteError
 from .spec import SITES, noise_seed
 
 
 def site_slice(model, site: HeadSite, head: int, where: str) -> slice:
     """The columns of head ``head`` at ``where`` (``o_proj_input`` or ``o_proj_output``)."""
-    if where == "o_proj_input":
-        return site.head_slice(head)
-    if where == "o_proj_output":
-        weight = model.get_submodule(site.module_name).weight
-        out_features = weight.shape[1] if site.transposed else weight.shape[0]
-        width = out_features // site.n_heads
-        site.head_slice(head)  # range check
-        return slice(head * width, (head + 1) * width)
-    raise ValueError(f"site {where!r} is not allowed; allowed: {', '.join(SITES)}")
+    weight = model.get_submodule(site.module_name).weight
+    out_features = weight.shape[1] if site.transposed else weight.shape[0]
+    return head_columns(head, where, site.layer, site.n_heads, site.head_dim, int(out_features))
+
+
+def head_columns(
+    head: int, where: str, layer: int, n_heads: int, head_dim: int, out_features: int
+) -> slice:
+    """The columns of head ``head`` at ``where``: its ``head_dim`` inputs of the projection, or
+    its ``out_features / n_heads`` block of the projection's output (the original study's site)."""
+    if where not in SITES:
+        raise ValueError(f"site {where!r} is not allowed; allowed: {', '.join(SITES)}")
+    if not 0 <= head < n_heads:
+        raise SiteError(f"head {head} is out of range: layer {layer} has {n_heads}")
+    width = head_dim if where == "o_proj_input" else out_features // n_heads
+    return slice(head * width, (head + 1) * width)
+
+
+def noise_values(*, seed: int, layer: int, head: int, scale: float, draws: int, width: int):
+    """``values(index, prompt_id, length)``: the seeded noise (:func:`make_noise`) a prompt gets."""
+
+    def values(_index, prompt_id, length):
+        return make_noise(seed=seed, layer=layer, head=head, scale=scale, draws=draws,
+                          prompt=prompt_id, length=length, width=width)  # fmt: skip
+
+    return values
 
 
 def make_noise(

@@ -157,22 +157,12 @@ def prepare_model(
     info.update({"source": str(path), "gguf_file": gguf_file, "dtype": dtype})
     if tokenizer.pad_token_id is None:  # padding is never used for scoring; some savers want one
         tokenizer.pad_token = tokenizer.eos_token
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with io.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         weights = sorted(tmp.glob("*.safetensors"))
         info["weights_sha256"] = weights_sha or _combined_sha(weights)
         io.write_json(tmp / INFO_FILE, info)
-        tmp.chmod(0o777 & ~io._umask())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

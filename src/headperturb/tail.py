@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +42,7 @@ import numpy as np
 import torch
 
 from . import io
-from .intervention import make_noise
+from .intervention import head_columns, noise_values
 from .sites import HeadSite
 
 log = logging.getLogger(__name__)
@@ -182,20 +180,10 @@ def export(model, site: HeadSite, token_ids: list[int], state: dict[str, torch.T
 def save(folder: str | os.PathLike, exported, meta: dict) -> None:
     """Write ``program.pt2`` (when ``exported`` is not None) and ``program.json`` into ``folder``,
     built beside it and renamed into place complete."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    with io.atomic_dir(folder) as tmp:
         if exported is not None:
             torch.export.save(exported, str(tmp / PROGRAM))
         io.write_json(tmp / META, {**meta, "exported": exported is not None})
-        tmp.chmod(0o777 & ~io._umask())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load(folder: str | os.PathLike, device: str):
@@ -242,17 +230,10 @@ def _d_model(model) -> int:
 
 
 def columns(meta: dict, head: int, where: str) -> slice:
-    """Head ``head``'s columns at ``where`` (as :func:`headperturb.intervention.site_slice`)."""
-    n_heads = meta["n_heads"]
-    if not 0 <= head < n_heads:
-        raise ValueError(f"head {head} is out of range: layer {meta['layer']} has {n_heads}")
-    if where == "o_proj_input":
-        width = meta["head_dim"]
-    elif where == "o_proj_output":
-        width = meta["d_out"] // n_heads
-    else:
-        raise ValueError(f"site {where!r} is not allowed; allowed: o_proj_input, o_proj_output")
-    return slice(head * width, (head + 1) * width)
+    """Head ``head``'s columns at ``where`` (:func:`headperturb.intervention.head_columns`)."""
+    return head_columns(
+        head, where, meta["layer"], meta["n_heads"], meta["head_dim"], meta["d_out"]
+    )
 
 
 def edits(
@@ -308,16 +289,13 @@ def final_values(
     ``values(index, prompt_id, length)`` gives the (draws or 1, length, width) tensor of the
     reference method; by default the same seeded noise (:func:`make_noise`), of which the final
     position's row is taken."""
-    width = columns(meta, head, where)
-    width = width.stop - width.start
+    if values is None:
+        cols = columns(meta, head, where)
+        values = noise_values(seed=seed, layer=meta["layer"], head=head, scale=scale, draws=draws,
+                              width=cols.stop - cols.start)  # fmt: skip
     rows = []
     for i, (pid, length) in enumerate(zip(prompt_ids, state["n_tokens"].tolist())):
-        if values is None:
-            v = make_noise(seed=seed, layer=meta["layer"], head=head, scale=scale, draws=draws,
-                           prompt=pid, length=int(length), width=width)  # fmt: skip
-        else:
-            v = values(i, pid, int(length))
-        rows.append(v[:, -1, :].expand(draws, -1))
+        rows.append(values(i, pid, int(length))[:, -1, :].expand(draws, -1))
     return torch.cat(rows)
 
 
