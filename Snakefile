@@ -1,14 +1,27 @@
 # headperturb: what each attention head of a causal LM contributes to few-shot IMDB sentiment
 # classification, measured by perturbing one head at a time. See README.md.
-from snakemake.utils import min_version, validate
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
 
 min_version("9.0")
 
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from headperturb import config as run_config  # noqa: E402
 
-configfile: "config/config.yaml"
+# The default run. A config file given with --configfile replaces it (keys it leaves out take
+# the schema's defaults); --config KEY=VALUE overrides single keys. README: Configuration.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+config.update(
+    run_config.validate(
+        config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+    )
+)
 
 
 report: "workflow/report/workflow.rst"

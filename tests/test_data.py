@@ -103,3 +103,24 @@ def test_unreachable_hub_names_both_ways(monkeypatch):
         load_split(None, "train", hub_dataset="stanfordnlp/imdb-not-cached")
     text = str(info.value)
     assert "Hugging Face hub" in text and "data.path" in text and "aclImdb_v1.tar.gz" in text
+
+
+def test_missing_texts_are_dropped_and_counted_as_missing(tmp_path, caplog):
+    """A NaN in a Parquet file or an empty field in a CSV is a missing review, not a duplicate,
+    and nothing but text reaches prompt building, whatever review the seed picks."""
+    from headperturb.prompts import select_reviews
+
+    texts = [f"review number {i}" for i in range(12)]
+    frame = pd.DataFrame({"text": texts + [None, None], "label": [0, 1] * 7})
+    frame.to_parquet(tmp_path / "train.parquet")
+    (tmp_path / "test.csv").write_text(
+        "text,label\n" + "".join(f"test review {i},{i % 2}\n" for i in range(6)) + ",1\n,0\n"
+    )
+    with caplog.at_level("INFO"):
+        train = load_split(str(tmp_path / "train.parquet").replace("train", "{split}"), "train")
+        test = load_split(str(tmp_path / "test.csv").replace("test.csv", "{split}.csv"), "test")
+    assert "dropped 2 missing text(s)" in caplog.text and "duplicate" not in caplog.text
+    assert len(train) == 12 and len(test) == 6
+    for seed in range(30):
+        reviews = select_reviews(train, test, k_shot=2, n_test=6, seed=seed, candidates=2, n_dev=4)
+        assert all(isinstance(t, str) and t for t in reviews["text"])

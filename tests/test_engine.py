@@ -1,11 +1,14 @@
-"""The engine against plain forward passes, on the tiny random Llama."""
+"""The engine and the reference pass against plain forward passes, on the tiny random Llama."""
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import edit_of
 
+from headperturb import passes
 from headperturb.engine import Engine
-from headperturb.intervention import make_noise, perturb_head
+from headperturb.intervention import perturb_head
+from headperturb.perturbations import make_noise
 from headperturb.prompts import build_prompts
 from headperturb.sites import locate_sites
 
@@ -24,29 +27,71 @@ def setup(tiny_llama, imdb_sample):
     return model, engine, ids, built
 
 
-def test_baseline_with_cached_prefix_equals_full_forward(setup):
+def test_scores_with_cached_prefix_equal_full_forward(setup):
     model, engine, ids, built = setup
-    cached, _ = engine.baseline(ids)
+    cached = engine.score(ids)
     tokens = built.info["verbalizer_token_ids"]
     for i, x in enumerate(ids):
         with torch.no_grad():
             full = model(input_ids=torch.tensor(x[None])).logits[0, -1, tokens].numpy()
         np.testing.assert_allclose(cached[i], full, atol=1e-4)
+    recorded = engine.baseline(ids, locate_sites(model), batch_size=4)
+    np.testing.assert_allclose(recorded.logits, cached, atol=1e-6)
+
+
+def test_engine_keeps_no_state_between_calls(setup):
+    model, engine, ids, _ = setup
+    before = dict(vars(engine))
+    first = engine.baseline(ids, locate_sites(model))
+    second = engine.baseline(ids[:3], locate_sites(model))
+    assert dict(vars(engine)) == before
+    np.testing.assert_array_equal(first.logits[:3], second.logits)
+    assert (
+        first.final_state["resid.1"].shape[0] == 6 and second.final_state["resid.1"].shape[0] == 3
+    )
 
 
 def test_baseline_rejects_a_prompt_without_the_prefix(setup):
     _, engine, ids, _ = setup
     with pytest.raises(ValueError, match="prompt 1 does not start with the shared prefix"):
-        engine.baseline([ids[0], ids[1][::-1]])
+        engine.score([ids[0], ids[1][::-1]])
 
 
-def test_perturbed_naive_matches_a_hand_made_hook_and_is_deterministic(setup):
+def test_final_state_is_every_layers_input_and_head_outputs_at_the_last_position(setup):
+    model, engine, ids, _ = setup
+    sites = locate_sites(model)
+    state = engine.baseline(ids, sites, batch_size=4).final_state
+    seen = {}
+    for site in sites:
+        layer = model.get_submodule(site.layers_path)[site.layer]
+        proj = model.get_submodule(site.module_name)
+        handles = [
+            layer.register_forward_pre_hook(
+                lambda _m, a, k: seen.update(resid=(a or [*k.values()])[0]), with_kwargs=True
+            ),
+            proj.register_forward_hook(lambda _m, a, out: seen.update(z=a[0], out=out)),
+        ]
+        try:
+            for i, x in enumerate(ids):
+                with torch.no_grad():
+                    model(input_ids=torch.tensor(x[None]))
+                for key in ("resid", "z", "out"):
+                    torch.testing.assert_close(
+                        state[f"{key}.{site.layer}"][i], seen[key][0, -1], atol=1e-5, rtol=1e-5
+                    )
+        finally:
+            for h in handles:
+                h.remove()
+    assert state["n_tokens"].tolist() == [len(x) for x in ids]
+
+
+def test_naive_pass_matches_a_hand_made_hook_and_is_deterministic(setup):
     model, engine, ids, built = setup
     site = locate_sites(model)[1]
-    kwargs = dict(site=site, head=2, where="o_proj_input", scale=3.0, draws=2, seed=7)
-    out = engine.perturbed_naive(ids[:3], [10, 11, 12], **kwargs)
+    edit = edit_of(model, site, 2, scale=3.0, repeats=2, seed=7)
+    out = passes.naive(engine, ids[:3], [10, 11, 12], edit)
     assert out.shape == (3, 2, 2)
-    np.testing.assert_array_equal(out, engine.perturbed_naive(ids[:3], [10, 11, 12], **kwargs))
+    np.testing.assert_array_equal(out, passes.naive(engine, ids[:3], [10, 11, 12], edit))
     tokens = built.info["verbalizer_token_ids"]
     for i, pid in enumerate([10, 11, 12]):
         noise = make_noise(
@@ -56,7 +101,7 @@ def test_perturbed_naive_matches_a_hand_made_hook_and_is_deterministic(setup):
             with perturb_head(model, site, 2, noise[draw : draw + 1]), torch.no_grad():
                 ref = model(input_ids=torch.tensor(ids[i][None])).logits[0, -1, tokens].numpy()
             np.testing.assert_allclose(out[i, draw], ref, atol=1e-4)
-    base, _ = engine.baseline(ids[:3])
+    base = engine.score(ids[:3])
     assert np.abs(out[:, 0, :] - base).max() > 1e-3  # the noise does move the logits
 
 
@@ -67,7 +112,8 @@ def test_prepared_model_loads_identically_by_assignment(tmp_path, tiny_llama_dir
 
     from headperturb import models
 
-    models.prepare_model(str(tiny_llama_dir), tmp_path / "prepared")
+    info = models.prepare_model(str(tiny_llama_dir), tmp_path / "prepared")
+    assert info["seconds_per_token_layer"] > 0
     fast, tok, info = models.load_prepared(tmp_path / "prepared", device="cpu")
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "prepared").eval()
     ids = torch.tensor([[3, 14, 15, 92, 65]])
@@ -83,12 +129,15 @@ def test_prepared_model_loads_identically_by_assignment(tmp_path, tiny_llama_dir
 def test_head_rms_by_hand(setup, tmp_path):
     """The baseline's per-head RMS equals the RMS over every position of every prompt, computed
     from plain full forward passes; relative noise scales by it."""
-    from headperturb.evaluation import noise_sigma
+    import pandas as pd
+
+    from headperturb import jobs, perturbations
+    from headperturb.spec import HeadJob, Job
 
     model, engine, ids, _ = setup
     sites = locate_sites(model)
-    engine.baseline(ids, rms_sites=sites, batch_size=4)
-    rows = {(r["site"], r["layer"], r["head"]): r["rms"] for r in engine.head_rms()}
+    rows = {(r["site"], r["layer"], r["head"]): r["rms"]
+            for r in engine.baseline(ids, sites, batch_size=4).head_rms}  # fmt: skip
     assert len(rows) == 2 * 2 * 4  # both sites, 2 layers, 4 heads
     seen = []
     proj = model.get_submodule(sites[1].module_name)
@@ -101,12 +150,12 @@ def test_head_rms_by_hand(setup, tmp_path):
     for head in range(4):
         expected = z[:, head * 8 : (head + 1) * 8].pow(2).mean().sqrt().item()
         assert rows[("o_proj_input", 1, head)] == pytest.approx(expected, rel=1e-4)
-    import pandas as pd
-
     pd.DataFrame(
         [{"site": k[0], "layer": k[1], "head": k[2], "rms": v} for k, v in rows.items()]
     ).to_parquet(tmp_path / "rms.parquet")
-    assert noise_sigma(2.0, "absolute", None, "o_proj_input", 1, 3) == 2.0
-    assert noise_sigma(
-        2.0, "relative", tmp_path / "rms.parquet", "o_proj_input", 1, 3
-    ) == pytest.approx(2.0 * rows[("o_proj_input", 1, 3)])
+    target = HeadJob("o_proj_input", "all", "noise", "2", 1, 3)
+    for mode, sigma in (("absolute", 2.0), ("relative", 2.0 * rows[("o_proj_input", 1, 3)])):
+        job = Job(target, perturbations.Noise(scale=2.0, noise_mode=mode))
+        resolved = jobs.resolve(job, tmp_path / "rms.parquet")
+        assert resolved.perturbation.sigma == pytest.approx(sigma)
+        assert resolved.settings()["sigma"] == pytest.approx(sigma)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build_tiny_model, capture_io
+from tiny_models import FAMILIES, build_tiny_model, capture_io, head_slice, projection_weight
 
-from headperturb.intervention import make_noise, perturb_head
-from headperturb.sites import locate_sites, projection_weight
+from headperturb.intervention import perturb_head
+from headperturb.perturbations import make_noise
+from headperturb.sites import locate_sites
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 60, 61]])
 
@@ -49,7 +50,7 @@ def test_site_shape_and_decomposition(family_model):
     weight = projection_weight(model, site)
     bias = module.bias if getattr(module, "bias", None) is not None else 0
     total = (
-        sum(x[..., site.head_slice(h)] @ weight[:, site.head_slice(h)].T for h in range(4)) + bias
+        sum(x[..., head_slice(site, h)] @ weight[:, head_slice(site, h)].T for h in range(4)) + bias
     )
     torch.testing.assert_close(total, y, rtol=1e-4, atol=1e-5)
 
@@ -78,6 +79,6 @@ def test_perturbing_head_h_changes_only_slice_h(family_model, head):
             model(input_ids=IDS)
         handle.remove()
     diff = (seen["x"] - clean).abs()[0]
-    assert [bool((diff[:, site.head_slice(k)] > 0).any()) for k in range(4)] == [
+    assert [bool((diff[:, head_slice(site, k)] > 0).any()) for k in range(4)] == [
         k == head for k in range(4)
     ]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from headperturb import evaluation, io, models
+from headperturb import io, models, steps, tensors
 
 
 def test_gguf_with_wrong_sha256_stops_before_loading(tmp_path):
@@ -26,9 +26,11 @@ def test_missing_model_names_what_is_allowed(tmp_path):
 
 
 def test_out_of_gpu_memory_says_which_setting_lowers_memory():
+    def allocate():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     with pytest.raises(models.ModelError, match="out of GPU memory: .*model.dtype: bfloat16"):
-        with evaluation.gpu_memory_hint():
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        steps.gpu_memory_hint(allocate)
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path, monkeypatch):
@@ -58,9 +60,9 @@ def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_no_temporary(tmp_
 
 
 def test_provenance_has_settings_hash_and_no_timestamps():
-    meta = evaluation.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 3})
-    again = evaluation.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 3})
-    other = evaluation.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 4})
+    meta = tensors.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 3})
+    again = tensors.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 3})
+    other = tensors.provenance({"source": "m", "weights_sha256": "ab"}, "cpu", {"layer": 4})
     assert meta == again and meta["config_sha256"] != other["config_sha256"]
     assert {"torch_version", "transformers_version", "headperturb_version", "device"} <= set(meta)
     assert not any(k in str(meta).lower() for k in ("time", "host", "date"))

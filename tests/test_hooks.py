@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import capture_io
+from tiny_models import capture_io, head_slice, projection_weight
 
-from headperturb.intervention import make_noise, perturb_head
-from headperturb.sites import SiteError, locate_sites, projection_weight
+from headperturb.intervention import perturb_head
+from headperturb.perturbations import make_noise
+from headperturb.sites import SiteError, locate_sites
 
 _capture = capture_io
 
@@ -31,7 +32,7 @@ def test_head_slices_times_o_proj_columns_sum_to_the_o_proj_output(tiny_llama):
     x, y = _capture(model, site.module_name, IDS)
     weight = projection_weight(model, site)
     total = sum(
-        x[..., site.head_slice(h)] @ weight[:, site.head_slice(h)].T for h in range(site.n_heads)
+        x[..., head_slice(site, h)] @ weight[:, head_slice(site, h)].T for h in range(site.n_heads)
     )
     torch.testing.assert_close(total, y, rtol=1e-5, atol=1e-6)
 
@@ -54,10 +55,10 @@ def test_perturbing_head_h_changes_only_slice_h(tiny_llama, head):
             model(input_ids=IDS)
         h.remove()
     diff = (seen["x"] - clean).abs()[0]
-    changed = [bool((diff[:, site.head_slice(k)] > 0).any()) for k in range(4)]
+    changed = [bool((diff[:, head_slice(site, k)] > 0).any()) for k in range(4)]
     assert changed == [k == head for k in range(4)]
     torch.testing.assert_close(
-        seen["x"][..., site.head_slice(head)] - clean[..., site.head_slice(head)], noise
+        seen["x"][..., head_slice(site, head)] - clean[..., head_slice(site, head)], noise
     )
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_models import edit_of, head_slice
 
-from headperturb import evaluation, io, scoring
+from headperturb import aggregation, io, passes, scoring, tail
 from headperturb.engine import Engine
 from headperturb.prompts import build_prompts
 from headperturb.sites import locate_sites
@@ -31,8 +32,8 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
     site = locate_sites(model)[-1]
     with torch.no_grad():
         weight = model.get_submodule(site.module_name).weight
-        weight[:, site.head_slice(DECISIVE)] *= 50.0
-        weight[:, site.head_slice(SILENT)] = 0.0
+        weight[:, head_slice(site, DECISIVE)] *= 50.0
+        weight[:, head_slice(site, SILENT)] = 0.0
     train, test = imdb_sample
     built = build_prompts(
         train, test, tok, k_shot=2, n_test=60, max_review_tokens=20,
@@ -42,7 +43,8 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
     pids = built.prompts["prompt_id"].tolist()
-    logits, state = engine.baseline(ids, record=site)
+    recorded = engine.baseline(ids, locate_sites(model))
+    logits, state = recorded.logits, tail.layer_state(recorded.final_state, site.layer)
     labels = (logits[:, 1] > logits[:, 0]).astype(int)  # the intact model's answers
     assert 5 <= labels.sum() <= 55, "the decisive head should give both answers"
     folder = tmp_path_factory.mktemp("planted")
@@ -51,30 +53,26 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
     io.write_json(folder / "metrics.json", scoring.metrics(labels, base["prediction"]))
 
     paths = []
-    width = engine.width(site, 0, "o_proj_input")
-    settings = [
-        ("noise", "20", None, "add", 4),
-        ("zero", "", lambda i, p, n: torch.zeros(1, n, width), "set", 1),
-    ]
     for head in (DECISIVE, SILENT):
-        for kind, scale, values, mode, draws in settings:
-            out = engine.perturbed_last(state, pids, site=site, head=head, where="o_proj_input",
-                                        draws=draws, scale=float(scale or 0), seed=0, values=values, mode=mode)  # fmt: skip
+        for kind, scale, draws in (("noise", "20", 4), ("zero", "", 1)):
+            edit = edit_of(model, site, head, kind, scale=20.0, repeats=draws, seed=0)
+            out = passes.last_layer(engine, state, pids, edit)
             frames = []
             for draw in range(draws):
                 frame = scoring.per_prompt(pids, labels, out[:, draw])
                 frame.insert(0, "draw", draw)
                 frames.append(frame)
             frame = pd.concat(frames).assign(
-                site="o_proj_input", kind=kind, layer=site.layer, head=head, scale=scale
-            )
+                site="o_proj_input", position="all", kind=kind, layer=site.layer, head=head,
+                scale=scale, noise_mode="absolute" if scale else "", sigma=float(scale or "nan"),
+            )  # fmt: skip
             path = folder / f"{kind}_{head}.parquet"
             frame.to_parquet(path)
             paths.append(path)
-    return evaluation.run_aggregation(
-        baseline_path=folder / "metrics.json", baseline_per_prompt_path=folder / "baseline.parquet",
-        perturbed_paths=paths, parquet_path=folder / "table.parquet", csv_path=folder / "table.csv",
-        high=10.0, medium=5.0, statistics={"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
+    return aggregation.aggregate(
+        {"baseline": folder / "metrics.json", "baseline_per_prompt": folder / "baseline.parquet", "perturbed": paths,
+         "parquet": folder / "table.parquet", "csv": folder / "table.csv"},
+        10.0, 5.0, {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
     )  # fmt: skip
 
 

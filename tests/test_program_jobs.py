@@ -1,8 +1,7 @@
-"""Last-layer perturbation jobs that run the baseline's exported last layer instead of the model.
-
-The workflow steps (headperturb.evaluation) on a prepared tiny Llama: the program job writes the
-same numbers as the job that loads the model, does not import transformers, and falls
-back to the model when there is no program for its device or the export failed.
+"""Head jobs as the workflow runs them (headperturb.steps and headperturb.jobs) on a prepared tiny
+Llama: the last-layer job on the exported program writes what the job on the model writes, imports
+no transformers, and falls back to the model when there is no program for its device or the
+export failed; every pass of a job writes the reference method's numbers.
 """
 
 from __future__ import annotations
@@ -10,27 +9,26 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from tiny_models import build_tiny_model
 
-from headperturb import evaluation, io, models
+from headperturb import io, jobs, models, resources, steps
 from headperturb.prompts import build_prompts
+from headperturb.spec import HeadJob, Job
 
-REPO_SRC = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src")
+REPO_SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _baseline(folder, model_dir, prompts_path, info_path, program=True):
+def _baseline(folder, model_dir, prompt_files):
     base = folder / "baseline"
-    evaluation.run_baseline(
-        prompts_path=prompts_path, info_path=info_path, model_dir=model_dir,
-        per_prompt_path=base / "per_prompt.parquet", metrics_path=base / "metrics.json",
-        state_path=base / "final_state.safetensors", rms_path=base / "head_rms.parquet",
-        program_dir=base / "last_layer" if program else None, device="cpu", dtype="float32",
-        threads=1,
-    )  # fmt: skip
+    out = {"per_prompt": base / "per_prompt.parquet", "metrics": base / "metrics.json",
+           "state": base / "final_state.safetensors", "rms": base / "head_rms.parquet",
+           "program": base / "last_layer"}  # fmt: skip
+    steps.baseline(prompt_files, steps.ModelSpec(str(model_dir), "cpu"), out)
     return base
 
 
@@ -49,22 +47,30 @@ def run(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
         max_review_tokens=20, template="Review: {text}\nSentiment: {label}",
         verbalizers=(" negative", " positive"), separator="\n\n", seed=0, context_length=1024,
     )  # fmt: skip
-    prompts_path, info_path = root / "prompts.parquet", root / "prompt_info.json"
-    io.write_parquet(prompts_path, built.prompts)
-    io.write_json(info_path, built.info)
-    base = _baseline(root, model_dir, prompts_path, info_path)
-    return dict(root=root, model_dir=model_dir, prompts=prompts_path, info=info_path, base=base)
+    files = steps.PromptFiles(str(root / "prompts.parquet"), str(root / "prompt_info.json"))
+    io.write_parquet(files.prompts, built.prompts)
+    io.write_json(files.info, built.info)
+    base = _baseline(root, model_dir, files)
+    model = steps.ModelSpec(str(model_dir), "cpu")
+    steps.capture_cache(files, model, root / "cache.safetensors")
+    steps.capture_layer(files, model, 1, root / "layer1.safetensors")
+    steps.capture_layer(files, model, 0, root / "layer0.safetensors")
+    return dict(root=root, model=model, files=files, base=base)
 
 
-def _job(run, out, *, program=True, kind="noise", site="o_proj_input", program_dir=None):
+def _job(run, out, *, layer=2, kind="noise", site="o_proj_input", position="all",
+         method="fast", program=True, program_dir=None):  # fmt: skip
     base = run["base"]
-    return evaluation.run_perturbation(
-        prompts_path=run["prompts"], info_path=run["info"], model_dir=run["model_dir"],
-        out_path=out, activations_path=base / "final_state.safetensors",
-        program_dir=(program_dir or base / "last_layer") if program else None, site=site,
-        layer=2, head=1, scale="2" if kind == "noise" else "", kind=kind, repeats=3, seed=4,
-        rms_path=base / "head_rms.parquet", device="cpu", dtype="float32", threads=1,
+    target = HeadJob(site, position, kind, "2" if kind == "noise" else "", layer, 1)
+    job = Job(target, target.perturbation(), method, seed=4, repeats=3)
+    last = layer == 2
+    inputs = jobs.JobInputs(
+        run["files"], state=str(base / "final_state.safetensors"),
+        program=str(program_dir or base / "last_layer") if program and last else None,
+        activations=str(run["root"] / f"layer{layer}.safetensors") if not last else None,
+        cache=str(run["root"] / "cache.safetensors"), rms=str(base / "head_rms.parquet"),
     )  # fmt: skip
+    return jobs.perturb(job, inputs, run["model"], out)
 
 
 def test_baseline_writes_the_program_and_its_description(run):
@@ -73,7 +79,7 @@ def test_baseline_writes_the_program_and_its_description(run):
     assert (folder / "program.pt2").stat().st_size > 0
     assert meta["exported"] is True
     assert (meta["layer"], meta["n_heads"], meta["head_dim"], meta["device"]) == (2, 4, 8, "cpu")
-    info = io.read_json(run["info"])
+    info = io.read_json(run["files"].info)
     assert meta["token_ids"] == info["verbalizer_token_ids"]
 
 
@@ -88,11 +94,27 @@ def test_program_job_writes_what_the_model_job_writes(run, tmp_path, kind, site)
     )
     assert list(fast.columns) == list(slow.columns)
     assert len(fast) == 12 * (1 if kind in ("zero", "mean") else 3)
-    logits = ["logit_negative", "logit_positive", "margin"]
+    logits = ["logit_negative", "logit_positive", "margin", "calibrated_margin"]
     np.testing.assert_allclose(fast[logits].to_numpy(), slow[logits].to_numpy(), atol=1e-5)
     pd.testing.assert_frame_equal(fast.drop(columns=logits), slow.drop(columns=logits))
     assert io.read_parquet_metadata(tmp_path / "program.parquet")["engine"] == "program"
     assert io.read_parquet_metadata(tmp_path / "model.parquet")["engine"] == "model"
+
+
+@pytest.mark.parametrize("kind", ["noise", "mean"])
+@pytest.mark.parametrize("layer, position", [(1, "all"), (1, "last"), (2, "last")])
+def test_every_fast_job_writes_what_the_naive_job_writes(run, tmp_path, kind, layer, position):
+    _job(run, tmp_path / "fast.parquet", kind=kind, layer=layer, position=position)
+    _job(run, tmp_path / "naive.parquet", kind=kind, layer=layer, position=position, method="naive")
+    fast, naive = (
+        pd.read_parquet(tmp_path / "fast.parquet"),
+        pd.read_parquet(tmp_path / "naive.parquet"),
+    )
+    np.testing.assert_allclose(fast["margin"], naive["margin"], atol=1e-4)
+    assert fast["prediction"].tolist() == naive["prediction"].tolist()
+    assert set(fast["position"]) == {position}
+    meta = io.read_parquet_metadata(tmp_path / "naive.parquet")
+    assert meta["method"] == "naive" and meta["settings"]["position"] == position
 
 
 def test_program_job_does_not_import_transformers(run, tmp_path):
@@ -101,18 +123,19 @@ def test_program_job_does_not_import_transformers(run, tmp_path):
     code = f"""
 import sys
 sys.path.insert(0, {REPO_SRC!r})
-from headperturb import evaluation
-evaluation.run_perturbation(
-    prompts_path={str(run["prompts"])!r}, info_path={str(run["info"])!r},
-    model_dir={str(run["model_dir"])!r}, out_path={str(tmp_path / "out.parquet")!r},
-    activations_path={str(base / "final_state.safetensors")!r},
-    program_dir={str(base / "last_layer")!r}, site="o_proj_input", layer=2, head=0, scale="2",
-    repeats=2, seed=0, device="cpu", dtype="float32", threads=1)
+from headperturb import jobs, steps
+from headperturb.spec import HeadJob, Job
+target = HeadJob("o_proj_input", "all", "noise", "2", 2, 0)
+inputs = jobs.JobInputs(steps.PromptFiles({run["files"].prompts!r}, {run["files"].info!r}),
+                        state={str(base / "final_state.safetensors")!r},
+                        program={str(base / "last_layer")!r})
+jobs.perturb(Job(target, target.perturbation(), repeats=2), inputs,
+             steps.ModelSpec({run["model"].path!r}, "cpu"), {str(tmp_path / "out.parquet")!r})
 print(sorted(m for m in ("transformers", "sklearn", "safetensors.torch") if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "['safetensors.torch']"
+    assert result.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out.parquet").is_file()
 
 
@@ -142,19 +165,34 @@ def test_failed_export_says_why_and_jobs_load_the_model(run, tmp_path, monkeypat
         raise RuntimeError("cannot trace this architecture")
 
     monkeypatch.setattr(tail, "export", fail)
-    base = _baseline(tmp_path, run["model_dir"], run["prompts"], run["info"])
+    base = _baseline(tmp_path, run["model"].path, run["files"])
     meta = json.loads((base / "last_layer" / "program.json").read_text())
     assert meta["exported"] is False
     assert "cannot trace this architecture" in meta["reason"]
     assert not (base / "last_layer" / "program.pt2").exists()
     out = tmp_path / "out.parquet"
-    evaluation.run_perturbation(
-        prompts_path=run["prompts"], info_path=run["info"], model_dir=run["model_dir"],
-        out_path=out, activations_path=base / "final_state.safetensors",
-        program_dir=base / "last_layer", site="o_proj_input", layer=2, head=1, scale="2",
-        repeats=1, seed=0, device="cpu", dtype="float32", threads=1,
-    )  # fmt: skip
+    _job(run, out, program_dir=base / "last_layer")
     assert io.read_parquet_metadata(out)["engine"] == "model"
+
+
+def test_jobs_in_threads_share_one_model_and_give_the_same_numbers(run, tmp_path):
+    """Head jobs running side by side in threads (as on a workstation) load the model once and
+    write what they write one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    resources.clear()
+    layers_positions = [(1, "all"), (1, "last"), (2, "all"), (0, "last")]
+    alone = []
+    for i, (layer, position) in enumerate(layers_positions):
+        _job(run, tmp_path / f"alone{i}.parquet", layer=layer, position=position, program=False)
+        alone.append(pd.read_parquet(tmp_path / f"alone{i}.parquet"))
+    loaded = [k for k in resources._store if k[0] == "model"]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda a: _job(run, tmp_path / f"threaded{a[0]}.parquet", layer=a[1][0],
+                                     position=a[1][1], program=False), enumerate(layers_positions)))  # fmt: skip
+    assert [k for k in resources._store if k[0] == "model"] == loaded  # loaded once, kept
+    for i, frame in enumerate(alone):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"threaded{i}.parquet"), frame)
 
 
 def test_device_names_compare_by_device():

@@ -62,6 +62,7 @@ def test_aggregate_table():
     perturbed = pd.DataFrame(
         {
             "site": ["o_proj_input"] * 3,
+            "position": ["all"] * 3,
             "kind": ["noise"] * 3,
             "layer": [1, 0, 1],
             "head": [0, 0, 1],

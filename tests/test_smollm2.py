@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import edit_of
 
-from headperturb import models
+from headperturb import models, passes, tail
 from headperturb.engine import Engine
 from headperturb.prompts import build_prompts
 from headperturb.sites import locate_sites
@@ -66,47 +67,49 @@ def test_smollm2_scores_above_chance_and_noise_moves_the_last_layer(smollm2):
     model, _, built = smollm2
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
-    logits, _ = engine.baseline(ids)
+    logits = engine.score(ids)
     predictions = (logits[:, 1] > logits[:, 0]).astype(int)
     accuracy = float((predictions == built.prompts["label"].to_numpy()).mean())
     assert accuracy >= 0.65, accuracy  # a random model sits at 0.5; measured here: see README
-    full = np.stack([engine.full(x)[0] for x in ids[:3]])
+    full = np.stack([passes.full(engine, x)[0] for x in ids[:3]])
     np.testing.assert_allclose(logits[:3, 1] - logits[:3, 0], full[:, 1] - full[:, 0], atol=1e-4)
-    site = locate_sites(model)[-1]
-    perturbed = engine.perturbed_naive(
-        ids[:3], [0, 1, 2], site=site, head=0, where="o_proj_input", scale=2.0, draws=1, seed=0
-    )
+    edit = edit_of(model, locate_sites(model)[-1], 0, scale=2.0, repeats=1, seed=0)
+    perturbed = passes.naive(engine, ids[:3], [0, 1, 2], edit)
     assert np.abs(perturbed[:, 0] - logits[:3]).max() > 1e-3
 
 
-def test_smollm2_fast_paths_equal_the_naive_method(smollm2, tmp_path):
-    """Issue 3's equivalence on the real model: the last layer (its exported program and the
-    engine's one-position pass) and a middle layer (from its recorded input), against full
-    forward passes with the hook, same noise."""
-    from headperturb import tail
-
+def test_smollm2_fast_passes_equal_the_naive_method(smollm2, tmp_path):
+    """The equivalence on the real model: the last layer (its exported program and the engine's
+    one-position pass), a middle layer from its recorded input, and the final position of a
+    middle layer from the recorded keys and values, against full forward passes with the hook,
+    same noise."""
     model, _, built = smollm2
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]][:4]
     pids = built.prompts["prompt_id"].tolist()[:4]
     sites = locate_sites(model)
     last = sites[-1]
-    _, state = engine.baseline(ids, record=last)
+    recorded = engine.baseline(ids, sites)
+    state = tail.layer_state(recorded.final_state, last.layer)
     meta = tail.describe(model, last, engine.token_ids, "cpu", "float32")
     tail.save(tmp_path / "program", tail.export(model, last, engine.token_ids, state), meta)
     program, meta = tail.load(tmp_path / "program", "cpu")
-    kwargs = dict(head=4, where="o_proj_input", scale=2.0, draws=2, seed=0)
-    naive = engine.perturbed_naive(ids, pids, site=last, **kwargs)
-    np.testing.assert_allclose(
-        engine.perturbed_last(state, pids, site=last, **kwargs), naive, atol=1e-4
-    )
-    np.testing.assert_allclose(
-        tail.perturbed(program, state, pids, meta, **kwargs), naive, atol=1e-4
-    )
+    edit = edit_of(model, last, 4, scale=2.0, repeats=2, seed=0)
+    naive = passes.naive(engine, ids, pids, edit)
+    np.testing.assert_allclose(passes.last_layer(engine, state, pids, edit), naive, atol=1e-4)
+    np.testing.assert_allclose(tail.perturbed(program, state, pids, meta, edit), naive, atol=1e-4)
 
     middle = sites[15]
+    edit = edit_of(model, middle, 4, scale=2.0, repeats=2, seed=0)
     captured = engine.capture_layer_inputs(ids, middle)
-    naive = engine.perturbed_naive(ids, pids, site=middle, **kwargs)
-    fast = engine.perturbed_from_layer(captured, ids, pids, site=middle, **kwargs)
-    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    naive = passes.naive(engine, ids, pids, edit)
+    np.testing.assert_allclose(
+        passes.from_layer(engine, captured, ids, pids, edit), naive, atol=1e-4
+    )
     assert np.abs(naive[:, 0] - naive[:, 1]).max() > 1e-4  # the two draws differ
+
+    edit = edit_of(model, middle, 4, scale=2.0, repeats=2, seed=0, position="last")
+    cache = engine.capture_cache(ids)
+    naive = passes.naive(engine, ids, pids, edit)
+    fast = passes.final_position(engine, recorded.final_state, cache, pids, edit)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)

@@ -1,6 +1,9 @@
+"""Which head jobs a config asks for, where their files go, and the checks made while the DAG is
+built (headperturb.spec)."""
+
 import pytest
 
-from headperturb import spec
+from headperturb import perturbations, spec
 
 
 def test_resolve_layers_negative_and_all():
@@ -31,41 +34,83 @@ def test_format_scale_is_canonical_and_positive():
     assert spec.format_scale(2) == "2"
     assert spec.format_scale(0.5) == "0.5"
     for bad in (0, -1.0):
-        with pytest.raises(spec.SpecError, match="must be > 0"):
+        with pytest.raises(perturbations.PerturbationError, match="must be > 0"):
             spec.format_scale(bad)
 
 
+def _perturbation(**kw):
+    base = dict(layers=[-1], heads="all", scales=[2.0], kinds=["noise"], positions=["all"],
+                sites=["o_proj_input"])  # fmt: skip
+    return {**base, **kw}
+
+
 def test_head_jobs_resolve_against_the_model_and_deduplicate():
-    jobs = spec.head_jobs([-1], "all", [2.0, 2], ["o_proj_input"], n_layers=3, n_heads=2)
+    jobs = spec.head_jobs(_perturbation(scales=[2.0, 2]), n_layers=3, n_heads=2)
     assert [(j.kind, j.layer, j.head, j.scale) for j in jobs] == [
         ("noise", 2, 0, "2"),
         ("noise", 2, 1, "2"),
     ]
     assert (
         jobs[0].path("results/r")
-        == "results/r/perturb/o_proj_input/noise/layer2/head0_scale2.parquet"
+        == "results/r/perturb/o_proj_input/all/noise_scale2/layer2/head0.parquet"
     )
-    both = spec.head_jobs([0], [1], [1.0, 3.0], ["o_proj_input"], 1, 2, kinds=["noise", "zero"])
+    both = spec.head_jobs(
+        _perturbation(layers=[0], heads=[1], scales=[1.0, 3.0], kinds=["noise", "zero"]), 1, 2
+    )
     assert [(j.kind, j.scale) for j in both] == [("noise", "1"), ("noise", "3"), ("zero", "")]
-    assert both[2].path("r") == "r/perturb/o_proj_input/zero/layer0/head1.parquet"
-    ablations_only = spec.head_jobs([0], [1], [1.0], ["o_proj_input"], 1, 2, kinds=["mean"])
-    assert [(j.kind, j.scale) for j in ablations_only] == [("mean", "")]
+    assert both[2].path("r") == "r/perturb/o_proj_input/all/zero/layer0/head1.parquet"
     with pytest.raises(spec.SpecError, match="kind 'shuffle'"):
-        spec.head_jobs([0], [0], [1.0], ["o_proj_input"], 1, 1, kinds=["shuffle"])
+        spec.head_jobs(_perturbation(kinds=["shuffle"]), 1, 1)
     with pytest.raises(spec.SpecError, match="site 'resid'"):
-        spec.head_jobs([0], [0], [1.0], ["resid"], n_layers=1, n_heads=1)
+        spec.head_jobs(_perturbation(sites=["resid"]), 1, 1)
+    with pytest.raises(spec.SpecError, match="position 'first'"):
+        spec.head_jobs(_perturbation(positions=["first"]), 1, 1)
+
+
+def test_sweeps_take_missing_keys_from_the_top_level_and_are_united():
+    config = _perturbation(
+        kinds=["noise", "zero"],
+        sweeps=[{"layers": [-1]}, {"layers": "all", "positions": ["last"], "kinds": ["zero"]}],
+    )
+    jobs = spec.head_jobs(config, n_layers=3, n_heads=2)
+    last_layer = [j for j in jobs if j.position == "all"]
+    assert {(j.layer, j.kind) for j in last_layer} == {(2, "noise"), (2, "zero")}
+    assert {(j.layer, j.kind) for j in jobs if j.position == "last"} == {
+        (0, "zero"),
+        (1, "zero"),
+        (2, "zero"),
+    }
+    assert len(jobs) == 2 * 2 + 3 * 2
+    # a job asked for twice is one job
+    twice = spec.head_jobs(_perturbation(sweeps=[{"heads": [0]}, {"heads": [0, 1]}]), 3, 2)
+    assert len(twice) == 2
+
+
+def test_settings_round_trip_through_paths_and_wildcards():
+    job = spec.HeadJob("o_proj_output", "last", "noise", "0.5", 3, 7)
+    assert job.setting == "noise_scale0.5"
+    assert spec.HeadJob.from_wildcards("o_proj_output", "last", "noise_scale0.5", "3", "7") == job
+    assert spec.parse_setting("mean") == ("mean", "")
+    import re
+
+    pattern = re.compile(spec.setting_pattern())
+    assert pattern.fullmatch("noise_scale2") and pattern.fullmatch("resample")
+    assert not pattern.fullmatch("zero_scale2") and not pattern.fullmatch("noise")
+    with pytest.raises(spec.SpecError, match="noise needs scale"):
+        spec.parse_setting("noise")
 
 
 def test_noise_seed_depends_on_every_part_and_only_on_them():
-    base = spec.noise_seed(0, 1, 2, "2", 0, 5)
-    assert base == spec.noise_seed(0, 1, 2, 2.0, 0, 5)  # the scale's text is canonical
+    seed = perturbations.noise_seed
+    base = seed(0, 1, 2, "2", 0, 5)
+    assert base == seed(0, 1, 2, 2.0, 0, 5)  # the scale's text is canonical
     others = {
-        spec.noise_seed(1, 1, 2, "2", 0, 5),
-        spec.noise_seed(0, 0, 2, "2", 0, 5),
-        spec.noise_seed(0, 1, 3, "2", 0, 5),
-        spec.noise_seed(0, 1, 2, "3", 0, 5),
-        spec.noise_seed(0, 1, 2, "2", 1, 5),
-        spec.noise_seed(0, 1, 2, "2", 0, 6),
+        seed(1, 1, 2, "2", 0, 5),
+        seed(0, 0, 2, "2", 0, 5),
+        seed(0, 1, 3, "2", 0, 5),
+        seed(0, 1, 2, "3", 0, 5),
+        seed(0, 1, 2, "2", 1, 5),
+        seed(0, 1, 2, "2", 0, 6),
     }
     assert base not in others and len(others) == 6
     assert 0 <= base < 2**63
@@ -77,5 +122,64 @@ def test_data_files(tmp_path, imdb_dir):
         str(imdb_dir / "train.parquet"),
         str(imdb_dir / "test.parquet"),
     ]
-    assert spec.data_files("x/imdb_{split}.csv") == ["x/imdb_train.csv", "x/imdb_test.csv"]
-    assert spec.data_files(str(tmp_path)) == []
+    (tmp_path / "imdb_train.csv").write_text("text,label\n")
+    (tmp_path / "imdb_test.csv").write_text("text,label\n")
+    pattern = str(tmp_path / "imdb_{split}.csv")
+    assert spec.data_files(pattern) == [
+        str(tmp_path / "imdb_train.csv"),
+        str(tmp_path / "imdb_test.csv"),
+    ]
+    (tmp_path / "aclImdb" / "train" / "pos").mkdir(parents=True)
+    assert spec.data_files(str(tmp_path)) == []  # an aclImdb/ tree: one file per review, untracked
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("{root}/absent", "does not exist"),
+        ("{root}/imdb_{{split}}_{{x}}.csv", "the only placeholder allowed is {split}"),
+        ("{root}/imdb_{{split}}.parquet", "imdb_test.parquet do not exist"),
+        ("{root}/single.csv", "is a single file"),
+        ("{root}", "holds neither train/test .parquet or .csv files nor an aclImdb/ layout"),
+    ],
+)
+def test_data_paths_that_name_no_source_are_refused(tmp_path, path, message):
+    (tmp_path / "single.csv").write_text("text,label\n")
+    with pytest.raises(spec.SpecError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        spec.data_files(path.format(root=tmp_path))
+
+
+def test_review_counts_against_the_prompt_settings(imdb_dir):
+    counts = spec.label_counts(spec.data_files(str(imdb_dir)))
+    assert counts == {"train": {0: 12500, 1: 12500}, "test": {0: 12500, 1: 12500}}
+    fine = {"k_shot": 4, "n_test": 200, "candidates": 8, "n_dev": 100}
+    spec.check_review_counts(counts, fine)
+    with pytest.raises(
+        spec.SpecError,
+        match="asks for 50050 negative reviews from the train split, which has 12500",
+    ):
+        spec.check_review_counts(counts, {**fine, "k_shot": 100000, "candidates": 1})
+    with pytest.raises(
+        spec.SpecError, match="n_test asks for 15000 negative reviews from the test split"
+    ):
+        spec.check_review_counts(counts, {**fine, "n_test": 30000})
+    spec.check_review_counts(None, {**fine, "n_test": 10**9})  # the hub: checked on reading
+
+
+def test_the_schema_lists_what_the_library_knows():
+    """Kinds, sites, positions, methods, noise modes and calibrations are defined once, in the
+    library; the schema's enums must agree with them."""
+    from headperturb import calibration, config
+
+    schema = config.load_schema(
+        spec.Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml"
+    )
+    defs, pert = schema["$defs"], schema["properties"]["perturbation"]["properties"]
+    assert defs["kinds"]["items"]["enum"] == list(perturbations.kinds())
+    assert defs["sites"]["items"]["enum"] == list(spec.SITES)
+    assert defs["positions"]["items"]["enum"] == list(spec.POSITIONS)
+    assert pert["method"]["enum"] == list(spec.METHODS)
+    assert pert["noise_mode"]["enum"] == list(perturbations.Noise.NOISE_MODES)
+    assert set(pert["sweeps"]["items"]["properties"]) == set(spec.SWEEP_KEYS)
+    scoring = schema["properties"]["scoring"]["properties"]
+    assert scoring["calibration"]["enum"] == list(calibration.METHODS)

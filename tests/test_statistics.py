@@ -39,7 +39,7 @@ def _fake(n=100, draws=4, flip=0, seed=0):
     base_pred = (margin > 0).astype(int)
     pert_margin = np.repeat(margin[:, None], draws, axis=1)
     pert_margin[:flip] *= -1  # the first `flip` prompts become wrong in every draw
-    return labels, base_pred, margin, (pert_margin > 0).astype(int), pert_margin
+    return labels, (base_pred, margin), ((pert_margin > 0).astype(int), pert_margin)
 
 
 def test_no_change_gives_zero_and_p_one():
@@ -74,7 +74,7 @@ def test_stability_is_kept_apart_for_ablations_of_one_head(tmp_path):
     empty scale; each row must get its own stability."""
     import pandas as pd
 
-    from headperturb import evaluation, io, scoring
+    from headperturb import aggregation, io, scoring
 
     labels = np.array([0, 1, 0, 1])
     base = scoring.per_prompt(range(4), labels, np.array([[1.0, 0], [0, 1], [1, 0], [0, 1]]))
@@ -83,13 +83,14 @@ def test_stability_is_kept_apart_for_ablations_of_one_head(tmp_path):
     paths = []
     for kind, draws in (("mean", 1), ("resample", 2)):
         frames = [base.assign(draw=d) for d in range(draws)]
-        frame = pd.concat(frames).assign(site="o_proj_input", kind=kind, layer=0, head=0, scale="")
+        frame = pd.concat(frames).assign(site="o_proj_input", position="all", kind=kind, layer=0,
+                                         head=0, scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
         frame.to_parquet(tmp_path / f"{kind}.parquet")
         paths.append(tmp_path / f"{kind}.parquet")
-    table = evaluation.run_aggregation(
-        baseline_path=tmp_path / "metrics.json", baseline_per_prompt_path=tmp_path / "base.parquet",
-        perturbed_paths=paths, parquet_path=tmp_path / "t.parquet", csv_path=tmp_path / "t.csv",
-        high=10.0, medium=5.0, statistics={"bootstrap": 100, "permutations": 100},
+    table = aggregation.aggregate(
+        {"baseline": tmp_path / "metrics.json", "baseline_per_prompt": tmp_path / "base.parquet", "perturbed": paths,
+         "parquet": tmp_path / "t.parquet", "csv": tmp_path / "t.csv"},
+        10.0, 5.0, {"bootstrap": 100, "permutations": 100},
     )  # fmt: skip
     stable = dict(zip(table["kind"], table["category_stable"]))
     assert stable["mean"] is None and stable["resample"] is True

@@ -50,12 +50,17 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
     }
 
 
-@pytest.fixture(scope="module")
-def base_config(tiny_llama_dir, imdb_dir) -> dict:
+def tiny_config(model_dir, imdb_dir, name: str = "tiny-llama") -> dict:
+    """config/test.yaml on a tiny random model instead of SmolLM2."""
     config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    config["model"]["path"] = str(tiny_llama_dir)
+    config["model"] = {"name": name, "path": str(model_dir), "dtype": "float32", "device": "cpu"}
     config["data"]["path"] = str(imdb_dir)
     return config
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_llama_dir, imdb_dir) -> dict:
+    return tiny_config(tiny_llama_dir, imdb_dir)
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +70,48 @@ def finished_run(tmp_path_factory, base_config) -> Path:
     return workdir
 
 
+JOB_FILES = [
+    "perturb/o_proj_input/all/noise_scale2/layer1/head0.parquet",
+    "perturb/o_proj_input/all/noise_scale2/layer1/head1.parquet",
+    "perturb/o_proj_input/all/zero/layer1/head0.parquet",
+    "perturb/o_proj_input/all/mean/layer1/head1.parquet",
+    "perturb/o_proj_input/last/noise_scale2/layer0/head0.parquet",
+    "perturb/o_proj_input/last/zero/layer0/head1.parquet",
+]
+
+
 def test_outputs_exist_and_no_temporary_files_remain(finished_run):
     results = finished_run / "results" / "test"
     for name in [
+        "prompts/reviews.parquet",
         "prompts/prompts.parquet",
         "prompts/demonstrations.parquet",
+        "prompts/selection.csv",
         "baseline/per_prompt.parquet",
         "baseline/metrics.json",
         "baseline/final_state.safetensors",
-        "perturb/o_proj_input/noise/layer1/head0_scale2.parquet",
-        "perturb/o_proj_input/noise/layer1/head1_scale2.parquet",
-        "perturb/o_proj_input/zero/layer1/head0.parquet",
-        "perturb/o_proj_input/mean/layer1/head1.parquet",
+        "baseline/last_layer/program.pt2",
+        "activations/cache.safetensors",
+        *JOB_FILES,
         "contributions.parquet",
         "contributions.csv",
+        "summary.md",
         "plots/contribution_distributions.png",
         "plots/detailed_head_analysis.png",
-        "logs/prepare_model.log",
+        "plots/layer_head_heatmap.png",
+        "logs/select_reviews.log",
         "logs/baseline.log",
-        "logs/perturb/o_proj_input/noise/layer1/head0_scale2.log",
+        "logs/perturb/o_proj_input/all/noise_scale2/layer1/head0.log",
         "logs/aggregate.log",
     ]:
         assert (results / name).is_file(), name
     assert (results / "plots/detailed_head_analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     leftovers = [p for p in finished_run.rglob("*.tmp") if ".snakemake" not in p.parts]
     assert leftovers == []
+    assert (
+        "accuracy per draw"
+        in (results / "logs/perturb/o_proj_input/last/zero/layer0/head1.log").read_text()
+    )
 
 
 def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_run):
@@ -100,23 +122,17 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
         base_metrics["accuracy"]
     )
     table = pd.read_parquet(results / "contributions.parquet")
-    assert len(table) == 6 and set(table["head"]) == {0, 1} and set(table["layer"]) == {1}
+    assert len(table) == 10 and set(table["head"]) == {0, 1} and set(table["layer"]) == {0, 1}
     assert sorted(table["kind"].unique()) == ["mean", "noise", "zero"]
+    assert set(zip(table["position"], table["layer"])) == {("all", 1), ("last", 0)}
     for _, row in table[table["kind"] == "noise"].iterrows():
         per_prompt = pd.read_parquet(
-            results / f"perturb/o_proj_input/noise/layer1/head{row['head']}_scale2.parquet"
+            results
+            / f"perturb/o_proj_input/{row['position']}/noise_scale2/layer{row['layer']}/head{row['head']}.parquet"
         )
         assert sorted(per_prompt["draw"].unique()) == [0, 1]
-        assert set(per_prompt.columns) >= {
-            "site",
-            "layer",
-            "head",
-            "scale",
-            "seed",
-            "draw",
-            "margin",
-            "correct",
-        }
+        assert set(per_prompt.columns) >= {"site", "position", "layer", "head", "scale", "seed",
+                                           "draw", "margin", "calibrated_margin", "correct"}  # fmt: skip
         accs = [g["correct"].mean() for _, g in per_prompt.groupby("draw")]
         expected = base_metrics["accuracy"] - sum(accs) / len(accs)
         assert row["contribution_accuracy"] == pytest.approx(expected)
@@ -125,17 +141,18 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
         )
     csv = pd.read_csv(results / "contributions.csv")
     assert list(csv.columns) == list(table.columns)
-    meta = io.read_parquet_metadata(
-        results / "perturb/o_proj_input/noise/layer1/head0_scale2.parquet"
-    )
+    meta = io.read_parquet_metadata(results / JOB_FILES[0])
     assert meta["model_architecture"] == "LlamaForCausalLM" and meta["device"] == "cpu"
 
 
-def test_two_runs_give_byte_identical_result_files(tmp_path, finished_run, base_config):
-    """Determinism: a fresh run of the same config in another folder writes the same bytes."""
-    snakemake(tmp_path, base_config, "--until", "aggregate")
-    ours = sorted((tmp_path / "results/test").rglob("*.parquet"))
-    assert len(ours) >= 8
+def test_two_runs_give_byte_identical_files(tmp_path, finished_run, base_config):
+    """Determinism: a fresh run of the same config in another folder writes the same bytes,
+    every file under results/<run>/ but the logs (which hold times)."""
+    snakemake(tmp_path, base_config)
+    ours = sorted(p for p in (tmp_path / "results/test").rglob("*")
+                  if p.is_file() and "logs" not in p.relative_to(tmp_path).parts)  # fmt: skip
+    assert len(ours) >= 20
+    assert any(p.name == "program.pt2" for p in ours) and any(p.suffix == ".png" for p in ours)
     for path in ours:
         theirs = finished_run / path.relative_to(tmp_path)
         assert path.read_bytes() == theirs.read_bytes(), path.relative_to(tmp_path)
@@ -145,48 +162,59 @@ def test_nothing_to_do_on_a_second_run(finished_run, base_config):
     assert planned_jobs(finished_run, base_config) == {}
 
 
-def test_adding_a_head_reruns_only_its_job_aggregation_and_plots(finished_run, base_config):
+AFTER_THE_JOBS = {"aggregate": 1, "summarize": 1, "plot": 3, "all": 1}
+
+
+def test_adding_a_head_reruns_only_its_jobs_aggregation_and_plots(finished_run, base_config):
     config = copy.deepcopy(base_config)
     config["perturbation"]["heads"] = [0, 1, 2]
-    assert planned_jobs(finished_run, config) == {
-        "perturb_head": 1, "ablate_head": 2, "aggregate": 1, "summarize": 1, "plot_distributions": 1,
-        "plot_heads": 1, "all": 1,
-    }  # fmt: skip
+    assert planned_jobs(finished_run, config) == {"perturb_head": 5, **AFTER_THE_JOBS}
 
 
 def test_adding_a_scale_adds_its_jobs_and_the_scale_plot(finished_run, base_config):
     config = copy.deepcopy(base_config)
     config["perturbation"]["scales"] = [2.0, 8.0]
-    assert planned_jobs(finished_run, config) == {
-        "perturb_head": 2, "aggregate": 1, "summarize": 1, "plot_distributions": 1, "plot_heads": 1, "plot_scales": 1, "all": 1,
-    }  # fmt: skip
+    assert planned_jobs(finished_run, config) == {"perturb_head": 4, **AFTER_THE_JOBS, "plot": 4}
 
 
-def test_adding_a_layer_captures_its_inputs_and_adds_the_heatmap(finished_run, base_config):
+def test_adding_an_all_position_sweep_of_another_layer_captures_its_inputs(
+    finished_run, base_config
+):
     config = copy.deepcopy(base_config)
-    config["perturbation"]["layers"] = [0, -1]
+    config["perturbation"]["sweeps"].append(
+        {"layers": [0], "positions": ["all"], "kinds": ["noise"]}
+    )
     assert planned_jobs(finished_run, config) == {
-        "capture_layer": 1, "perturb_head": 2, "ablate_head": 4, "aggregate": 1, "summarize": 1,
-        "plot_distributions": 1, "plot_heads": 1, "plot_heatmap": 1, "all": 1,
-    }  # fmt: skip
+        "capture_layer": 1,
+        "perturb_head": 2,
+        **AFTER_THE_JOBS,
+    }
+
+
+def test_adding_a_position_adds_only_its_jobs(finished_run, base_config):
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["sweeps"][0]["positions"] = ["all", "last"]
+    assert planned_jobs(finished_run, config) == {"perturb_head": 6, **AFTER_THE_JOBS}
 
 
 def test_naive_method_gives_the_same_numbers(finished_run, base_config):
-    """The reference method (full forward passes) through the whole workflow, for a middle layer
-    and the last one, against the default fast method."""
+    """The reference method (full forward passes) through the whole workflow, for every pass of
+    the fast method (the last layer, a middle layer at all positions and at the last one), with
+    relative noise."""
     fast_config = copy.deepcopy(base_config)
-    fast_config["perturbation"]["layers"] = [0, -1]
     fast_config["perturbation"]["noise_mode"] = "relative"
+    fast_config["perturbation"]["sweeps"].append({"layers": [0], "positions": ["all"]})
     naive_config = copy.deepcopy(fast_config)
     naive_config["run_name"] = "test-naive"
     naive_config["perturbation"]["method"] = "naive"
     snakemake(finished_run, fast_config)
     snakemake(finished_run, naive_config)
-    names = [f"perturb/o_proj_input/{kind}/layer{{layer}}/head{{head}}{suffix}.parquet"
-             for kind, suffix in (("noise", "_scale2"), ("zero", ""), ("mean", ""))]  # fmt: skip
-    for name in [
-        p.format(layer=layer, head=head) for p in names for layer in (0, 1) for head in (0, 1)
-    ]:
+    names = sorted(
+        p.relative_to(finished_run / "results/test")
+        for p in (finished_run / "results/test/perturb").rglob("*.parquet")
+    )
+    assert len(names) == 16
+    for name in names:
         fast = pd.read_parquet(finished_run / "results/test" / name)
         naive = pd.read_parquet(finished_run / "results/test-naive" / name)
         assert (fast["margin"] - naive["margin"]).abs().max() < 1e-4, name
@@ -198,56 +226,20 @@ def test_naive_method_gives_the_same_numbers(finished_run, base_config):
     assert not (finished_run / "results/test-naive/activations").exists()
     rms = pd.read_parquet(finished_run / "results/test/baseline/head_rms.parquet")
     noise = pd.read_parquet(
-        finished_run / "results/test/perturb/o_proj_input/noise/layer0/head1_scale2.parquet"
+        finished_run / "results/test/perturb/o_proj_input/all/noise_scale2/layer0/head1.parquet"
     )
     expected = 2.0 * rms.query("site == 'o_proj_input' and layer == 0 and head == 1")["rms"].item()
-    assert set(noise["noise_mode"]) == {"relative"} and noise["sigma"].iloc[0] == pytest.approx(
-        expected
-    )
+    assert set(noise["noise_mode"]) == {"relative"}
+    assert noise["sigma"].iloc[0] == pytest.approx(expected)
 
 
 def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_run, base_config):
     config = copy.deepcopy(base_config)
     config["prompts"]["seed"] = 1
     assert planned_jobs(finished_run, config) == {
-        "build_prompts": 1, "baseline": 1, "perturb_head": 2, "ablate_head": 4, "aggregate": 1, "summarize": 1,
-        "plot_distributions": 1, "plot_heads": 1, "all": 1,
+        "select_reviews": 1, "build_prompts": 1, "baseline": 1, "capture_cache": 1,
+        "perturb_head": 10, **AFTER_THE_JOBS,
     }  # fmt: skip
-
-
-def test_config_errors_stop_before_any_job(tmp_path, base_config):
-    config = copy.deepcopy(base_config)
-    config["perturbation"]["scales"] = [0.0]
-    result = snakemake(tmp_path, config, "--dry-run", check=False)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert (
-        "perturbation" in out
-        and "scales" in out
-        and "0.0 is less than or equal to the minimum of 0" in out
-    )
-    config = copy.deepcopy(base_config)
-    config["prompts"]["k_shots"] = 4
-    result = snakemake(tmp_path, config, "--dry-run", check=False)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "Additional properties are not allowed ('k_shots' was unexpected)" in out
-    assert not (tmp_path / "results").exists()
-    config = copy.deepcopy(base_config)
-    config["prompts"]["template"] = "Review: {text}"
-    result = snakemake(tmp_path, config, "--dry-run", check=False)
-    assert result.returncode != 0 and "template" in result.stdout + result.stderr
-
-
-def test_a_layer_out_of_range_stops_once_the_model_is_known(tmp_path, base_config):
-    """Checked against the prepared model's config, before any evaluation job runs."""
-    config = copy.deepcopy(base_config)
-    config["perturbation"]["layers"] = [5]
-    result = snakemake(tmp_path, config, check=False)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "layer 5 is out of range: the model has 2 layers (allowed -2..1)" in out
-    assert not (tmp_path / "results/test/baseline/per_prompt.parquet").exists()
 
 
 def test_report_holds_every_plot_and_table(finished_run, base_config, tmp_path):
@@ -256,8 +248,12 @@ def test_report_holds_every_plot_and_table(finished_run, base_config, tmp_path):
     report = tmp_path / "report.html"
     snakemake(finished_run, base_config, "--report", str(report))
     html = report.read_text()
-    plots = ["contribution_distributions.png", "detailed_head_analysis.png"]  # the base config's
-    for name in [*plots, "contributions.csv", "summary.md"]:
+    plots = [
+        "contribution_distributions.png",
+        "detailed_head_analysis.png",
+        "layer_head_heatmap.png",
+    ]
+    for name in [*plots, "contributions.csv", "summary.md", "selection.csv"]:
         assert name in html, name
     for caption in (
         "Distributions of the contribution scores",
@@ -285,11 +281,13 @@ def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_d
     config["model"]["path"] = str(
         build_tiny_model(tmp_path / family, tiny_tokenizer_dir, family, n_layers=3)
     )
-    config["perturbation"].update(layers=[1, -1], heads=[0, 3], repeats=1)
+    config["perturbation"].update(heads=[0, 3], repeats=1, sweeps=[
+        {"layers": [1, -1], "positions": ["all"]}, {"layers": [0], "positions": ["last"]}])  # fmt: skip
     snakemake(tmp_path, config)
     table = pd.read_csv(tmp_path / "results/test/contributions.csv")
     noise = table[table["kind"] == "noise"]
-    assert sorted(zip(noise["layer"], noise["head"])) == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert sorted(zip(noise["position"], noise["layer"], noise["head"])) == [
+        ("all", 1, 0), ("all", 1, 3), ("all", 2, 0), ("all", 2, 3), ("last", 0, 0), ("last", 0, 3)]  # fmt: skip
     assert (tmp_path / "results/test/plots/layer_head_heatmap.png").is_file()
     info = io.read_json(tmp_path / f"resources/models/tiny-{family}/headperturb_model.json")
     assert info["model_type"] == family and info["n_heads"] == 4
@@ -302,7 +300,8 @@ def test_a_killed_run_leaves_no_partial_output_and_resumes(tmp_path, base_config
     import time
 
     config = copy.deepcopy(base_config)
-    config["perturbation"].update(method="naive", heads="all", kinds=["noise"])
+    config["perturbation"].update(method="naive", heads="all", kinds=["noise"],
+                                  sweeps=[{"layers": [-1]}])  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
@@ -345,10 +344,10 @@ def test_pipeline_runs_through_slurm(tmp_path, base_config):
             )
         pytest.skip("no SLURM here; CI starts one with .ci/slurm.sh")
     # the test node has 2 CPUs: the model rules' 4 would never be scheduled
-    small = [f"{rule}:cpus_per_task=1" for rule in ("prepare_model", "baseline", "capture_layer")]
+    model_rules = ("prepare_model", "build_prompts", "baseline", "capture_layer", "capture_cache")
     result = snakemake(tmp_path, base_config, "--profile", str(REPO / "profiles/slurm"),
-                       "--set-resources", *small,
-                       "--set-threads", "prepare_model=1", "baseline=1", "capture_layer=1")  # fmt: skip
+                       "--set-resources", *[f"{rule}:cpus_per_task=1" for rule in model_rules],
+                       "--set-threads", *[f"{rule}=1" for rule in model_rules])  # fmt: skip
     text = result.stdout + result.stderr
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", text)
     assert len(job_ids) >= 6, text[-3000:]

@@ -90,6 +90,33 @@ def build_tiny_model(
     return folder
 
 
+def head_slice(site, head: int) -> slice:
+    """Head ``head``'s columns of the o_proj input."""
+    return slice(head * site.head_dim, (head + 1) * site.head_dim)
+
+
+def projection_weight(model, site):
+    """The projection weight as (out_features, in_features), whatever its storage."""
+    weight = model.get_submodule(site.module_name).weight
+    return weight.T if site.transposed else weight
+
+
+def edit_of(model, site, head, kind="noise", *, where="o_proj_input", scale=4.0, repeats=3,
+            seed=5, clean=None, position="all"):  # fmt: skip
+    """The :class:`headperturb.intervention.Edit` of a perturbation ``kind`` on ``head`` of
+    ``site``, as a job builds it (``clean``: the head's clean outputs, for mean and resample)."""
+    from headperturb import perturbations
+    from headperturb.intervention import Edit, site_slice
+
+    cols = site_slice(model, site, head, where)
+    pert = perturbations.build(kind, scale if kind == "noise" else None)
+    if kind == "noise":
+        pert = pert.resolve()
+    values = pert.values(seed=seed, layer=site.layer, head=head, width=cols.stop - cols.start,
+                         repeats=repeats, clean=clean)  # fmt: skip
+    return Edit(site, head, where, values, pert.mode, pert.draws(repeats), position)
+
+
 def capture_io(model, name: str, ids):
     """The input and output of module ``name`` in a forward pass over ``ids``."""
     import torch

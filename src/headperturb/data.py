@@ -139,7 +139,7 @@ def _read_tarball(path: Path, split: str) -> pd.DataFrame:
 
 
 def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
-    """Check columns and labels; drop empty and duplicate texts (logged with counts)."""
+    """Check columns and labels; drop missing, empty and duplicate texts (each counted in the log)."""
     missing = [c for c in ("text", "label") if c not in frame.columns]
     if missing:
         raise DataError(
@@ -155,7 +155,12 @@ def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
     if "row" not in frame.columns:  # the position in the source, kept through the drops below
         frame.insert(0, "row", range(len(frame)))
     frame["label"] = frame["label"].astype("int64")
-    frame["text"] = frame["text"].astype(str)
+    missing = frame["text"].isna()
+    if missing.any():
+        log.warning("%s: dropped %d missing text(s)", where, int(missing.sum()))
+        frame = frame[~missing]
+    # every text reaching prompt building is a str (a CSV column of digits would be numbers)
+    frame["text"] = [t if isinstance(t, str) else str(t) for t in frame["text"]]
     empty = frame["text"].str.strip() == ""
     if empty.any():
         log.warning("%s: dropped %d empty text(s)", where, int(empty.sum()))

@@ -1,7 +1,8 @@
-"""The perturbation of one head: Gaussian noise added to the head's output while a hook is active.
+"""The edit of one head's output while a hook is active: its columns at a site, changed by values
+that are added (noise) or set (ablations).
 
-``o_proj_input`` (the default) adds noise to head ``h``'s slice of the input of the attention output
-projection, its own output. ``o_proj_output`` adds it to a slice of the projection's output, as the
+``o_proj_input`` (the default) edits head ``h``'s slice of the input of the attention output
+projection, its own output. ``o_proj_output`` edits a slice of the projection's output, as the
 original study did; that slice is ``out_features / n_heads`` residual-stream coordinates that every
 head writes to, so it is kept to reproduce the study, not to attribute an effect to a head.
 
@@ -11,62 +12,51 @@ The hook removes itself when the ``with`` block ends, also on an exception.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .sites import HeadSite, SiteError
-from .spec import SITES, noise_seed
+from .spec import SITES
+from .surgery import out_features
+
+MODES = ("add", "set")
 
 
 def site_slice(model, site: HeadSite, head: int, where: str) -> slice:
     """The columns of head ``head`` at ``where`` (``o_proj_input`` or ``o_proj_output``)."""
-    weight = model.get_submodule(site.module_name).weight
-    out_features = weight.shape[1] if site.transposed else weight.shape[0]
-    return head_columns(head, where, site.layer, site.n_heads, site.head_dim, int(out_features))
+    return head_columns(
+        head, where, site.layer, site.n_heads, site.head_dim, out_features(model, site)
+    )
 
 
 def head_columns(
-    head: int, where: str, layer: int, n_heads: int, head_dim: int, out_features: int
+    head: int, where: str, layer: int, n_heads: int, head_dim: int, d_out: int
 ) -> slice:
     """The columns of head ``head`` at ``where``: its ``head_dim`` inputs of the projection, or
-    its ``out_features / n_heads`` block of the projection's output (the original study's site)."""
+    its ``d_out / n_heads`` block of the projection's output (the original study's site)."""
     if where not in SITES:
         raise ValueError(f"site {where!r} is not allowed; allowed: {', '.join(SITES)}")
     if not 0 <= head < n_heads:
         raise SiteError(f"head {head} is out of range: layer {layer} has {n_heads}")
-    width = head_dim if where == "o_proj_input" else out_features // n_heads
+    width = head_dim if where == "o_proj_input" else d_out // n_heads
     return slice(head * width, (head + 1) * width)
 
 
-def noise_values(*, seed: int, layer: int, head: int, scale: float, draws: int, width: int):
-    """``values(index, prompt_id, length)``: the seeded noise (:func:`make_noise`) a prompt gets."""
-
-    def values(_index, prompt_id, length):
-        return make_noise(seed=seed, layer=layer, head=head, scale=scale, draws=draws,
-                          prompt=prompt_id, length=length, width=width)  # fmt: skip
-
-    return values
-
-
-def make_noise(
-    *,
-    seed: int,
-    layer: int,
-    head: int,
-    scale: float,
-    draws: int,
-    prompt: int,
-    length: int,
-    width: int,
-) -> torch.Tensor:
-    """``randn * scale`` of shape (draws, length, width), float32, one seeded generator per draw."""
-    out = torch.empty(draws, length, width, dtype=torch.float32)
-    for draw in range(draws):
-        gen = torch.Generator().manual_seed(noise_seed(seed, layer, head, scale, draw, prompt))
-        out[draw] = torch.randn(length, width, generator=gen)
-    return out * float(scale)
+def edit(x: torch.Tensor, cols: slice, values: torch.Tensor, mode: str) -> torch.Tensor:
+    """``x`` (..., seq, width) with ``values`` (batch or 1, k, len(cols)) added to, or set on, the
+    columns ``cols`` of its last ``k`` positions (``k`` = the shorter of the two lengths)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
+    x = x.clone()
+    k = min(x.shape[-2], values.shape[-2])
+    v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)
+    if mode == "add":
+        x[..., -k:, cols] += v
+    else:
+        x[..., -k:, cols] = v.expand(*x.shape[:-2], k, v.shape[-1])
+    return x
 
 
 @contextlib.contextmanager
@@ -78,64 +68,54 @@ def perturb_head(
     where: str = "o_proj_input",
     mode: str = "add",
 ) -> Iterator[None]:
-    """While active, change head ``head``'s slice at ``where``: ``mode="add"`` adds ``values``
-    (noise), ``mode="set"`` replaces the slice by ``values`` (ablations).
+    """While active, change head ``head``'s slice at ``where`` with :func:`edit`.
 
     ``values`` has shape (batch or 1, length, width) and is aligned to the *last* positions of the
     hooked tensor, so a pass over only the final tokens of a prompt receives the values of those
-    positions. With ``set``, positions before the first of ``values`` keep their own output.
+    positions, and values of length 1 perturb the final position alone. With ``set``, positions
+    before the first of ``values`` keep their own output.
     """
-    if mode not in ("add", "set"):
-        raise ValueError(f"mode {mode!r} is not allowed; allowed: add, set")
     cols = site_slice(model, site, head, where)
     module = model.get_submodule(site.module_name)
-
-    def change(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        k = min(x.shape[-2], values.shape[-2])
-        v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)
-        if mode == "add":
-            x[..., -k:, cols] += v
-        else:
-            x[..., -k:, cols] = v.expand(*x.shape[:-2], k, v.shape[-1])
-        return x
-
     if where == "o_proj_input":
-        handle = module.register_forward_pre_hook(lambda _m, args: (change(args[0]), *args[1:]))
+        handle = module.register_forward_pre_hook(
+            lambda _m, args: (edit(args[0], cols, values, mode), *args[1:])
+        )
     else:
-        handle = module.register_forward_hook(lambda _m, _args, out: change(out))
+        handle = module.register_forward_hook(lambda _m, _args, out: edit(out, cols, values, mode))
     try:
         yield
     finally:
         handle.remove()
 
 
-KINDS = ("noise", "zero", "mean", "resample")
-"""What replaces or disturbs the head's output.
+@dataclass(frozen=True)
+class Edit:
+    """What a perturbed pass applies: head ``head`` of ``site``, at ``where`` (o_proj input or
+    output), over ``position`` (``all`` positions or the ``last`` one), its columns changed by
+    ``values`` (added or set, ``mode``) in each of ``draws`` draws.
 
-``noise``: ``randn * sigma`` added (the original study). ``zero``: the output set to 0. ``mean``:
-the output set to its mean over the prompts at each position counted from the end. ``resample``:
-the output taken from another prompt (a seeded derangement per draw), aligned from the end.
-"""
+    ``values(index, prompt_id, length)`` gives a (draws or 1, length, width) tensor aligned to the
+    last ``length`` positions (see :mod:`headperturb.perturbations`)."""
 
+    site: HeadSite
+    head: int
+    where: str
+    values: Callable
+    mode: str
+    draws: int
+    position: str = "all"
 
-def donors(seed: int, layer: int, head: int, draw: int, n: int) -> np.ndarray:
-    """For each of ``n`` prompts, the prompt whose head output replaces its own: a seeded
-    derangement (no prompt is its own donor when n > 1)."""
-    key = noise_seed(seed, layer, head, 1.0, draw, -1)
-    order = np.random.default_rng(key).permutation(n)
-    out = np.empty(n, dtype=np.int64)
-    out[order] = np.roll(order, -1)
-    return out
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
 
+    def for_prompt(self, index: int, prompt_id: int, length: int) -> torch.Tensor:
+        """The values for one prompt of ``length`` tokens: every position, or the final one."""
+        return self.values(index, prompt_id, length if self.position == "all" else 1)
 
-def mean_from_end(activations: list[torch.Tensor]) -> torch.Tensor:
-    """(max length, width): the mean over prompts at each position counted from the end."""
-    longest = max(a.shape[0] for a in activations)
-    width = activations[0].shape[1]
-    total = torch.zeros(longest, width, dtype=torch.float64)
-    count = torch.zeros(longest, 1, dtype=torch.float64)
-    for a in activations:
-        total[longest - a.shape[0] :] += a.double()
-        count[longest - a.shape[0] :] += 1
-    return (total / count).float()
+    @contextlib.contextmanager
+    def applied(self, model, values: torch.Tensor) -> Iterator[None]:
+        """While active, ``values`` (one prompt's, from :meth:`for_prompt`) edit the model."""
+        with perturb_head(model, self.site, self.head, values, self.where, self.mode):
+            yield

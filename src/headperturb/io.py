@@ -74,8 +74,36 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows of equal keys as a CSV file (written atomically)."""
+    import csv
+    import io as _io
+
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise unreadable(path, exc) from None
+
+
+class UnreadableError(OSError):
+    """An input file that exists but cannot be read: corrupt, truncated or not what it should be."""
+
+
+def unreadable(path: str | os.PathLike, exc: BaseException) -> UnreadableError:
+    """The error for an input that cannot be read: its path, the cause, and the fix."""
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UnreadableError(
+        f"{path} cannot be read ({cause}): it is corrupt or incomplete. Delete it, or run "
+        f"`snakemake --cores all --forcerun {path}`, and the step that writes it runs again"
+    )
 
 
 def _json_default(obj: Any) -> Any:
@@ -87,7 +115,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) -> None:
-    """Write ``frame`` (a pandas DataFrame, or a dict of equal-length columns) to Parquet
+    """Write ``frame`` (a pandas DataFrame, a dict of equal-length columns or a list of rows) to Parquet
     atomically, with ``metadata`` as JSON.
 
     The metadata is stored in the file's schema under the key ``headperturb`` and must not hold
@@ -98,6 +126,8 @@ def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) 
 
     if isinstance(frame, dict):
         table = pa.table(frame)
+    elif isinstance(frame, list):
+        table = pa.Table.from_pylist(frame)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
     if metadata:
@@ -112,6 +142,31 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict:
     """The ``headperturb`` metadata of a Parquet file written by :func:`write_parquet`."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_schema(path).metadata or {}
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise unreadable(path, exc) from None
     raw = meta.get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):
+    """A Parquet file as a pandas DataFrame, or :class:`UnreadableError` naming the file."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns).to_pandas()
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise unreadable(path, exc) from None
+
+
+def looks_like_parquet(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts and ends with the Parquet magic bytes (a cheap check that a file
+    is not truncated or foreign, without reading it)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            return head == b"PAR1" and handle.read(4) == b"PAR1"
+    except OSError:
+        return False

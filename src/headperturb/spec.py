@@ -1,17 +1,30 @@
-"""Pure helpers shared by the Snakefile and the scripts: which heads to perturb, file names, seeds.
+"""Which head jobs a config asks for, and where their files go: pure helpers shared by the
+Snakefile and the library.
 
-This module imports only the standard library, so the Snakefile can use it while building the DAG
-without paying for torch.
+A *head job* (:class:`HeadJob`) is one perturbed head: (site, position, kind, scale, layer,
+head). Its file is ``perturb/<site>/<position>/<setting>/layer<L>/head<H>.parquet`` where the
+setting is the kind, with ``_scale<S>`` for kinds that take a scale (noise). The config lists
+*sweeps* (``perturbation.sweeps``), each a product of layers x heads x kinds x scales x positions
+x sites; a run's jobs are their union.
+
+At run time a job travels as one :class:`Job`: the head job, the perturbation object and the
+settings that produced its numbers.
+
+This module imports only the standard library (and the registry of perturbation kinds, which does
+too), so the Snakefile uses it while building the DAG without paying for torch.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .perturbations import PERTURBATIONS, Perturbation, build, format_scale, kinds
 
 SITES = ("o_proj_input", "o_proj_output")
-"""Where the noise goes.
+"""Where a head's output is perturbed.
 
 ``o_proj_input``: the head's own output, the input of the attention output projection
 (TransformerLens ``hook_z``), a slice of width ``head_dim`` per head. The default.
@@ -19,14 +32,20 @@ SITES = ("o_proj_input", "o_proj_output")
 projection mixes all heads, so that slice is a block of residual-stream coordinates, not a head.
 """
 
+POSITIONS = ("all", "last")
+"""Which positions of a prompt are perturbed: ``all`` (the original study) or only ``last``, the
+final position, where the label is read."""
 
-KINDS = ("noise", "zero", "mean", "resample")
-"""Noise added to the head's output, or the output replaced (ablations): see
-:mod:`headperturb.intervention`."""
+METHODS = ("fast", "naive")
+"""``fast`` runs only what the perturbation can change, from recorded activations; ``naive``, the
+reference, a full forward pass per prompt with the hook. They give the same numbers."""
+
+SWEEP_KEYS = ("layers", "heads", "kinds", "scales", "positions", "sites")
+"""The keys of ``perturbation`` a sweep may set; the others hold for the whole run."""
 
 
 class SpecError(ValueError):
-    """A setting that names layers, heads or scales the model or the schema does not allow."""
+    """A setting that names layers, heads, kinds or sites the model or the schema does not allow."""
 
 
 def resolve_layers(spec: int | str | Sequence[int | str], n_layers: int) -> list[int]:
@@ -67,91 +86,281 @@ def _resolve(spec, count: int, what: str, plural: str) -> list[int]:
     return sorted(out)
 
 
-def format_scale(scale: float) -> str:
-    """The canonical text of a noise scale in file names: ``2.0 -> '2'``, ``0.5 -> '0.5'``."""
-    value = float(scale)
-    if not value > 0:
-        raise SpecError(f"noise scale {scale!r} is not allowed: scales must be > 0")
-    return format(value, "g")
-
-
 @dataclass(frozen=True, order=True)
 class HeadJob:
-    """One perturbation job: a head of a layer, at one site, under noise of one scale or under an
-    ablation (``scale`` is then empty)."""
+    """One perturbed head: where (site, positions), how (kind, scale), which (layer, head).
+    ``scale`` is the canonical text of the noise scale (:func:`format_scale`), ``""`` for kinds
+    without one."""
 
     site: str
+    position: str
     kind: str
+    scale: str
     layer: int
     head: int
-    scale: str  # canonical text (see format_scale); "" for ablations
+
+    @property
+    def setting(self) -> str:
+        """The path component of (kind, scale): ``zero``, ``noise_scale2``."""
+        return f"{self.kind}_scale{self.scale}" if self.scale else self.kind
 
     def path(self, results: str) -> str:
-        if self.kind == "noise":
-            return perturb_path(results, self.site, self.layer, self.head, self.scale)
-        return ablation_path(results, self.site, self.kind, self.layer, self.head)
+        return head_path(results, self.site, self.position, self.setting, self.layer, self.head)
+
+    def perturbation(self, noise_mode: str = "absolute") -> Perturbation:
+        return build(self.kind, self.scale or None, noise_mode)
+
+    @classmethod
+    def from_wildcards(cls, site, position, setting, layer, head) -> HeadJob:
+        kind, scale = parse_setting(setting)
+        return cls(site, position, kind, scale, int(layer), int(head))
 
 
-def perturb_path(results: str, site: str, layer: int | str, head: int | str, scale: str) -> str:
-    return f"{results}/perturb/{site}/noise/layer{layer}/head{head}_scale{scale}.parquet"
+def head_path(results: str, site, position, setting, layer, head) -> str:
+    return f"{results}/perturb/{site}/{position}/{setting}/layer{layer}/head{head}.parquet"
 
 
-def ablation_path(results: str, site: str, kind: str, layer: int | str, head: int | str) -> str:
-    return f"{results}/perturb/{site}/{kind}/layer{layer}/head{head}.parquet"
+def setting_pattern() -> str:
+    """A regular expression for the setting wildcard: every registered kind, with ``_scale<S>``
+    for the kinds that take a scale."""
+    parts = [
+        f"{k}_scale[0-9][0-9.e+-]*" if cls.takes_scale else k for k, cls in PERTURBATIONS.items()
+    ]
+    return "|".join(parts)
 
 
-def head_jobs(
-    layers,
-    heads,
-    scales: Sequence[float],
-    sites: Sequence[str],
-    n_layers: int,
-    n_heads: int,
-    kinds: Sequence[str] = ("noise",),
-) -> list[HeadJob]:
-    """Every job the config asks for, resolved against the model's shape."""
-    for site in sites:
+def parse_setting(setting: str) -> tuple[str, str]:
+    """``noise_scale2`` -> ``("noise", "2")``; ``zero`` -> ``("zero", "")``."""
+    match = re.fullmatch(r"([a-z]+)(?:_scale(.+))?", setting)
+    if not match or match.group(1) not in PERTURBATIONS:
+        raise SpecError(f"setting {setting!r} names no kind; kinds: {', '.join(kinds())}")
+    kind, scale = match.group(1), match.group(2) or ""
+    if PERTURBATIONS[kind].takes_scale != bool(scale):
+        raise SpecError(
+            f"setting {setting!r}: {kind} {'needs' if scale == '' else 'takes no'} scale"
+        )
+    return kind, scale
+
+
+def sweeps(perturbation: dict) -> list[dict]:
+    """The config's sweeps, each with every :data:`SWEEP_KEYS` key filled from the top level."""
+    defaults = {key: perturbation[key] for key in SWEEP_KEYS if key in perturbation}
+    return [{**defaults, **sweep} for sweep in perturbation.get("sweeps") or [{}]]
+
+
+def sweep_jobs(sweep: dict, n_layers: int, n_heads: int) -> list[HeadJob]:
+    """The jobs of one sweep, resolved against the model's shape."""
+    for site in sweep["sites"]:
         if site not in SITES:
             raise SpecError(f"site {site!r} is not allowed; allowed: {', '.join(SITES)}")
-    for kind in kinds:
-        if kind not in KINDS:
-            raise SpecError(f"kind {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
-    settings = [("noise", format_scale(s)) for s in scales if "noise" in kinds]
-    settings += [(k, "") for k in kinds if k != "noise"]
-    jobs = {
-        HeadJob(site, kind, layer, head, scale)
-        for site in sites
-        for layer in resolve_layers(layers, n_layers)
-        for head in resolve_heads(heads, n_heads)
+    for position in sweep["positions"]:
+        if position not in POSITIONS:
+            raise SpecError(
+                f"position {position!r} is not allowed; allowed: {', '.join(POSITIONS)}"
+            )
+    settings = []
+    for kind in sweep["kinds"]:
+        if kind not in PERTURBATIONS:
+            raise SpecError(f"kind {kind!r} is not allowed; allowed: {', '.join(kinds())}")
+        if PERTURBATIONS[kind].takes_scale:
+            settings += [(kind, format_scale(s)) for s in sweep["scales"]]
+        else:
+            settings.append((kind, ""))
+    layers = resolve_layers(sweep["layers"], n_layers)
+    heads = resolve_heads(sweep["heads"], n_heads)
+    return [
+        HeadJob(site, position, kind, scale, layer, head)
+        for site in sweep["sites"]
+        for position in sweep["positions"]
+        for layer in layers
+        for head in heads
         for kind, scale in settings
-    }
+    ]
+
+
+def head_jobs(perturbation: dict, n_layers: int, n_heads: int) -> list[HeadJob]:
+    """Every job the config's sweeps ask for (their union), sorted."""
+    jobs: set[HeadJob] = set()
+    for sweep in sweeps(perturbation):
+        jobs.update(sweep_jobs(sweep, n_layers, n_heads))
     return sorted(jobs)
 
 
-def noise_seed(seed: int, layer: int, head: int, scale: str | float, draw: int, prompt: int) -> int:
-    """A 63-bit seed for one noise tensor, a pure function of what it perturbs.
+@dataclass(frozen=True)
+class Job:
+    """One head job as it runs: the head, its perturbation (noise with its sigma resolved), and
+    the settings that produced its numbers. Built from the rule's wildcards and params, written
+    with the file."""
 
-    The same (seed, layer, head, scale, draw, prompt) always gives the same noise, whatever order
-    or machine the jobs run in, so a perturbation file is bit-identical across schedules.
-    """
-    key = f"{int(seed)}|{int(layer)}|{int(head)}|{format_scale(float(scale))}|{int(draw)}|{int(prompt)}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+    target: HeadJob
+    perturbation: Perturbation
+    method: str = "fast"
+    seed: int = 0
+    repeats: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def draws(self) -> int:
+        return self.perturbation.draws(self.repeats)
+
+    def describe(self) -> str:
+        t = self.target
+        return f"{t.site} {t.position} positions, {self.perturbation.label()}, layer {t.layer} head {t.head}"
+
+    def settings(self) -> dict:
+        """The job's settings as stored with its result (columns and metadata)."""
+        out = {k: v for k, v in asdict(self.target).items() if k not in ("kind", "scale")}
+        out.update(self.perturbation.settings())
+        out.update(method=self.method, seed=int(self.seed), repeats=int(self.draws),
+                   dtype=self.dtype)  # fmt: skip
+        return out
+
+
+# -- data files, checked while the DAG is built ------------------------------------------------
 
 
 def data_files(path: str | None) -> list[str]:
     """The local files a data source reads, for Snakemake to track (none for the hub, and none for
-    an aclImdb/ tree of one file per review)."""
-    from pathlib import Path
-
+    an aclImdb/ tree of one file per review). Raises :class:`SpecError` for a path that names no
+    readable source, so the mistake shows before any job runs."""
     if path is None:
         return []
     if "{split}" in str(path):
-        return [str(path).format(split=s) for s in ("train", "test")]
+        text = str(path)
+        if re.sub(r"\{split\}", "", text).count("{") or re.sub(r"\{split\}", "", text).count("}"):
+            raise SpecError(
+                f"data.path {text!r}: the only placeholder allowed is {{split}} "
+                "(e.g. data/imdb_{split}.parquet)"
+            )
+        files = [text.replace("{split}", s) for s in ("train", "test")]
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise SpecError(
+                f"data.path {text!r}: {' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist"
+            )
+        return files
     p = Path(path)
+    if not p.exists():
+        raise SpecError(
+            f"data.path {str(path)!r} does not exist; give a folder with train/test .parquet or "
+            ".csv files, the aclImdb/ folder, the aclImdb_v1.tar.gz tarball, or a file name with "
+            "a {split} placeholder (or null for the Hugging Face hub)"
+        )
     if p.is_file():
+        if not p.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise SpecError(
+                f"data.path {str(path)!r} is a single file; name one file per split with a "
+                "'{split}' placeholder (e.g. imdb_{split}.parquet), or give the aclImdb_v1.tar.gz "
+                "tarball"
+            )
         return [str(p)]
     for ext in ("parquet", "csv"):
         files = [p / f"{s}.{ext}" for s in ("train", "test")]
         if all(f.is_file() for f in files):
             return [str(f) for f in files]
+    if not any((root / "train" / "pos").is_dir() for root in (p, p / "aclImdb")):
+        raise SpecError(
+            f"data.path {str(path)!r} holds neither train/test .parquet or .csv files nor an "
+            "aclImdb/ layout (train/pos, train/neg, test/pos, test/neg)"
+        )
     return []
+
+
+def label_counts(files: list[str]) -> dict[str, dict[int, int]] | None:
+    """Reviews per label of each split for a local train/test table pair (None for other
+    sources), read without loading the texts."""
+    if len(files) != 2 or not all(f.endswith((".parquet", ".csv")) for f in files):
+        return None
+    out = {}
+    for split, f in zip(("train", "test"), files):
+        if f.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            labels = pq.read_table(f, columns=["label"]).column("label").to_pylist()
+        else:
+            import csv
+
+            with open(f, newline="") as handle:
+                labels = [row.get("label") for row in csv.DictReader(handle)]
+        counts: dict[int, int] = {}
+        for label in labels:
+            try:
+                counts[int(label)] = counts.get(int(label), 0) + 1
+            except (TypeError, ValueError):
+                continue
+        out[split] = counts
+    return out
+
+
+def _split(n: int) -> dict[int, int]:
+    """How a balanced selection of ``n`` reviews splits by label (the extra one positive)."""
+    return {0: n // 2, 1: n - n // 2}
+
+
+def check_review_counts(counts: dict | None, prompts: dict) -> None:
+    """Raise :class:`SpecError` when a split has fewer reviews of a label than the prompt
+    settings take from it: k_shot x candidates + n_dev from train, n_test from test. ``counts``
+    (:func:`label_counts`) None skips the check (the hub: checked when the data is read)."""
+    if counts is None:
+        return
+    k, c, dev = prompts["k_shot"], prompts.get("candidates", 1), prompts.get("n_dev", 0)
+    wanted = {
+        "train": {label: c * _split(k)[label] + _split(dev)[label] for label in (0, 1)},
+        "test": _split(prompts["n_test"]),
+    }
+    names = ("negative", "positive")
+    for split, need in wanted.items():
+        for label, count in need.items():
+            have = counts[split].get(label, 0)
+            if count > have:
+                what = "k_shot x candidates + n_dev" if split == "train" else "n_test"
+                raise SpecError(
+                    f"prompts: {what} asks for {count} {names[label]} reviews from the {split} "
+                    f"split, which has {have}; lower prompts.{'k_shot, candidates or n_dev' if split == 'train' else 'n_test'}"
+                )
+
+
+def job_cost(job: HeadJob, n_layers: int, tokens: float, draws: int, method: str) -> float:
+    """What a head job computes, in token-layers: one token through one layer."""
+    if method == "naive":
+        return draws * tokens * n_layers
+    if job.layer == n_layers - 1:
+        return draws
+    depth = n_layers - job.layer
+    return draws * depth * (1 if job.position == "last" else tokens)
+
+
+def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dict | None) -> str:
+    """A line for the log before a run: how many head jobs, and what they cost (CPU time from
+    the per-token cost measured when the model was prepared)."""
+    pert, prompts = config["perturbation"], config["prompts"]
+    n_layers, n = shape["n_layers"], prompts["n_test"]
+    tokens = (prompts["k_shot"] + 1) * (prompts["max_review_tokens"] + 8)
+    by_position = {p: [j for j in jobs if j.position == p] for p in POSITIONS}
+
+    def units(selected, position=None) -> float:
+        return sum(
+            n * job_cost(j if position is None else HeadJob(j.site, position, j.kind, j.scale, j.layer, j.head),
+                         n_layers, tokens, build(j.kind, j.scale or None).draws(pert["repeats"]), pert["method"])
+            for j in selected
+        )  # fmt: skip
+
+    text = f"{len(jobs)} head jobs ({', '.join(f'{len(v)} at {k} positions' for k, v in by_position.items() if v)})"
+    seconds = (model_info or {}).get("seconds_per_token_layer")
+    if not seconds:
+        return text + "; their cost is estimated once the model is prepared"
+    total = units(jobs) * seconds
+    text += f": about {_duration(total)} of CPU time ({seconds * 1e3:.3g} ms per token and layer measured here)"
+    if by_position["all"] and pert["method"] == "fast":
+        text += (f"; at the last position only they would take about "
+                 f"{_duration(units(jobs, 'last') * seconds)}")  # fmt: skip
+    return text + "; fewer prompts cost proportionally less, a GPU (model.device: cuda) far less"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -14,9 +14,11 @@ import math
 import numpy as np
 import pandas as pd
 
+from .scoring import METRICS
+
 CATEGORIES = ("HIGH", "MEDIUM", "LOW")
-DIRECTIONS = ("beneficial", "harmful", "neutral")
-KEYS = ["site", "kind", "layer", "head", "scale"]
+KEYS = ["site", "position", "kind", "scale", "layer", "head"]
+"""The columns that name a row of the run's table: one perturbed head and setting."""
 
 
 def contribution(baseline: float, perturbed):
@@ -64,13 +66,13 @@ def impact_category(relative: float, high: float = 10.0, medium: float = 5.0) ->
 def aggregate(
     baseline: dict[str, float], perturbed: pd.DataFrame, high: float = 10.0, medium: float = 5.0
 ) -> pd.DataFrame:
-    """The run's table: a row per (site, layer, head, scale).
+    """The run's table: a row per job (:data:`KEYS`).
 
-    ``baseline`` holds ``accuracy`` and ``f1``; ``perturbed`` holds one row per job with the
-    perturbed ``accuracy`` and ``f1`` (mean over draws) and the key columns.
+    ``baseline`` holds every metric of :data:`headperturb.scoring.METRICS`; ``perturbed`` holds
+    one row per job with the perturbed metrics (mean over draws) and the key columns.
     """
     table = perturbed.sort_values(KEYS, key=_scale_sort_key, ignore_index=True).copy()
-    for metric in ("accuracy", "f1"):
+    for metric in METRICS:
         base = float(baseline[metric])
         table[f"baseline_{metric}"] = base
         table[f"contribution_{metric}"] = contribution(base, table[metric].to_numpy())
@@ -134,21 +136,6 @@ def sign_flip_pvalue(differences, n_perm: int = 10_000, seed: int = 0) -> float:
     return (1 + hits) / (1 + n_perm)
 
 
-def _macro_f1_from_weights(
-    weights: np.ndarray, labels: np.ndarray, preds: np.ndarray
-) -> np.ndarray:
-    """Macro-F1 for every row of prompt ``weights`` (B, n) against one prediction vector (n,)."""
-    pos, lab = preds == 1, labels == 1
-    tp1 = weights @ (pos & lab)
-    fp1 = weights @ (pos & ~lab)
-    fn1 = weights @ (~pos & lab)
-    tp0 = weights @ (~pos & ~lab)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1_1 = np.where(2 * tp1 + fp1 + fn1 > 0, 2 * tp1 / (2 * tp1 + fp1 + fn1), 0.0)
-        f1_0 = np.where(2 * tp0 + fn1 + fp1 > 0, 2 * tp0 / (2 * tp0 + fn1 + fp1), 0.0)
-    return (f1_0 + f1_1) / 2
-
-
 def correct_logit_diff(labels, margins) -> np.ndarray:
     """The correct label's logit minus the other's: the margin for positives, minus it otherwise."""
     labels = np.asarray(labels)
@@ -162,10 +149,8 @@ def correct_probability(labels, margins) -> np.ndarray:
 
 def paired_summary(
     labels,
-    base_pred,
-    base_margin,
-    pert_pred,
-    pert_margin,
+    base: tuple,
+    perturbed: tuple,
     *,
     n_boot: int = 2000,
     n_perm: int = 10_000,
@@ -174,11 +159,13 @@ def paired_summary(
 ) -> dict[str, float]:
     """Changes (baseline - perturbed) with bootstrap intervals and paired permutation p-values.
 
-    ``pert_pred`` and ``pert_margin`` are (n_prompts, n_draws). The point estimates are means
+    ``base`` is (predictions, margins) of the baseline, (n_prompts,) each; ``perturbed`` the
+    same with (n_prompts, n_draws) each. The point estimates are means
     over draws. Intervals: percentile bootstrap resampling prompts and draws together (paired:
     the baseline is scored on the same resampled prompts). p-values: sign-flip test on the
     per-prompt differences (correctness for accuracy, correct-label logit difference).
     """
+    (base_pred, base_margin), (pert_pred, pert_margin) = base, perturbed
     labels = np.asarray(labels)
     base_pred = np.asarray(base_pred)
     pert_pred = np.asarray(pert_pred).reshape(len(labels), -1)
@@ -191,30 +178,22 @@ def paired_summary(
     base_p = correct_probability(labels, base_margin)
     pert_p = correct_probability(labels[:, None], pert_margin)
 
-    ones = np.ones((1, n))
-    f1_base = _macro_f1_from_weights(ones, labels, base_pred)[0]
-    f1_draws = np.array(
-        [_macro_f1_from_weights(ones, labels, pert_pred[:, d])[0] for d in range(draws)]
-    )
-    point = {
-        "accuracy": base_c.mean() - pert_c.mean(),
-        "f1": f1_base - f1_draws.mean(),
-        "logit_diff": base_ld.mean() - pert_ld.mean(),
-        "probability": base_p.mean() - pert_p.mean(),
-    }
-
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)  # prompt weights
     dw = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=n_boot).astype(float) / draws
-    boot = {
-        "accuracy": (w @ base_c - np.einsum("bn,nd,bd->b", w, pert_c, dw)) / n,
-        "logit_diff": (w @ base_ld - np.einsum("bn,nd,bd->b", w, pert_ld, dw)) / n,
-        "probability": (w @ base_p - np.einsum("bn,nd,bd->b", w, pert_p, dw)) / n,
-    }
-    f1_b = np.stack(
-        [_macro_f1_from_weights(w, labels, pert_pred[:, d]) for d in range(draws)], axis=1
-    )
-    boot["f1"] = _macro_f1_from_weights(w, labels, base_pred) - (f1_b * dw).sum(axis=1)
+    ones = np.ones((1, n))
+    point, boot = {}, {}
+    for name, metric in METRICS.items():
+        per_draw = np.stack(
+            [metric.compute(ones, labels, pert_pred[:, d])[0] for d in range(draws)]
+        )
+        point[name] = metric.compute(ones, labels, base_pred)[0] - per_draw.mean()
+        draws_b = np.stack([metric.compute(w, labels, pert_pred[:, d]) for d in range(draws)], 1)
+        boot[name] = metric.compute(w, labels, base_pred) - (draws_b * dw).sum(axis=1)
+    point["logit_diff"] = base_ld.mean() - pert_ld.mean()
+    point["probability"] = base_p.mean() - pert_p.mean()
+    boot["logit_diff"] = (w @ base_ld - np.einsum("bn,nd,bd->b", w, pert_ld, dw)) / n
+    boot["probability"] = (w @ base_p - np.einsum("bn,nd,bd->b", w, pert_p, dw)) / n
 
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out: dict[str, float] = {}
@@ -223,6 +202,7 @@ def paired_summary(
         out[f"ci_low_{metric}"] = float(np.percentile(boot[metric], lo))
         out[f"ci_high_{metric}"] = float(np.percentile(boot[metric], hi))
     out["p_value"] = sign_flip_pvalue(base_c - pert_c.mean(axis=1), n_perm, seed)
+    out["detectable_change"] = detectable_change(base_c - pert_c.mean(axis=1))
     out["p_value_logit_diff"] = sign_flip_pvalue(base_ld - pert_ld.mean(axis=1), n_perm, seed)
     return out
 
@@ -237,3 +217,29 @@ def category_stability(
         else impact_category(a, high, medium) == impact_category(b, high, medium)
         for a, b in relative_halves
     ]
+
+
+def category_span(low: float, high_end: float, high: float, medium: float) -> list[str]:
+    """The impact categories that a relative change anywhere in [low, high_end] (in %) would get,
+    from LOW to HIGH."""
+    if np.isnan(low) or np.isnan(high_end):
+        return []
+    smallest = 0.0 if low <= 0 <= high_end else min(abs(low), abs(high_end))
+    largest = max(abs(low), abs(high_end))
+    order = ["LOW", "MEDIUM", "HIGH"]
+    first = order.index(impact_category(smallest, high, medium))
+    last = order.index(impact_category(largest, high, medium))
+    return order[first : last + 1]
+
+
+def detectable_change(differences, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest mean paired difference a two-sided test at ``alpha`` detects with ``power``,
+    from the spread of the per-prompt ``differences`` (normal approximation): (z_{1-alpha/2} +
+    z_power) * sd / sqrt(n)."""
+    from statistics import NormalDist
+
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        return float("nan")
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return float(z * d.std(ddof=1) / np.sqrt(len(d)))

@@ -1,52 +1,47 @@
-"""``summary.md``: a run's findings on one page, for people who did not run it."""
+"""``summary.md``: a run's findings on one page, for people who did not run it.
+
+One function per section; :func:`summary_markdown` puts them together.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from . import stats
+from .plots import setting_label
 
 
 def _setting(row) -> str:
-    if row["kind"] == "noise":
-        return f"noise sigma {row['scale']}"
-    return f"{row['kind']} ablation"
+    return setting_label(
+        row["site"], row["position"], row["kind"], row["scale"], row.get("noise_mode", "")
+    )
 
 
-def _head_lines(rows: pd.DataFrame) -> list[str]:
+def head_lines(rows: pd.DataFrame) -> list[str]:
+    """A Markdown table of heads: where, what, contribution with its interval, certainty."""
     lines = [
-        "| layer | head | setting | site | contribution (accuracy) [95% CI] | q | significant | impact |",
+        "| layer | head | setting | contribution (accuracy) [95% CI] | q | significant | impact | conclusive |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, r in rows.iterrows():
         lines.append(
-            f"| {r['layer']} | {r['head']} | {_setting(r)} | {r['site']} | "
+            f"| {r['layer']} | {r['head']} | {_setting(r)} | "
             f"{r['contribution_accuracy']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
-            f"{r['q_value']:.3g} | {'yes' if r['significant'] else 'no'} | {r['impact']} |"
+            f"{r['q_value']:.3g} | {'yes' if r['significant'] else 'no'} | {r['impact']} | "
+            f"{'yes' if r['conclusive'] else 'no, ' + r['categories_spanned']} |"
         )
     return lines
 
 
-def summary_markdown(
-    table: pd.DataFrame,
-    meta: dict,
-    prompt_info: dict,
-    model_info: dict,
-    settings: dict,
-    top: int = 5,
-) -> str:
-    """The summary page of a run, in Markdown."""
-    base = meta.get("baseline", {})
-    counts = stats.category_counts(table)
+def _setup(settings: dict, model_info: dict, prompt_info: dict, base: dict) -> list[str]:
     model, data, prompts = settings["model"], settings["data"], settings["prompts"]
-    pert, cats = settings["perturbation"], settings["categories"]
-    share = meta.get("stability_share")
-    order = table.sort_values(["contribution_accuracy", "change_logit_diff"], ascending=False)
-    beneficial = order[order["contribution_accuracy"] > 0].head(top)
-    harmful = order[order["contribution_accuracy"] < 0].iloc[::-1].head(top)
-    lines = [
-        f"# headperturb run `{settings['run_name']}`",
-        "",
+    pert = settings["perturbation"]
+    sweeps = pert.get("sweeps") or [{}]
+    described = "; ".join(
+        ", ".join(f"{k} {s.get(k, pert.get(k))}" for k in ("layers", "heads", "kinds", "positions"))
+        for s in sweeps
+    )
+    return [
         "## Setup",
         "",
         f"- Model: `{model.get('path') or model.get('pypi_wheel', {}).get('requirement')}` "
@@ -58,39 +53,94 @@ def summary_markdown(
         f"- Prompts: {prompts['k_shot']}-shot, {base.get('n_prompts', '?')} balanced test reviews "
         f"cut to {prompts['max_review_tokens']} tokens, about {prompt_info.get('mean_tokens', 0):.0f} "
         f"tokens each; template `{prompts['template']!r}`; verbalizers {prompts['verbalizers']}.",
-        f"- Perturbations: layers {pert['layers']}, heads {pert['heads']}, kinds {pert['kinds']}, "
-        f"noise scales {pert['scales']} ({pert['noise_mode']}), {pert['repeats']} draws, sites "
-        f"{pert['sites']}, seed {pert['seed']}.",
-        "",
+        f"- Perturbations: {described}; noise scales {pert['scales']} ({pert['noise_mode']}), "
+        f"{pert['repeats']} draws, sites {pert['sites']}, seed {pert['seed']}.",
+    ]
+
+
+def _baseline(base: dict, prompt_info: dict) -> list[str]:
+    cal = prompt_info.get("calibration", {"method": "none", "offset": 0.0})
+    rule = ("positive when logit(positive) - logit(negative) > 0 (no calibration)"
+            if cal["method"] == "none" else
+            f"positive when the margin exceeds {cal['offset']:+.4f} ({cal['method']} calibration, "
+            "fitted on development reviews from train and applied unchanged to every perturbation)")  # fmt: skip
+    lines = [
         "## Baseline",
         "",
         f"Accuracy **{base.get('accuracy', float('nan')):.3f}**, macro-F1 "
-        f"**{base.get('f1', float('nan')):.3f}** on {base.get('n_prompts', '?')} prompts.",
-        "",
+        f"**{base.get('f1', float('nan')):.3f}** on {base.get('n_prompts', '?')} prompts, "
+        f"{100 * base.get('share_positive', float('nan')):.0f}% predicted positive. Decision rule: {rule}.",
+    ]
+    selection = prompt_info.get("selection") or []
+    if len(selection) > 1 or "dev_accuracy" in (selection[0] if selection else {}):
+        lines += ["", "Demonstrations and decision rule, chosen on development reviews (never test):", "",
+                  "| candidate | dev accuracy | dev share positive | dev ROC AUC | offset | chosen |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in selection:
+            lines.append(
+                f"| {r['candidate']} | {r.get('dev_accuracy', float('nan')):.3f} | "
+                f"{r.get('dev_share_positive', float('nan')):.2f} | {r.get('dev_auc', float('nan')):.3f} | "
+                f"{r.get('offset', 0.0):+.4f} | {'yes' if r.get('chosen') else ''} |"
+            )
+    return lines
+
+
+def _categories(table: pd.DataFrame, meta: dict, cats: dict) -> list[str]:
+    counts = stats.category_counts(table)
+    alpha = meta.get("alpha", 0.05)
+    inconclusive = int((~table["conclusive"]).sum())
+    lines = [
         "## Impact categories",
         "",
         f"{len(table)} perturbations: HIGH {counts['HIGH']} (|relative change of accuracy| > "
         f"{cats['high']:g}%), MEDIUM {counts['MEDIUM']} ({cats['medium']:g}-{cats['high']:g}%), "
-        f"LOW {counts['LOW']}. Significant after Benjamini-Hochberg (q < "
-        f"{meta.get('alpha', 0.05):g}): {int(table['significant'].sum())} for accuracy, "
-        f"{int((table['q_value_logit_diff'] < meta.get('alpha', 0.05)).sum())} for the "
-        "correct-label logit difference.",
+        f"LOW {counts['LOW']}. Significant after Benjamini-Hochberg (q < {alpha:g}): "
+        f"{int(table['significant'].sum())} for accuracy, "
+        f"{int((table['q_value_logit_diff'] < alpha).sum())} for the correct-label logit difference.",
+        "",
+        f"{inconclusive} of {len(table)} rows are inconclusive: their 95% interval of the relative "
+        "change reaches more than one category (column `categories_spanned`), so their category is "
+        "not a finding.",
     ]
+    detectable = meta.get("detectable_change")
+    if detectable is not None:
+        lines += ["", f"Smallest change in accuracy this run could detect (80% power, two-sided "
+                      f"alpha {alpha:g}, median over rows, from the spread of the per-prompt "
+                      f"differences at {int(meta.get('baseline', {}).get('n_prompts', 0))} prompts "
+                      f"and its draws): {100 * detectable:.1f} points."]  # fmt: skip
+    share = meta.get("stability_share")
     if share is not None:
         lines += [
             "",
             f"{100 * share:.0f}% of the heads keep their category between two halves of the noise draws.",
         ]
-    lines += ["", f"## Most beneficial heads (disturbing them costs accuracy), top {top}", ""]
+    return lines
+
+
+def _top_heads(table: pd.DataFrame, top: int) -> list[str]:
+    order = table.sort_values(["contribution_accuracy", "change_logit_diff"], ascending=False)
+    beneficial = order[order["contribution_accuracy"] > 0].head(top)
+    harmful = order[order["contribution_accuracy"] < 0].iloc[::-1].head(top)
+    lines = ["## Most beneficial heads (disturbing them costs accuracy), top " + str(top), ""]
     lines += (
-        _head_lines(beneficial) if len(beneficial) else ["None: no perturbation lowered accuracy."]
+        head_lines(beneficial) if len(beneficial) else ["None: no perturbation lowered accuracy."]
     )
     lines += ["", f"## Most harmful heads (disturbing them raises accuracy), top {top}", ""]
-    lines += _head_lines(harmful) if len(harmful) else ["None: no perturbation raised accuracy."]
-    lines += [
-        "",
-        "Contribution = baseline - perturbed. Intervals: 95% paired bootstrap over prompts and "
-        "draws. A category from an interval that spans zero is not a finding.",
-        "",
-    ]
-    return "\n".join(lines)
+    lines += head_lines(harmful) if len(harmful) else ["None: no perturbation raised accuracy."]
+    return lines
+
+
+def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_info: dict,
+                     settings: dict, top: int = 5) -> str:  # fmt: skip
+    """The summary page of a run, in Markdown."""
+    base = meta.get("baseline", {})
+    sections = [
+        [f"# headperturb run `{settings['run_name']}`"],
+        _setup(settings, model_info, prompt_info, base),
+        _baseline(base, prompt_info),
+        _categories(table, meta, settings["categories"]),
+        _top_heads(table, top),
+        ["Contribution = baseline - perturbed. Intervals: 95% paired bootstrap over prompts and "
+         "draws. A category whose interval spans several categories, or zero, is not a finding."],
+    ]  # fmt: skip
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"

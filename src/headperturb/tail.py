@@ -42,26 +42,21 @@ import numpy as np
 import torch
 
 from . import io
-from .intervention import head_columns, noise_values
+from .intervention import Edit, head_columns
 from .sites import HeadSite
+from .surgery import (
+    narrow_lm_head,
+    out_features,
+    skip_layers_below,
+    stand_in_embeddings,
+    with_first_input,
+)
 
 log = logging.getLogger(__name__)
 
 PROGRAM = "program.pt2"
 META = "program.json"
 INPUTS = ("resid", "z", "keep_in", "add_in", "keep_out", "add_out")
-
-
-class _PassThrough(torch.nn.Module):
-    """Stands in for a skipped decoder layer: returns its input unchanged."""
-
-    def __init__(self, original: torch.nn.Module):
-        super().__init__()
-        if hasattr(original, "attention_type"):
-            self.attention_type = original.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 class LastLayer(torch.nn.Module):
@@ -82,11 +77,7 @@ class LastLayer(torch.nn.Module):
         ]
 
     def _layer_input(self, _module, args, kwargs):
-        resid = self._inputs["resid"]
-        if args:
-            return (resid, *args[1:]), kwargs
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: resid}
+        return with_first_input(args, kwargs, self._inputs["resid"])
 
     def _proj_input(self, _module, args):
         x = self._inputs
@@ -112,53 +103,39 @@ class LastLayer(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def narrow_lm_head(model, token_ids: list[int]) -> Iterator[None]:
-    """While active, the LM head computes only the rows of ``token_ids`` (same weights, bias)."""
-    head = model.get_output_embeddings()
-    small = torch.nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None)
-    small.to(device=head.weight.device, dtype=head.weight.dtype)
-    with torch.no_grad():
-        small.weight.copy_(head.weight[token_ids])
-        if head.bias is not None:
-            small.bias.copy_(head.bias[token_ids])
-    model.set_output_embeddings(small)
-    try:
-        yield
-    finally:
-        model.set_output_embeddings(head)
-
-
-@contextlib.contextmanager
 def last_layer(model, site: HeadSite, token_ids: list[int]) -> Iterator[LastLayer]:
     """While active, ``model`` is cut down to its last layer and two LM-head rows, and the yielded
     :class:`LastLayer` runs it. Everything is restored afterwards, also on an exception."""
     layers = model.get_submodule(site.layers_path)
     if site.layer != len(layers) - 1:
         raise ValueError(f"layer {site.layer} is not the last layer ({len(layers) - 1})")
-    originals = [layers[i] for i in range(site.layer)]
-    embeddings = model.get_input_embeddings()
-    stand_in = torch.nn.Embedding(1, embeddings.embedding_dim)  # keeps the table out of exports
-    stand_in.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
-    program = None
-    try:
-        for i, layer in enumerate(originals):
-            layers[i] = _PassThrough(layer)
-        model.set_input_embeddings(stand_in)
-        with narrow_lm_head(model, token_ids):
-            program = LastLayer(model, site)
+    with (
+        skip_layers_below(model, site),
+        stand_in_embeddings(model),
+        narrow_lm_head(model, token_ids),
+    ):
+        program = LastLayer(model, site)
+        try:
             yield program
-    finally:
-        if program is not None:
+        finally:
             program.remove_hooks()
-        model.set_input_embeddings(embeddings)
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+
+
+def layer_state(state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """One layer's final state (``resid``, ``z``, ``out``: (n, width) each) from the baseline's
+    (:data:`headperturb.engine.FINAL_STATE_KEYS`), with ``n_tokens``."""
+    return {
+        "resid": state[f"resid.{layer}"],
+        "z": state[f"z.{layer}"],
+        "out": state[f"out.{layer}"],
+        "n_tokens": state["n_tokens"],
+    }
 
 
 def example_inputs(state: dict[str, torch.Tensor], d_out: int, device, rows: int = 2) -> tuple:
-    """Unperturbed program inputs for the first ``rows`` prompts of a baseline's final state."""
-    resid = state["resid_final"][:rows, None, :].to(device)
-    z = state["z_final"][:rows, None, :].to(device)
+    """Unperturbed program inputs for the first ``rows`` prompts of one layer's final state."""
+    resid = state["resid"][:rows, None, :].to(device)
+    z = state["z"][:rows, None, :].to(device)
     out = torch.zeros(z.shape[0], 1, d_out, device=device)
     return resid, z, torch.ones_like(z), torch.zeros_like(z), out + 1, out
 
@@ -166,11 +143,12 @@ def example_inputs(state: dict[str, torch.Tensor], d_out: int, device, rows: int
 @torch.inference_mode(False)
 def export(model, site: HeadSite, token_ids: list[int], state: dict[str, torch.Tensor]):
     """The :class:`LastLayer` program of ``model`` as a :class:`torch.export.ExportedProgram`
-    with a dynamic batch dimension."""
-    d_out = _out_features(model, site)
+    with a dynamic batch dimension; ``state`` is the last layer's final state
+    (:func:`layer_state`), whose first prompts serve as example inputs."""
+    d_out = out_features(model, site)
     device = next(model.parameters()).device
     with torch.no_grad(), last_layer(model, site, token_ids) as program:
-        inputs = example_inputs(state, d_out, device, rows=max(2, min(4, len(state["z_final"]))))
+        inputs = example_inputs(state, d_out, device, rows=max(2, min(4, len(state["z"]))))
         batch = torch.export.Dim("batch", min=1)
         return torch.export.export(
             program, inputs, dynamic_shapes=tuple({0: batch} for _ in INPUTS), strict=False
@@ -179,11 +157,59 @@ def export(model, site: HeadSite, token_ids: list[int], state: dict[str, torch.T
 
 def save(folder: str | os.PathLike, exported, meta: dict) -> None:
     """Write ``program.pt2`` (when ``exported`` is not None) and ``program.json`` into ``folder``,
-    built beside it and renamed into place complete."""
+    built beside it and renamed into place complete. Two saves of one program give the same
+    bytes (:func:`_save_program`)."""
     with io.atomic_dir(folder) as tmp:
         if exported is not None:
-            torch.export.save(exported, str(tmp / PROGRAM))
+            _save_program(exported, tmp / PROGRAM)
         io.write_json(tmp / META, {**meta, "exported": exported is not None})
+
+
+def _save_program(exported, path: Path) -> None:
+    """``torch.export.save``, then the one random thing in the archive, its serialization id,
+    replaced by a digest of the rest, so that two saves of one program give the same bytes."""
+    torch.export.save(exported, str(path))
+    _stable_serialization_id(path)
+
+
+def _stable_serialization_id(path: Path) -> None:
+    """Rewrite the archive's ``.data/serialization_id`` record in place (same length) with a
+    number derived from every other record, and its CRC-32 wherever the archive stores it."""
+    import hashlib
+    import struct
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(path) as archive:
+        records = archive.infolist()
+        entry = next((r for r in records if r.filename.endswith(".data/serialization_id")), None)
+        if entry is None:
+            return
+        digest = hashlib.sha256()
+        for record in records:
+            if record is not entry:
+                digest.update(record.filename.encode() + archive.read(record.filename))
+        old = archive.read(entry.filename)
+        central = archive.start_dir
+    new = str(int(digest.hexdigest(), 16)).encode()[: len(old)].rjust(len(old), b"0")
+    old_crc, new_crc = (struct.pack("<I", zlib.crc32(x)) for x in (old, new))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", data[entry.header_offset + 26 : entry.header_offset + 30]
+    )
+    start = entry.header_offset + 30 + name_len + extra_len
+    if bytes(data[start : start + len(old)]) != old:
+        raise RuntimeError(f"unexpected layout of {path}: serialization id not where expected")
+    data[start : start + len(old)] = new
+    local = slice(entry.header_offset, start + len(old) + 16)  # header and data descriptor
+    data[local] = bytes(data[local]).replace(old_crc, new_crc)
+    offset = central
+    while data[offset : offset + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack("<HHH", data[offset + 28 : offset + 34])
+        if data[offset + 46 : offset + 46 + n].decode() == entry.filename:
+            data[offset + 16 : offset + 20] = new_crc
+        offset += 46 + n + m + k
+    path.write_bytes(bytes(data))
 
 
 def load(folder: str | os.PathLike, device: str):
@@ -212,21 +238,12 @@ def describe(
         "layer": site.layer,
         "n_heads": site.n_heads,
         "head_dim": site.head_dim,
-        "d_model": _d_model(model),
-        "d_out": _out_features(model, site),
+        "d_model": int(model.get_input_embeddings().embedding_dim),
+        "d_out": out_features(model, site),
         "token_ids": [int(t) for t in token_ids],
         "device": device,
         "dtype": dtype,
     }
-
-
-def _out_features(model, site: HeadSite) -> int:
-    weight = model.get_submodule(site.module_name).weight
-    return int(weight.shape[1] if site.transposed else weight.shape[0])
-
-
-def _d_model(model) -> int:
-    return int(model.get_input_embeddings().embedding_dim)
 
 
 def columns(meta: dict, head: int, where: str) -> slice:
@@ -237,65 +254,40 @@ def columns(meta: dict, head: int, where: str) -> slice:
 
 
 def edits(
-    state: dict[str, torch.Tensor],
-    meta: dict,
-    head: int,
-    where: str,
-    values: torch.Tensor,
-    mode: str,
+    state: dict[str, torch.Tensor], meta: dict, edit: Edit, values: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """The program's inputs for ``values`` (n * draws, width) on head ``head``'s columns at
-    ``where``, added (``mode="add"``) or set (``"set"``); rows are prompt-major, draw-minor."""
-    if mode not in ("add", "set"):
-        raise ValueError(f"mode {mode!r} is not allowed; allowed: add, set")
+    """The program's inputs for ``values`` (n * draws, width) on ``edit``'s head columns, added
+    or set as ``edit.mode`` says; rows are prompt-major, draw-minor."""
     rows = values.shape[0]
-    draws = rows // state["z_final"].shape[0]
+    draws = rows // state["z"].shape[0]
 
     def per_draw(x: torch.Tensor) -> torch.Tensor:  # (n, k) -> (n * draws, 1, k)
         return x.float().repeat_interleave(draws, dim=0)[:, None, :]
 
-    resid, z = per_draw(state["resid_final"]), per_draw(state["z_final"])
+    resid, z = per_draw(state["resid"]), per_draw(state["z"])
     keep_in, add_in = torch.ones_like(z), torch.zeros_like(z)
     keep_out = torch.ones(rows, 1, meta["d_out"])
     add_out = torch.zeros(rows, 1, meta["d_out"])
-    keep, add = (keep_in, add_in) if where == "o_proj_input" else (keep_out, add_out)
-    cols = columns(meta, head, where)
+    keep, add = (keep_in, add_in) if edit.where == "o_proj_input" else (keep_out, add_out)
+    cols = columns(meta, edit.head, edit.where)
     add[:, 0, cols] = values.float()
-    if mode == "set":
+    if edit.mode == "set":
         keep[:, 0, cols] = 0.0
     return resid, z, keep_in, add_in, keep_out, add_out
 
 
 def clean_outputs(state: dict[str, torch.Tensor], meta: dict, head: int, where: str):
     """(n, width): head ``head``'s clean output at each prompt's final position."""
-    key = "z_final" if where == "o_proj_input" else "out_final"
+    key = "z" if where == "o_proj_input" else "out"
     return state[key][:, columns(meta, head, where)].float()
 
 
-def final_values(
-    state: dict[str, torch.Tensor],
-    prompt_ids: list[int],
-    meta: dict,
-    *,
-    head: int,
-    where: str,
-    draws: int,
-    scale: float = 0.0,
-    seed: int = 0,
-    values=None,
-) -> torch.Tensor:
-    """(n * draws, width): the perturbation at each prompt's final position, prompt-major.
-
-    ``values(index, prompt_id, length)`` gives the (draws or 1, length, width) tensor of the
-    reference method; by default the same seeded noise (:func:`make_noise`), of which the final
-    position's row is taken."""
-    if values is None:
-        cols = columns(meta, head, where)
-        values = noise_values(seed=seed, layer=meta["layer"], head=head, scale=scale, draws=draws,
-                              width=cols.stop - cols.start)  # fmt: skip
+def final_values(state: dict[str, torch.Tensor], prompt_ids: list[int], edit: Edit) -> torch.Tensor:
+    """(n * draws, width): the edit's values at each prompt's final position, prompt-major: the
+    final row of what the reference method applies to the whole prompt."""
     rows = []
     for i, (pid, length) in enumerate(zip(prompt_ids, state["n_tokens"].tolist())):
-        rows.append(values(i, pid, int(length))[:, -1, :].expand(draws, -1))
+        rows.append(edit.for_prompt(i, pid, int(length))[:, -1, :].expand(edit.draws, -1))
     return torch.cat(rows)
 
 
@@ -305,20 +297,12 @@ def perturbed(
     state: dict[str, torch.Tensor],
     prompt_ids: list[int],
     meta: dict,
-    *,
-    head: int,
-    where: str,
-    draws: int,
-    scale: float = 0.0,
-    seed: int = 0,
-    values=None,
-    mode: str = "add",
+    edit: Edit,
     device="cpu",
 ) -> np.ndarray:
-    """(n, draws, 2) verbalizer logits with head ``head`` of the last layer perturbed: every
-    prompt and draw in one call of ``program``."""
-    v = final_values(state, prompt_ids, meta, head=head, where=where, draws=draws,
-                     scale=scale, seed=seed, values=values)  # fmt: skip
-    inputs = [x.to(device) for x in edits(state, meta, head, where, v, mode)]
+    """(n, draws, 2) verbalizer logits with ``edit`` applied to the last layer: every prompt and
+    draw in one call of ``program``. ``state`` is the last layer's (:func:`layer_state`)."""
+    v = final_values(state, prompt_ids, edit)
+    inputs = [x.to(device) for x in edits(state, meta, edit, v)]
     logits = program(*inputs)
-    return logits.float().cpu().numpy().reshape(len(prompt_ids), draws, 2).astype(np.float64)
+    return logits.float().cpu().numpy().reshape(len(prompt_ids), edit.draws, 2).astype(np.float64)

@@ -1,10 +1,12 @@
-# Contribution scores and impact categories: one table for the whole run.
+# Contribution scores and impact categories: one table for the whole run, after checking that
+# every per-head file holds what this run's config asks for.
 
 
 rule aggregate:
     input:
         baseline=BASELINE_METRICS,
-        baseline_per_prompt=f"{RESULTS}/baseline/per_prompt.parquet",
+        baseline_per_prompt=BASELINE_PER_PROMPT,
+        info=PROMPT_INFO,
         perturbed=perturb_files,
     output:
         parquet=TABLE,
@@ -17,10 +19,17 @@ rule aggregate:
     log:
         f"{LOGS}/aggregate.log",
     conda:
-        ENV
+        ANALYSIS_ENV
     params:
         high=config["categories"]["high"],
         medium=config["categories"]["medium"],
         statistics=config["statistics"],
+        jobs=lambda wildcards: job_table(),
+        run={
+            key: PERTURBATION[key]
+            for key in ("noise_mode", "seed", "repeats", "method")
+        }
+        | {"dtype": MODEL["dtype"]},
+        stale_list=f"{RESULTS}/stale_results.txt",
     script:
-        "../scripts/aggregate.py"
+        "../scripts/step.py"

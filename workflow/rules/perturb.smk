@@ -1,64 +1,34 @@
-# One job per perturbed head and setting: adding a head, a scale or an ablation adds only its jobs.
+# One job per perturbed head and setting: adding a head, a scale, a kind or a position adds only
+# its jobs. On a workstation the jobs run in threads of the Snakemake process (profiles/default
+# sets force-use-threads), so the model is loaded once per run, not once per head; on a cluster
+# each job is its own process.
 
 
 rule perturb_head:
     input:
-        prompts=PROMPTS,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
-        activations=perturb_activations,
-        program=perturb_program,
-        rms=HEAD_RMS,
+        unpack(job_inputs),
     output:
-        spec.perturb_path(RESULTS, "{site}", "{layer}", "{head}", "{scale}"),
+        spec.head_path(
+            RESULTS, "{site}", "{position}", "{setting}", "{layer}", "{head}"
+        ),
     log:
-        f"{LOGS}/perturb/{{site}}/noise/layer{{layer}}/head{{head}}_scale{{scale}}.log",
+        spec.head_path(
+            LOGS, "{site}", "{position}", "{setting}", "{layer}", "{head}"
+        ).replace(".parquet", ".log"),
     wildcard_constraints:
         site="|".join(spec.SITES),
+        position="|".join(spec.POSITIONS),
+        setting=spec.setting_pattern(),
         layer=r"\d+",
         head=r"\d+",
-        scale=r"[0-9][0-9.e+-]*",
-    conda:
-        ENV
-    threads: config["threads"]["perturb"]
+    threads: step_threads("perturb")
     params:
-        kind="noise",
+        **MODEL_PARAMS,
         noise_mode=PERTURBATION["noise_mode"],
         method=PERTURBATION["method"],
         repeats=PERTURBATION["repeats"],
         seed=PERTURBATION["seed"],
-        device=MODEL["device"],
-        dtype=MODEL["dtype"],
-        site_override=MODEL.get("site"),
-    script:
-        "../scripts/perturb_head.py"
+    run:
+        from headperturb.adapters import in_process
 
-
-rule ablate_head:
-    input:
-        prompts=PROMPTS,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
-        activations=perturb_activations,
-        program=perturb_program,
-    output:
-        spec.ablation_path(RESULTS, "{site}", "{kind}", "{layer}", "{head}"),
-    log:
-        f"{LOGS}/perturb/{{site}}/{{kind}}/layer{{layer}}/head{{head}}.log",
-    wildcard_constraints:
-        site="|".join(spec.SITES),
-        kind="zero|mean|resample",
-        layer=r"\d+",
-        head=r"\d+",
-    conda:
-        ENV
-    threads: config["threads"]["perturb"]
-    params:
-        method=PERTURBATION["method"],
-        repeats=PERTURBATION["repeats"],
-        seed=PERTURBATION["seed"],
-        device=MODEL["device"],
-        dtype=MODEL["dtype"],
-        site_override=MODEL.get("site"),
-    script:
-        "../scripts/perturb_head.py"
+        in_process(rule, input, output, params, wildcards, threads, log)

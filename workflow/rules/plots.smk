@@ -1,73 +1,21 @@
-# Figures from the contribution table.
+# Figures from the contribution table, one rule for all of them (headperturb.plots.PLOTS).
 
 
-rule plot_distributions:
+rule plot:
     input:
         TABLE,
     output:
         report(
-            f"{RESULTS}/plots/contribution_distributions.png",
-            caption="../report/distributions.rst",
+            f"{RESULTS}/plots/{{plot}}.png",
+            caption="../report/plots.rst",
             category="Plots",
-            subcategory="per run",
+            subcategory="{plot}",
         ),
     log:
-        f"{LOGS}/plot_distributions.log",
+        f"{LOGS}/plot_{{plot}}.log",
+    wildcard_constraints:
+        plot="|".join(PLOT_NAMES),
     conda:
-        ENV
+        ANALYSIS_ENV
     script:
-        "../scripts/plot.py"
-
-
-rule plot_heads:
-    input:
-        TABLE,
-    output:
-        report(
-            f"{RESULTS}/plots/detailed_head_analysis.png",
-            caption="../report/heads.rst",
-            category="Plots",
-            subcategory="per head",
-        ),
-    log:
-        f"{LOGS}/plot_heads.log",
-    conda:
-        ENV
-    script:
-        "../scripts/plot.py"
-
-
-rule plot_heatmap:
-    input:
-        TABLE,
-    output:
-        report(
-            f"{RESULTS}/plots/layer_head_heatmap.png",
-            caption="../report/heatmap.rst",
-            category="Plots",
-            subcategory="per layer",
-        ),
-    log:
-        f"{LOGS}/plot_heatmap.log",
-    conda:
-        ENV
-    script:
-        "../scripts/plot.py"
-
-
-rule plot_scales:
-    input:
-        TABLE,
-    output:
-        report(
-            f"{RESULTS}/plots/contribution_vs_scale.png",
-            caption="../report/scales.rst",
-            category="Plots",
-            subcategory="per scale",
-        ),
-    log:
-        f"{LOGS}/plot_scales.log",
-    conda:
-        ENV
-    script:
-        "../scripts/plot.py"
+        "../scripts/step.py"

