@@ -359,3 +359,33 @@ def test_pipeline_runs_through_slurm(tmp_path, base_config):
     assert (tmp_path / "results/test/contributions.csv").is_file()
     assert (tmp_path / ".snakemake/slurm_logs/rule_baseline").is_dir()
     assert any((tmp_path / ".snakemake/slurm_logs").glob("group_heads*"))  # head jobs grouped
+
+
+def test_the_screen_chooses_heads_to_measure_and_reports_its_agreement(finished_run, base_config):
+    """A sweep whose heads the screen chooses: the screen runs once, the chosen heads are
+    measured exactly, its agreement with every head measured both ways is in the summary; asking
+    for more heads later adds only their jobs."""
+    config = copy.deepcopy(base_config)
+    config["perturbation"]["sweeps"].append(
+        {"layers": "all", "positions": ["all"], "kinds": ["zero"], "heads": {"screen_top": 2}}
+    )
+    snakemake(finished_run, config)
+    results = finished_run / "results/test"
+    heads = pd.read_parquet(results / "screen/heads.parquet")
+    zero_all = heads[(heads["kind"] == "zero") & (heads["position"] == "all")]
+    assert len(zero_all) == 2 * 4 and sorted(zero_all["rank"]) == list(range(1, 9))
+    top = set(zip(zero_all.nsmallest(2, "rank")["layer"], zero_all.nsmallest(2, "rank")["head"]))
+    table = pd.read_parquet(results / "contributions.parquet")
+    measured = set(
+        zip(*table.query("kind == 'zero' and position == 'all'")[["layer", "head"]].T.values)
+    )
+    assert top <= measured
+    agreement = pd.read_csv(results / "screen/agreement.csv")
+    assert {"spearman", "pearson", "sign_agreement", "largest_miss"} <= set(agreement.columns)
+    assert set(agreement["position"]) == {"all", "last"}  # the last-position sweep is compared too
+    summary = (results / "summary.md").read_text()
+    assert "## Screen (estimates, not measurements)" in summary and "Spearman" in summary
+    assert (results / "plots/screen_map.png").is_file()
+    config["perturbation"]["sweeps"][-1]["heads"] = {"screen_top": 3}
+    planned = planned_jobs(finished_run, config)
+    assert planned["perturb_head"] == 1 and "screen" not in planned

@@ -107,6 +107,24 @@ def _perturb_head(input, output, params, wildcards, threads):
     perturb(job, inputs, _model(input, params, threads), output[0])
 
 
+@adapter("screen")
+def _screen(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.screen(_prompt_files(input), _model(input, params, threads), params.settings,
+                 {"per_prompt": input.per_prompt, "rms": input.rms}, dict(output.items()))  # fmt: skip
+
+
+@adapter("screen_agreement")
+def _screen_agreement(input, output, params, wildcards, threads):
+    from . import io, screen
+
+    summary, disagree = screen.agreement(io.read_parquet(input.table), io.read_parquet(input.heads),
+                                         params.threshold)  # fmt: skip
+    io.write_csv(output.agreement, summary)
+    io.write_csv(output.disagreements, disagree)
+
+
 @adapter("aggregate")
 def _aggregate(input, output, params, wildcards, threads):
     from . import aggregation, io, tensors
@@ -129,8 +147,13 @@ def _summarize(input, output, params, wildcards, threads):
     from .models import INFO_FILE
 
     table, meta = aggregation.read_table(input.table)
+    screened = None
+    if "agreement" in input.keys():
+        screened = {k: io.read_csv(input[k]) for k in ("agreement", "disagreements")}
+        screened["heads"] = io.read_parquet(input.screen)
     text = summary.summary_markdown(table, meta, io.read_json(input.info),
-                                    io.read_json(Path(input.model) / INFO_FILE), params.settings)  # fmt: skip
+                                    io.read_json(Path(input.model) / INFO_FILE), params.settings,
+                                    screened)  # fmt: skip
     io.write_text(output[0], text)
 
 

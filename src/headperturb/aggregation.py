@@ -178,8 +178,7 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
             "detectable_change": float(np.nanmedian(table["detectable_change"]))
             if len(table) else None}  # fmt: skip
     io.write_parquet(paths["parquet"], table, meta)
-    with io.atomic_path(paths["csv"], suffix=".csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+    io.write_csv(paths["csv"], table)
     counts = stats.category_counts(table)
     log.info(
         "%d perturbations; baseline accuracy %.4f, F1 %.4f; impact %s; %d significant (q < %g); "

@@ -63,7 +63,7 @@ class Engine:
         """One prompt's ids as a (1, length) tensor on the model's device."""
         return torch.tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None, :]
 
-    def _prefix_cache(self, prompts, full: bool = False):
+    def prefix_cache(self, prompts, full: bool = False):
         """The shared prefix encoded once; ``full`` keeps every position of sliding-window layers
         too (the mask still applies the window), so the keys and values can be recorded."""
         from transformers import DynamicCache
@@ -80,7 +80,7 @@ class Engine:
         )
         return cache
 
-    def _suffix_batches(self, cache, prompts, batch_size: int, lengths_seen: dict | None = None):
+    def suffix_batches(self, cache, prompts, batch_size: int, lengths_seen: dict | None = None):
         """Yield (indices, lengths, two-logit array, batch cache) for batches of prompts run on
         the prefix cache. ``lengths_seen["lengths"]`` holds the current batch's query lengths
         while it runs (for hooks that pick each prompt's final position).
@@ -117,8 +117,8 @@ class Engine:
     def score(self, prompts: list, progress: Progress | None = None, batch_size: int = 4):
         """(n, 2) verbalizer logits of the unperturbed model, reusing the prefix's cache."""
         out = np.empty((len(prompts), 2), dtype=np.float64)
-        cache = self._prefix_cache(prompts)
-        for idx, _lengths, logits, _cache in self._suffix_batches(cache, prompts, batch_size):
+        cache = self.prefix_cache(prompts)
+        for idx, _lengths, logits, _cache in self.suffix_batches(cache, prompts, batch_size):
             out[idx] = logits
             if progress:
                 progress.update(len(idx))
@@ -155,8 +155,8 @@ class Engine:
                 ),
             ]
         try:
-            cache = self._prefix_cache(prompts)
-            for idx, _lengths, logits, _cache in self._suffix_batches(
+            cache = self.prefix_cache(prompts)
+            for idx, _lengths, logits, _cache in self.suffix_batches(
                 cache, prompts, batch_size, current
             ):
                 out[idx] = logits
@@ -187,9 +187,9 @@ class Engine:
         handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
         suffix, offsets = [], [0]
         try:
-            cache = self._prefix_cache(prompts)  # the hook records the prefix's layer input
+            cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
             prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
-            for idx, lengths, _logits, _cache in self._suffix_batches(cache, prompts, batch_size):
+            for idx, lengths, _logits, _cache in self.suffix_batches(cache, prompts, batch_size):
                 for row, length in enumerate(lengths.tolist()):
                     suffix.append(seen["x"][row, :length])
                     offsets.append(offsets[-1] + length)
@@ -211,14 +211,14 @@ class Engine:
         cache holds them (after any rotary embedding): ``k.L`` / ``v.L`` (heads, positions,
         head_dim) with the prefix's positions first, then each prompt's query positions;
         ``offsets`` (n + 1) into the query part. Sliding-window layers keep every position."""
-        cache = self._prefix_cache(prompts, full=True)
+        cache = self.prefix_cache(prompts, full=True)
         parts: dict[str, list[torch.Tensor]] = {}
         offsets = [0]
         if cache is not None:
             for layer, (k, v) in enumerate(_layers_kv(cache)):
                 parts.setdefault(f"k.{layer}", []).append(k[0].float().cpu())
                 parts.setdefault(f"v.{layer}", []).append(v[0].float().cpu())
-        for idx, lengths, _logits, batch_cache in self._suffix_batches(
+        for idx, lengths, _logits, batch_cache in self.suffix_batches(
             cache if cache is not None else _full_cache(), prompts, batch_size
         ):
             for layer, (k, v) in enumerate(_layers_kv(batch_cache)):

@@ -74,16 +74,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rows of equal keys as a CSV file (written atomically)."""
-    import csv
-    import io as _io
+def write_csv(path: str | os.PathLike, rows) -> None:
+    """A pandas DataFrame, or rows of equal keys, as a CSV file (written atomically; numbers to
+    six significant digits)."""
+    import pandas as pd
 
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    with atomic_path(path, suffix=".csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def read_csv(path: str | os.PathLike):
+    """A CSV file as a pandas DataFrame (an empty file: no rows)."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -255,15 +255,40 @@ def contribution_vs_scale(table, meta: dict, out_path) -> None:
     _save(fig, out_path)
 
 
+def screen_map(heads, meta: dict, out_path) -> None:
+    """Layers x heads of the screen's first-order estimates of each head's contribution to the
+    correct-label logit difference under zero and mean ablation, one panel per setting. Labelled
+    as estimates: they choose what to measure, they are not measurements."""
+    plt = _plt()
+    shown = heads[heads["kind"].isin(["zero", "mean"])]
+    combos = sorted(
+        set(zip(shown["kind"], shown["position"])), key=lambda c: (c[0] != "zero", c[1])
+    )
+    fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5.5), squeeze=False)
+    panels = []
+    for kind, position in combos:
+        part = shown[(shown["kind"] == kind) & (shown["position"] == position)]
+        grid = part.pivot_table(index="layer", columns="head", values="est_logit_diff")
+        where = "all positions" if position == "all" else "last position"
+        panels.append((f"ESTIMATE: {kind} ablation, {where}", grid))
+    heatmap_panels(fig, axes[0], panels, "estimated logit-difference contribution; > 0 helps")
+    fig.suptitle("Screen: first-order estimates (one backward pass per prompt), not measurements\n"
+                 "the heads worth measuring exactly; the run's table holds the measurements",
+                 fontsize=11)  # fmt: skip
+    _save(fig, out_path)
+
+
 PLOTS = {
     "contribution_distributions": contribution_distributions,
     "detailed_head_analysis": detailed_head_analysis,
     "layer_head_heatmap": layer_head_heatmap,
     "contribution_vs_scale": contribution_vs_scale,
+    "screen_map": screen_map,
 }
 """Figure name (its file ``plots/<name>.png``) -> the function that draws it."""
 
 
 def plot(name: str, table_path, out_path) -> None:
-    """Draw figure ``name`` from the contribution table at ``table_path``."""
+    """Draw figure ``name`` from the table at ``table_path`` (the contribution table, or the
+    screen's per-head estimates for ``screen_map``)."""
     PLOTS[name](io.read_parquet(table_path), io.read_parquet_metadata(table_path), out_path)

@@ -148,8 +148,16 @@ def sweeps(perturbation: dict) -> list[dict]:
     return [{**defaults, **sweep} for sweep in perturbation.get("sweeps") or [{}]]
 
 
-def sweep_jobs(sweep: dict, n_layers: int, n_heads: int) -> list[HeadJob]:
-    """The jobs of one sweep, resolved against the model's shape."""
+def screened(sweep: dict) -> bool:
+    """Whether a sweep's heads are chosen by the screen (``heads: {screen_top: K, random: M}``)."""
+    return isinstance(sweep["heads"], dict)
+
+
+def sweep_jobs(
+    sweep: dict, n_layers: int, n_heads: int, chosen: dict | None = None
+) -> list[HeadJob]:
+    """The jobs of one sweep, resolved against the model's shape. ``chosen`` ({layer: heads})
+    replaces the head selection of a screened sweep."""
     for site in sweep["sites"]:
         if site not in SITES:
             raise SpecError(f"site {site!r} is not allowed; allowed: {', '.join(SITES)}")
@@ -167,22 +175,30 @@ def sweep_jobs(sweep: dict, n_layers: int, n_heads: int) -> list[HeadJob]:
         else:
             settings.append((kind, ""))
     layers = resolve_layers(sweep["layers"], n_layers)
-    heads = resolve_heads(sweep["heads"], n_heads)
+    if chosen is None:
+        heads = resolve_heads(sweep["heads"], n_heads)
+        chosen = {layer: heads for layer in layers}
     return [
         HeadJob(site, position, kind, scale, layer, head)
         for site in sweep["sites"]
         for position in sweep["positions"]
         for layer in layers
-        for head in heads
+        for head in chosen.get(layer, [])
         for kind, scale in settings
     ]
 
 
-def head_jobs(perturbation: dict, n_layers: int, n_heads: int) -> list[HeadJob]:
-    """Every job the config's sweeps ask for (their union), sorted."""
+def head_jobs(perturbation: dict, n_layers: int, n_heads: int, choose=None) -> list[HeadJob]:
+    """Every job the config's sweeps ask for (their union), sorted. ``choose(sweep, layers)``
+    gives the heads of a screened sweep ({layer: heads}); without it those sweeps are left out
+    (their heads are known once the screen ran)."""
     jobs: set[HeadJob] = set()
     for sweep in sweeps(perturbation):
-        jobs.update(sweep_jobs(sweep, n_layers, n_heads))
+        if not screened(sweep):
+            jobs.update(sweep_jobs(sweep, n_layers, n_heads))
+        elif choose is not None:
+            layers = resolve_layers(sweep["layers"], n_layers)
+            jobs.update(sweep_jobs(sweep, n_layers, n_heads, choose(sweep, layers)))
     return sorted(jobs)
 
 
@@ -291,6 +307,19 @@ def label_counts(files: list[str]) -> dict[str, dict[int, int]] | None:
                 continue
         out[split] = counts
     return out
+
+
+def check_screen(settings: dict, screened: list[dict]) -> None:
+    """A sweep whose heads the screen chooses needs the screen's zero-ablation estimates at the
+    sweep's positions."""
+    for sweep in screened:
+        missing = [p for p in sweep["positions"][:1] if p not in settings["positions"]]
+        if "zero" not in settings["kinds"] or missing:
+            raise SpecError(
+                "a sweep with heads: {screen_top: ...} ranks heads by the screen's zero-ablation "
+                f"estimate at positions {sweep['positions'][0]!r}: add zero to screen.kinds and "
+                f"{sweep['positions'][0]} to screen.positions"
+            )
 
 
 def _split(n: int) -> dict[int, int]:

@@ -255,3 +255,52 @@ def capture_cache(prompt_files: PromptFiles, model: ModelSpec, out_path) -> None
     kv = gpu_memory_hint(engine.capture_cache, ids, Progress(len(ids), "keys and values", log))
     tensors.save(out_path, kv, {"layers": len(sites)})
     log.info("recorded keys and values: %.0f MB", sum(t.numel() * 4 for t in kv.values()) / 1e6)
+
+
+def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: dict, out: dict):
+    """Estimate every head of every layer from one forward and one backward pass per prompt
+    (:mod:`headperturb.screen`). ``settings``: ``kinds``, ``positions``, ``scales``,
+    ``noise_mode``, ``batch_size``; ``inputs``: the baseline's ``per_prompt`` file (the calibrated
+    margins) and ``rms`` (relative noise); ``out``: ``estimates`` (per prompt) and ``heads``."""
+    import pandas as pd
+
+    from . import screen as sc
+    from . import tensors
+
+    engine, sites, model_info, _info = load_engine(prompt_files, model)
+    ids, pids, labels = prompt_ids(prompt_files.prompts)
+    base = io.read_parquet(inputs["per_prompt"], ["prompt_id", "calibrated_margin"])
+    if base["prompt_id"].tolist() != list(pids):
+        raise ValueError(f"{inputs['per_prompt']} does not hold the run's prompts in order")
+    means = gpu_memory_hint(sc.head_means, engine, ids, sites)
+    sums = gpu_memory_hint(sc.gradient_sums, engine, ids, sites, means,
+                           Progress(len(ids), "screen: forward and backward passes", log),
+                           settings["batch_size"])  # fmt: skip
+    rms = (
+        pd.DataFrame(io.read_parquet(inputs["rms"]))
+        if settings["noise_mode"] == "relative"
+        else None
+    )
+    plan = []
+    for kind in settings["kinds"]:
+        for position in settings["positions"]:
+            if kind != "noise":
+                plan.append((kind, position, "", None))
+                continue
+            for scale in settings["scales"]:
+                sigma = float(scale)
+                if rms is not None:
+                    grid = rms[rms["site"] == "o_proj_input"].pivot(
+                        index="layer", columns="head", values="rms"
+                    )
+                    sigma = float(scale) * grid.to_numpy()
+                plan.append((kind, position, f"{float(scale):g}", sigma))
+    est = sc.estimates(sums, pids, labels, base["calibrated_margin"].to_numpy(),
+                       [s.layer for s in sites], plan)  # fmt: skip
+    meta = tensors.provenance(model_info, str(engine.device), {"step": "screen", **settings,
+                              "prompts_sha256": tensors.file_digest(prompt_files.info)})  # fmt: skip
+    io.write_parquet(out["estimates"], est, meta)
+    heads = sc.per_head(pd.DataFrame(est))
+    io.write_parquet(out["heads"], heads, meta)
+    log.info("screened %d heads of %d layers on %d prompts", sites[0].n_heads * len(sites),
+             len(sites), len(ids))  # fmt: skip

@@ -118,21 +118,66 @@ def _categories(table: pd.DataFrame, meta: dict, cats: dict) -> list[str]:
 
 
 def _top_heads(table: pd.DataFrame, top: int) -> list[str]:
-    order = table.sort_values(["contribution_accuracy", "change_logit_diff"], ascending=False)
-    beneficial = order[order["contribution_accuracy"] > 0].head(top)
-    harmful = order[order["contribution_accuracy"] < 0].iloc[::-1].head(top)
-    lines = ["## Most beneficial heads (disturbing them costs accuracy), top " + str(top), ""]
-    lines += (
-        head_lines(beneficial) if len(beneficial) else ["None: no perturbation lowered accuracy."]
-    )
-    lines += ["", f"## Most harmful heads (disturbing them raises accuracy), top {top}", ""]
-    lines += head_lines(harmful) if len(harmful) else ["None: no perturbation raised accuracy."]
+    """Per setting, the heads whose perturbation changed accuracy most (then the logit
+    difference), either way."""
+    from .plots import settings as run_settings
+
+    lines = [f"## Strongest heads per setting, top {top}", "",
+             "Positive: the head helps the task (disturbing it costs accuracy); negative: it hurts."]  # fmt: skip
+    for combo in run_settings(table):
+        rows = table
+        for column, value in zip(["site", "position", "kind", "scale"], combo):
+            rows = rows[rows[column] == value]
+        order = rows.assign(
+            _a=rows["contribution_accuracy"].abs(), _l=rows["change_logit_diff"].abs()
+        )
+        lines += ["", f"### {setting_label(*combo)} ({len(rows)} heads)", ""]
+        lines += head_lines(order.sort_values(["_a", "_l"], ascending=False).head(top))
+    return lines
+
+
+def _screen(screened: dict, threshold: float, top: int) -> list[str]:
+    heads, agree, disagree = screened["heads"], screened["agreement"], screened["disagreements"]
+    zero = heads[heads["kind"] == "zero"]
+    lines = [
+        "## Screen (estimates, not measurements)",
+        "",
+        f"Every head of every layer ({zero[['layer', 'head']].drop_duplicates().shape[0]} heads) "
+        "estimated from one forward and one backward pass per prompt (first-order attribution "
+        "patching). The estimates chose what to measure; the table above holds the measurements.",
+        "",
+        f"Largest estimated zero-ablation effects (contribution to the correct-label logit "
+        f"difference), top {top} per positions:",
+        "",
+        "| positions | layer | head | estimate | rank |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for _, r in zero[zero["rank"] <= top].iterrows():
+        lines.append(
+            f"| {r['position']} | {r['layer']} | {r['head']} | {r['est_logit_diff']:+.4f} | {r['rank']} |"
+        )
+    lines += ["", "Agreement with the exact measurements of the same heads (correct-label logit "
+              "difference; `all` = every layer):", ""]  # fmt: skip
+    if agree.empty:
+        lines.append("No head was measured both ways.")
+    else:
+        lines += ["| kind | positions | layer | heads | Spearman | Pearson | signs agree | largest miss (head) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for _, r in agree.iterrows():
+            lines.append(f"| {r['kind']} | {r['position']} | {r['layer']} | {r['heads']} | {r['spearman']:.3f} | "
+                         f"{r['pearson']:.3f} | {100 * r['sign_agreement']:.0f}% | {r['largest_miss']:.4f} ({r['largest_miss_head']}) |")  # fmt: skip
+    lines += ["", f"Heads whose estimate and measurement differ by more than {threshold:g} in the "
+              f"logit difference: {len(disagree)}."]  # fmt: skip
+    for _, r in disagree.iterrows():
+        lines.append(f"- {r['kind']} ablation, {r['position']} positions, layer {r['layer']} head "
+                     f"{r['head']}: estimate {r['est_logit_diff']:+.4f}, exact {r['exact_logit_diff']:+.4f}")  # fmt: skip
     return lines
 
 
 def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_info: dict,
-                     settings: dict, top: int = 5) -> str:  # fmt: skip
-    """The summary page of a run, in Markdown."""
+                     settings: dict, screened: dict | None = None, top: int = 5) -> str:  # fmt: skip
+    """The summary page of a run, in Markdown; ``screened`` (the screen's per-head estimates,
+    agreement and disagreements) adds the screen's section."""
     base = meta.get("baseline", {})
     sections = [
         [f"# headperturb run `{settings['run_name']}`"],
@@ -140,7 +185,8 @@ def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_i
         _baseline(base, prompt_info),
         _categories(table, meta, settings["categories"]),
         _top_heads(table, top),
+        _screen(screened, settings["screen"]["disagreement"], 10) if screened else [],
         ["Contribution = baseline - perturbed. Intervals: 95% paired bootstrap over prompts and "
          "draws. A category whose interval spans several categories, or zero, is not a finding."],
     ]  # fmt: skip
-    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"

@@ -30,6 +30,8 @@ HEAD_RMS = f"{BASELINE}/head_rms.parquet"
 LAST_LAYER_PROGRAM = f"{BASELINE}/last_layer"
 CACHE = f"{RESULTS}/activations/cache.safetensors"
 TABLE = f"{RESULTS}/contributions.parquet"
+SCREEN = f"{RESULTS}/screen"
+SCREEN_HEADS = f"{SCREEN}/heads.parquet"
 MODEL_PARAMS = {
     "device": MODEL["device"],
     "dtype": MODEL["dtype"],
@@ -88,6 +90,9 @@ DATA_FILES = spec.data_files(config["data"]["path"])
 spec.check_review_counts(spec.label_counts(DATA_FILES), PROMPTS)
 if LOCAL_SHAPE is not None:
     spec.head_jobs(PERTURBATION, LOCAL_SHAPE["n_layers"], LOCAL_SHAPE["n_heads"])
+SCREENED = [s for s in spec.sweeps(PERTURBATION) if spec.screened(s)]
+SCREENING = config["screen"]["enabled"] or bool(SCREENED)
+spec.check_screen(config["screen"], SCREENED)
 
 
 # -- the head jobs ---------------------------------------------------------------------------
@@ -100,11 +105,22 @@ def head_jobs():
     estimate of its cost)."""
     if "jobs" not in _memo:
         shape = model_shape()
+        choose = screen_choice if SCREENED else None
         _memo["jobs"] = spec.head_jobs(
-            PERTURBATION, shape["n_layers"], shape["n_heads"]
+            PERTURBATION, shape["n_layers"], shape["n_heads"], choose
         )
         logger.info(spec.cost_preview(_memo["jobs"], shape, config, _prepared_info()))
     return _memo["jobs"]
+
+
+def screen_choice(sweep, layers):
+    """The heads the screen chose for a sweep with heads: {screen_top: K, random: M}."""
+    from headperturb import screen
+
+    heads = files.read_parquet(checkpoints.screen.get().output.heads)
+    choice = sweep["heads"]
+    return screen.choose(heads, layers, sweep["positions"][0], choice["screen_top"],
+                         choice.get("random", 0), PERTURBATION["seed"])  # fmt: skip
 
 
 def _prepared_info():
@@ -185,7 +201,24 @@ def plots():
         names.append("layer_head_heatmap")
     if len(scales) > 1:
         names.append("contribution_vs_scale")
+    if SCREENING:
+        names.append("screen_map")
     return names
+
+
+def plot_input(wildcards):
+    return SCREEN_HEADS if wildcards.plot == "screen_map" else TABLE
+
+
+def screen_results(wildcards):
+    """The screen's agreement with the exact measurements, for the summary, when it ran."""
+    if not SCREENING:
+        return {}
+    return {
+        "agreement": f"{SCREEN}/agreement.csv",
+        "disagreements": f"{SCREEN}/disagreements.csv",
+        "screen": SCREEN_HEADS,
+    }
 
 
 def _as_list(value):
@@ -198,4 +231,5 @@ def final_targets():
         f"{RESULTS}/summary.md",
         f"{RESULTS}/contributions.csv",
         *[f"{RESULTS}/plots/{name}.png" for name in plots()],
+        *([f"{SCREEN}/agreement.csv"] if SCREENING else []),
     ]

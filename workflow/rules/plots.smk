@@ -3,7 +3,7 @@
 
 rule plot:
     input:
-        TABLE,
+        plot_input,
     output:
         report(
             f"{RESULTS}/plots/{{plot}}.png",

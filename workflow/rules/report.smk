@@ -3,6 +3,7 @@
 
 rule summarize:
     input:
+        unpack(screen_results),
         table=TABLE,
         info=PROMPT_INFO,
         model=MODEL_DIR,
@@ -27,6 +28,7 @@ rule summarize:
                 "prompts",
                 "perturbation",
                 "scoring",
+                "screen",
                 "categories",
             )
         },

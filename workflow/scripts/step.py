@@ -4,7 +4,7 @@ process of its own, logging to the rule's log."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
 
 from headperturb import adapters  # noqa: E402
 

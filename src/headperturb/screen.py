@@ -1,0 +1,271 @@
+"""The screen: every head of every layer estimated from one forward and one backward pass per
+prompt (attribution patching: Nanda 2023; Syed et al. 2023; Kramár et al. 2024, "AtP*").
+
+Setting head ``h`` of layer ``L`` to a value ``v`` changes a prompt's margin by, to first order,
+``sum over positions of (v - z) . g``, where ``z`` is the head's clean output at its site (the
+o_proj input) and ``g`` the margin's gradient there. One backward pass gives ``g`` for every head
+of every layer at once. Per (prompt, layer, head) and over all positions or the final one alone,
+:func:`gradient_sums` returns ``sum z.g``, ``sum mean.g`` (``mean``: the head's mean output over
+the prompts at each position from the end) and ``||g||``, from which each kind's
+:meth:`~headperturb.perturbations.Perturbation.first_order` makes its estimate: zero
+``-sum z.g``, mean ``sum (mean - z).g``, and for noise of standard deviation sigma the spread
+``sigma ||g||`` of the margin's change (its mean is 0 to first order), with the flip probability
+that implies for each prompt.
+
+These are estimates, not measurements: exact at the last layer's o_proj input for zero and mean
+ablation (the margin is linear there), and first-order elsewhere, where a single head can be
+wrong. The workflow uses them to choose which heads to measure exactly, and measures their error
+on every head measured both ways (:func:`agreement`).
+"""
+
+from __future__ import annotations
+
+import logging
+from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .perturbations import PERTURBATIONS
+
+if TYPE_CHECKING:  # torch is imported where the passes run: choosing heads needs only pandas
+    from .engine import Engine
+    from .logs import Progress
+    from .sites import HeadSite
+
+log = logging.getLogger("headperturb")
+
+KINDS = ("zero", "mean", "noise")
+"""The kinds the screen estimates (those with a first-order effect on the margin)."""
+
+
+def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4):
+    """Each layer's o_proj input averaged over the prompts at each position counted from the end:
+    ``{layer: (longest prompt, width)}``, right-aligned (the last row is the final position), as
+    :func:`headperturb.perturbations.mean_from_end` makes the values of the mean ablation."""
+    import torch
+
+    current: dict = {"lengths": None}
+    prefix: dict[int, torch.Tensor] = {}
+    sums: dict[int, torch.Tensor] = {}
+    counts = torch.zeros(max(len(p) for p in prompts), 1, dtype=torch.float64)
+
+    def hook(layer):
+        def record(_module, args):
+            x = args[0].detach().double().cpu()
+            if current["lengths"] is None:
+                prefix[layer] = x[0].flip(0)
+                return
+            total = sums.setdefault(
+                layer, torch.zeros(len(counts), x.shape[-1], dtype=torch.float64)
+            )
+            for row, q in enumerate(current["lengths"].tolist()):
+                total[:q] += x[row, :q].flip(0)
+                if layer in prefix:
+                    total[q : q + len(prefix[layer])] += prefix[layer]
+
+        return record
+
+    handles = [engine.model.get_submodule(s.module_name).register_forward_pre_hook(hook(s.layer))
+               for s in sites]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            cache = engine.prefix_cache(prompts)
+            for _i, lengths, _l, _c in engine.suffix_batches(cache, prompts, batch_size, current):
+                for q in lengths.tolist():
+                    counts[: q + engine.prefix_len] += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (total / counts.clamp(min=1)).flip(0).float() for layer, total in sums.items()}
+
+
+def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: dict,
+                  progress: Progress | None = None, batch_size: int = 2) -> dict[str, np.ndarray]:  # fmt: skip
+    """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
+    positions (``.all``) and over the final position (``.last``), from one forward and one
+    backward pass per prompt through the model's own modules. Arrays (n, layers, heads)."""
+    n_heads = sites[0].n_heads
+    shape = (len(prompts), len(sites), n_heads)
+    out = {
+        f"{q}.{p}": np.zeros(shape)
+        for q in ("z_dot_g", "mean_dot_g", "g_norm")
+        for p in ("all", "last")
+    }
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        zs, grads = _backward(engine, [prompts[i] for i in idx], sites)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            for layer, (z, g) in enumerate(zip(zs, grads)):
+                z_i = z[row, :n].double().reshape(n, n_heads, -1)
+                g_i = g[row, :n].double().reshape(n, n_heads, -1)
+                mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
+                for part, sl in (("all", slice(None)), ("last", slice(n - 1, n))):
+                    out[f"z_dot_g.{part}"][i, layer] = (z_i[sl] * g_i[sl]).sum((0, 2)).numpy()
+                    out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g_i[sl]).sum((0, 2)).numpy()
+                    out[f"g_norm.{part}"][i, layer] = g_i[sl].pow(2).sum((0, 2)).sqrt().numpy()
+        if progress:
+            progress.update(len(idx))
+    return out
+
+
+def _backward(engine: Engine, prompts: list, sites: list[HeadSite]):
+    """The o_proj inputs of every layer and the gradient of the summed margins with respect to
+    them, for a batch of prompts (right-padded: causal attention keeps pads out of every margin)."""
+    import torch
+
+    from .surgery import narrow_lm_head
+
+    model = engine.model
+    lengths = [len(p) for p in prompts]
+    ids = torch.tensor(np.stack([np.pad(np.asarray(p), (0, max(lengths) - len(p)), constant_values=p[-1])
+                                 for p in prompts]), device=engine.device)  # fmt: skip
+    zs: list[torch.Tensor] = [None] * len(sites)
+
+    def keep(layer):
+        def hook(_module, args):
+            zs[layer] = args[0]
+
+        return hook
+
+    embed = model.get_input_embeddings()
+    handles = [embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))]
+    handles += [model.get_submodule(s.module_name).register_forward_pre_hook(keep(k))
+                for k, s in enumerate(sites)]  # fmt: skip
+    try:
+        with torch.enable_grad(), narrow_lm_head(model, engine.token_ids):
+            logits = model(input_ids=ids, use_cache=False).logits
+            rows = torch.arange(len(prompts), device=engine.device)
+            last = logits[rows, torch.tensor(lengths, device=engine.device) - 1]
+            margin = (last[:, 1] - last[:, 0]).sum()
+            grads = torch.autograd.grad(margin, zs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in grads]
+
+
+def estimates(sums: dict, prompt_ids, labels, calibrated_margins, layers: list[int],
+              settings: list[tuple]) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per (prompt, layer, head) and each (kind, position, scale, sigma) of ``settings`` (sigma
+    for noise: a number, or one per (layer, head) for relative noise), as columns:
+    the first-order change of the margin (zero, mean) or its spread (noise), the estimated
+    contribution to the correct-label logit difference (baseline - perturbed: positive when the
+    head helps) and to accuracy (for noise, the expected one from each prompt's flip chance)."""
+    labels = np.asarray(labels)
+    sign = np.where(labels == 1, 1.0, -1.0)[:, None, None]
+    margin = np.asarray(calibrated_margins, dtype=float)[:, None, None]
+    correct = ((margin > 0).astype(int) == labels[:, None, None]).astype(float)
+    n, n_layers, n_heads = sums["z_dot_g.all"].shape
+    columns: dict[str, list] = {k: [] for k in ("prompt_id", "layer", "head", "kind", "scale",
+                                                "position", "margin_change", "logit_diff",
+                                                "accuracy")}  # fmt: skip
+    for kind, position, scale, sigma in settings:
+        pert = (
+            PERTURBATIONS[kind](scale=1.0).resolve() if kind == "noise" else PERTURBATIONS[kind]()
+        )
+        first = np.vectorize(pert.first_order)(sums[f"z_dot_g.{position}"],
+                                               sums[f"mean_dot_g.{position}"], sums[f"g_norm.{position}"])  # fmt: skip
+        if kind == "noise":  # the spread for sigma 1, times each head's sigma
+            first = first * np.broadcast_to(sigma, (n_layers, n_heads))[None]
+            flip = np.vectorize(lambda s, m: NormalDist().cdf(-abs(m) / s) if s > 0 else 0.0)(
+                first, margin
+            )
+            accuracy, logit_diff = np.where(correct == 1, flip, -flip), np.zeros_like(first)
+        else:
+            accuracy = correct - ((((margin + first) > 0).astype(int)) == labels[:, None, None])
+            logit_diff = -sign * first
+        columns["prompt_id"].append(np.repeat(np.asarray(prompt_ids), n_layers * n_heads))
+        columns["layer"].append(np.tile(np.repeat(layers, n_heads), n))
+        columns["head"].append(np.tile(np.arange(n_heads), n * n_layers))
+        for key, value in (("kind", kind), ("scale", scale), ("position", position)):
+            columns[key].append(np.repeat(value, n * n_layers * n_heads))
+        for key, value in (
+            ("margin_change", first),
+            ("logit_diff", logit_diff),
+            ("accuracy", accuracy),
+        ):
+            columns[key].append(np.broadcast_to(value, first.shape).reshape(-1).astype(float))
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def per_head(frame):
+    """One row per (kind, scale, position, layer, head): the estimates averaged over prompts, and
+    the head's rank by the size of its estimated logit-difference contribution within its setting
+    (noise: by the size of the margin's spread)."""
+    keys = ["kind", "scale", "position", "layer", "head"]
+    heads = frame.groupby(keys, as_index=False)[["margin_change", "logit_diff", "accuracy"]].mean()
+    heads = heads.rename(columns={"logit_diff": "est_logit_diff", "accuracy": "est_accuracy",
+                                  "margin_change": "est_margin_change"})  # fmt: skip
+    size = np.where(
+        heads["kind"] == "noise", heads["est_margin_change"].abs(), heads["est_logit_diff"].abs()
+    )
+    heads["rank"] = (heads.assign(_size=size).groupby(["kind", "scale", "position"])["_size"]
+                     .rank(ascending=False, method="first").astype(int))  # fmt: skip
+    return heads.sort_values(["kind", "scale", "position", "rank"], ignore_index=True)
+
+
+def choose(
+    heads, layers: list[int], position: str, top: int, random: int, seed: int
+) -> dict[int, list[int]]:
+    """The heads to measure exactly: the ``top`` largest zero-ablation estimates among ``layers``
+    at ``position``, and ``random`` other heads drawn with ``seed`` so the screen's misses are
+    measured too. The draw is one seeded order of all the heads, whose first ``random`` heads
+    outside the top are taken, so a larger ``top`` keeps the earlier choice and adds to it.
+    ``{layer: [heads]}``."""
+    pool = heads[
+        (heads["kind"] == "zero") & (heads["position"] == position) & heads["layer"].isin(layers)
+    ]
+    pool = pool.sort_values(["layer", "head"])
+    keys = list(zip(pool["layer"], pool["head"]))
+    ranked = [keys[i] for i in np.argsort(pool["rank"].to_numpy(), kind="stable")]
+    chosen = set(ranked[:top])
+    order = np.random.default_rng(seed).permutation(len(keys))
+    chosen |= set([keys[i] for i in order if keys[i] not in chosen][:random])
+    out: dict[int, list[int]] = {}
+    for layer, head in sorted(chosen):
+        out.setdefault(int(layer), []).append(int(head))
+    return out
+
+
+def agreement(table, heads, threshold: float = 0.05):
+    """The screen against the exact measurements, for every head measured both ways (zero and
+    mean ablation, same position): per (kind, position, layer) and overall, the Spearman and
+    Pearson correlations of estimated against exact change of the correct-label logit difference,
+    the share of equal signs and the largest miss; and the rows that differ by more than
+    ``threshold``. Returns (summary rows, disagreement rows) as DataFrames."""
+    import pandas as pd
+
+    exact = table[table["kind"].isin(["zero", "mean"])][
+        ["kind", "position", "layer", "head", "change_logit_diff"]
+    ]
+    both = exact.merge(
+        heads[heads["kind"].isin(["zero", "mean"])], on=["kind", "position", "layer", "head"]
+    )
+    both = both.rename(columns={"change_logit_diff": "exact_logit_diff"})
+    both["miss"] = both["est_logit_diff"] - both["exact_logit_diff"]
+    rows = []
+    for key, group in [
+        *both.groupby(["kind", "position", "layer"]),
+        *both.groupby(["kind", "position"]),
+    ]:
+        key = key if len(key) == 3 else (*key, "all")
+        rows.append({"kind": key[0], "position": key[1], "layer": key[2], "heads": len(group),
+                     **_compare(group["est_logit_diff"].to_numpy(), group["exact_logit_diff"].to_numpy()),
+                     "largest_miss": float(group["miss"].abs().max()),
+                     "largest_miss_head": int(group.loc[group["miss"].abs().idxmax(), "head"])})  # fmt: skip
+    disagree = both[both["miss"].abs() > threshold].sort_values("miss", key=abs, ascending=False)
+    return pd.DataFrame(rows), disagree.reset_index(drop=True)
+
+
+def _compare(est: np.ndarray, exact: np.ndarray) -> dict:
+    """Spearman (Pearson of average ranks) and Pearson correlations and the share of equal signs."""
+    import pandas as pd
+
+    signs = float(np.mean(np.sign(est) == np.sign(exact)))
+    if len(est) < 3 or np.ptp(est) == 0 or np.ptp(exact) == 0:
+        return {"spearman": float("nan"), "pearson": float("nan"), "sign_agreement": signs}
+    ranks = [pd.Series(x).rank().to_numpy() for x in (est, exact)]
+    return {"spearman": float(np.corrcoef(*ranks)[0, 1]), "pearson": float(np.corrcoef(est, exact)[0, 1]),
+            "sign_agreement": signs}  # fmt: skip
