@@ -99,51 +99,58 @@ def last_layer(engine: Engine, state: dict[str, torch.Tensor], prompt_ids: list[
 
 
 class _PastLayer(DynamicLayer):
-    """One layer's recorded keys and values for a batch of final tokens (``draws`` rows per
-    prompt): each row's past, left-padded to ``length``, is assembled when the layer asks for it
-    and not kept, so only one layer's batch is in memory at a time. Layers below the perturbed one
-    are skipped and only report the past's length (``parts`` None)."""
+    """One layer's recorded keys and values for a batch of final tokens. Each row's past (its
+    prompt's every position but the last, left-padded to ``plan["length"]``) is gathered with one
+    index per row from the recorded tensors when the layer asks for it, into a buffer the batch's
+    layers share, so only one layer's batch is in memory at a time. Layers below the perturbed
+    one are skipped and only report the past's length (``keys`` None)."""
 
-    def __init__(self, parts: list[dict] | None, draws: int, length: int):
+    def __init__(self, keys, values, plan: dict):
         super().__init__()
-        self.parts, self.draws, self.length = parts, draws, length
+        self.source, self.plan = (keys, values), plan
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.plan["length"]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.plan["length"] + query_length, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.parts is None:
+        if self.source[0] is None:
             raise RuntimeError("a skipped layer's past was asked for")
-        return self._assemble(key_states, "k"), self._assemble(value_states, "v")
+        return tuple(self._assemble(new, source, which)
+                     for new, source, which in zip((key_states, value_states), self.source, "kv"))  # fmt: skip
 
-    def _assemble(self, new: torch.Tensor, which: str) -> torch.Tensor:
+    def _assemble(self, new: torch.Tensor, source: torch.Tensor, which: str) -> torch.Tensor:
         rows, heads, q, dim = new.shape
-        out = new.new_zeros(rows, heads, self.length + q, dim)
-        for i, part in enumerate(self.parts):
-            rows_i = slice(i * self.draws, (i + 1) * self.draws)
-            prefix, suffix = part[f"{which}_prefix"], part[f"{which}_suffix"]
-            start = self.length - prefix.shape[1] - suffix.shape[1]
-            out[rows_i, :, start : start + prefix.shape[1]] = prefix.to(out.dtype)
-            out[rows_i, :, self.length - suffix.shape[1] : self.length] = suffix.to(out.dtype)
-        out[:, :, self.length :] = new
+        length = self.plan["length"]
+        buffers = self.plan["buffers"]
+        if which not in buffers or buffers[which].dtype != new.dtype:
+            buffers[which] = new.new_empty(rows, heads, length + q, dim)
+        out = buffers[which]
+        index = self.plan["index"] + (torch.arange(heads) * source.shape[1])[None, :, None]
+        flat = source.to(new.dtype).reshape(-1, dim)  # (heads * positions, dim)
+        torch.index_select(flat, 0, index.reshape(-1), out=out.view(-1, dim))
+        out[:, :, length:] = new
         return out
 
 
-def _past(kv: dict[str, torch.Tensor], layer: int, i: int) -> dict[str, torch.Tensor]:
-    """Prompt ``i``'s recorded keys and values at ``layer`` for every position but its final one:
-    views of the shared prefix and of its own query positions."""
-    prefix_len = int(kv["prefix_len"][0])
-    offsets = kv["offsets"]
-    start, end = prefix_len + int(offsets[i]), prefix_len + int(offsets[i + 1]) - 1
-    out = {}
-    for which in ("k", "v"):
-        full = kv[f"{which}.{layer}"]
-        out[f"{which}_prefix"], out[f"{which}_suffix"] = full[:, :prefix_len], full[:, start:end]
-    return out
+def _gather_plan(
+    kv: dict[str, torch.Tensor], idx: list[int], lengths: list[int], draws: int
+) -> dict:
+    """Where each row's past lies in the recorded keys and values: for every row (``draws`` per
+    prompt of ``idx``), its prompt's positions but the last, left-padded to the longest, then a
+    slot for the final token. Pads point at position 0: a real key, which the mask hides."""
+    prefix_len, offsets = int(kv["prefix_len"][0]), kv["offsets"]
+    length = max(lengths[i] for i in idx) - 1
+    rows = []
+    for i in idx:
+        own = torch.arange(prefix_len + int(offsets[i]), prefix_len + int(offsets[i + 1]) - 1)
+        past = torch.cat([torch.arange(prefix_len), own])
+        pad = torch.zeros(length - len(past), dtype=torch.long)
+        rows += [torch.cat([pad, past, torch.zeros(1, dtype=torch.long)])] * draws  # + the new slot
+    return {"index": torch.stack(rows)[:, None, :], "length": length, "buffers": {}}
 
 
 @torch.inference_mode()
@@ -161,9 +168,10 @@ def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str,
     step = max(1, rows_per_batch // draws)
     for start in range(0, len(prompt_ids), step):
         idx = list(range(start, min(start + step, len(prompt_ids))))
-        past = max(lengths[i] for i in idx) - 1
+        plan = _gather_plan(kv, idx, lengths, draws)
+        past = plan["length"]
         layers = [
-            _PastLayer([_past(kv, lay, i) for i in idx] if lay >= layer else None, draws, past)
+            _PastLayer(*((kv[f"k.{lay}"], kv[f"v.{lay}"]) if lay >= layer else (None, None)), plan)
             for lay in range(n_layers)
         ]
         mask = torch.ones(len(idx) * draws, past + 1, dtype=torch.long)
