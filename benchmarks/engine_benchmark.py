@@ -1,23 +1,28 @@
-"""Benchmark: the fast engine against the naive method, side by side, on the default model.
+"""Benchmark: the fast passes against the naive method, and the pipeline's costs, side by side.
 
-    python benchmarks/engine_benchmark.py [--data ../shared/data/imdb] [--sample 20]
+    python benchmarks/engine_benchmark.py [--data ../shared/data/imdb] [--parts ...]
 
-Runs from the repository root, on the default config (SmolLM2-135M-Instruct, 200 prompts, 4-shot),
-and prepares the model first if it is missing (not timed). It measures:
+Runs from the repository root on the default model (SmolLM2-135M-Instruct, prepared first if
+missing, untimed) and writes benchmarks/results.md. Run it in an environment with the `workflow`
+extra only, as a user would (a SLURM executor plugin adds seconds to every Snakemake start).
+Parts (all by default):
 
-1. baseline seconds per prompt: a full-prompt forward (naive) against the engine's cached prefix,
-   on the same ``--sample`` prompts;
-2. one (head, scale, draw) evaluation over all prompts at the last layer: the naive full forwards
-   with the hook (measured on ``--sample`` prompts, scaled to all) against the baseline's exported
-   last layer, one position per prompt, all prompts in one call (median of 5);
-3. one last-layer perturbation job as its own process (what Snakemake starts per head): loading
-   the model against loading the exported last layer, beside a bare ``import torch``;
-4. the whole default pipeline with the model already prepared (one noise draw per head, no
-   ablations: the setting the targets were set for), against its baseline stage alone (both as
-   Snakemake runs, wall time);
-5. adding one head to a finished run (wall time of the Snakemake run).
+- ``passes``: one prompt's baseline, one (head, draw) at the last layer, at the final position of
+  layer 15, and at every position of layer 15: the fast pass against the naive one, in this
+  process, with the largest difference of their logits;
+- ``jobs``: a head job's overhead: the marginal wall time of one more last-layer head job in a
+  pipeline (its computation is a few milliseconds), with the jobs in threads of the Snakemake
+  process (profiles/default) and as processes of their own (as on a cluster), beside a bare
+  ``import torch``;
+- ``pipeline``: the previous release's default settings (every head of the last layer, noise
+  only, one draw, no calibration), the whole pipeline against its baseline stage, and adding one
+  head to a finished run;
+- ``sweep``: the whole model at the final position (every head of every layer, noise, 5 draws, 200
+  prompts), its head jobs after the recordings;
+- ``default``: the whole default run (config/config.yaml), model prepared.
 
-It prints a Markdown table and writes it to benchmarks/results.md.
+Each Snakemake timing is the median of ``--repeats`` fresh runs (``sweep`` and ``default``: of
+``--long-repeats``, they take many minutes each).
 """
 
 from __future__ import annotations
@@ -37,20 +42,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))
+PARTS = ("passes", "jobs", "pipeline", "sweep", "default")
 
 
 def snakemake(config_file: Path, *args: str, cores: int) -> float:
     """Wall seconds of one Snakemake run from the repository root."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--cores",
-        str(cores),
-        "--configfile",
-        str(config_file),
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile",
+           str(config_file), *args]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -61,161 +60,194 @@ def snakemake(config_file: Path, *args: str, cores: int) -> float:
     return elapsed
 
 
-def process_seconds(code: str) -> float:
-    """Wall seconds of ``python -c code`` from the repository root."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"benchmark process failed:\n{result.stderr[-4000:]}")
-    return elapsed
-
-
-def job_code(results: Path, model_dir: Path, layer: int, program: bool) -> str:
-    """A last-layer perturbation job as its perturb_head script runs it (1 thread)."""
-    base = results / "baseline"
-    settings = dict(
-        prompts_path=str(results / "prompts" / "prompts.parquet"),
-        info_path=str(results / "prompts" / "prompt_info.json"),
-        model_dir=str(model_dir),
-        out_path=str(Path(tempfile.mkdtemp()) / "out.parquet"),
-        activations_path=str(base / "final_state.safetensors"),
-        program_dir=str(base / "last_layer") if program else None,
-        site="o_proj_input", layer=layer, head=0, scale="2", repeats=1, seed=0,
-        device="cpu", dtype="float32", threads=1,
-    )  # fmt: skip
-    return (
-        f"import sys; sys.path.insert(0, {str(REPO / 'src')!r})\n"
-        "from headperturb import evaluation\n"
-        f"evaluation.run_perturbation(**{settings!r})\n"
-    )
-
-
-def write_config(base: dict, folder: Path, name: str, **perturbation) -> Path:
+def write_config(
+    base: dict, folder: Path, name: str, run: str | None = None, **perturbation
+) -> Path:
+    """``base`` with ``perturbation`` keys changed, as ``folder/name.yaml`` for the run ``run``
+    (default: ``name``)."""
     config = yaml.safe_load(yaml.safe_dump(base))
+    config["run_name"] = run or name
     config["perturbation"].update(perturbation)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imdb"))
-    parser.add_argument("--sample", type=int, default=20, help="prompts for the naive timings")
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="pipeline runs to take the median of"
-    )
-    args = parser.parse_args()
+def previous_release(base: dict) -> dict:
+    """The previous release's default run, the setting the pipeline targets were written for."""
+    config = yaml.safe_load(yaml.safe_dump(base))
+    config["prompts"].update(candidates=1, n_dev=0)
+    config["scoring"] = {"calibration": "none"}
+    config["screen"] = {"enabled": False}
+    config["perturbation"].update(layers=[-1], heads="all", kinds=["noise"], positions=["all"],
+                                  repeats=1)  # fmt: skip
+    config["perturbation"].pop("sweeps", None)
+    return config
 
-    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    base["data"]["path"] = args.data
-    # the setting the targets were written for: one noise draw per head, no ablations
-    base["perturbation"].update(kinds=["noise"], repeats=1)
-    tmp = Path(tempfile.mkdtemp(prefix="headperturb-bench-"))
-    stamp = str(os.getpid())
 
-    # -- pipeline timings (Snakemake runs; the model is prepared first, untimed) ---------------
-    base["run_name"] = f"bench-{stamp}-a"
-    heads8 = write_config(base, tmp, "heads8", heads=list(range(8)))
-    snakemake(heads8, "--until", "prepare_model", cores=args.cores)
-    snakemake(heads8, cores=args.cores)
-    all_heads = write_config(base, tmp, "all", heads="all")
-    add_one_head = snakemake(all_heads, cores=args.cores)
+def timed(func, repeats: int = 1) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-    # whole pipeline and baseline stage alone: fresh runs, median of --repeats each
-    wholes, alones = [], []
-    for repeat in range(args.repeats):
-        base["run_name"] = f"bench-{stamp}-full{repeat}"
-        full = write_config(base, tmp, f"full{repeat}", heads="all")
-        wholes.append(snakemake(full, cores=args.cores))
-        alones.append(
-            snakemake(full, "--forcerun", "baseline", "--until", "baseline", cores=args.cores)
-        )
-    whole, baseline_alone = statistics.median(wholes), statistics.median(alones)
 
-    # -- engine against naive, in this process --------------------------------------------------
+def passes_part(results: Path, model_dir: Path, sample: int) -> list[tuple]:
+    """The fast passes against the naive one on the same prompts (this process, all cores)."""
     import numpy as np
-    import pandas as pd
     import torch
+    from tiny_models import edit_of
 
-    from headperturb import io, models, tail
+    from headperturb import io, models, passes, tail
     from headperturb.engine import Engine
     from headperturb.sites import locate_sites
 
-    results = REPO / "results" / base["run_name"]
-    model_dir = REPO / "resources" / "models" / base["model"]["name"]
-    layer = io.read_json(model_dir / models.INFO_FILE)["n_layers"] - 1
-    jobs = {
-        name: statistics.median(process_seconds(code) for _ in range(3))
-        for name, code in [
-            ("model", job_code(results, model_dir, layer, program=False)),
-            ("program", job_code(results, model_dir, layer, program=True)),
-            ("torch", "import torch"),
-        ]
-    }
-
-    torch.set_num_threads(args.cores)
     model, _, _ = models.load_prepared(model_dir, device="cpu")
-    prompts = pd.read_parquet(results / "prompts" / "prompts.parquet")
-    info = io.read_json(results / "prompts" / "prompt_info.json")
+    prompts = io.read_parquet(results / "prompts/prompts.parquet")
+    info = io.read_json(results / "prompts/prompt_info.json")
     engine = Engine(model, info["prefix_len"], info["verbalizer_token_ids"])
-    ids = [np.asarray(x) for x in prompts["input_ids"]]
-    pids = prompts["prompt_id"].tolist()
-    sample = ids[: args.sample]
-    program, meta = tail.load(results / "baseline" / "last_layer", "cpu")
-    site = locate_sites(model)[layer]
-
-    start = time.perf_counter()
-    for x in sample:
-        engine.full(x)
-    naive_base = (time.perf_counter() - start) / len(sample)
-    start = time.perf_counter()
-    engine.baseline(sample)
-    fast_base = (time.perf_counter() - start) / len(sample)
-
-    kwargs = dict(head=0, where="o_proj_input", scale=2.0, draws=1, seed=0)
-    start = time.perf_counter()
-    naive_out = engine.perturbed_naive(sample, pids[: len(sample)], site=site, **kwargs)
-    naive_head = (time.perf_counter() - start) / len(sample) * len(ids)
-    _, state = engine.baseline(ids, record=site)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fast_out = tail.perturbed(program, state, pids, meta, **kwargs)
-        times.append(time.perf_counter() - start)
-    fast_head = statistics.median(times)
-    agree = float(np.abs(fast_out[: len(sample)] - naive_out).max())
-
-    rows = [
-        ("baseline, seconds per prompt", f"{naive_base:.3f}", f"{fast_base:.3f}",
-         f"{naive_base / fast_base:.1f}x", ">= 3x"),
-        (f"one (head, scale, draw) at the last layer, all {len(ids)} prompts (s)",
-         f"{naive_head:.1f} (from {len(sample)} prompts)", f"{fast_head:.4f}",
-         f"{naive_head / fast_head:,.0f}x", ">= 1000x"),
-        ("one last-layer job as its own process (s)", f"{jobs['model']:.1f} (loads the model)",
-         f"{jobs['program']:.1f} (loads the layer)", f"{jobs['model'] / jobs['program']:.1f}x",
-         f"floor: import torch {jobs['torch']:.1f} s"),
-        (f"whole default pipeline, model prepared (s, median of {args.repeats})", "",
-         f"{whole:.1f}", f"{whole / baseline_alone:.2f} x baseline stage ({baseline_alone:.1f} s)",
-         "<= 1.5x"),
-        ("adding one head to a finished run (s)", "", f"{add_one_head:.1f}", "", "< 15 s"),
+    ids = [np.asarray(x) for x in prompts["input_ids"]][:sample]
+    pids = prompts["prompt_id"].tolist()[:sample]
+    sites = locate_sites(model)
+    rows, diffs = [], []
+    naive_base = timed(lambda: [passes.full(engine, x) for x in ids]) / len(ids)
+    fast_base = timed(lambda: engine.score(ids)) / len(ids)
+    rows.append(("baseline, seconds per prompt", naive_base, fast_base, ">= 3x"))
+    recorded = engine.baseline(ids, sites)
+    kv = engine.capture_cache(ids)
+    program, meta = tail.load(results / "baseline/last_layer", "cpu")
+    last = sites[-1]
+    cases = [
+        ("last layer", edit_of(model, last, 0, scale=2.0, repeats=1, seed=0),
+         lambda e: tail.perturbed(program, tail.layer_state(recorded.final_state, last.layer), pids, meta, e)),
+        ("final position of layer 15", edit_of(model, sites[15], 0, scale=2.0, repeats=1, seed=0, position="last"),
+         lambda e: passes.final_position(engine, recorded.final_state, kv, pids, e)),
     ]  # fmt: skip
-    lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {args.cores} cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, device cpu, fp32. Model: "
-        f"{base['model']['name']}, {len(ids)} prompts of {prompts['n_tokens'].mean():.0f} tokens "
-        f"(shared prefix {info['prefix_len']}). Largest |fast - naive| logit difference on the "
-        f"sample: {agree:.2e}.",
-        "",
-        "| measure | naive | engine | ratio | target |",
-        "| --- | --- | --- | --- | --- |",
-        *[f"| {' | '.join(row)} |" for row in rows],
-    ]
-    runs = ", ".join(f"{w:.1f}/{a:.1f}" for w, a in zip(wholes, alones))
-    lines.append(f"\nPipeline/baseline-stage runs (s): {runs}.")
-    text = "\n".join(lines) + "\n"
+    captured = engine.capture_layer_inputs(ids, sites[15])
+    cases.append(("every position of layer 15", edit_of(model, sites[15], 0, scale=2.0, repeats=1, seed=0),
+                  lambda e: passes.from_layer(engine, captured, ids, pids, e)))  # fmt: skip
+    for name, edit, fast in cases:
+        naive_out = passes.naive(engine, ids, pids, edit)
+        fast_out = fast(edit)
+        diffs.append(float(np.abs(fast_out - naive_out).max()))
+        naive_t = timed(lambda edit=edit: passes.naive(engine, ids, pids, edit))
+        fast_t = timed(lambda fast=fast, edit=edit: fast(edit), 3)
+        rows.append(
+            (f"one (head, draw) at the {name}, {len(ids)} prompts (s)", naive_t, fast_t, "")
+        )
+    del torch
+    return rows, max(diffs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imdb"))
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--sample", type=int, default=20, help="prompts for the pass timings")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-repeats", type=int, default=1)
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    base["data"]["path"] = args.data
+    tmp = Path(tempfile.mkdtemp(prefix="headperturb-bench-"))
+    stamp = str(os.getpid())
+    lines = []
+    old = previous_release(base)
+    prep = write_config(old, tmp, f"bench-{stamp}-prep")
+    snakemake(prep, "--until", "baseline", cores=args.cores)  # model, prompts, baseline: untimed
+    results = REPO / "results" / f"bench-{stamp}-prep"
+    model_dir = REPO / "resources" / "models" / base["model"]["name"]
+
+    if "passes" in parts:
+        import torch
+
+        torch.set_num_threads(args.cores)
+        rows, agree = passes_part(results, model_dir, args.sample)
+        lines += ["| pass | naive | fast | ratio | target |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {a:.3f} | {b:.4f} | {a / b:,.1f}x | {t} |" for n, a, b, t in rows]
+        lines += ["", f"Largest |fast - naive| logit difference on the sample: {agree:.2e}.", ""]
+
+    if "jobs" in parts:
+        rows = []
+        for name, profile in (("threads of the Snakemake process (default)", []),
+                              ("processes of their own (as on a cluster)", ["--workflow-profile", "none"])):  # fmt: skip
+            marginal = []
+            for repeat in range(args.repeats):
+                one = write_config(old, tmp, f"bench-{stamp}-one{repeat}", heads=[0])
+                nine = write_config(old, tmp, f"bench-{stamp}-nine{repeat}", heads="all")
+                for config in (one, nine):  # the prompts and baseline, untimed
+                    snakemake(config, *profile, "--until", "baseline", cores=args.cores)
+                t1 = snakemake(one, *profile, cores=args.cores)
+                t9 = snakemake(nine, *profile, cores=args.cores)
+                marginal.append((t9 - t1) / 8)
+            rows.append((name, statistics.median(marginal), marginal))
+        torch_t = statistics.median(
+            timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
+            for _ in range(3))  # fmt: skip
+        lines += ["| one more last-layer head job, wall (s, median of runs) | seconds | runs | target |",
+                  "| --- | --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {n} | {m:.2f} | {', '.join(f'{x:.2f}' for x in ms)} | {'<= 0.3' if 'default' in n else ''} |"
+                  for n, m, ms in rows]  # fmt: skip
+        lines += [f"| a bare `import torch` in a new process | {torch_t:.2f} | | |", ""]
+
+    if "pipeline" in parts:
+        wholes, alones, adds = [], [], []
+        for repeat in range(args.repeats):
+            full = write_config(old, tmp, f"bench-{stamp}-full{repeat}")
+            wholes.append(snakemake(full, cores=args.cores))
+            alones.append(
+                snakemake(full, "--forcerun", "baseline", "--until", "baseline", cores=args.cores)
+            )
+            run = f"bench-{stamp}-add{repeat}"
+            snakemake(
+                write_config(old, tmp, f"{run}-8", run, heads=list(range(8))), cores=args.cores
+            )
+            adds.append(
+                snakemake(write_config(old, tmp, f"{run}-9", run, heads="all"), cores=args.cores)
+            )
+        whole, alone, add = (statistics.median(x) for x in (wholes, alones, adds))
+        lines += [
+            "| previous release's default settings | seconds | ratio | target |",
+            "| --- | --- | --- | --- |",
+            f"| whole pipeline, model prepared (median of {args.repeats}) | {whole:.1f} | "
+            f"{whole / alone:.2f} x its baseline stage ({alone:.1f} s) | <= 1.25x |",
+            f"| adding one head to a finished run (median of {args.repeats}) | {add:.1f} | | <= 8 s |",
+            "",
+            "Runs (whole / baseline stage / adding a head, s): "
+            + "; ".join(f"{w:.1f} / {a:.1f} / {d:.1f}" for w, a, d in zip(wholes, alones, adds)),
+            "",
+        ]
+
+    if "sweep" in parts:
+        sweeps = []
+        for repeat in range(args.long_repeats):
+            config = yaml.safe_load(yaml.safe_dump(old))
+            config["perturbation"].update(layers="all", positions=["last"], repeats=5)
+            path = write_config(config, tmp, f"bench-{stamp}-sweep{repeat}")
+            snakemake(path, "--until", "capture_cache", "baseline", cores=args.cores)
+            sweeps.append(snakemake(path, cores=args.cores))
+        lines += [f"| whole model at the final position: 270 heads x 200 prompts x 5 noise draws | "
+                  f"{statistics.median(sweeps) / 60:.1f} min (after the recordings) | <= 15 min |", ""]  # fmt: skip
+
+    if "default" in parts:
+        runs = []
+        for repeat in range(args.long_repeats):
+            path = write_config(base, tmp, f"bench-{stamp}-default{repeat}")
+            runs.append(snakemake(path, cores=args.cores))
+        lines += [f"| the whole default run (config/config.yaml), model prepared | "
+                  f"{statistics.median(runs) / 60:.1f} min | <= 20 min |", ""]  # fmt: skip
+
+    import torch
+
+    head = (f"Machine: {platform.processor() or platform.machine()}, {args.cores} cores, torch "
+            f"{torch.__version__}, CPU, fp32; SmolLM2-135M-Instruct, 200 prompts of about 440 "
+            f"tokens. Parts: {', '.join(parts)}.")  # fmt: skip
+    text = "\n".join([head, "", *lines]) + "\n"
     print(text)
     (REPO / "benchmarks" / "results.md").write_text(text)
     for folder in (REPO / "results").glob(f"bench-{stamp}-*"):

@@ -20,9 +20,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from engine_benchmark import job_code, process_seconds  # noqa: E402
+
+def process_seconds(code: str) -> float:
+    """Wall seconds of ``python -c code`` from the repository root."""
+    import subprocess
+    import time
+
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"benchmark process failed:\n{result.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def job_code(results: Path, model_dir: Path, layer: int, program: bool, dtype: str) -> str:
+    """A last-layer head job as its own process, one thread, as a cluster job runs it."""
+    base = results / "baseline"
+    return f"""
+import sys, tempfile; sys.path.insert(0, {str(REPO / "src")!r})
+from headperturb import jobs, steps
+from headperturb.spec import HeadJob, Job
+target = HeadJob("o_proj_input", "all", "noise", "2", {layer}, 0)
+inputs = jobs.JobInputs(
+    steps.PromptFiles({str(results / "prompts" / "prompts.parquet")!r},
+                      {str(results / "prompts" / "prompt_info.json")!r}),
+    state={str(base / "final_state.safetensors")!r},
+    program={str(base / "last_layer") if program else None!r})
+jobs.perturb(Job(target, target.perturbation(), dtype={dtype!r}), inputs,
+             steps.ModelSpec({str(model_dir)!r}, "cpu", {dtype!r}, 1),
+             tempfile.mkdtemp() + "/out.parquet")
+"""
 
 
 def main() -> None:
@@ -37,7 +65,7 @@ def main() -> None:
     import transformers as tf
     from tiny_models import train_tokenizer
 
-    from headperturb import evaluation, io, models
+    from headperturb import io, models, steps
     from headperturb.data import load_split
     from headperturb.prompts import build_prompts
 
@@ -71,17 +99,16 @@ def main() -> None:
     io.write_parquet(results / "prompts" / "prompts.parquet", built.prompts)
     io.write_json(results / "prompts" / "prompt_info.json", built.info)
     base = results / "baseline"
-    evaluation.run_baseline(
-        prompts_path=results / "prompts" / "prompts.parquet",
-        info_path=results / "prompts" / "prompt_info.json", model_dir=model_dir,
-        per_prompt_path=base / "per_prompt.parquet", metrics_path=base / "metrics.json",
-        state_path=base / "final_state.safetensors", program_dir=base / "last_layer",
-        device="cpu", dtype=args.dtype, threads=2,
-    )  # fmt: skip
+    files = steps.PromptFiles(str(results / "prompts" / "prompts.parquet"),
+                              str(results / "prompts" / "prompt_info.json"))  # fmt: skip
+    outputs = {"per_prompt": base / "per_prompt.parquet", "metrics": base / "metrics.json",
+               "state": base / "final_state.safetensors", "rms": base / "head_rms.parquet",
+               "program": base / "last_layer"}  # fmt: skip
+    steps.baseline(files, steps.ModelSpec(str(model_dir), "cpu", args.dtype, 2), outputs)
     program = base / "last_layer" / "program.pt2"
     times = {
         name: statistics.median(
-            process_seconds(job_code(results, model_dir, 15, program=name == "program"))
+            process_seconds(job_code(results, model_dir, 15, name == "program", args.dtype))
             for _ in range(3)
         )
         for name in ("model", "program")

@@ -183,3 +183,8 @@ def test_the_schema_lists_what_the_library_knows():
     assert set(pert["sweeps"]["items"]["properties"]) == set(spec.SWEEP_KEYS)
     scoring = schema["properties"]["scoring"]["properties"]
     assert scoring["calibration"]["enum"] == list(calibration.METHODS)
+    from headperturb import screen
+
+    assert schema["properties"]["screen"]["properties"]["kinds"]["items"]["enum"] == list(
+        screen.KINDS
+    )

@@ -115,7 +115,9 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     t = job.target
     if meta["layer"] != t.layer:
         raise ValueError(f"the program in {inputs.program} is layer {meta['layer']}, not {t.layer}")
-    keys = tuple(f"{k}.{t.layer}" for k in ("resid", "z", "out")) + ("n_tokens",)
+    from .engine import FINAL_STATE_KEYS
+
+    keys = tuple(f"{k}.{t.layer}" for k in FINAL_STATE_KEYS) + ("n_tokens",)
     state = tail.layer_state(resources.tensors(inputs.state, keys), t.layer)
     pids, labels = _labels(inputs.prompts.prompts)
     if len(pids) != len(state["n_tokens"]):

@@ -254,7 +254,7 @@ def prepare_model(
     sites = locate_sites(model, site_override)
     info = model_summary(model, sites)
     info.update({"source": str(path), "gguf_file": gguf_file, "dtype": dtype})
-    info["seconds_per_token_layer"] = seconds_per_token_layer(model, len(sites))
+    info.update(speed(model, len(sites)))
     if tokenizer.pad_token_id is None:  # padding is never used for scoring; some savers want one
         tokenizer.pad_token = tokenizer.eos_token
     with io.atomic_dir(out_dir) as tmp:
@@ -266,23 +266,50 @@ def prepare_model(
     return info
 
 
-def seconds_per_token_layer(model, n_layers: int, tokens: int = 128) -> float:
-    """What one token costs per layer in a full forward pass on this machine (the best of three
-    passes over ``tokens`` tokens): the unit of the run's cost preview."""
+def speed(model, n_layers: int, tokens: int = 128, rows: int = 32) -> dict:
+    """What computation costs on this machine, one thread, best of three: a token of a full
+    forward pass per layer (``seconds_per_token_layer``), and a final token attending to a past of
+    128 and of 512 positions per layer (``seconds_per_final_token_layer``, keyed by the past's
+    length): the units of the run's cost preview (:func:`headperturb.spec.cost_preview`)."""
+    import inspect
     import time
 
     import torch
+    from transformers import DynamicCache
 
-    ids = torch.arange(tokens)[None] % model.get_input_embeddings().num_embeddings
-    best = float("inf")
-    with torch.inference_mode():
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def best(run) -> float:
+        times = []
         for _ in range(3):
             start = time.perf_counter()
-            model(
-                input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1
-            )
-            best = min(best, time.perf_counter() - start)
-    return best / (tokens * n_layers)
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        with torch.inference_mode():
+            ids = (torch.arange(512, device=device) % vocab)[None]
+            full = best(lambda: model(input_ids=ids[:, :tokens], use_cache=False, logits_to_keep=1))
+            final = {}
+            for past in (128, 512):
+                cache = DynamicCache(config=model.config)
+                model(input_ids=ids[:, :past], use_cache=True, logits_to_keep=1, **{kw: cache})
+                cache.batch_repeat_interleave(rows)
+                step = ids[0, :rows, None]
+
+                def decode(cache=cache, step=step):  # the past grows by one token a call
+                    model(input_ids=step, use_cache=True, logits_to_keep=1, **{kw: cache})
+
+                final[str(past)] = best(decode) / (rows * n_layers)
+    finally:
+        torch.set_num_threads(threads)
+    return {"seconds_per_token_layer": full / (tokens * n_layers),
+            "seconds_per_final_token_layer": final}  # fmt: skip
 
 
 def _combined_sha(files) -> str:

@@ -28,7 +28,8 @@ from typing import ClassVar
 PERTURBATIONS: dict[str, type[Perturbation]] = {}
 """kind -> class, in the order kinds are registered (the order of tables and plots)."""
 
-Values = Callable[[int, int, int], "object"]  # (index, prompt_id, length) -> torch.Tensor
+Values = Callable[[int, int, int], "object"]
+"""``values(index, prompt_id, length)`` -> a (draws or 1, length, width) torch.Tensor."""
 
 
 def register(cls: type[Perturbation]) -> type[Perturbation]:
@@ -64,7 +65,9 @@ class Perturbation:
         """What is stored with every result of this perturbation."""
         return {"kind": self.kind, "scale": "", "noise_mode": "", "sigma": float("nan")}
 
-    def values(self, *, seed: int, layer: int, head: int, width: int, repeats: int, clean=None):
+    def values(
+        self, *, seed: int, layer: int, head: int, width: int, repeats: int, clean=None
+    ) -> Values:
         """``values(index, prompt_id, length)``: the tensor added or set (see the module
         docstring). ``clean`` is the head's clean output, one (length, width) tensor per prompt,
         for kinds that need it."""

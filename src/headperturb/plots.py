@@ -157,17 +157,35 @@ def _bars(ax, part, key: str, labels: list[str]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+SHOWN = 36
+"""At most this many heads per setting in the bar chart: the largest changes (the heatmap shows
+them all)."""
+
+
+def _largest(part, shown: int = SHOWN):
+    """The ``shown`` heads of a setting whose perturbation changed accuracy most (then the logit
+    difference), in layer and head order."""
+    if len(part) <= shown:
+        return part
+    size = part.assign(_a=part["contribution_accuracy"].abs(), _l=part["change_logit_diff"].abs())
+    return (
+        size.nlargest(shown, ["_a", "_l"]).drop(columns=["_a", "_l"]).sort_values(["layer", "head"])
+    )
+
+
 def detailed_head_analysis(table, meta: dict, out_path) -> None:
     """A bar per head and setting: the contribution score, coloured by impact category."""
     plt = _plt()
     combos = settings(table)
-    n = max(len(_part(table, c)) for c in combos)
+    n = max(len(_largest(_part(table, c))) for c in combos)
     width = min(40, max(8, 0.3 * n + 3))
     columns = [k for k, v in DETAIL.items() if v[0] in table.columns]
     fig, axes = plt.subplots(len(combos), len(columns),
                              figsize=(width * len(columns) / 2, 3.8 * len(combos)), squeeze=False)  # fmt: skip
     for row, combo in enumerate(combos):
-        part = _part(table, combo)
+        part, title = _largest(_part(table, combo)), _title(combo)
+        if len(part) < len(_part(table, combo)):
+            title += f": the {len(part)} largest of {len(_part(table, combo))} heads (all in the heatmap)"
         one_layer = part["layer"].nunique() == 1
         labels = [
             f"H{h}" if one_layer else f"L{lay}H{h}" for lay, h in zip(part["layer"], part["head"])
@@ -177,7 +195,7 @@ def detailed_head_analysis(table, meta: dict, out_path) -> None:
             _bars(ax, part, key, labels)
             if one_layer:
                 ax.set_xlabel(f"query head of layer {part['layer'].iloc[0]}")
-            ax.set_title(_title(combo), fontsize=9)
+            ax.set_title(title, fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
     labels = [f"{c} (|relative change of accuracy| {rng})" for c, rng in
               zip(CATEGORY_COLOURS, (f"> {meta.get('high', 10):g}%",

@@ -116,9 +116,6 @@ def verbalizer_token_ids(tokenizer, verbalizers: tuple[str, str]) -> list[int]:
     return ids
 
 
-ROLES = ("candidate", "dev", "test")
-
-
 def _seed(seed: int, *parts) -> int:
     """A seed derived from ``seed`` and ``parts`` (independent streams for each role)."""
     key = "|".join([str(int(seed)), *map(str, parts)])

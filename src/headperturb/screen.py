@@ -81,69 +81,111 @@ def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size:
 
 
 def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: dict,
-                  progress: Progress | None = None, batch_size: int = 2) -> dict[str, np.ndarray]:  # fmt: skip
+                  progress: Progress | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
     positions (``.all``) and over the final position (``.last``), from one forward and one
-    backward pass per prompt through the model's own modules. Arrays (n, layers, heads)."""
+    backward pass per prompt through the model's own modules. Arrays (n, layers, heads).
+
+    The shared prefix runs forward once; each prompt's query then runs on its cache and one
+    backward pass gives that prompt's gradient at every position, the prefix's included."""
     n_heads = sites[0].n_heads
-    shape = (len(prompts), len(sites), n_heads)
-    out = {
-        f"{q}.{p}": np.zeros(shape)
-        for q in ("z_dot_g", "mean_dot_g", "g_norm")
-        for p in ("all", "last")
-    }
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompts))))
-        zs, grads = _backward(engine, [prompts[i] for i in idx], sites)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            for layer, (z, g) in enumerate(zip(zs, grads)):
-                z_i = z[row, :n].double().reshape(n, n_heads, -1)
-                g_i = g[row, :n].double().reshape(n, n_heads, -1)
+    out = {f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads))
+           for q in ("z_dot_g", "mean_dot_g", "g_norm") for p in ("all", "last")}  # fmt: skip
+    with _Gradients(engine, sites) as grads:
+        for i, ids in enumerate(prompts):
+            zs, gs = grads.of(ids)
+            n = len(ids)
+            for layer, (z, g) in enumerate(zip(zs, gs)):
+                z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
                 mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
                 for part, sl in (("all", slice(None)), ("last", slice(n - 1, n))):
-                    out[f"z_dot_g.{part}"][i, layer] = (z_i[sl] * g_i[sl]).sum((0, 2)).numpy()
-                    out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g_i[sl]).sum((0, 2)).numpy()
-                    out[f"g_norm.{part}"][i, layer] = g_i[sl].pow(2).sum((0, 2)).sqrt().numpy()
-        if progress:
-            progress.update(len(idx))
+                    out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
+                    out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
+                    out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()
+            if progress:
+                progress.update()
     return out
 
 
-def _backward(engine: Engine, prompts: list, sites: list[HeadSite]):
-    """The o_proj inputs of every layer and the gradient of the summed margins with respect to
-    them, for a batch of prompts (right-padded: causal attention keeps pads out of every margin)."""
-    import torch
+class _Gradients:
+    """While active, :meth:`of` gives a prompt's o_proj inputs at every layer and the gradient of
+    its margin with respect to them. The shared prefix's forward pass (and its graph) is made
+    once and reused; the weights keep no gradient."""
 
-    from .surgery import narrow_lm_head
+    def __init__(self, engine: Engine, sites: list[HeadSite]):
+        self.engine, self.sites = engine, sites
+        self.seen: list = [None] * len(sites)
 
-    model = engine.model
-    lengths = [len(p) for p in prompts]
-    ids = torch.tensor(np.stack([np.pad(np.asarray(p), (0, max(lengths) - len(p)), constant_values=p[-1])
-                                 for p in prompts]), device=engine.device)  # fmt: skip
-    zs: list[torch.Tensor] = [None] * len(sites)
+    def __enter__(self):
+        import contextlib
 
-    def keep(layer):
-        def hook(_module, args):
-            zs[layer] = args[0]
+        import torch
 
-        return hook
+        from .surgery import narrow_lm_head
 
-    embed = model.get_input_embeddings()
-    handles = [embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))]
-    handles += [model.get_submodule(s.module_name).register_forward_pre_hook(keep(k))
-                for k, s in enumerate(sites)]  # fmt: skip
-    try:
-        with torch.enable_grad(), narrow_lm_head(model, engine.token_ids):
-            logits = model(input_ids=ids, use_cache=False).logits
-            rows = torch.arange(len(prompts), device=engine.device)
-            last = logits[rows, torch.tensor(lengths, device=engine.device) - 1]
-            margin = (last[:, 1] - last[:, 0]).sum()
-            grads = torch.autograd.grad(margin, zs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in grads]
+        model = self.engine.model
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(torch.enable_grad())
+        self.stack.enter_context(narrow_lm_head(model, self.engine.token_ids))
+        handles = [model.get_input_embeddings().register_forward_hook(
+            lambda _m, _a, out: out.requires_grad_(True))]  # fmt: skip
+        for k, site in enumerate(self.sites):
+            handles.append(model.get_submodule(site.module_name).register_forward_pre_hook(
+                lambda _m, args, k=k: self.seen.__setitem__(k, args[0])))  # fmt: skip
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:  # gradients flow to the activations only
+            p.requires_grad_(False)
+        self.stack.callback(lambda: [p.requires_grad_(True) for p in frozen])
+        self.stack.callback(lambda: [h.remove() for h in handles])
+        self.prefix, self.cache = [], None
+        if self.engine.prefix_len:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=model.config)
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def _prefix(self, ids) -> None:
+        """The shared prefix, once: its o_proj inputs and its cache, with their graph."""
+        import torch
+
+        n = self.engine.prefix_len
+        self.engine.model(input_ids=torch.tensor(np.asarray(ids[:n]), device=self.engine.device)[None],
+                          use_cache=True, logits_to_keep=1, **{self.engine.cache_kw: self.cache})  # fmt: skip
+        self.prefix = list(self.seen)
+
+    def of(self, ids) -> tuple[list, list]:
+        """(o_proj inputs, gradients) of one prompt, (length, width) per layer."""
+        import copy
+
+        import torch
+
+        n = self.engine.prefix_len
+        if n and not self.prefix:
+            self._prefix(ids)
+        kwargs = {}
+        if n:
+            cache = copy.copy(self.cache)
+            cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            kwargs = {self.engine.cache_kw: cache}
+        query = torch.tensor(np.asarray(ids[n:]), device=self.engine.device)[None]
+        logits = self.engine.model(
+            input_ids=query, use_cache=bool(n), logits_to_keep=1, **kwargs
+        ).logits
+        margin = logits[0, -1, 1] - logits[0, -1, 0]
+        own = list(self.seen)
+        wrt = [*self.prefix, *own]  # the last layer's prefix reaches no later position: no gradient
+        grads = torch.autograd.grad(margin, wrt, retain_graph=bool(n), allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+        g_prefix, g_own = grads[: len(self.prefix)], grads[len(self.prefix) :]
+        if self.prefix:
+            zs = [torch.cat([p[0], q[0]]) for p, q in zip(self.prefix, own)]
+            gs = [torch.cat([p[0], q[0]]) for p, q in zip(g_prefix, g_own)]
+        else:
+            zs, gs = [q[0] for q in own], [g[0] for g in g_own]
+        return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in gs]
 
 
 def estimates(sums: dict, prompt_ids, labels, calibrated_margins, layers: list[int],
@@ -254,9 +296,13 @@ def agreement(table, heads, threshold: float = 0.05):
         rows.append({"kind": key[0], "position": key[1], "layer": key[2], "heads": len(group),
                      **_compare(group["est_logit_diff"].to_numpy(), group["exact_logit_diff"].to_numpy()),
                      "largest_miss": float(group["miss"].abs().max()),
-                     "largest_miss_head": int(group.loc[group["miss"].abs().idxmax(), "head"])})  # fmt: skip
+                     "largest_miss_head": _head_name(group.loc[group["miss"].abs().idxmax()])})  # fmt: skip
     disagree = both[both["miss"].abs() > threshold].sort_values("miss", key=abs, ascending=False)
     return pd.DataFrame(rows), disagree.reset_index(drop=True)
+
+
+def _head_name(row) -> str:
+    return f"L{int(row['layer'])}H{int(row['head'])}"
 
 
 def _compare(est: np.ndarray, exact: np.ndarray) -> dict:

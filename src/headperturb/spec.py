@@ -222,7 +222,8 @@ class Job:
 
     def describe(self) -> str:
         t = self.target
-        return f"{t.site} {t.position} positions, {self.perturbation.label()}, layer {t.layer} head {t.head}"
+        where = "all positions" if t.position == "all" else "last position"
+        return f"{t.site} {where}, {self.perturbation.label()}, layer {t.layer} head {t.head}"
 
     def settings(self) -> dict:
         """The job's settings as stored with its result (columns and metadata)."""
@@ -350,40 +351,54 @@ def check_review_counts(counts: dict | None, prompts: dict) -> None:
                 )
 
 
-def job_cost(job: HeadJob, n_layers: int, tokens: float, draws: int, method: str) -> float:
-    """What a head job computes, in token-layers: one token through one layer."""
+def job_cost(
+    job: HeadJob, n_layers: int, tokens: float, draws: int, method: str
+) -> tuple[float, float]:
+    """What a head job computes per prompt: (token-layers of full passes, final-token-layers)."""
     if method == "naive":
-        return draws * tokens * n_layers
+        return draws * tokens * n_layers, 0.0
     if job.layer == n_layers - 1:
-        return draws
+        return 0.0, float(draws)
     depth = n_layers - job.layer
-    return draws * depth * (1 if job.position == "last" else tokens)
+    return (0.0, draws * depth) if job.position == "last" else (draws * depth * tokens, 0.0)
 
 
 def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dict | None) -> str:
-    """A line for the log before a run: how many head jobs, and what they cost (CPU time from
-    the per-token cost measured when the model was prepared)."""
+    """A line for the log before a run: how many head jobs, and what they cost in CPU time, from
+    the per-token costs measured when the model was prepared (:func:`headperturb.models.speed`):
+    a token of a full pass per layer, and a final token per layer, interpolated to the prompts'
+    length."""
     pert, prompts = config["perturbation"], config["prompts"]
     n_layers, n = shape["n_layers"], prompts["n_test"]
     tokens = (prompts["k_shot"] + 1) * (prompts["max_review_tokens"] + 8)
     by_position = {p: [j for j in jobs if j.position == p] for p in POSITIONS}
-
-    def units(selected, position=None) -> float:
-        return sum(
-            n * job_cost(j if position is None else HeadJob(j.site, position, j.kind, j.scale, j.layer, j.head),
-                         n_layers, tokens, build(j.kind, j.scale or None).draws(pert["repeats"]), pert["method"])
-            for j in selected
-        )  # fmt: skip
-
     text = f"{len(jobs)} head jobs ({', '.join(f'{len(v)} at {k} positions' for k, v in by_position.items() if v)})"
-    seconds = (model_info or {}).get("seconds_per_token_layer")
-    if not seconds:
+    info = model_info or {}
+    full, final = info.get("seconds_per_token_layer"), info.get("seconds_per_final_token_layer")
+    if not full or not final:
         return text + "; their cost is estimated once the model is prepared"
-    total = units(jobs) * seconds
-    text += f": about {_duration(total)} of CPU time ({seconds * 1e3:.3g} ms per token and layer measured here)"
+    at = {int(k): v for k, v in final.items()}
+    per_final = at[128] + (at[512] - at[128]) * (max(tokens, 128) - 128) / 384
+
+    def seconds(selected, position=None) -> float:
+        total = 0.0
+        for j in selected:
+            j = (
+                j
+                if position is None
+                else HeadJob(j.site, position, j.kind, j.scale, j.layer, j.head)
+            )
+            draws = build(j.kind, j.scale or None).draws(pert["repeats"])
+            cost = job_cost(j, n_layers, tokens, draws, pert["method"])
+            total += n * (cost[0] * full + cost[1] * per_final)
+        return total
+
+    text += (f": about {_duration(seconds(jobs))} of CPU time (measured here: {full * 1e3:.2g} ms "
+             f"per token and layer of a full pass, {per_final * 1e3:.2g} ms per final token and layer)")  # fmt: skip
     if by_position["all"] and pert["method"] == "fast":
-        text += (f"; at the last position only they would take about "
-                 f"{_duration(units(jobs, 'last') * seconds)}")  # fmt: skip
+        text += (
+            f"; at the last position only they would take about {_duration(seconds(jobs, 'last'))}"
+        )
     return text + "; fewer prompts cost proportionally less, a GPU (model.device: cuda) far less"
 
 

@@ -260,7 +260,7 @@ def capture_cache(prompt_files: PromptFiles, model: ModelSpec, out_path) -> None
 def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: dict, out: dict):
     """Estimate every head of every layer from one forward and one backward pass per prompt
     (:mod:`headperturb.screen`). ``settings``: ``kinds``, ``positions``, ``scales``,
-    ``noise_mode``, ``batch_size``; ``inputs``: the baseline's ``per_prompt`` file (the calibrated
+    ``noise_mode``; ``inputs``: the baseline's ``per_prompt`` file (the calibrated
     margins) and ``rms`` (relative noise); ``out``: ``estimates`` (per prompt) and ``heads``."""
     import pandas as pd
 
@@ -274,8 +274,7 @@ def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: 
         raise ValueError(f"{inputs['per_prompt']} does not hold the run's prompts in order")
     means = gpu_memory_hint(sc.head_means, engine, ids, sites)
     sums = gpu_memory_hint(sc.gradient_sums, engine, ids, sites, means,
-                           Progress(len(ids), "screen: forward and backward passes", log),
-                           settings["batch_size"])  # fmt: skip
+                           Progress(len(ids), "screen: forward and backward passes", log))  # fmt: skip
     rms = (
         pd.DataFrame(io.read_parquet(inputs["rms"]))
         if settings["noise_mode"] == "relative"

@@ -124,10 +124,10 @@ def last_layer(model, site: HeadSite, token_ids: list[int]) -> Iterator[LastLaye
 def layer_state(state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
     """One layer's final state (``resid``, ``z``, ``out``: (n, width) each) from the baseline's
     (:data:`headperturb.engine.FINAL_STATE_KEYS`), with ``n_tokens``."""
+    from .engine import FINAL_STATE_KEYS
+
     return {
-        "resid": state[f"resid.{layer}"],
-        "z": state[f"z.{layer}"],
-        "out": state[f"out.{layer}"],
+        **{key: state[f"{key}.{layer}"] for key in FINAL_STATE_KEYS},
         "n_tokens": state["n_tokens"],
     }
 

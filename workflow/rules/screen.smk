@@ -16,6 +16,7 @@ checkpoint screen:
         heads=SCREEN_HEADS,
     log:
         f"{LOGS}/screen.log",
+    priority: 1  # before the head jobs: its choice of heads extends the DAG
     conda:
         MODEL_ENV
     threads: step_threads("model")
@@ -26,7 +27,6 @@ checkpoint screen:
             "positions": config["screen"]["positions"],
             "scales": PERTURBATION["scales"],
             "noise_mode": PERTURBATION["noise_mode"],
-            "batch_size": config["screen"]["batch_size"],
         },
     script:
         "../scripts/step.py"
