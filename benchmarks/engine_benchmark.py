@@ -85,6 +85,16 @@ def previous_release(base: dict) -> dict:
     return config
 
 
+def reset(results: Path) -> None:
+    """Remove a run's head jobs and what follows them; its prompts and baseline stay."""
+    for name in ("perturb", "contributions.parquet", "contributions.csv", "plots", "summary.md"):
+        path = results / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def timed(func, repeats: int = 1) -> float:
     times = []
     for _ in range(repeats):
@@ -174,17 +184,17 @@ def main() -> None:
 
     if "jobs" in parts:
         rows = []
+        run = f"bench-{stamp}-prep"  # its prompts and baseline are done: only the jobs run
         for name, profile in (("threads of the Snakemake process (default)", []),
                               ("processes of their own (as on a cluster)", ["--workflow-profile", "none"])):  # fmt: skip
             marginal = []
-            for repeat in range(args.repeats):
-                one = write_config(old, tmp, f"bench-{stamp}-one{repeat}", heads=[0])
-                nine = write_config(old, tmp, f"bench-{stamp}-nine{repeat}", heads="all")
-                for config in (one, nine):  # the prompts and baseline, untimed
-                    snakemake(config, *profile, "--until", "baseline", cores=args.cores)
-                t1 = snakemake(one, *profile, cores=args.cores)
-                t9 = snakemake(nine, *profile, cores=args.cores)
-                marginal.append((t9 - t1) / 8)
+            for _repeat in range(args.repeats):
+                times = {}
+                for heads in (1, 9):
+                    reset(REPO / "results" / run)
+                    config = write_config(old, tmp, f"{run}-{heads}", run, heads=list(range(heads)))
+                    times[heads] = snakemake(config, *profile, cores=args.cores)
+                marginal.append((times[9] - times[1]) / 8)
             rows.append((name, statistics.median(marginal), marginal))
         torch_t = statistics.median(
             timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
@@ -203,7 +213,8 @@ def main() -> None:
             alones.append(
                 snakemake(full, "--forcerun", "baseline", "--until", "baseline", cores=args.cores)
             )
-            run = f"bench-{stamp}-add{repeat}"
+            run = f"bench-{stamp}-prep"  # a finished run of 8 heads, then the ninth
+            reset(REPO / "results" / run)
             snakemake(
                 write_config(old, tmp, f"{run}-8", run, heads=list(range(8))), cores=args.cores
             )

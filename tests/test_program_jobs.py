@@ -200,3 +200,38 @@ def test_device_names_compare_by_device():
 
     assert same_device("cuda:0", "cuda") and same_device("cpu", "cpu")
     assert not same_device("cuda:0", "cpu") and not same_device("cuda:1", "cuda")
+
+
+def test_a_registered_kind_runs_through_every_pass(run, tmp_path, monkeypatch):
+    """A new kind is one class in perturbations.py: it gets a setting name and a label, and a
+    job runs it through the program, the model and the naive passes with the same numbers."""
+    import re
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from headperturb import perturbations, spec
+
+    @dataclass(frozen=True)
+    class Negate(perturbations.Perturbation):
+        kind: ClassVar[str] = "negate"
+        needs_clean: ClassVar[bool] = True
+
+        def values(self, *, seed, layer, head, width, repeats, clean=None):
+            return lambda i, _pid, length: -clean[i][-length:][None]
+
+    monkeypatch.setitem(perturbations.PERTURBATIONS, "negate", Negate)
+    assert re.fullmatch(spec.setting_pattern(), "negate")
+    assert (
+        spec.HeadJob("o_proj_input", "all", "negate", "", 2, 1)
+        .path("r")
+        .endswith("/negate/layer2/head1.parquet")
+    )
+    _job(run, tmp_path / "program.parquet", kind="negate")
+    _job(run, tmp_path / "model.parquet", kind="negate", program=False)
+    _job(run, tmp_path / "naive.parquet", kind="negate", method="naive")
+    margins = [
+        pd.read_parquet(tmp_path / f"{n}.parquet")["margin"] for n in ("program", "model", "naive")
+    ]
+    np.testing.assert_allclose(margins[0], margins[2], atol=1e-4)
+    np.testing.assert_allclose(margins[1], margins[2], atol=1e-4)
+    assert Negate().label() == "negate ablation"

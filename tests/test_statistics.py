@@ -94,3 +94,42 @@ def test_stability_is_kept_apart_for_ablations_of_one_head(tmp_path):
     )  # fmt: skip
     stable = dict(zip(table["kind"], table["category_stable"]))
     assert stable["mean"] is None and stable["resample"] is True
+
+
+def test_a_registered_metric_reaches_the_table_and_the_figures(tmp_path, monkeypatch):
+    """A new metric is one entry in scoring.METRICS: the table then carries it with its
+    contribution and interval, and the figures draw it."""
+    import pandas as pd
+
+    from headperturb import aggregation, io, plots, scoring
+
+    def error_rate(weights, labels, preds):
+        return 1 - scoring.METRICS["accuracy"].compute(weights, labels, preds)
+
+    monkeypatch.setitem(scoring.METRICS, "error_rate", scoring.Metric("error rate", error_rate))
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    base = scoring.per_prompt(
+        range(6), labels, np.array([[1.0, 0], [0, 1], [1, 0], [0, 1], [0, 1], [0, 1]])
+    )
+    base.to_parquet(tmp_path / "base.parquet")
+    io.write_json(tmp_path / "metrics.json", scoring.metrics(labels, base["prediction"]))
+    flipped = scoring.per_prompt(
+        range(6), labels, np.array([[0, 1.0], [0, 1], [1, 0], [1, 0], [0, 1], [0, 1]])
+    )
+    frame = flipped.assign(draw=0, site="o_proj_input", position="all", kind="zero", layer=0, head=0,
+                           scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
+    frame.to_parquet(tmp_path / "zero.parquet")
+    paths = {"baseline": tmp_path / "metrics.json", "baseline_per_prompt": tmp_path / "base.parquet",
+             "perturbed": [tmp_path / "zero.parquet"], "parquet": tmp_path / "t.parquet", "csv": tmp_path / "t.csv"}  # fmt: skip
+    table = aggregation.aggregate(paths, 10.0, 5.0, {"bootstrap": 100, "permutations": 100})
+    row = table.iloc[0]
+    assert row["baseline_error_rate"] == pytest.approx(1 / 6) and row[
+        "error_rate"
+    ] == pytest.approx(3 / 6)
+    assert row["contribution_error_rate"] == pytest.approx(-2 / 6)
+    assert {"ci_low_error_rate", "ci_high_error_rate"} <= set(table.columns)
+    assert "error_rate" in plots.detail() and plots.metric_names()["error_rate"] == "error rate"
+    for name in ("contribution_distributions", "detailed_head_analysis"):
+        plots.plot(name, tmp_path / "t.parquet", tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    del pd

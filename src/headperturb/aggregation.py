@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import io, stats
-from .scoring import METRICS
+from .scoring import METRICS, interval_columns
 
 log = logging.getLogger("headperturb")
 
@@ -130,8 +130,8 @@ def build_table(baseline: dict, rows: list[dict], high: float, medium: float, al
     and stability between halves of the draws."""
     halves = [row.pop("_halves", (np.nan, np.nan)) for row in rows]
     table = stats.aggregate(baseline, pd.DataFrame(rows), high=high, medium=medium)
-    # intervals of the accuracy contribution under the short names; the rest keep a suffix
-    table = table.rename(columns={"ci_low_accuracy": "ci_low", "ci_high_accuracy": "ci_high"})
+    short = dict(zip(("ci_low_accuracy", "ci_high_accuracy"), interval_columns("accuracy")))
+    table = table.rename(columns=short)
     table = table.drop(columns=[f"change_{m}" for m in METRICS])
     table["q_value"] = stats.bh_qvalues(table["p_value"])
     table["q_value_logit_diff"] = stats.bh_qvalues(table["p_value_logit_diff"])

@@ -11,6 +11,8 @@ import numpy as np
 
 from . import io
 from .perturbations import build
+from .scoring import METRICS as TASK_METRICS
+from .scoring import interval_columns
 
 # One style for every figure: Okabe-Ito colours (colour-blind safe), the same colour for a
 # category in every figure, sizes that read in the HTML report and on a slide.
@@ -26,14 +28,23 @@ STYLE = {
     "axes.spines.right": False,
     "figure.dpi": 100,
 }
-METRICS = {"accuracy": "accuracy", "f1": "macro-F1"}
-# column of the change, its interval, the axis label, the factor to the plotted unit
-DETAIL = {
-    "accuracy": ("contribution_accuracy", "ci_low", "ci_high", "accuracy contribution (pp)", 100),
-    "f1": ("contribution_f1", "ci_low_f1", "ci_high_f1", "macro-F1 contribution (pp)", 100),
-    "logit_diff": ("change_logit_diff", "ci_low_logit_diff", "ci_high_logit_diff",
-                   "correct-label logit difference\ncontribution (logits)", 1),
-}  # fmt: skip
+
+
+def metric_names() -> dict[str, str]:
+    """The task metrics' names in figures (:data:`headperturb.scoring.METRICS`)."""
+    return {name: metric.label for name, metric in TASK_METRICS.items()}
+
+
+def detail() -> dict[str, tuple]:
+    """Per panel of the bar chart: the column of the change, its interval, the axis label and the
+    factor to the plotted unit; a panel per task metric, and the logit difference."""
+    panels = {name: (f"contribution_{name}", *interval_columns(name),
+                     f"{label} contribution (pp)", 100) for name, label in metric_names().items()}  # fmt: skip
+    panels["logit_diff"] = ("change_logit_diff", "ci_low_logit_diff", "ci_high_logit_diff",
+                            "correct-label logit difference\ncontribution (logits)", 1)  # fmt: skip
+    return panels
+
+
 DPI = 150
 
 
@@ -101,16 +112,15 @@ def contribution_distributions(table, meta: dict, out_path) -> None:
     different interventions."""
     plt = _plt()
     combos = settings(table)
-    fig, axes = plt.subplots(
-        len(combos), 2, figsize=(11, 3.6 * len(combos) + 0.6), sharey="row", squeeze=False
-    )
+    fig, axes = plt.subplots(len(combos), len(metric_names()), figsize=(5.5 * len(metric_names()), 3.6 * len(combos) + 0.6),
+                             sharey="row", squeeze=False)  # fmt: skip
     for row, combo in enumerate(combos):
         part = _part(table, combo)
-        for ax, (metric, name) in zip(axes[row], METRICS.items()):
+        for ax, (metric, name) in zip(axes[row], metric_names().items()):
             _histogram(ax, part, metric)
             ax.set_title(f"{name}, {_title(combo)}: {len(part)} heads")
         axes[row, 0].set_ylabel("number of heads")
-    for ax, name in zip(axes[-1], METRICS.values()):
+    for ax, name in zip(axes[-1], metric_names().values()):
         ax.set_xlabel(f"contribution to {name} (percentage points)\n"
                       "baseline - perturbed; > 0: the head helps")  # fmt: skip
     fig.suptitle("Distribution of head contribution scores\n" + _baseline_text(meta), fontsize=11)
@@ -135,8 +145,8 @@ def _histogram(ax, part, metric: str) -> None:
 
 
 def _bars(ax, part, key: str, labels: list[str]) -> None:
-    """One bar per head of one setting: a column of :data:`DETAIL`, with its interval."""
-    value_col, lo_col, hi_col, ylabel, factor = DETAIL[key]
+    """One bar per head of one setting: a panel of :func:`detail`, with its interval."""
+    value_col, lo_col, hi_col, ylabel, factor = detail()[key]
     x = np.arange(len(part))
     values = factor * part[value_col].to_numpy()
     ax.bar(x, values, color=[CATEGORY_COLOURS[c] for c in part["impact"]], edgecolor="black",
@@ -179,7 +189,7 @@ def detailed_head_analysis(table, meta: dict, out_path) -> None:
     combos = settings(table)
     n = max(len(_largest(_part(table, c))) for c in combos)
     width = min(40, max(8, 0.3 * n + 3))
-    columns = [k for k, v in DETAIL.items() if v[0] in table.columns]
+    columns = [k for k, v in detail().items() if v[0] in table.columns]
     fig, axes = plt.subplots(len(combos), len(columns),
                              figsize=(width * len(columns) / 2, 3.8 * len(combos)), squeeze=False)  # fmt: skip
     for row, combo in enumerate(combos):

@@ -66,6 +66,14 @@ METRICS: dict[str, Metric] = {
 """The task metrics, in table order; the first decides the impact categories."""
 
 
+def interval_columns(metric: str) -> tuple[str, str]:
+    """The run table's columns of the 95% interval of a metric's contribution: ``ci_low`` and
+    ``ci_high`` for accuracy (the categories' metric), ``ci_low_<metric>`` otherwise."""
+    return (
+        ("ci_low", "ci_high") if metric == "accuracy" else (f"ci_low_{metric}", f"ci_high_{metric}")
+    )
+
+
 def metrics(labels, predictions) -> dict[str, float]:
     """Every metric of :data:`METRICS` on one set of predictions, and the number of prompts."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)

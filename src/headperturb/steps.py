@@ -1,6 +1,6 @@
 """The workflow's model steps as plain functions: read the inputs, call the library, write the
-outputs. Every step runs and is tested without Snakemake; :mod:`headperturb.workflow` maps a
-rule's input, output and params onto these calls.
+outputs. Every step runs and is tested without Snakemake; :mod:`headperturb.adapters` maps a
+rule's input, output and params onto these calls (one head job: :mod:`headperturb.jobs`).
 
 torch and transformers are imported inside the steps, so importing this module is cheap.
 """
@@ -39,25 +39,21 @@ class PromptFiles:
     info: str
 
 
-def _gpu_memory_hint(exc) -> Exception:
-    from .models import ModelError
-
-    return ModelError(
-        "out of GPU memory: lower prompts.n_test or prompts.max_review_tokens, set "
-        "model.dtype: bfloat16, lower perturbation.repeats (draws run in one batch), or run "
-        f"on model.device: cpu ({str(exc).splitlines()[0]})"
-    )
-
-
 def gpu_memory_hint(func, *args, **kwargs):
     """``func(...)``, with CUDA's out-of-memory error turned into one message that says which
     settings lower memory."""
     import torch
 
+    from .models import ModelError
+
     try:
         return func(*args, **kwargs)
     except torch.cuda.OutOfMemoryError as exc:
-        raise _gpu_memory_hint(exc) from None
+        raise ModelError(
+            "out of GPU memory: lower prompts.n_test or prompts.max_review_tokens, set "
+            "model.dtype: bfloat16, lower perturbation.repeats (draws run in one batch), or run "
+            f"on model.device: cpu ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def load_engine(prompts: PromptFiles, model: ModelSpec):
@@ -181,7 +177,7 @@ def _score_candidates(built, model: ModelSpec, method: str) -> list[dict]:
 # -- the unperturbed model --------------------------------------------------------------------
 
 
-def baseline(prompt_files: PromptFiles, model: ModelSpec, out: dict, export: bool = True) -> dict:
+def baseline(prompt_files: PromptFiles, model: ModelSpec, out: dict) -> dict:
     """Score the unperturbed model and record what the perturbed passes start from: ``out`` holds
     the paths ``per_prompt``, ``metrics``, ``state`` (every layer's final state), ``rms`` and
     ``program`` (the last layer exported, :mod:`headperturb.tail`)."""
@@ -193,8 +189,7 @@ def baseline(prompt_files: PromptFiles, model: ModelSpec, out: dict, export: boo
         engine.baseline, ids, sites, Progress(len(ids), "baseline prompts", log)
     )
     tensors.save(out["state"], recorded.final_state, {"layers": len(sites)})
-    if export:
-        export_last_layer(engine, sites[-1], recorded.final_state, out["program"], model.dtype)
+    export_last_layer(engine, sites[-1], recorded.final_state, out["program"], model.dtype)
     io.write_parquet(out["rms"], recorded.head_rms)
     offset = info.get("calibration", {}).get("offset", 0.0)
     frame = scoring.per_prompt(pids, labels, recorded.logits, offset, "the unperturbed model")
