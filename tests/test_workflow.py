@@ -262,7 +262,7 @@ def test_report_holds_every_plot_and_table(finished_run, base_config, tmp_path):
     ):
         assert caption in html, caption
     summary = (finished_run / "results/test/summary.md").read_text()
-    assert "## Baseline" in summary and "Most beneficial heads" in summary
+    assert "## Baseline" in summary and "## Strongest heads per setting" in summary
 
 
 def test_lint_finds_nothing(finished_run, base_config):
