@@ -122,7 +122,9 @@ def test_ablations_fast_equal_naive(family_setup, family_cache, kind, layer, pos
         engine, ids, pids, edit_of(model, site, 2, kind, clean=full_clean, position=position)
     )
     if from_state:
-        clean = passes.final_outputs(recorded.final_state, layer, cols, "o_proj_input")
+        clean = tail.final_outputs(
+            tail.layer_state(recorded.final_state, layer), cols, "o_proj_input"
+        )
     else:
         captured = engine.capture_layer_inputs(ids, site)
         clean = passes.clean_outputs(engine, ids, site, 2, "o_proj_input", captured)

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from . import io, stats
-from .scoring import METRICS, interval_columns
+from .scoring import METRICS, interval_columns, metrics
+from .spec import HeadJob, Job
 
 log = logging.getLogger("headperturb")
 
@@ -32,20 +33,10 @@ class StaleResultsError(RuntimeError):
 def expected_settings(job: dict, run: dict, prompts_sha256: str, offset: float) -> dict:
     """What the file of ``job`` (a :class:`headperturb.spec.HeadJob` as a dict) must hold, given
     the run's settings (``noise_mode``, ``seed``, ``repeats``, ``method``, ``dtype``)."""
-    from .perturbations import PERTURBATIONS
-
-    cls = PERTURBATIONS[job["kind"]]
-    draws = cls(scale=float(job["scale"])) if cls.takes_scale else cls()
-    return {
-        **{k: job[k] for k in ("site", "position", "kind", "scale", "layer", "head")},
-        "noise_mode": run["noise_mode"] if cls.takes_scale else "",
-        "seed": int(run["seed"]),
-        "repeats": draws.draws(int(run["repeats"])),
-        "method": run["method"],
-        "dtype": run["dtype"],
-        "prompts_sha256": prompts_sha256,
-        "calibration_offset": float(offset),
-    }
+    target = HeadJob(**job)
+    settings = Job(target, target.perturbation(run["noise_mode"]), run["method"],
+                   int(run["seed"]), int(run["repeats"]), dtype=run["dtype"]).settings()  # fmt: skip
+    return {**settings, "prompts_sha256": prompts_sha256, "calibration_offset": float(offset)}
 
 
 def check_results(paths: list[str], jobs: list[dict], run: dict, prompts_sha256: str,
@@ -84,9 +75,7 @@ def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kw
     """One per-head file's row: metrics (mean and sd over its draws) and, given the baseline's
     per-prompt frame, changes with intervals and p-values (:func:`stats.paired_summary`)."""
     groups = [g for _, g in frame.groupby("draw")]
-    per_draw = [{m: METRICS[m].compute(np.ones((1, len(g))), g["label"].to_numpy(),
-                                       g["prediction"].to_numpy())[0] for m in METRICS}
-                for g in groups]  # fmt: skip
+    per_draw = [metrics(g["label"], g["prediction"]) for g in groups]
     first = frame.iloc[0]
     row = {key: first[key] for key in stats.KEYS}
     row["layer"], row["head"], row["scale"] = int(row["layer"]), int(row["head"]), str(row["scale"])

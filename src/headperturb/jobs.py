@@ -125,7 +125,7 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     cols = tail.columns(meta, t.head, t.site)
     clean = None
     if job.perturbation.needs_clean:
-        clean = [row[None] for row in tail.clean_outputs(state, meta, t.head, t.site)]
+        clean = tail.final_outputs(state, cols, t.site)
     site = HeadSite(t.layer, "", meta["n_heads"], meta["head_dim"], False)
     edit = make_edit(job, site, cols.stop - cols.start, clean)
     logits = gpu_memory_hint(tail.perturbed, program, state, pids, meta, edit, device)
@@ -149,7 +149,7 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
     clean = None
     if job.perturbation.needs_clean:
         if state is not None:
-            clean = passes.final_outputs(state, t.layer, cols, t.site)
+            clean = tail.final_outputs(tail.layer_state(state, t.layer), cols, t.site)
         else:
             clean = passes.clean_outputs(engine, ids, site, t.head, t.site, captured)
             clean = [c[-1:] for c in clean] if t.position == "last" else clean

@@ -17,8 +17,9 @@
 
 Each runs the model's own modules through its own ``forward`` (:mod:`headperturb.surgery`), so
 masks, rotary embeddings and family quirks stay the model's; the equivalence tests check every fast
-pass against :func:`naive` to 1e-4. :func:`clean_outputs` and :func:`final_outputs` give a head's
-clean output, which the mean and resample ablations are built from.
+pass against :func:`naive` to 1e-4. :func:`clean_outputs` gives a head's clean output at every
+position (at the final position: :func:`headperturb.tail.final_outputs`, from the baseline's
+recording), which the mean and resample ablations are built from.
 """
 
 from __future__ import annotations
@@ -235,13 +236,6 @@ def clean_outputs(engine: Engine, prompts: list, site: HeadSite, head: int, wher
     finally:
         handle.remove()
     return out
-
-
-def final_outputs(state: dict[str, torch.Tensor], layer: int, cols: slice, where: str):
-    """The head's clean output at each prompt's final position, (1, width) each, from the
-    baseline's final state."""
-    key = f"{'z' if where == 'o_proj_input' else 'out'}.{layer}"
-    return [row[None].clone() for row in state[key][:, cols].float()]
 
 
 class _Stop(Exception):

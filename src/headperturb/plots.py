@@ -13,6 +13,7 @@ from . import io
 from .perturbations import build
 from .scoring import METRICS as TASK_METRICS
 from .scoring import interval_columns
+from .spec import position_label
 
 # One style for every figure: Okabe-Ito colours (colour-blind safe), the same colour for a
 # category in every figure, sizes that read in the HTML report and on a slide.
@@ -65,8 +66,7 @@ def _plt():
 def setting_label(site: str, position: str, kind: str, scale: str, noise_mode: str = "") -> str:
     """``noise sigma 2, all positions, site o_proj_input``."""
     what = build(kind, scale or None, noise_mode or "absolute").label()
-    where = "all positions" if position == "all" else "last position"
-    return f"{what}, {where}, site {site}"
+    return f"{what}, {position_label(position)}, site {site}"
 
 
 def settings(table) -> list[tuple]:
@@ -259,7 +259,7 @@ def layer_head_heatmap(table, meta: dict, out_path) -> None:
 def contribution_vs_scale(table, meta: dict, out_path) -> None:
     """Accuracy contribution against noise scale: a line per head, the mean over heads in black."""
     plt = _plt()
-    table = table[table["kind"] == "noise"]
+    table = table[table["scale"] != ""]  # the kinds with a scale
     groups = sorted(set(zip(table["site"], table["position"])))
     fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
     for ax, (site, position) in zip(axes[0], groups):
@@ -276,8 +276,9 @@ def contribution_vs_scale(table, meta: dict, out_path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("noise scale (log scale)")
         ax.set_ylabel("accuracy contribution (pp); > 0 helps")
-        where = "all positions" if position == "all" else "last position"
-        ax.set_title(f"site {site}, {where}: one grey line per head", fontsize=10)
+        ax.set_title(
+            f"site {site}, {position_label(position)}: one grey line per head", fontsize=10
+        )
         ax.legend(frameon=False)
     fig.suptitle("Contribution against noise scale\n" + _baseline_text(meta), fontsize=11)
     _save(fig, out_path)
@@ -297,8 +298,7 @@ def screen_map(heads, meta: dict, out_path) -> None:
     for kind, position in combos:
         part = shown[(shown["kind"] == kind) & (shown["position"] == position)]
         grid = part.pivot_table(index="layer", columns="head", values="est_logit_diff")
-        where = "all positions" if position == "all" else "last position"
-        panels.append((f"ESTIMATE: {kind} ablation, {where}", grid))
+        panels.append((f"ESTIMATE: {kind} ablation, {position_label(position)}", grid))
     heatmap_panels(fig, axes[0], panels, "estimated logit-difference contribution; > 0 helps")
     fig.suptitle("Screen: first-order estimates (one backward pass per prompt), not measurements\n"
                  "the heads worth measuring exactly; the run's table holds the measurements",

@@ -138,10 +138,6 @@ class _Gradients:
         self.stack.callback(lambda: [p.requires_grad_(True) for p in frozen])
         self.stack.callback(lambda: [h.remove() for h in handles])
         self.prefix, self.cache = [], None
-        if self.engine.prefix_len:
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache(config=model.config)
         return self
 
     def __exit__(self, *exc):
@@ -149,11 +145,7 @@ class _Gradients:
 
     def _prefix(self, ids) -> None:
         """The shared prefix, once: its o_proj inputs and its cache, with their graph."""
-        import torch
-
-        n = self.engine.prefix_len
-        self.engine.model(input_ids=torch.tensor(np.asarray(ids[:n]), device=self.engine.device)[None],
-                          use_cache=True, logits_to_keep=1, **{self.engine.cache_kw: self.cache})  # fmt: skip
+        self.cache = self.engine.prefix_cache([ids])
         self.prefix = list(self.seen)
 
     def of(self, ids) -> tuple[list, list]:
@@ -170,9 +162,8 @@ class _Gradients:
             cache = copy.copy(self.cache)
             cache.layers = [copy.copy(layer) for layer in self.cache.layers]
             kwargs = {self.engine.cache_kw: cache}
-        query = torch.tensor(np.asarray(ids[n:]), device=self.engine.device)[None]
         logits = self.engine.model(
-            input_ids=query, use_cache=bool(n), logits_to_keep=1, **kwargs
+            input_ids=self.engine.ids(ids[n:]), use_cache=bool(n), logits_to_keep=1, **kwargs
         ).logits
         margin = logits[0, -1, 1] - logits[0, -1, 0]
         own = list(self.seen)

@@ -148,6 +148,16 @@ def sweeps(perturbation: dict) -> list[dict]:
     return [{**defaults, **sweep} for sweep in perturbation.get("sweeps") or [{}]]
 
 
+def position_label(position: str) -> str:
+    """``all`` -> ``all positions``, ``last`` -> ``last position``, for logs, plots and tables."""
+    return "all positions" if position == "all" else "last position"
+
+
+def takes_scale(kind: str) -> bool:
+    """Whether ``kind`` has a scale (noise): its settings are one per scale."""
+    return kind in PERTURBATIONS and PERTURBATIONS[kind].takes_scale
+
+
 def screened(sweep: dict) -> bool:
     """Whether a sweep's heads are chosen by the screen (``heads: {screen_top: K, random: M}``)."""
     return isinstance(sweep["heads"], dict)
@@ -170,7 +180,7 @@ def sweep_jobs(
     for kind in sweep["kinds"]:
         if kind not in PERTURBATIONS:
             raise SpecError(f"kind {kind!r} is not allowed; allowed: {', '.join(kinds())}")
-        if PERTURBATIONS[kind].takes_scale:
+        if takes_scale(kind):
             settings += [(kind, format_scale(s)) for s in sweep["scales"]]
         else:
             settings.append((kind, ""))
@@ -222,8 +232,7 @@ class Job:
 
     def describe(self) -> str:
         t = self.target
-        where = "all positions" if t.position == "all" else "last position"
-        return f"{t.site} {where}, {self.perturbation.label()}, layer {t.layer} head {t.head}"
+        return f"{t.site} {position_label(t.position)}, {self.perturbation.label()}, layer {t.layer} head {t.head}"
 
     def settings(self) -> dict:
         """The job's settings as stored with its result (columns and metadata)."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import io, resources, scoring
 from .logs import Progress
+from .perturbations import PERTURBATIONS, format_scale
 
 log = logging.getLogger("headperturb")
 
@@ -270,25 +271,19 @@ def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: 
     means = gpu_memory_hint(sc.head_means, engine, ids, sites)
     sums = gpu_memory_hint(sc.gradient_sums, engine, ids, sites, means,
                            Progress(len(ids), "screen: forward and backward passes", log))  # fmt: skip
-    rms = (
-        pd.DataFrame(io.read_parquet(inputs["rms"]))
-        if settings["noise_mode"] == "relative"
-        else None
-    )
+    rms = 1.0  # sigma = scale, or scale x each head's RMS output (a layer x head grid)
+    if settings["noise_mode"] == "relative":
+        table = pd.DataFrame(io.read_parquet(inputs["rms"]))
+        table = table[table["site"] == "o_proj_input"]
+        rms = table.pivot(index="layer", columns="head", values="rms").to_numpy()
     plan = []
     for kind in settings["kinds"]:
         for position in settings["positions"]:
-            if kind != "noise":
+            if not PERTURBATIONS[kind].takes_scale:
                 plan.append((kind, position, "", None))
                 continue
             for scale in settings["scales"]:
-                sigma = float(scale)
-                if rms is not None:
-                    grid = rms[rms["site"] == "o_proj_input"].pivot(
-                        index="layer", columns="head", values="rms"
-                    )
-                    sigma = float(scale) * grid.to_numpy()
-                plan.append((kind, position, f"{float(scale):g}", sigma))
+                plan.append((kind, position, format_scale(scale), float(scale) * rms))
     est = sc.estimates(sums, pids, labels, base["calibrated_margin"].to_numpy(),
                        [s.layer for s in sites], plan)  # fmt: skip
     meta = tensors.provenance(model_info, str(engine.device), {"step": "screen", **settings,

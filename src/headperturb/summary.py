@@ -9,6 +9,7 @@ import pandas as pd
 
 from . import stats
 from .plots import setting_label
+from .spec import position_label
 
 
 def _setting(row) -> str:
@@ -169,8 +170,7 @@ def _screen(screened: dict, threshold: float, top: int) -> list[str]:
     lines += ["", f"Heads whose estimate and measurement differ by more than {threshold:g} in the "
               f"logit difference: {len(disagree)}."]  # fmt: skip
     for _, r in disagree.iterrows():
-        where = "all positions" if r["position"] == "all" else "last position"
-        lines.append(f"- {r['kind']} ablation, {where}, layer {r['layer']} head "
+        lines.append(f"- {r['kind']} ablation, {position_label(r['position'])}, layer {r['layer']} head "
                      f"{r['head']}: estimate {r['est_logit_diff']:+.4f}, exact {r['exact_logit_diff']:+.4f}")  # fmt: skip
     return lines
 

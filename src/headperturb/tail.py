@@ -276,10 +276,11 @@ def edits(
     return resid, z, keep_in, add_in, keep_out, add_out
 
 
-def clean_outputs(state: dict[str, torch.Tensor], meta: dict, head: int, where: str):
-    """(n, width): head ``head``'s clean output at each prompt's final position."""
+def final_outputs(state: dict[str, torch.Tensor], cols: slice, where: str) -> list[torch.Tensor]:
+    """The head's clean output at each prompt's final position, (1, width) each, from one
+    layer's final state (:func:`layer_state`); ``cols`` are the head's columns at ``where``."""
     key = "z" if where == "o_proj_input" else "out"
-    return state[key][:, columns(meta, head, where)].float()
+    return [row[None].clone() for row in state[key][:, cols].float()]
 
 
 def final_values(state: dict[str, torch.Tensor], prompt_ids: list[int], edit: Edit) -> torch.Tensor:

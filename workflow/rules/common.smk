@@ -68,15 +68,20 @@ def model_source():
     return SOURCE
 
 
+_memo = {}  # what the DAG asks for many times: the model's shape, the head jobs
+
+
 def model_shape():
     """{n_layers, n_heads, context_length}, without loading weights."""
     if LOCAL_SHAPE is not None:
         return LOCAL_SHAPE
-    fetched = checkpoints.fetch_model.get().output[0]
-    folder = Path(fetched).parent
-    return models.read_shape(
-        fetched if fetched.endswith(".gguf") else folder, None, MODEL.get("site")
-    )
+    if "shape" not in _memo:  # read once: every head job's input function asks
+        fetched = checkpoints.fetch_model.get().output[0]
+        folder = Path(fetched).parent
+        _memo["shape"] = models.read_shape(
+            fetched if fetched.endswith(".gguf") else folder, None, MODEL.get("site")
+        )
+    return _memo["shape"]
 
 
 # -- checks before any job ------------------------------------------------------------------
@@ -96,8 +101,6 @@ spec.check_screen(config["screen"], SCREENED)
 
 
 # -- the head jobs ---------------------------------------------------------------------------
-
-_memo = {}
 
 
 def head_jobs():
@@ -137,10 +140,10 @@ def job_inputs(wildcards):
     fast method what its pass starts from."""
     layer, position = int(wildcards.layer), wildcards.position
     inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR}
+    _kind, scale = spec.parse_setting(wildcards.setting)
     if (
-        wildcards.setting.startswith("noise")
-        and PERTURBATION["noise_mode"] == "relative"
-    ):
+        scale and PERTURBATION["noise_mode"] == "relative"
+    ):  # a kind with a scale, relative
         inputs["rms"] = HEAD_RMS
     if PERTURBATION["method"] == "naive":
         return inputs
@@ -193,7 +196,7 @@ def plots():
     scales = {
         spec.format_scale(x)
         for s in sweeps
-        if "noise" in s["kinds"]
+        if any(spec.takes_scale(kind) for kind in s["kinds"])
         for x in s["scales"]
     }
     names = ["contribution_distributions", "detailed_head_analysis"]
