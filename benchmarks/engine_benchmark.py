@@ -19,7 +19,14 @@ Parts (all by default):
   head to a finished run;
 - ``sweep``: the whole model at the final position (every head of every layer, noise, 5 draws, 200
   prompts), its head jobs after the recordings;
-- ``default``: the whole default run (config/config.yaml), model prepared.
+- ``default``: the whole default run (config/config.yaml), model prepared, and how well its
+  screen agreed with its exact measurements;
+- ``screen``: the screen of all 270 heads against the exact all-position zero-ablation sweep it
+  replaces, the latter from one head job at a low, a middle and a high layer (its cost is linear
+  in the number of layers above the head), after the recordings.
+
+Each part writes its own section of benchmarks/results.md; running some parts replaces only
+their sections.
 
 Each Snakemake timing is the median of ``--repeats`` fresh runs (``sweep`` and ``default``: of
 ``--long-repeats``, they take many minutes each).
@@ -28,6 +35,7 @@ Each Snakemake timing is the median of ``--repeats`` fresh runs (``sweep`` and `
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -38,12 +46,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
-PARTS = ("passes", "jobs", "pipeline", "sweep", "default")
+PARTS = ("passes", "jobs", "pipeline", "sweep", "default", "screen")
 
 
 def snakemake(config_file: Path, *args: str, cores: int) -> float:
@@ -151,6 +161,82 @@ def passes_part(results: Path, model_dir: Path, sample: int) -> list[tuple]:
     return rows, max(diffs)
 
 
+def agreement_lines(screen: Path) -> list[str]:
+    """The screen's agreement with the exact measurements of a finished run, as a table."""
+    import pandas as pd
+
+    table = pd.read_csv(screen / "agreement.csv")
+    lines = ["The screen against the exact measurements of the same run (correct-label logit "
+             "difference; layer `all` = every layer):", "",
+             "| kind | positions | layer | heads | Spearman | Pearson | signs agree | largest miss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += [f"| {r.kind} | {r.position} | {r.layer} | {r.heads} | {r.spearman:.3f} | "
+              f"{r.pearson:.3f} | {100 * r.sign_agreement:.0f}% | {r.largest_miss:.4f} |"
+              for r in table.itertuples()]  # fmt: skip
+    return [*lines, ""]
+
+
+def screen_part(base: dict, tmp: Path, run: str, cores: int) -> list[str]:
+    """The screen of every head against the exact all-position zero-ablation sweep it replaces.
+
+    The run ``run`` has its prompts and baseline. The exact sweep's cost is estimated from one
+    head job at a low, a middle and a high layer (each after its own recording, untimed),
+    interpolated linearly over the layers: a job at every position of layer L recomputes layers
+    L and above for every prompt.
+    """
+    config = previous_release(base)
+    config["screen"] = base["screen"]
+    sample = (0, 15, 28)
+    config["perturbation"].update(layers=[sample[0]], heads=[0], kinds=["zero"])
+    path = write_config(config, tmp, f"{run}-screen", run)
+    snakemake(path, "--until", "baseline", cores=cores)  # nothing to do, unless settings moved
+    screen = snakemake(path, "--forcerun", "screen", "--until", "screen", cores=cores)
+    noop = statistics.median(snakemake(path, "--until", "screen", cores=cores) for _ in range(3))
+    jobs = {}
+    for layer in sample:
+        config["perturbation"].update(layers=[layer], heads=[0], kinds=["zero"])
+        path = write_config(config, tmp, f"{run}-screen{layer}", run)
+        snakemake(path, "--until", "capture_layer", cores=cores)  # its recording, untimed
+        folder = REPO / "results" / run / "perturb" / "o_proj_input" / "all" / "zero"
+        shutil.rmtree(folder / f"layer{layer}", ignore_errors=True)
+        jobs[layer] = snakemake(path, "--until", "perturb_head", cores=1) - noop
+    shape = json.loads(
+        (REPO / "resources/models" / base["model"]["name"] / "config.json").read_text()
+    )
+    layers = range(shape["num_hidden_layers"])
+    per_layer = [float(np.interp(layer, sample, [jobs[x] for x in sample])) for layer in layers]
+    exact = shape["num_attention_heads"] * sum(per_layer)
+    return [
+        "| all 270 heads, zero ablation at every position, 200 prompts | seconds | target |",
+        "| --- | --- | --- |",
+        f"| the screen: one forward and one backward pass per prompt (one Snakemake run) | "
+        f"{screen:.0f} ({screen / 60:.1f} min wall, {cores} threads) | <= 6 min |",
+        f"| exact sweep: one head job per head, 1 thread, estimated | {exact:.0f} CPU s "
+        f"({exact / 3600:.1f} CPU h, {exact / cores / 3600:.1f} h on {cores} cores) | |",
+        "",
+        "Exact job wall time (1 thread, Snakemake start subtracted) by layer: "
+        + ", ".join(f"layer {x}: {jobs[x]:.0f} s" for x in sample)
+        + "; the recordings of each layer's inputs (`capture_layer`, once per layer) come on top.",
+        "",
+    ]
+
+
+def write_results(path: Path, head: str, sections: dict[str, list[str]]) -> str:
+    """Replace the sections of ``path`` that this run measured, keep the others."""
+    old: dict[str, str] = {}
+    if path.exists():
+        for chunk in path.read_text().split("\n## ")[1:]:
+            name, _, body = chunk.partition("\n")
+            old[name.strip()] = body.strip()
+    new = {name: "\n".join(lines).strip() for name, lines in sections.items()}
+    merged = {**old, **new}
+    text = "\n\n".join(
+        [head, *(f"## {name}\n\n{merged[name]}" for name in PARTS if name in merged)]
+    )
+    path.write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imdb"))
@@ -159,6 +245,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-repeats", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the runs' results folders")
     args = parser.parse_args()
     parts = args.parts.split(",")
 
@@ -166,103 +253,120 @@ def main() -> None:
     base["data"]["path"] = args.data
     tmp = Path(tempfile.mkdtemp(prefix="headperturb-bench-"))
     stamp = str(os.getpid())
-    lines = []
+    sections: dict[str, list[str]] = {}
     old = previous_release(base)
     prep = write_config(old, tmp, f"bench-{stamp}-prep")
     snakemake(prep, "--until", "baseline", cores=args.cores)  # model, prompts, baseline: untimed
     results = REPO / "results" / f"bench-{stamp}-prep"
     model_dir = REPO / "resources" / "models" / base["model"]["name"]
 
-    if "passes" in parts:
-        import torch
-
-        torch.set_num_threads(args.cores)
-        rows, agree = passes_part(results, model_dir, args.sample)
-        lines += ["| pass | naive | fast | ratio | target |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {n} | {a:.3f} | {b:.4f} | {a / b:,.1f}x | {t} |" for n, a, b, t in rows]
-        lines += ["", f"Largest |fast - naive| logit difference on the sample: {agree:.2e}.", ""]
-
-    if "jobs" in parts:
-        rows = []
-        run = f"bench-{stamp}-prep"  # its prompts and baseline are done: only the jobs run
-        for name, profile in (("threads of the Snakemake process (default)", []),
-                              ("processes of their own (as on a cluster)", ["--workflow-profile", "none"])):  # fmt: skip
-            marginal = []
-            for _repeat in range(args.repeats):
-                times = {}
-                for heads in (1, 9):
-                    reset(REPO / "results" / run)
-                    config = write_config(old, tmp, f"{run}-{heads}", run, heads=list(range(heads)))
-                    times[heads] = snakemake(config, *profile, cores=args.cores)
-                marginal.append((times[9] - times[1]) / 8)
-            rows.append((name, statistics.median(marginal), marginal))
-        torch_t = statistics.median(
-            timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
-            for _ in range(3))  # fmt: skip
-        lines += ["| one more last-layer head job, wall (s, median of runs) | seconds | runs | target |",
-                  "| --- | --- | --- | --- |"]  # fmt: skip
-        lines += [f"| {n} | {m:.2f} | {', '.join(f'{x:.2f}' for x in ms)} | {'<= 0.3' if 'default' in n else ''} |"
-                  for n, m, ms in rows]  # fmt: skip
-        lines += [f"| a bare `import torch` in a new process | {torch_t:.2f} | | |", ""]
-
-    if "pipeline" in parts:
-        wholes, alones, adds = [], [], []
-        for repeat in range(args.repeats):
-            full = write_config(old, tmp, f"bench-{stamp}-full{repeat}")
-            wholes.append(snakemake(full, cores=args.cores))
-            alones.append(
-                snakemake(full, "--forcerun", "baseline", "--until", "baseline", cores=args.cores)
-            )
-            run = f"bench-{stamp}-prep"  # a finished run of 8 heads, then the ninth
-            reset(REPO / "results" / run)
-            snakemake(
-                write_config(old, tmp, f"{run}-8", run, heads=list(range(8))), cores=args.cores
-            )
-            adds.append(
-                snakemake(write_config(old, tmp, f"{run}-9", run, heads="all"), cores=args.cores)
-            )
-        whole, alone, add = (statistics.median(x) for x in (wholes, alones, adds))
-        lines += [
-            "| previous release's default settings | seconds | ratio | target |",
-            "| --- | --- | --- | --- |",
-            f"| whole pipeline, model prepared (median of {args.repeats}) | {whole:.1f} | "
-            f"{whole / alone:.2f} x its baseline stage ({alone:.1f} s) | <= 1.25x |",
-            f"| adding one head to a finished run (median of {args.repeats}) | {add:.1f} | | <= 8 s |",
-            "",
-            "Runs (whole / baseline stage / adding a head, s): "
-            + "; ".join(f"{w:.1f} / {a:.1f} / {d:.1f}" for w, a, d in zip(wholes, alones, adds)),
-            "",
-        ]
-
-    if "sweep" in parts:
-        sweeps = []
-        for repeat in range(args.long_repeats):
-            config = yaml.safe_load(yaml.safe_dump(old))
-            config["perturbation"].update(layers="all", positions=["last"], repeats=5)
-            path = write_config(config, tmp, f"bench-{stamp}-sweep{repeat}")
-            snakemake(path, "--until", "capture_cache", "baseline", cores=args.cores)
-            sweeps.append(snakemake(path, cores=args.cores))
-        lines += [f"| whole model at the final position: 270 heads x 200 prompts x 5 noise draws | "
-                  f"{statistics.median(sweeps) / 60:.1f} min (after the recordings) | <= 15 min |", ""]  # fmt: skip
-
-    if "default" in parts:
-        runs = []
-        for repeat in range(args.long_repeats):
-            path = write_config(base, tmp, f"bench-{stamp}-default{repeat}")
-            runs.append(snakemake(path, cores=args.cores))
-        lines += [f"| the whole default run (config/config.yaml), model prepared | "
-                  f"{statistics.median(runs) / 60:.1f} min | <= 20 min |", ""]  # fmt: skip
-
-    import torch
-
     head = (f"Machine: {platform.processor() or platform.machine()}, {args.cores} cores, torch "
             f"{torch.__version__}, CPU, fp32; SmolLM2-135M-Instruct, 200 prompts of about 440 "
-            f"tokens. Parts: {', '.join(parts)}.")  # fmt: skip
-    text = "\n".join([head, "", *lines]) + "\n"
-    print(text)
-    (REPO / "benchmarks" / "results.md").write_text(text)
-    for folder in (REPO / "results").glob(f"bench-{stamp}-*"):
-        shutil.rmtree(folder)
+            f"tokens.")  # fmt: skip
+    try:
+        if "passes" in parts:
+            lines = sections["passes"] = []
+            torch.set_num_threads(args.cores)
+            rows, agree = passes_part(results, model_dir, args.sample)
+            lines += ["| pass | naive | fast | ratio | target |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {n} | {a:.3f} | {b:.4f} | {a / b:,.1f}x | {t} |" for n, a, b, t in rows]
+            lines += [
+                "",
+                f"Largest |fast - naive| logit difference on the sample: {agree:.2e}.",
+                "",
+            ]
+
+        if "jobs" in parts:
+            lines = sections["jobs"] = []
+            rows = []
+            run = f"bench-{stamp}-prep"  # its prompts and baseline are done: only the jobs run
+            for name, profile in (("threads of the Snakemake process (default)", []),
+                                  ("processes of their own (as on a cluster)", ["--workflow-profile", "none"])):  # fmt: skip
+                marginal = []
+                for _repeat in range(args.repeats):
+                    times = {}
+                    for heads in (1, 9):
+                        reset(REPO / "results" / run)
+                        config = write_config(
+                            old, tmp, f"{run}-{heads}", run, heads=list(range(heads))
+                        )
+                        times[heads] = snakemake(config, *profile, cores=args.cores)
+                    marginal.append((times[9] - times[1]) / 8)
+                rows.append((name, statistics.median(marginal), marginal))
+            torch_t = statistics.median(
+                timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
+                for _ in range(3))  # fmt: skip
+            lines += ["| one more last-layer head job, wall (s, median of runs) | seconds | runs | target |",
+                      "| --- | --- | --- | --- |"]  # fmt: skip
+            lines += [f"| {n} | {m:.2f} | {', '.join(f'{x:.2f}' for x in ms)} | {'<= 0.3' if 'default' in n else ''} |"
+                      for n, m, ms in rows]  # fmt: skip
+            lines += [f"| a bare `import torch` in a new process | {torch_t:.2f} | | |", ""]
+
+        if "pipeline" in parts:
+            lines = sections["pipeline"] = []
+            wholes, alones, adds = [], [], []
+            for repeat in range(args.repeats):
+                full = write_config(old, tmp, f"bench-{stamp}-full{repeat}")
+                wholes.append(snakemake(full, cores=args.cores))
+                alones.append(
+                    snakemake(
+                        full, "--forcerun", "baseline", "--until", "baseline", cores=args.cores
+                    )
+                )
+                run = f"bench-{stamp}-prep"  # a finished run of 8 heads, then the ninth
+                reset(REPO / "results" / run)
+                snakemake(
+                    write_config(old, tmp, f"{run}-8", run, heads=list(range(8))), cores=args.cores
+                )
+                adds.append(
+                    snakemake(
+                        write_config(old, tmp, f"{run}-9", run, heads="all"), cores=args.cores
+                    )
+                )
+            whole, alone, add = (statistics.median(x) for x in (wholes, alones, adds))
+            lines += [
+                "| previous release's default settings | seconds | ratio | target |",
+                "| --- | --- | --- | --- |",
+                f"| whole pipeline, model prepared (median of {args.repeats}) | {whole:.1f} | "
+                f"{whole / alone:.2f} x its baseline stage ({alone:.1f} s) | <= 1.25x |",
+                f"| adding one head to a finished run (median of {args.repeats}) | {add:.1f} | | <= 8 s |",
+                "",
+                "Runs (whole / baseline stage / adding a head, s): "
+                + "; ".join(
+                    f"{w:.1f} / {a:.1f} / {d:.1f}" for w, a, d in zip(wholes, alones, adds)
+                ),
+                "",
+            ]
+
+        if "sweep" in parts:
+            lines = sections["sweep"] = []
+            sweeps = []
+            for repeat in range(args.long_repeats):
+                config = yaml.safe_load(yaml.safe_dump(old))
+                config["perturbation"].update(layers="all", positions=["last"], repeats=5)
+                path = write_config(config, tmp, f"bench-{stamp}-sweep{repeat}")
+                snakemake(path, "--until", "capture_cache", "baseline", cores=args.cores)
+                sweeps.append(snakemake(path, cores=args.cores))
+            lines += [f"| whole model at the final position: 270 heads x 200 prompts x 5 noise draws | "
+                      f"{statistics.median(sweeps) / 60:.1f} min (after the recordings) | <= 15 min |", ""]  # fmt: skip
+
+        if "default" in parts:
+            lines = sections["default"] = []
+            runs = []
+            for repeat in range(args.long_repeats):
+                path = write_config(base, tmp, f"bench-{stamp}-default{repeat}")
+                runs.append(snakemake(path, cores=args.cores))
+            lines += [f"| the whole default run (config/config.yaml), model prepared | "
+                      f"{statistics.median(runs) / 60:.1f} min | <= 20 min |", ""]  # fmt: skip
+            lines += agreement_lines(REPO / "results" / f"bench-{stamp}-default0" / "screen")
+
+        if "screen" in parts:
+            sections["screen"] = screen_part(base, tmp, f"bench-{stamp}-prep", args.cores)
+    finally:  # what was measured is written even when a later part fails
+        print(write_results(REPO / "benchmarks" / "results.md", head, sections))
+        for folder in (REPO / "results").glob(f"bench-{stamp}-*"):
+            if not args.keep:
+                shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
