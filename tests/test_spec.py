@@ -188,3 +188,26 @@ def test_the_schema_lists_what_the_library_knows():
     assert schema["properties"]["screen"]["properties"]["kinds"]["items"]["enum"] == list(
         screen.KINDS
     )
+
+
+def test_cost_preview_counts_jobs_and_prices_them_from_the_measured_per_token_costs():
+    """Against a hand computation: 10 prompts of (1 + 1) x (56 + 8) = 128 tokens, 4 layers.
+    Zero at every position of layer 1: 3 layers x 128 tokens x 0.1 s; noise at its final
+    position: 5 draws x 3 layers x 0.2 s; per prompt 38.4 + 3.0 s, 414 s in all. At the final
+    position only, the zero job costs 3 x 0.2 s a prompt: (0.6 + 3.0) x 10 = 36 s."""
+    config = {"prompts": {"n_test": 10, "k_shot": 1, "max_review_tokens": 56},
+              "perturbation": {"repeats": 5, "method": "fast"}}  # fmt: skip
+    jobs = [spec.HeadJob("o_proj_input", "all", "zero", "", 1, 0),
+            spec.HeadJob("o_proj_input", "last", "noise", "2", 1, 0)]  # fmt: skip
+    shape = {"n_layers": 4}
+    info = {
+        "seconds_per_token_layer": 0.1,
+        "seconds_per_final_token_layer": {"128": 0.2, "512": 0.4},
+    }
+    text = spec.cost_preview(jobs, shape, config, info)
+    assert text.startswith("2 head jobs (1 at all positions, 1 at last positions): about 7 min")
+    assert "at the last position only they would take about 36 s" in text
+    before = spec.cost_preview(jobs, shape, config, None)
+    assert before.endswith("their cost is estimated once the model is prepared")
+    older = spec.cost_preview(jobs, shape, config, {"seconds_per_token_layer": 0.1})
+    assert "`--forcerun prepare_model` measures them" in older

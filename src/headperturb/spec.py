@@ -384,8 +384,11 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
     text = f"{len(jobs)} head jobs ({', '.join(f'{len(v)} at {k} positions' for k, v in by_position.items() if v)})"
     info = model_info or {}
     full, final = info.get("seconds_per_token_layer"), info.get("seconds_per_final_token_layer")
-    if not full or not final:
+    if model_info is None:
         return text + "; their cost is estimated once the model is prepared"
+    if not full or not final:  # prepared by a release that measured less
+        return text + ("; the prepared model holds no per-token costs to estimate their cost "
+                       "from: `--forcerun prepare_model` measures them")  # fmt: skip
     at = {int(k): v for k, v in final.items()}
     per_final = at[128] + (at[512] - at[128]) * (max(tokens, 128) - 128) / 384
 
