@@ -23,8 +23,26 @@ def test_sign_flip_exact_by_hand():
     # d = (2, 1): |mean| >= 1.5 for ++ and -- only -> 2/4
     assert stats.sign_flip_pvalue([2, 1]) == pytest.approx(0.5)
     assert stats.sign_flip_pvalue([0, 0]) == 1.0
-    # Monte Carlo: 30 equal differences: exact p = 2 / 2**30, the estimate is 1/(1+n_perm)
-    assert stats.sign_flip_pvalue(np.ones(30), n_perm=999) == pytest.approx(1e-3)
+    # 30 equal differences: only the all-plus and all-minus patterns reach |mean| 1, p = 2 / 2**30,
+    # exact although 2**30 patterns are more than n_perm (a Monte Carlo floor would be 1e-3)
+    assert stats.sign_flip_pvalue(np.ones(30), n_perm=999) == pytest.approx(2 / 2**30, rel=1e-9)
+    # differences off any lattice: Monte Carlo, observed pattern counted, p = 1 / (1 + n_perm)
+    off = np.random.default_rng(0).normal(1.0, 0.1, 30) * np.sqrt(2)
+    assert stats.sign_flip_pvalue(off, n_perm=999) == pytest.approx(1e-3)
+
+
+def test_lattice_pvalue_equals_every_sign_pattern_and_the_binomial():
+    """Changes of correctness averaged over 5 draws (multiples of 0.2): the convolution gives
+    what enumerating all 2**12 sign patterns gives; for +-1 differences it is the two-sided
+    binomial (McNemar's exact test): 9 of 10 discordant prompts one way, p = 2 x 11/1024."""
+    rng = np.random.default_rng(1)
+    d = rng.integers(-5, 6, 12) / 5
+    d = d[d != 0]
+    signs = ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1) * 2 - 1
+    by_pattern = float((np.abs(signs @ d) >= abs(d.sum()) - 1e-9).mean())
+    assert stats.lattice_pvalue(d) == pytest.approx(by_pattern, rel=1e-12)
+    assert stats.sign_flip_pvalue([1] * 9 + [-1]) == pytest.approx(2 * 11 / 1024)
+    assert stats.lattice_pvalue([0.5, np.pi]) is None
 
 
 def test_correct_label_logit_difference_and_probability():

@@ -114,15 +114,20 @@ def bh_qvalues(p_values) -> np.ndarray:
 def sign_flip_pvalue(differences, n_perm: int = 10_000, seed: int = 0) -> float:
     """Two-sided paired permutation test that the mean of ``differences`` is 0.
 
-    Under the null each paired difference is as likely to have either sign. Exact (all sign
-    patterns) when 2**n <= n_perm, else Monte Carlo with the observed pattern counted
-    (p = (1 + hits) / (1 + n_perm)).
+    Under the null each paired difference is as likely to have either sign. Exact when the
+    differences are whole multiples of one step (changes of correctness: multiples of 1/draws;
+    :func:`lattice_pvalue`) or when 2**n <= n_perm (all sign patterns), else Monte Carlo with the
+    observed pattern counted (p = (1 + hits) / (1 + n_perm)), whose floor 1/(1 + n_perm) would
+    keep a strong effect from surviving a correction over many rows.
     """
     d = np.asarray(differences, dtype=float)
     d = d[d != 0]  # zero differences carry no sign information
     n = len(d)
     if n == 0:
         return 1.0
+    exact = lattice_pvalue(d)
+    if exact is not None:
+        return exact
     observed = abs(d.mean())
     tol = 1e-12 * max(1.0, observed)
     if 2**n <= n_perm:
@@ -134,6 +139,27 @@ def sign_flip_pvalue(differences, n_perm: int = 10_000, seed: int = 0) -> float:
         signs = rng.choice(np.array([-1.0, 1.0]), size=(min(2000, n_perm - start), n))
         hits += int((np.abs(signs @ d / n) >= observed - tol).sum())
     return (1 + hits) / (1 + n_perm)
+
+
+def lattice_pvalue(differences, max_steps: int = 100) -> float | None:
+    """The exact two-sided sign-flip p-value of nonzero ``differences`` that are whole multiples
+    ``k_i / m`` of one step (``m <= max_steps``), from the distribution of ``sum s_i k_i`` over
+    all sign patterns (a convolution, for any n); None when they are not on such a lattice."""
+    d = np.asarray(differences, dtype=float)
+    for m in range(1, max_steps + 1):
+        k = np.rint(d * m)
+        if np.allclose(d * m, k, rtol=0, atol=1e-9):
+            break
+    else:
+        return None
+    steps = np.abs(k).astype(np.int64)
+    total = int(steps.sum())
+    dist = np.zeros(2 * total + 1)  # dist[total + s]: the probability of the sum s
+    dist[total] = 1.0
+    for step in steps:  # partial sums stay within +-total: np.roll never wraps a nonzero
+        dist = 0.5 * (np.roll(dist, step) + np.roll(dist, -step))
+    sums = np.abs(np.arange(-total, total + 1))
+    return float(min(1.0, dist[sums >= abs(int(k.sum()))].sum()))
 
 
 def correct_logit_diff(labels, margins) -> np.ndarray:
