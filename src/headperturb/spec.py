@@ -382,10 +382,10 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
     tokens = (prompts["k_shot"] + 1) * (prompts["max_review_tokens"] + 8)
     by_position = {p: [j for j in jobs if j.position == p] for p in POSITIONS}
     text = f"{len(jobs)} head jobs ({', '.join(f'{len(v)} at {k} positions' for k, v in by_position.items() if v)})"
-    info = model_info or {}
-    full, final = info.get("seconds_per_token_layer"), info.get("seconds_per_final_token_layer")
     if model_info is None:
         return text + "; their cost is estimated once the model is prepared"
+    full = model_info.get("seconds_per_token_layer")
+    final = model_info.get("seconds_per_final_token_layer")
     if not full or not final:  # prepared by a release that measured less
         return text + ("; the prepared model holds no per-token costs to estimate their cost "
                        "from: `--forcerun prepare_model` measures them")  # fmt: skip

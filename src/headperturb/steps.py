@@ -15,7 +15,7 @@ import numpy as np
 
 from . import io, resources, scoring
 from .logs import Progress
-from .perturbations import PERTURBATIONS, format_scale
+from .spec import format_scale, takes_scale
 
 log = logging.getLogger("headperturb")
 
@@ -279,7 +279,7 @@ def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: 
     plan = []
     for kind in settings["kinds"]:
         for position in settings["positions"]:
-            if not PERTURBATIONS[kind].takes_scale:
+            if not takes_scale(kind):
                 plan.append((kind, position, "", None))
                 continue
             for scale in settings["scales"]:
