@@ -9,6 +9,9 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from headperturb import config as run_config  # noqa: E402
+from headperturb.adapters import end_of_run, start_of_run  # noqa: E402
+
+start_of_run()  # Ctrl-C stops the jobs in threads of this process too
 
 # The default run. A config file given with --configfile replaces it (keys it leaves out take
 # the schema's defaults); --config KEY=VALUE overrides single keys. README: Configuration.
@@ -42,3 +45,12 @@ rule all:
     default_target: True
     input:
         final_targets(),
+
+
+# Let the Snakemake process exit at once when the run ends (headperturb.adapters.end_of_run).
+onsuccess:
+    end_of_run()
+
+
+onerror:
+    end_of_run()

@@ -66,3 +66,91 @@ def test_provenance_has_settings_hash_and_no_timestamps():
     assert meta == again and meta["config_sha256"] != other["config_sha256"]
     assert {"torch_version", "transformers_version", "headperturb_version", "device"} <= set(meta)
     assert not any(k in str(meta).lower() for k in ("time", "host", "date"))
+
+
+def test_a_failed_process_step_writes_its_traceback_to_its_log_and_one_line_to_stderr(
+    tmp_path, capsys
+):
+    """The steps that are processes of their own (script: rules) end through logs.script_main."""
+    from headperturb import logs
+
+    def fail():
+        raise ValueError("first line\nsecond line")
+
+    with pytest.raises(SystemExit) as stop:
+        logs.script_main(str(tmp_path / "step.log"), fail)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "headperturb error: ValueError: first line" in err and "Traceback" not in err
+    log = (tmp_path / "step.log").read_text()
+    assert "Traceback (most recent call last)" in log and "second line" in log
+
+
+@pytest.fixture
+def interrupt_handler():
+    """logs.stop_threads_on_interrupt() for one test: the SIGINT handler and the flag restored."""
+    import signal
+
+    from headperturb import logs
+
+    before = signal.getsignal(signal.SIGINT)
+    yield logs
+    signal.signal(signal.SIGINT, before)
+    logs.INTERRUPTED.clear()
+
+
+def test_ctrl_c_stops_a_job_running_in_a_thread(interrupt_handler):
+    """KeyboardInterrupt reaches the main thread only: a job in another thread stops at its next
+    progress update instead of running to its end."""
+    import signal
+    import threading
+    import time
+
+    logs = interrupt_handler
+    logs.stop_threads_on_interrupt()
+    logs.stop_threads_on_interrupt()  # a second call keeps one handler
+    started, outcome = threading.Event(), {}
+
+    def job():
+        progress = logs.Progress(10_000, "baseline prompts")
+        try:
+            for _ in range(10_000):
+                started.set()
+                time.sleep(0.001)
+                progress.update()
+        except logs.Interrupted as exc:
+            outcome["error"], outcome["done"] = exc, progress.done
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    started.wait(5)
+    with pytest.raises(KeyboardInterrupt):  # the previous handler still runs in the main thread
+        signal.raise_signal(signal.SIGINT)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert "baseline prompts: interrupted at" in str(outcome["error"])
+    assert outcome["done"] < 10_000
+
+
+def test_end_of_run_cancels_only_the_scheduler_timers():
+    """Snakemake's scheduler leaves a one-second threading.Timer per scheduling round that the
+    interpreter waits for at exit; end_of_run cancels those and no other timer."""
+    import gc
+    import threading
+
+    from headperturb import adapters
+
+    def release():
+        pass
+
+    release.__module__ = "snakemake.scheduling.job_scheduler"
+    theirs, other = threading.Timer(30, release), threading.Timer(30, lambda: None)
+    theirs.start()
+    other.start()
+    try:
+        assert adapters.end_of_run() == 1
+        theirs.join(5)
+        assert not theirs.is_alive() and other.is_alive()
+    finally:
+        other.cancel()
+        gc.unfreeze()

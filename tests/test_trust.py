@@ -276,16 +276,19 @@ def test_a_failed_job_leaves_its_error_in_its_log(run_copy):
     assert not output.exists() or output.stat().st_mtime_ns == before[output]
 
 
-def test_a_failed_script_job_leaves_its_error_in_its_log(tmp_path, tiny_llama_dir, imdb_dir):
+def test_a_failed_step_leaves_its_error_in_its_log(tmp_path, tiny_llama_dir, imdb_dir):
+    """build_prompts runs in a thread of the Snakemake process: its log holds the message and the
+    traceback, the terminal the one line."""
     config = tiny_config(tiny_llama_dir, imdb_dir)
     config["prompts"]["template"] = "Review: {text} {text}\nSentiment: {label}"
     result = snakemake(tmp_path, config, check=False)
     out = result.stdout + result.stderr
     message = "PromptError: template 'Review: {text} {text}\\nSentiment: {label}' must contain {text} exactly once"
-    assert result.returncode != 0 and f"headperturb error: {message}" in out
+    assert result.returncode != 0 and f"build_prompts: {message}" in out
     log = (tmp_path / "results/test/logs/build_prompts.log").read_text()
     assert "must contain {text} exactly once" in log and "Traceback (most recent call last)" in log
     assert "Traceback" not in out  # the terminal gets one line; the traceback is in the log
+    assert not (tmp_path / "results/test/prompts/prompts.parquet").exists()
 
 
 def test_a_result_that_cannot_be_a_measurement_stops_its_job(trust_run, tmp_path):

@@ -2,10 +2,11 @@
 errors that land in the job's log.
 
 A job runs either as its own process (a ``script:`` rule, or any job on a cluster) or in a thread
-of the Snakemake process (the head jobs on a workstation, see ``profiles/default``). Either way
-:func:`job` sends the package's records of that job to its log file, and an exception is written
-there with its traceback and leaves the job as :class:`JobError` with a one-line message: the
-terminal shows that line and Snakemake points at the log.
+of the Snakemake process (the ``run:`` rules on a workstation, see ``profiles/default``). Either
+way the package's records of that job go to its log file (and, unless it is one of many small
+jobs, to the terminal), and an exception is written there with its traceback and leaves the job
+as :class:`JobError` with a one-line message: the terminal shows that line and Snakemake points
+at the log.
 """
 
 from __future__ import annotations
@@ -24,6 +25,35 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class JobError(RuntimeError):
     """A job failed; the message is the cause in one line, the log file has the traceback."""
+
+
+class Interrupted(RuntimeError):
+    """The run was interrupted (Ctrl-C) while this job ran in a thread of the Snakemake process."""
+
+
+INTERRUPTED = threading.Event()
+"""Set by Ctrl-C in a process that called :func:`stop_threads_on_interrupt`: the long loops of
+jobs running in its threads stop at their next progress update (:class:`Progress`)."""
+
+
+def stop_threads_on_interrupt() -> None:
+    """Let Ctrl-C stop the jobs in this process's threads too: Python raises KeyboardInterrupt
+    in the main thread only, and Snakemake waits for running threads before it exits. Call it
+    from the main thread; the previous handler still runs."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return
+    if getattr(previous, "stops_threads", False):
+        return
+
+    def interrupt(signum, frame):
+        INTERRUPTED.set()
+        previous(signum, frame)
+
+    interrupt.stops_threads = True
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _quiet_others() -> None:
@@ -48,26 +78,31 @@ def one_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def job(log_file: str | None, name: str = "job") -> Iterator[logging.Logger]:
+def job(log_file: str | None, name: str = "job", echo: bool = False) -> Iterator[logging.Logger]:
     """Log one job that runs in a thread of a long-lived process: records from this thread go to
-    ``log_file`` only. An exception is logged with its traceback and re-raised as
-    :class:`JobError` carrying its first line."""
+    ``log_file``, and with ``echo`` also to stderr (the terminal). An exception is logged with its
+    traceback and re-raised as :class:`JobError` carrying its first line."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     _quiet_others()
     ident = threading.get_ident()
     handler = logging.FileHandler(log_file, mode="w") if log_file else logging.NullHandler()
-    handler.setFormatter(logging.Formatter(FORMAT))
-    handler.addFilter(lambda record: record.thread == ident)
-    logger.addHandler(handler)
+    handlers = [handler, logging.StreamHandler(sys.stderr)] if echo else [handler]
+    for h in handlers:
+        h.setFormatter(logging.Formatter(FORMAT))
+        h.addFilter(lambda record: record.thread == ident)
+        logger.addHandler(h)
     try:
         yield logger
     except Exception as exc:
+        if echo:  # the traceback goes to the log file only
+            logger.removeHandler(handlers[1])
         logger.error("%s failed: %s\n%s", name, exc, traceback.format_exc().rstrip())
         raise JobError(f"{name}: {one_line(exc)} (log: {log_file})") from None
     finally:
-        logger.removeHandler(handler)
+        for h in handlers:
+            logger.removeHandler(h)
         handler.close()
 
 
@@ -99,6 +134,8 @@ class Progress:
         self.done = 0
 
     def update(self, n: int = 1) -> None:
+        if INTERRUPTED.is_set():
+            raise Interrupted(f"{self.what}: interrupted at {self.done}/{self.total}")
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every or self.done >= self.total:

@@ -7,6 +7,8 @@ figure is drawn, so the workflow can list the figures without them.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import io
@@ -53,14 +55,15 @@ SETTING = ["site", "position", "kind", "scale"]
 """The columns that make one setting of a run: one panel or row of panels in every figure."""
 
 
-def _plt():
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float], **kwargs):
+    """A figure and its axes, without pyplot and its global figure state: the plot jobs run in
+    threads of the Snakemake process."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update(STYLE)
-    return plt
+    matplotlib.rcParams.update(STYLE)  # the same values from every thread
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def setting_label(site: str, position: str, kind: str, scale: str, noise_mode: str = "") -> str:
@@ -99,7 +102,6 @@ def _baseline_text(meta: dict) -> str:
 def _save(fig, out_path) -> None:
     with io.atomic_path(out_path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
-    _plt().close(fig)
 
 
 def _title(combo) -> str:
@@ -110,10 +112,9 @@ def contribution_distributions(table, meta: dict, out_path) -> None:
     """Histograms of the accuracy and F1 contribution scores, stacked by impact category: one row
     per setting (site, positions, noise scale or ablation), which are not pooled since they are
     different interventions."""
-    plt = _plt()
     combos = settings(table)
-    fig, axes = plt.subplots(len(combos), len(metric_names()), figsize=(5.5 * len(metric_names()), 3.6 * len(combos) + 0.6),
-                             sharey="row", squeeze=False)  # fmt: skip
+    fig, axes = _subplots(len(combos), len(metric_names()), (5.5 * len(metric_names()), 3.6 * len(combos) + 0.6),
+                          sharey="row", squeeze=False)  # fmt: skip
     for row, combo in enumerate(combos):
         part = _part(table, combo)
         for ax, (metric, name) in zip(axes[row], metric_names().items()):
@@ -185,13 +186,14 @@ def _largest(part, shown: int = SHOWN):
 
 def detailed_head_analysis(table, meta: dict, out_path) -> None:
     """A bar per head and setting: the contribution score, coloured by impact category."""
-    plt = _plt()
+    from matplotlib.patches import Rectangle
+
     combos = settings(table)
     n = max(len(_largest(_part(table, c))) for c in combos)
     width = min(40, max(8, 0.3 * n + 3))
     columns = [k for k, v in detail().items() if v[0] in table.columns]
-    fig, axes = plt.subplots(len(combos), len(columns),
-                             figsize=(width * len(columns) / 2, 3.8 * len(combos)), squeeze=False)  # fmt: skip
+    fig, axes = _subplots(len(combos), len(columns), (width * len(columns) / 2, 3.8 * len(combos)),
+                          squeeze=False)  # fmt: skip
     for row, combo in enumerate(combos):
         part, title = _largest(_part(table, combo)), _title(combo)
         if len(part) < len(_part(table, combo)):
@@ -206,7 +208,7 @@ def detailed_head_analysis(table, meta: dict, out_path) -> None:
             if one_layer:
                 ax.set_xlabel(f"query head of layer {part['layer'].iloc[0]}")
             ax.set_title(title, fontsize=9)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in CATEGORY_COLOURS.values()]
     labels = [f"{c} (|relative change of accuracy| {rng})" for c, rng in
               zip(CATEGORY_COLOURS, (f"> {meta.get('high', 10):g}%",
                                      f"{meta.get('medium', 5):g}-{meta.get('high', 10):g}%",
@@ -243,11 +245,10 @@ def heatmap_panels(fig, axes, panels, colour_label: str) -> None:
 def layer_head_heatmap(table, meta: dict, out_path) -> None:
     """Layers x heads, coloured by the accuracy contribution, one panel per setting that covers
     more than one layer."""
-    plt = _plt()
     combos = [c for c in settings(table) if _part(table, c)["layer"].nunique() > 1] or settings(
         table
     )
-    fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5.5), squeeze=False)
+    fig, axes = _subplots(1, len(combos), (6.5 * len(combos), 5.5), squeeze=False)
     panels = [(_title(c), _part(table, c).pivot_table(index="layer", columns="head",
                                                       values="contribution_accuracy") * 100)
               for c in combos]  # fmt: skip
@@ -258,10 +259,9 @@ def layer_head_heatmap(table, meta: dict, out_path) -> None:
 
 def contribution_vs_scale(table, meta: dict, out_path) -> None:
     """Accuracy contribution against noise scale: a line per head, the mean over heads in black."""
-    plt = _plt()
     table = table[table["scale"] != ""]  # the kinds with a scale
     groups = sorted(set(zip(table["site"], table["position"])))
-    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
+    fig, axes = _subplots(1, len(groups), (7 * len(groups), 4.5), squeeze=False)
     for ax, (site, position) in zip(axes[0], groups):
         part = table[(table["site"] == site) & (table["position"] == position)]
         part = part.assign(sigma=part["scale"].astype(float))
@@ -288,12 +288,11 @@ def screen_map(heads, meta: dict, out_path) -> None:
     """Layers x heads of the screen's first-order estimates of each head's contribution to the
     correct-label logit difference under zero and mean ablation, one panel per setting. Labelled
     as estimates: they choose what to measure, they are not measurements."""
-    plt = _plt()
     shown = heads[heads["kind"].isin(["zero", "mean"])]
     combos = sorted(
         set(zip(shown["kind"], shown["position"])), key=lambda c: (c[0] != "zero", c[1])
     )
-    fig, axes = plt.subplots(1, len(combos), figsize=(6.5 * len(combos), 5.5), squeeze=False)
+    fig, axes = _subplots(1, len(combos), (6.5 * len(combos), 5.5), squeeze=False)
     panels = []
     for kind, position in combos:
         part = shown[(shown["kind"] == kind) & (shown["position"] == position)]
@@ -316,7 +315,13 @@ PLOTS = {
 """Figure name (its file ``plots/<name>.png``) -> the function that draws it."""
 
 
+_DRAWING = threading.Lock()
+"""One figure at a time in a process: matplotlib's imports and drawing are not thread-safe."""
+
+
 def plot(name: str, table_path, out_path) -> None:
     """Draw figure ``name`` from the table at ``table_path`` (the contribution table, or the
     screen's per-head estimates for ``screen_map``)."""
-    PLOTS[name](io.read_parquet(table_path), io.read_parquet_metadata(table_path), out_path)
+    table, meta = io.read_parquet(table_path), io.read_parquet_metadata(table_path)
+    with _DRAWING:
+        PLOTS[name](table, meta, out_path)

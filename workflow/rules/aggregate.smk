@@ -18,8 +18,6 @@ rule aggregate:
         ),
     log:
         f"{LOGS}/aggregate.log",
-    conda:
-        ANALYSIS_ENV
     params:
         high=config["categories"]["high"],
         medium=config["categories"]["medium"],
@@ -31,5 +29,5 @@ rule aggregate:
         }
         | {"dtype": MODEL["dtype"]},
         stale_list=f"{RESULTS}/stale_results.txt",
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)

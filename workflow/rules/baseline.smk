@@ -15,13 +15,11 @@ rule baseline:
         program=directory(LAST_LAYER_PROGRAM),
     log:
         f"{LOGS}/baseline.log",
-    conda:
-        MODEL_ENV
     threads: step_threads("model")
     params:
         **MODEL_PARAMS,
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)
 
 
 # The residual stream entering a layer at every position, for its all-position jobs: the layers

@@ -7,11 +7,16 @@ from snakemake.logging import logger
 
 from headperturb import io as files
 from headperturb import models, spec
+from headperturb.adapters import in_process
 from headperturb.plots import PLOTS
 
 PLOT_NAMES = tuple(PLOTS)
+# The steps that run a long model pass beside other work (prepare_model, capture_layer,
+# capture_cache, screen) are processes of their own, in this environment under
+# `--software-deployment-method conda`. The others are `run:` blocks in Snakemake's own
+# environment: on a workstation threads of the Snakemake process (profiles/default), which
+# imports torch and the rest once per run.
 MODEL_ENV = "../../envs/model.yaml"
-ANALYSIS_ENV = "../../envs/analysis.yaml"
 RUN = config["run_name"]
 RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
@@ -137,9 +142,12 @@ def last_layer():
 
 def job_inputs(wildcards):
     """What one head job reads (see headperturb.jobs): the prompts and the model, and for the
-    fast method what its pass starts from."""
+    fast method what its pass starts from; and the baseline, which it waits for."""
     layer, position = int(wildcards.layer), wildcards.position
-    inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR}
+    # Every job starts after the baseline it is compared with: in the Snakemake process it then
+    # never shares torch with a pass that uses another number of threads.
+    inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR,
+              "baseline": BASELINE_METRICS}  # fmt: skip
     _kind, scale = spec.parse_setting(wildcards.setting)
     if (
         scale and PERTURBATION["noise_mode"] == "relative"

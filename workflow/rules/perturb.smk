@@ -29,6 +29,4 @@ rule perturb_head:
         repeats=PERTURBATION["repeats"],
         seed=PERTURBATION["seed"],
     run:
-        from headperturb.adapters import in_process
-
         in_process(rule, input, output, params, wildcards, threads, log)

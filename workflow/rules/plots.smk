@@ -15,7 +15,5 @@ rule plot:
         f"{LOGS}/plot_{{plot}}.log",
     wildcard_constraints:
         plot="|".join(PLOT_NAMES),
-    conda:
-        ANALYSIS_ENV
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)

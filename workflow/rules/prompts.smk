@@ -9,13 +9,11 @@ rule select_reviews:
         REVIEWS,
     log:
         f"{LOGS}/select_reviews.log",
-    conda:
-        MODEL_ENV
     params:
         data=config["data"],
         prompts=PROMPTS,
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)
 
 
 rule build_prompts:
@@ -34,12 +32,10 @@ rule build_prompts:
         ),
     log:
         f"{LOGS}/build_prompts.log",
-    conda:
-        MODEL_ENV
     threads: step_threads("model")
     params:
         **MODEL_PARAMS,
         prompts=PROMPTS,
         calibration=config["scoring"]["calibration"],
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)

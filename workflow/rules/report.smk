@@ -16,8 +16,6 @@ rule summarize:
         ),
     log:
         f"{LOGS}/summarize.log",
-    conda:
-        ANALYSIS_ENV
     params:
         settings={
             key: config[key]
@@ -32,5 +30,5 @@ rule summarize:
                 "categories",
             )
         },
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)

@@ -47,9 +47,7 @@ rule screen_agreement:
         disagreements=f"{SCREEN}/disagreements.csv",
     log:
         f"{LOGS}/screen_agreement.log",
-    conda:
-        ANALYSIS_ENV
     params:
         threshold=config["screen"]["disagreement"],
-    script:
-        "../scripts/step.py"
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)
