@@ -154,3 +154,16 @@ def test_end_of_run_cancels_only_the_scheduler_timers():
     finally:
         other.cancel()
         gc.unfreeze()
+
+
+def test_no_job_starts_in_a_thread_after_ctrl_c(interrupt_handler, tmp_path):
+    """Snakemake still starts the jobs it had queued when Ctrl-C came; in a thread they stop at
+    once, with the reason in their log."""
+    from headperturb import adapters
+
+    logs = interrupt_handler
+    logs.INTERRUPTED.set()
+    log = tmp_path / "aggregate.log"
+    with pytest.raises(logs.JobError, match=r"interrupted \(Ctrl-C\) before this job started"):
+        adapters.in_process("aggregate", None, None, None, {}, 1, [str(log)])
+    assert "before this job started" in log.read_text()

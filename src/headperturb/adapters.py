@@ -185,7 +185,23 @@ def in_process(rule: str, input, output, params, wildcards, threads, log) -> Non
     """The body of a ``run:`` rule: this rule's step in the calling process."""
     name = f"{rule} {', '.join(f'{k}={v}' for k, v in wildcards.items())}".strip()
     with logs.job(log[0] if log else None, name, echo=rule not in QUIET):
-        run(rule, input, output, params, wildcards, threads)
+        if logs.INTERRUPTED.is_set():  # Snakemake still starts jobs it had queued
+            raise logs.Interrupted("the run was interrupted (Ctrl-C) before this job started")
+        try:
+            run(rule, input, output, params, wildcards, threads)
+        finally:
+            if rule not in QUIET:
+                _release_gpu_cache()
+
+
+def _release_gpu_cache() -> None:
+    """After a step in a thread of the Snakemake process: hand the blocks torch's CUDA allocator
+    keeps cached back to the GPU, for the processes of the steps that follow."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def start_of_run() -> None:

@@ -59,10 +59,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+"""Read once, at import: reading it means setting it, which threads writing at once would race
+on (one of them could leave it 0 for the rest of the process)."""
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

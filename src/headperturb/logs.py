@@ -92,18 +92,27 @@ def job(log_file: str | None, name: str = "job", echo: bool = False) -> Iterator
     for h in handlers:
         h.setFormatter(logging.Formatter(FORMAT))
         h.addFilter(lambda record: record.thread == ident)
-        logger.addHandler(h)
+    _swap_handlers(logger, add=handlers)
     try:
         yield logger
     except Exception as exc:
-        if echo:  # the traceback goes to the log file only
-            logger.removeHandler(handlers[1])
+        _swap_handlers(logger, remove=handlers[1:])  # the traceback goes to the log file only
         logger.error("%s failed: %s\n%s", name, exc, traceback.format_exc().rstrip())
         raise JobError(f"{name}: {one_line(exc)} (log: {log_file})") from None
     finally:
-        for h in handlers:
-            logger.removeHandler(h)
+        _swap_handlers(logger, remove=handlers)
         handler.close()
+
+
+_handlers_lock = threading.Lock()
+
+
+def _swap_handlers(logger: logging.Logger, add=(), remove=()) -> None:
+    """Give ``logger`` a new list of handlers instead of changing its list in place: another
+    thread may be walking the old list to emit a record, and an in-place removal could make it
+    skip a handler (a record missing from another job's log)."""
+    with _handlers_lock:
+        logger.handlers = [h for h in logger.handlers if h not in remove] + list(add)
 
 
 def script_main(log_file: str | None, func, *args, **kwargs) -> None:

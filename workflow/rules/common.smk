@@ -11,8 +11,8 @@ from headperturb.adapters import in_process
 from headperturb.plots import PLOTS
 
 PLOT_NAMES = tuple(PLOTS)
-# The steps that run a long model pass beside other work (prepare_model, capture_layer,
-# capture_cache, screen) are processes of their own, in this environment under
+# Fetching and preparing the model, and the long passes that can run beside other work
+# (capture_layer, capture_cache, screen), are processes of their own, in this environment under
 # `--software-deployment-method conda`. The others are `run:` blocks in Snakemake's own
 # environment: on a workstation threads of the Snakemake process (profiles/default), which
 # imports torch and the rest once per run.
@@ -145,7 +145,8 @@ def job_inputs(wildcards):
     fast method what its pass starts from; and the baseline, which it waits for."""
     layer, position = int(wildcards.layer), wildcards.position
     # Every job starts after the baseline it is compared with: in the Snakemake process it then
-    # never shares torch with a pass that uses another number of threads.
+    # never shares torch with a pass that uses another number of threads, or with the export of
+    # the last layer (torch.export changes torch's global settings while it traces).
     inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR,
               "baseline": BASELINE_METRICS}  # fmt: skip
     _kind, scale = spec.parse_setting(wildcards.setting)
