@@ -17,6 +17,17 @@ from typing import Any
 METADATA_KEY = b"headperturb"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+"""Read once, at import: reading it means setting it, which threads writing at once would race
+on (one of them could leave it 0 for the rest of the process)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
@@ -30,7 +41,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -50,28 +61,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+        tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; give the usual permissions
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-"""Read once, at import: reading it means setting it, which threads writing at once would race
-on (one of them could leave it 0 for the rest of the process)."""
-
-
-def _umask() -> int:
-    return _UMASK
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
