@@ -58,6 +58,15 @@ def test_every_shipped_config_plans_from_the_repository_root(fresh_copy, name):
     assert not (fresh_copy / "results").exists()
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_every_shipped_config_lints_clean_from_the_repository_root(fresh_copy, name):
+    """`snakemake --lint` as the README gives it: no lint printed, exit 0 (issue 25)."""
+    result = _from_root(fresh_copy, "--lint", "--configfile", f"config/{name}")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    assert "Lints for" not in text and "Congratulations" in text, text[-3000:]
+
+
 def test_a_users_config_file_replaces_the_default_and_command_line_values_override(
     fresh_copy, tiny_llama_dir, imdb_dir
 ):

@@ -66,13 +66,6 @@ else:
     FETCHED = None
 
 
-def model_source():
-    """What prepare_model loads: a fetched GGUF, a local file or folder, or a hub id."""
-    if FETCHED and FETCHED.endswith(".gguf"):
-        return FETCHED
-    return SOURCE
-
-
 _memo = {}  # what the DAG asks for many times: the model's shape, the head jobs
 
 

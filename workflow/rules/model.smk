@@ -34,8 +34,11 @@ rule prepare_model:
         MODEL_ENV
     threads: step_threads("model")
     params:
-        source=model_source(),
-        gguf_file=None if model_source() != SOURCE else MODEL.get("gguf_file"),
+        # a GGUF (fetched or local) is this rule's input; a folder or a hub id is no file to track
+        source=lambda wildcards, input: (
+            input[0] if input and input[0].endswith(".gguf") else SOURCE
+        ),
+        gguf_file=None if FETCHED else MODEL.get("gguf_file"),
         sha256=MODEL.get("sha256"),
         dtype=MODEL["dtype"],
         site=MODEL.get("site"),
