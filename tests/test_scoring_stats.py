@@ -67,19 +67,20 @@ def test_aggregate_table():
             "layer": [1, 0, 1],
             "head": [0, 0, 1],
             "scale": ["2", "2", "10"],
-            "accuracy": [0.70, 0.80, 0.84],
-            "f1": [0.5, 0.8, 0.8],
+            "baseline_accuracy": [0.8, 0.8, 0.5],  # each row's own prompts
+            "contribution_accuracy": [0.1, 0.0, -0.025],
+            "baseline_f1": [0.8, 0.8, 0.8],
+            "contribution_f1": [0.3, 0.0, 0.0],
         }
     )
-    table = stats.aggregate({"accuracy": 0.8, "f1": 0.8}, perturbed, high=10, medium=5)
+    table = stats.aggregate(perturbed, high=10, medium=5)
     assert table[["layer", "head", "scale"]].values.tolist() == [
         [0, 0, "2"],
         [1, 0, "2"],
         [1, 1, "10"],
     ]
-    assert table["contribution_accuracy"].tolist() == pytest.approx([0.0, 0.1, -0.04])
     assert table["relative_change_accuracy"].tolist() == pytest.approx([0.0, 12.5, -5.0])
-    assert table["contribution_f1"].tolist() == pytest.approx([0.0, 0.3, 0.0])
+    assert table["relative_change_f1"].tolist() == pytest.approx([0.0, 37.5, 0.0])
     assert table["direction"].tolist() == ["neutral", "beneficial", "harmful"]
     assert table["impact"].tolist() == ["LOW", "HIGH", "MEDIUM"]
     assert stats.category_counts(table) == {"HIGH": 1, "MEDIUM": 1, "LOW": 1}

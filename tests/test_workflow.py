@@ -77,6 +77,8 @@ JOB_FILES = [
     "perturb/o_proj_input/all/mean/layer1/head1.parquet",
     "perturb/o_proj_input/last/noise_scale2/layer0/head0.parquet",
     "perturb/o_proj_input/last/zero/layer0/head1.parquet",
+    "perturb/o_proj_input/all/patch/layer1/head0.parquet",
+    "perturb/o_proj_input/last/restore/layer0/head1.parquet",
 ]
 
 
@@ -122,8 +124,8 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
         base_metrics["accuracy"]
     )
     table = pd.read_parquet(results / "contributions.parquet")
-    assert len(table) == 10 and set(table["head"]) == {0, 1} and set(table["layer"]) == {0, 1}
-    assert sorted(table["kind"].unique()) == ["mean", "noise", "zero"]
+    assert len(table) == 14 and set(table["head"]) == {0, 1} and set(table["layer"]) == {0, 1}
+    assert sorted(table["kind"].unique()) == ["mean", "noise", "patch", "restore", "zero"]
     assert set(zip(table["position"], table["layer"])) == {("all", 1), ("last", 0)}
     for _, row in table[table["kind"] == "noise"].iterrows():
         per_prompt = pd.read_parquet(
@@ -168,7 +170,7 @@ AFTER_THE_JOBS = {"aggregate": 1, "summarize": 1, "plot": 3, "all": 1}
 def test_adding_a_head_reruns_only_its_jobs_aggregation_and_plots(finished_run, base_config):
     config = copy.deepcopy(base_config)
     config["perturbation"]["heads"] = [0, 1, 2]
-    assert planned_jobs(finished_run, config) == {"perturb_head": 5, **AFTER_THE_JOBS}
+    assert planned_jobs(finished_run, config) == {"perturb_head": 7, **AFTER_THE_JOBS}
 
 
 def test_adding_a_scale_adds_its_jobs_and_the_scale_plot(finished_run, base_config):
@@ -194,7 +196,7 @@ def test_adding_an_all_position_sweep_of_another_layer_captures_its_inputs(
 def test_adding_a_position_adds_only_its_jobs(finished_run, base_config):
     config = copy.deepcopy(base_config)
     config["perturbation"]["sweeps"][0]["positions"] = ["all", "last"]
-    assert planned_jobs(finished_run, config) == {"perturb_head": 6, **AFTER_THE_JOBS}
+    assert planned_jobs(finished_run, config) == {"perturb_head": 8, **AFTER_THE_JOBS}
 
 
 def test_naive_method_gives_the_same_numbers(finished_run, base_config):
@@ -213,7 +215,7 @@ def test_naive_method_gives_the_same_numbers(finished_run, base_config):
         p.relative_to(finished_run / "results/test")
         for p in (finished_run / "results/test/perturb").rglob("*.parquet")
     )
-    assert len(names) == 16
+    assert len(names) == 20
     for name in names:
         fast = pd.read_parquet(finished_run / "results/test" / name)
         naive = pd.read_parquet(finished_run / "results/test-naive" / name)
@@ -237,8 +239,8 @@ def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_
     config = copy.deepcopy(base_config)
     config["prompts"]["seed"] = 1
     assert planned_jobs(finished_run, config) == {
-        "select_reviews": 1, "build_prompts": 1, "baseline": 1, "capture_cache": 1,
-        "perturb_head": 10, **AFTER_THE_JOBS,
+        "select_reviews": 1, "build_prompts": 1, "pair_prompts": 1, "baseline": 1,
+        "capture_cache": 1, "perturb_head": 14, **AFTER_THE_JOBS,
     }  # fmt: skip
 
 
@@ -304,6 +306,7 @@ def test_a_killed_run_leaves_no_partial_output_and_resumes(tmp_path, base_config
     config = copy.deepcopy(base_config)
     config["perturbation"].update(method="naive", heads="all", kinds=["noise"],
                                   sweeps=[{"layers": [-1]}])  # fmt: skip
+    config["prompts"]["n_test"] = 64  # head jobs long enough to be killed while they run
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),

@@ -73,6 +73,13 @@ def _build_prompts(input, output, params, wildcards, threads):
                         params.calibration, dict(output.items()))  # fmt: skip
 
 
+@adapter("pair_prompts")
+def _pair_prompts(input, output, params, wildcards, threads):
+    from . import steps
+
+    steps.pair_prompts(input[0], params.seed, output[0])
+
+
 @adapter("baseline")
 def _baseline(input, output, params, wildcards, threads):
     from . import steps
@@ -107,7 +114,7 @@ def _perturb_head(input, output, params, wildcards, threads):
               params.repeats, params.device, params.dtype)  # fmt: skip
     get = lambda key: getattr(input, key, None) or None  # noqa: E731
     inputs = JobInputs(_prompt_files(input), get("state"), get("program"), get("activations"),
-                       get("cache"), get("rms"))  # fmt: skip
+                       get("cache"), get("rms"), get("pairs"))  # fmt: skip
     perturb(job, inputs, _model(input, params, threads), output[0])
 
 
@@ -116,7 +123,8 @@ def _screen(input, output, params, wildcards, threads):
     from . import steps
 
     steps.screen(_prompt_files(input), _model(input, params, threads), params.settings,
-                 {"per_prompt": input.per_prompt, "rms": input.rms}, dict(output.items()))  # fmt: skip
+                 {"per_prompt": input.per_prompt, "rms": input.rms,
+                  "pairs": getattr(input, "pairs", None)}, dict(output.items()))  # fmt: skip
 
 
 @adapter("screen_agreement")
@@ -155,9 +163,10 @@ def _summarize(input, output, params, wildcards, threads):
     if "agreement" in input.keys():
         screened = {k: io.read_csv(input[k]) for k in ("agreement", "disagreements")}
         screened["heads"] = io.read_parquet(input.screen)
+    pairs = io.read_parquet(input.pairs) if "pairs" in input.keys() else None
     text = summary.summary_markdown(table, meta, io.read_json(input.info),
                                     io.read_json(Path(input.model) / INFO_FILE), params.settings,
-                                    screened)  # fmt: skip
+                                    screened, pairs=pairs)  # fmt: skip
     io.write_text(output[0], text)
 
 

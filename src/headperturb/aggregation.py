@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io, stats
+from . import effects, io, stats
+from .perturbations import PERTURBATIONS
 from .scoring import METRICS, interval_columns, metrics
 from .spec import HeadJob, Job
 
@@ -71,9 +72,27 @@ def _same(a, b) -> bool:
     return a == b
 
 
+FLIPPED = (*METRICS, "logit_diff", "probability", "auc", "accuracy_bias", "accuracy_discrimination")
+"""The changes whose sign a ``restore`` row turns around: there the reference is the partner's
+run, and restored - partner (not partner - restored) is the head's contribution."""
+
+
+def _flip(out: dict) -> None:
+    for name in FLIPPED:
+        low, high = out[f"ci_low_{name}"], out[f"ci_high_{name}"]
+        out[f"change_{name}"] = 0.0 - out[f"change_{name}"]  # 0.0 - x: never -0.0
+        out[f"ci_low_{name}"], out[f"ci_high_{name}"] = 0.0 - high, 0.0 - low
+
+
 def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kwargs) -> dict:
     """One per-head file's row: metrics (mean and sd over its draws) and, given the baseline's
-    per-prompt frame, changes with intervals and p-values (:func:`stats.paired_summary`)."""
+    per-prompt frame, the unperturbed model's metrics on the same prompts and the changes with
+    intervals and p-values (:func:`stats.paired_summary`).
+
+    The reference a change is measured from is the unperturbed run of the same prompts; for
+    ``restore`` it is the run of each prompt's partner (scored against the prompt's label), and the
+    changes are counted restored - partner, so a positive contribution still means the head
+    carries the task."""
     groups = [g for _, g in frame.groupby("draw")]
     per_draw = [metrics(g["label"], g["prediction"]) for g in groups]
     first = frame.iloc[0]
@@ -91,15 +110,32 @@ def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kw
     wide = frame.pivot(
         index="prompt_id", columns="draw", values=["prediction", "calibrated_margin"]
     )
-    base = baseline.set_index("prompt_id").loc[wide.index]
-    row.update(
-        stats.paired_summary(
-            base["label"].to_numpy(),
-            (base["prediction"].to_numpy(), base["calibrated_margin"].to_numpy()),
-            (wide["prediction"].to_numpy(), wide["calibrated_margin"].to_numpy()),
-            **stat_kwargs,
-        )
+    labels = frame.groupby("prompt_id")["label"].first().loc[wide.index].to_numpy()
+    base = baseline.set_index("prompt_id")
+    clean = base.loc[wide.index]
+    kind = PERTURBATIONS[str(first["kind"])]
+    reference, patching = clean, None
+    if kind.paired:
+        partner = base.loc[frame.groupby("prompt_id")["partner_id"].first().loc[wide.index]]
+        patching = (clean["calibrated_margin"].to_numpy(), partner["calibrated_margin"].to_numpy(),
+                    kind.runs_partner)  # fmt: skip
+        reference = partner if kind.runs_partner else clean
+    row["n_prompts"] = len(wide)
+    for metric, value in metrics(labels, clean["prediction"]).items():
+        if metric in METRICS:
+            row[f"baseline_{metric}"] = value
+    row["baseline_auc"] = effects.roc_auc(labels, clean["calibrated_margin"])
+    row["reference_accuracy"] = metrics(labels, reference["prediction"])["accuracy"]
+    out = stats.paired_summary(
+        labels,
+        (reference["prediction"].to_numpy(), reference["calibrated_margin"].to_numpy()),
+        (wide["prediction"].to_numpy(), wide["calibrated_margin"].to_numpy()),
+        patching=patching,
+        **stat_kwargs,
     )
+    if kind.runs_partner:
+        _flip(out)
+    row.update(out)
     half = row["draws"] // 2
     if half:
         accs = np.array([m["accuracy"] for m in per_draw])
@@ -107,38 +143,62 @@ def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kw
     return row
 
 
-FIRST_COLUMNS = [*stats.KEYS, "draws", "baseline_accuracy", "accuracy", "contribution_accuracy",
-                 "ci_low", "ci_high", "relative_change_accuracy", "p_value", "q_value",
-                 "significant", "direction", "impact", "conclusive", "categories_spanned",
-                 "category_stable", "baseline_f1", "f1", "contribution_f1", "ci_low_f1",
-                 "ci_high_f1", "relative_change_f1"]  # fmt: skip
+FIRST_COLUMNS = [*stats.KEYS, "draws", "n_prompts", "baseline_accuracy", "accuracy",
+                 "contribution_accuracy", "ci_low", "ci_high", "relative_change_accuracy",
+                 "p_value", "q_value", "significant", "direction", "impact", "conclusive",
+                 "categories_spanned", "category_stable", "effect", "baseline_auc", "auc",
+                 "change_auc", "ci_low_auc", "ci_high_auc", "p_value_auc", "q_value_auc",
+                 "bias_shift", "ci_low_bias_shift", "ci_high_bias_shift",
+                 "contribution_accuracy_bias", "ci_low_accuracy_bias", "ci_high_accuracy_bias",
+                 "contribution_accuracy_discrimination", "ci_low_accuracy_discrimination",
+                 "ci_high_accuracy_discrimination", "impact_discrimination", "patch_effect",
+                 "ci_low_patch_effect", "ci_high_patch_effect", "reference_accuracy", "reference_auc",
+                 "baseline_f1", "f1", "contribution_f1", "ci_low_f1", "ci_high_f1",
+                 "relative_change_f1"]  # fmt: skip
 
 
-def build_table(baseline: dict, rows: list[dict], high: float, medium: float, alpha: float):
+def build_table(rows: list[dict], high: float, medium: float, alpha: float) -> pd.DataFrame:
     """The table from the per-job rows: contributions, q-values, categories with their certainty
-    and stability between halves of the draws."""
+    and stability between halves of the draws, and each row's effect
+    (:func:`headperturb.effects.effect`)."""
     halves = [row.pop("_halves", (np.nan, np.nan)) for row in rows]
-    table = stats.aggregate(baseline, pd.DataFrame(rows), high=high, medium=medium)
+    table = pd.DataFrame(rows)
+    for metric in METRICS:
+        table[f"contribution_{metric}"] = table.pop(f"change_{metric}")
+    table = table.rename(columns={"change_accuracy_bias": "contribution_accuracy_bias",
+                                  "change_accuracy_discrimination": "contribution_accuracy_discrimination"})  # fmt: skip
+    if "patch_effect" not in table.columns:
+        table = table.assign(patch_effect=np.nan, ci_low_patch_effect=np.nan,
+                             ci_high_patch_effect=np.nan)  # fmt: skip
+    order = {
+        tuple(r[k] for k in stats.KEYS): (h, r["baseline_accuracy"]) for r, h in zip(rows, halves)
+    }
+    table = stats.aggregate(table, high=high, medium=medium)
     short = dict(zip(("ci_low_accuracy", "ci_high_accuracy"), interval_columns("accuracy")))
     table = table.rename(columns=short)
-    table = table.drop(columns=[f"change_{m}" for m in METRICS])
-    table["q_value"] = stats.bh_qvalues(table["p_value"])
-    table["q_value_logit_diff"] = stats.bh_qvalues(table["p_value_logit_diff"])
+    for name in ("", "_logit_diff", "_auc"):
+        table[f"q_value{name}"] = stats.bh_qvalues(table[f"p_value{name}"])
     table["significant"] = table["q_value"] < alpha
-    base_acc = baseline["accuracy"]
     spans = [  # the categories the 95% interval of the relative change reaches
-        stats.category_span(100 * lo / base_acc, 100 * hi / base_acc, high, medium)
-        if base_acc
-        else []
-        for lo, hi in zip(table["ci_low"], table["ci_high"])
+        stats.category_span(100 * lo / base, 100 * hi / base, high, medium) if base else []
+        for lo, hi, base in zip(table["ci_low"], table["ci_high"], table["baseline_accuracy"])
     ]
     table["categories_spanned"] = ["-".join(s) for s in spans]
     table["conclusive"] = [len(s) == 1 for s in spans]
-    order = {tuple(r[k] for k in stats.KEYS): h for r, h in zip(rows, halves)}
-    rel_halves = [
-        tuple(float(stats.relative_change(base_acc, x)) for x in order[key])
-        for key in zip(*(table[k] for k in stats.KEYS))
-    ]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rest = 100 * table["contribution_accuracy_discrimination"] / table["baseline_accuracy"]
+    table["impact_discrimination"] = [stats.impact_category(r, high, medium) for r in rest]
+    table["effect"] = [
+        effects.effect(a_lo, a_hi, q, b_lo, b_hi, alpha)
+        for a_lo, a_hi, q, b_lo, b_hi in zip(
+            table["ci_low_auc"], table["ci_high_auc"], table["q_value_auc"],
+            table["ci_low_accuracy_bias"], table["ci_high_accuracy_bias"],
+        )
+    ]  # fmt: skip
+    rel_halves = []
+    for key in zip(*(table[k] for k in stats.KEYS)):
+        (first, second), base = order[key]
+        rel_halves.append(tuple(float(stats.relative_change(base, x)) for x in (first, second)))
     table["category_stable"] = stats.category_stability(rel_halves, high, medium)
     return table[FIRST_COLUMNS + [c for c in table.columns if c not in FIRST_COLUMNS]]
 
@@ -159,7 +219,7 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
     baseline = io.read_json(paths["baseline"])
     base_frame = io.read_parquet(paths["baseline_per_prompt"])
     rows = [job_row(io.read_parquet(p), base_frame, **stat_kwargs) for p in paths["perturbed"]]
-    table = build_table(baseline, rows, high, medium, alpha)
+    table = build_table(rows, high, medium, alpha)
     judged = table["category_stable"].dropna()
     share = float(judged.astype(bool).mean()) if len(judged) else None
     meta = {"baseline": baseline, "high": high, "medium": medium, "alpha": alpha,
@@ -169,11 +229,13 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
     io.write_parquet(paths["parquet"], table, meta)
     io.write_csv(paths["csv"], table)
     counts = stats.category_counts(table)
+    effect = table["effect"].value_counts()
     log.info(
         "%d perturbations; baseline accuracy %.4f, F1 %.4f; impact %s; %d significant (q < %g); "
-        "%d inconclusive", len(table), baseline["accuracy"], baseline["f1"],
+        "%d inconclusive; effect: %s", len(table), baseline["accuracy"], baseline["f1"],
         ", ".join(f"{k} {v}" for k, v in counts.items()), int(table["significant"].sum()), alpha,
         int((~table["conclusive"]).sum()),
+        ", ".join(f"{k} {int(effect.get(k, 0))}" for k in effects.EFFECTS),
     )  # fmt: skip
     if share is not None:
         log.info("category stability: %.0f%% of %d heads keep their category between two halves "

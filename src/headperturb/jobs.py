@@ -40,11 +40,62 @@ class JobInputs:
     activations: str | None = None
     cache: str | None = None
     rms: str | None = None
+    pairs: str | None = None
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows a job scores, as indices into the run's prompts: for each row the recorded prompt
+    that runs (``run``) and the prompt it is scored for (``prompt``: its id and label); for the
+    paired kinds also the prompt's opposite-sentiment partner. Every prompt runs for itself unless
+    the kind is paired: ``patch`` runs each paired prompt with its partner's head output,
+    ``restore`` runs the partner with the prompt's."""
+
+    run: list[int]
+    prompt: list[int]
+    partner: list[int] | None = None
+    donors: list[int] | None = None  # paired kinds: whose clean head output each row takes
+
+
+def job_rows(job: Job, prompt_ids: list[int], pairs_path=None) -> Rows:
+    """The :class:`Rows` of ``job``: every prompt, or for a paired kind the prompts that have a
+    partner (``prompts/pairs.parquet``)."""
+    pert = job.perturbation
+    if not pert.paired:
+        return rows_for(pert, prompt_ids)
+    if pairs_path is None:
+        raise ValueError(f"{pert.kind} needs the prompts' pairs (prompts/pairs.parquet)")
+    return rows_for(pert, prompt_ids, io.read_parquet(pairs_path, ["prompt_id", "partner_id"]),
+                   str(pairs_path))  # fmt: skip
+
+
+def rows_for(pert, prompt_ids: list[int], pairs=None, where: str = "the pairs") -> Rows:
+    """The :class:`Rows` of perturbation ``pert`` on the prompts ``prompt_ids`` (in recorded
+    order), with ``pairs`` (prompt_id, partner_id) for a paired kind."""
+    everyone = list(range(len(prompt_ids)))
+    if not pert.paired:
+        return Rows(everyone, everyone)
+    index = {int(pid): i for i, pid in enumerate(prompt_ids)}
+    if sorted(index) != sorted(int(p) for p in pairs["prompt_id"]):
+        raise ValueError(f"{where} pair other prompts than the run's")
+    paired = [(index[int(p)], index[int(q)])
+              for p, q in zip(pairs["prompt_id"], pairs["partner_id"]) if q >= 0]  # fmt: skip
+    if not paired:
+        raise ValueError(
+            f"{pert.kind}: no test prompt has an opposite-sentiment partner of the same length "
+            f"({where}); raise prompts.n_test, or lower prompts.max_review_tokens so that "
+            "more reviews are cut to the same length"
+        )
+    prompt = [a for a, _ in paired]
+    partner = [b for _, b in paired]
+    if pert.runs_partner:  # restore: the partner runs with the prompt's own head output
+        return Rows(partner, prompt, partner, prompt)
+    return Rows(prompt, prompt, partner, partner)
 
 
 @dataclass
 class Result:
-    """The logits of one job, (n, draws, 2), and what produced them."""
+    """The logits of one job, (rows, draws, 2), and what produced them."""
 
     prompt_ids: list[int]
     labels: np.ndarray
@@ -52,6 +103,13 @@ class Result:
     model_info: dict
     device: str
     engine: str  # "program" or "model"
+    partner_ids: list[int] | None = None
+
+
+def _result(rows: Rows, pids, labels, logits, model_info, device, engine) -> Result:
+    partners = None if rows.partner is None else [int(pids[k]) for k in rows.partner]
+    return Result([int(pids[k]) for k in rows.prompt], np.asarray(labels)[rows.prompt], logits,
+                  model_info, device, engine, partners)  # fmt: skip
 
 
 def head_rms(rms_path, site: str, layer: int, head: int) -> float:
@@ -75,11 +133,13 @@ def resolve(job: Job, rms_path=None) -> Job:
     return replace(job, perturbation=pert.resolve(rms))
 
 
-def make_edit(job: Job, site: HeadSite, width: int, clean=None) -> Edit:
-    """The edit ``job`` applies to ``site``: its perturbation's values, mode and draws."""
+def make_edit(job: Job, site: HeadSite, width: int, clean=None, donors=None) -> Edit:
+    """The edit ``job`` applies to ``site``: its perturbation's values, mode and draws
+    (``donors``: for a paired kind, whose clean output each row takes)."""
     t, pert = job.target, job.perturbation
+    extra = {"donors": donors} if pert.paired else {}
     values = pert.values(seed=job.seed, layer=t.layer, head=t.head, width=width,
-                         repeats=job.repeats, clean=clean)  # fmt: skip
+                         repeats=job.repeats, clean=clean, **extra)  # fmt: skip
     return Edit(site, t.head, t.site, values, pert.mode, job.draws, t.position)
 
 
@@ -122,15 +182,17 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     pids, labels = _labels(inputs.prompts.prompts)
     if len(pids) != len(state["n_tokens"]):
         raise ValueError(f"{inputs.state} holds {len(state['n_tokens'])} prompts, not {len(pids)}")
+    rows = job_rows(job, pids, inputs.pairs)
     cols = tail.columns(meta, t.head, t.site)
     clean = None
     if job.perturbation.needs_clean:
         clean = tail.final_outputs(state, cols, t.site)
     site = HeadSite(t.layer, "", meta["n_heads"], meta["head_dim"], False)
-    edit = make_edit(job, site, cols.stop - cols.start, clean)
-    logits = gpu_memory_hint(tail.perturbed, program, state, pids, meta, edit, device)
+    edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors)
+    run_state, run_pids = tail.rows_of(state, rows.run), [pids[k] for k in rows.prompt]
+    logits = gpu_memory_hint(tail.perturbed, program, run_state, run_pids, meta, edit, device)
     model_info = io.read_json(f"{model.path}/{models.INFO_FILE}")
-    return Result(pids, labels, logits, model_info, device, "program")
+    return _result(rows, pids, labels, logits, model_info, device, "program")
 
 
 def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
@@ -142,6 +204,7 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
     t = job.target
     site, last = sites[t.layer], t.layer == len(sites) - 1
     ids, pids, labels = prompt_ids(inputs.prompts.prompts)
+    rows = job_rows(job, pids, inputs.pairs)
     cols = site_slice(engine.model, site, t.head, t.site)
     fast = job.method == "fast"
     state = resources.tensors(inputs.state) if fast and (last or t.position == "last") else None
@@ -153,20 +216,22 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
         else:
             clean = passes.clean_outputs(engine, ids, site, t.head, t.site, captured)
             clean = [c[-1:] for c in clean] if t.position == "last" else clean
-    edit = make_edit(job, site, cols.stop - cols.start, clean)
-    progress = _progress(len(ids), job)
+    edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors)
+    run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
+    progress = _progress(len(run_ids), job)
     if not fast:
-        logits = gpu_memory_hint(passes.naive, engine, ids, pids, edit, progress)
+        logits = gpu_memory_hint(passes.naive, engine, run_ids, run_pids, edit, progress)
     elif last:
-        logits = gpu_memory_hint(
-            passes.last_layer, engine, tail.layer_state(state, t.layer), pids, edit
-        )
+        run_state = tail.rows_of(tail.layer_state(state, t.layer), rows.run)
+        logits = gpu_memory_hint(passes.last_layer, engine, run_state, run_pids, edit)
     elif t.position == "last":
         kv = resources.tensors(inputs.cache)
-        logits = gpu_memory_hint(passes.final_position, engine, state, kv, pids, edit)
+        logits = gpu_memory_hint(passes.final_position, engine, state, kv, run_pids, edit,
+                                 runs=rows.run)  # fmt: skip
     else:
-        logits = gpu_memory_hint(passes.from_layer, engine, captured, ids, pids, edit, progress)
-    return Result(pids, labels, logits, model_info, str(engine.device), "model")
+        logits = gpu_memory_hint(passes.from_layer, engine, captured, run_ids, run_pids, edit,
+                                 progress, runs=rows.run)  # fmt: skip
+    return _result(rows, pids, labels, logits, model_info, str(engine.device), "model")
 
 
 def _progress(total: int, job: Job):
@@ -199,6 +264,8 @@ def write(out_path, job: Job, inputs: JobInputs, result: Result) -> dict[str, np
     columns["draw"] = np.repeat(np.arange(draws, dtype=np.int64), n)
     for key in scoring.PER_PROMPT_COLUMNS:
         columns[key] = np.concatenate([d[key] for d in per_draw])
+    if result.partner_ids is not None:  # the paired kinds: whose prompt the row was paired with
+        columns["partner_id"] = np.tile(np.asarray(result.partner_ids, dtype=np.int64), draws)
     stored = {"step": "perturbation", **settings, "calibration_offset": offset,
               "prompts_sha256": tensors.file_digest(inputs.prompts.info)}  # fmt: skip
     meta = tensors.provenance(result.model_info, result.device, stored)

@@ -73,11 +73,14 @@ def layer_input(captured: dict[str, torch.Tensor], i: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
-               prompt_ids: list[int], edit: Edit, progress: Progress | None = None) -> np.ndarray:  # fmt: skip
-    """(n, draws, 2) logits with ``edit`` applied at any layer, running only layers >= L."""
+               prompt_ids: list[int], edit: Edit, progress: Progress | None = None,
+               runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied at any layer, running only layers >= L.
+    ``runs`` says which recorded prompt each row is (default: row i is prompt i); ``prompts``
+    are the rows' token ids."""
     out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
     for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
-        hidden = layer_input(captured, i)
+        hidden = layer_input(captured, runs[i] if runs is not None else i)
         if hidden.shape[0] != len(ids):
             raise ValueError(f"the layer input recorded for prompt {pid} does not match its length")
         hidden = hidden.to(engine.device)[None].expand(edit.draws, -1, -1)
@@ -93,7 +96,7 @@ def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
 def last_layer(engine: Engine, state: dict[str, torch.Tensor], prompt_ids: list[int],
                edit: Edit) -> np.ndarray:  # fmt: skip
     """(n, draws, 2) logits with ``edit`` applied to the LAST layer, from its final state
-    (:func:`headperturb.tail.layer_state`)."""
+    (:func:`headperturb.tail.layer_state`; :func:`headperturb.tail.rows_of` for other rows)."""
     meta = tail.describe(engine.model, edit.site, engine.token_ids)
     with tail.last_layer(engine.model, edit.site, engine.token_ids) as program:
         return tail.perturbed(program, state, prompt_ids, meta, edit, device=engine.device)
@@ -141,8 +144,8 @@ def _gather_plan(
     kv: dict[str, torch.Tensor], idx: list[int], lengths: list[int], draws: int
 ) -> dict:
     """Where each row's past lies in the recorded keys and values: for every row (``draws`` per
-    prompt of ``idx``), its prompt's positions but the last, left-padded to the longest, then a
-    slot for the final token. Pads point at position 0: a real key, which the mask hides."""
+    recorded prompt of ``idx``), its prompt's positions but the last, left-padded to the longest,
+    then a slot for the final token. Pads point at position 0: a real key, which the mask hides."""
     prefix_len, offsets = int(kv["prefix_len"][0]), kv["offsets"]
     length = max(lengths[i] for i in idx) - 1
     rows = []
@@ -156,19 +159,23 @@ def _gather_plan(
 
 @torch.inference_mode()
 def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str, torch.Tensor],
-                   prompt_ids: list[int], edit: Edit, rows_per_batch: int = 256) -> np.ndarray:  # fmt: skip
+                   prompt_ids: list[int], edit: Edit, rows_per_batch: int = 256,
+                   runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
     """(n, draws, 2) logits with ``edit`` applied to the final position of layer ``L`` only:
     the final token alone through layers >= L, with every earlier position's recorded keys and
-    values. ``state`` is the baseline's final state (all layers), ``kv`` the recorded cache."""
+    values. ``state`` is the baseline's final state (all layers), ``kv`` the recorded cache;
+    ``runs`` says which recorded prompt each row is (default: row i is prompt i)."""
     if edit.position != "last":
         raise ValueError("final_position() perturbs the final position only (positions: last)")
     layer, model, draws = edit.site.layer, engine.model, edit.draws
     n_layers = len(model.get_submodule(edit.site.layers_path))
+    runs = list(range(len(prompt_ids))) if runs is None else list(runs)
     lengths = state["n_tokens"].tolist()
     out = np.empty((len(prompt_ids), draws, 2), dtype=np.float64)
     step = max(1, rows_per_batch // draws)
     for start in range(0, len(prompt_ids), step):
-        idx = list(range(start, min(start + step, len(prompt_ids))))
+        rows = list(range(start, min(start + step, len(prompt_ids))))
+        idx = [runs[r] for r in rows]
         plan = _gather_plan(kv, idx, lengths, draws)
         past = plan["length"]
         layers = [
@@ -180,9 +187,10 @@ def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str,
             mask[row * draws : (row + 1) * draws, : past - (lengths[i] - 1)] = 0
         positions = torch.tensor([lengths[i] - 1 for i in idx]).repeat_interleave(draws)[:, None]
         hidden = state[f"resid.{layer}"][idx].repeat_interleave(draws, dim=0)[:, None, :]
-        values = torch.cat(
-            [edit.for_prompt(i, prompt_ids[i], lengths[i]).expand(draws, -1, -1) for i in idx]
-        )
+        values = torch.cat([
+            edit.for_prompt(r, prompt_ids[r], lengths[i]).expand(draws, -1, -1)
+            for r, i in zip(rows, idx)
+        ])  # fmt: skip
         dev = engine.device
         with (
             stand_in_embeddings(model),
@@ -196,7 +204,7 @@ def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str,
                 position_ids=positions.to(dev),
                 **{engine.cache_kw: Cache(layers=layers)},
             )
-        out[idx] = logits.reshape(len(idx), draws, 2)
+        out[rows] = logits.reshape(len(idx), draws, 2)
     return out
 
 

@@ -5,13 +5,20 @@ Every kind answers the same questions:
 
 - ``mode``: whether its values are *added* to the head's output (``add``, noise) or *replace* it
   (``set``, ablations);
-- ``needs_clean``: whether its values are built from the head's clean outputs (mean, resample);
+- ``needs_clean``: whether its values are built from the head's clean outputs (mean, resample,
+  patch, restore);
+- ``paired``: whether it runs on the pairs of a prompt and its opposite-sentiment partner
+  (:func:`headperturb.prompts.pair_prompts`), and ``runs_partner``: whether the partner is the
+  prompt that runs (``restore``) rather than the one whose head output is taken;
 - :meth:`Perturbation.draws`: how many draws a job evaluates;
 - :meth:`Perturbation.values`: the values themselves, ``values(index, prompt_id, length)`` ->
   a (draws or 1, length, width) tensor aligned to the *last* ``length`` positions of a prompt;
 - :meth:`Perturbation.label`: how tables and plots name it;
 - :meth:`Perturbation.first_order`: its first-order effect on a prompt's margin, from the head's
-  clean output and the margin's gradient there (the screen, :mod:`headperturb.screen`).
+  clean output and the margin's gradient there (the screen, :mod:`headperturb.screen`): a
+  function of arrays of sums over the perturbed positions, ``z_dot_g`` (``sum z.g``),
+  ``mean_dot_g`` (``sum mean.g``), ``partner_dot_g`` (``sum z_partner.g``) and ``g_norm``
+  (``||g||``).
 
 A new kind is one class here with ``@register`` (and its name in the config schema's enum; a test
 checks that the two agree). This module imports only the standard library at import time, so the
@@ -53,6 +60,8 @@ class Perturbation:
     mode: ClassVar[str] = "set"
     needs_clean: ClassVar[bool] = False
     takes_scale: ClassVar[bool] = False
+    paired: ClassVar[bool] = False
+    runs_partner: ClassVar[bool] = False
 
     def draws(self, repeats: int) -> int:
         """How many draws a job evaluates: deterministic kinds need one."""
@@ -70,13 +79,14 @@ class Perturbation:
     ) -> Values:
         """``values(index, prompt_id, length)``: the tensor added or set (see the module
         docstring). ``clean`` is the head's clean output, one (length, width) tensor per prompt,
-        for kinds that need it."""
+        for kinds that need it; a paired kind also gets ``donors``, for each row the prompt whose
+        clean output it takes."""
         raise NotImplementedError
 
-    def first_order(self, z_dot_g: float, mean_dot_g: float, g_norm: float) -> float:
-        """The first-order change of the margin: ``sum over positions of (v - z) . g``, from
-        ``sum z.g``, ``sum mean.g`` and ``||g||`` over the perturbed positions (for noise, the
-        standard deviation of the change)."""
+    def first_order(self, sums: dict):
+        """The first-order change of the margin, ``sum over positions of (v - z) . g``, from the
+        sums over the perturbed positions (see the module docstring; arrays, elementwise); for
+        noise, the standard deviation of the change."""
         raise NotImplementedError
 
 
@@ -133,8 +143,8 @@ class Noise(Perturbation):
         return noise_values(seed=seed, layer=layer, head=head, scale=self.sigma,
                             draws=self.draws(repeats), width=width)  # fmt: skip
 
-    def first_order(self, z_dot_g, mean_dot_g, g_norm):
-        return float(self.sigma) * g_norm
+    def first_order(self, sums):
+        return float(self.sigma) * sums["g_norm"]
 
 
 @register
@@ -149,8 +159,8 @@ class Zero(Perturbation):
 
         return lambda _i, _pid, length: torch.zeros(1, length, width)
 
-    def first_order(self, z_dot_g, mean_dot_g, g_norm):
-        return -z_dot_g
+    def first_order(self, sums):
+        return -sums["z_dot_g"]
 
 
 @register
@@ -165,8 +175,8 @@ class Mean(Perturbation):
         mean = mean_from_end(clean)
         return lambda _i, _pid, length: mean[-length:][None]
 
-    def first_order(self, z_dot_g, mean_dot_g, g_norm):
-        return mean_dot_g - z_dot_g
+    def first_order(self, sums):
+        return sums["mean_dot_g"] - sums["z_dot_g"]
 
 
 @register
@@ -192,6 +202,46 @@ class Resample(Perturbation):
             return torch.stack([p[-k:] for p in picks])
 
         return resample
+
+
+@register
+@dataclass(frozen=True)
+class Patch(Perturbation):
+    """Patching, noising direction: the prompt runs with the head's output replaced by its output
+    on the prompt's opposite-sentiment partner at the same positions (the two prompts have equally
+    many tokens, so they align token for token). A head that writes the same thing for every
+    review patches to itself; a head that carries the review's sentiment moves the answer."""
+
+    kind: ClassVar[str] = "patch"
+    needs_clean: ClassVar[bool] = True
+    paired: ClassVar[bool] = True
+
+    def label(self) -> str:
+        return "patch from the opposite review"
+
+    def values(self, *, seed, layer, head, width, repeats, clean=None, donors=None):
+        return lambda i, _pid, length: clean[donors[i]][-length:][None]
+
+    def first_order(self, sums):
+        return sums["partner_dot_g"] - sums["z_dot_g"]
+
+
+@register
+@dataclass(frozen=True)
+class Restore(Patch):
+    """Patching, denoising direction: the opposite-sentiment partner runs with the head's output
+    replaced by the clean prompt's, and the answer is read against the clean prompt's label. Its
+    contribution is counted from the partner's unperturbed run (restored - partner), so that a
+    positive contribution still means the head carries the task."""
+
+    kind: ClassVar[str] = "restore"
+    runs_partner: ClassVar[bool] = True
+
+    def label(self) -> str:
+        return "restore into the opposite review"
+
+    def first_order(self, sums):
+        raise NotImplementedError("the screen estimates patch, not restore")
 
 
 def build(kind: str, scale=None, noise_mode: str = "absolute") -> Perturbation:

@@ -45,6 +45,8 @@ def detail() -> dict[str, tuple]:
                      f"{label} contribution (pp)", 100) for name, label in metric_names().items()}  # fmt: skip
     panels["logit_diff"] = ("change_logit_diff", "ci_low_logit_diff", "ci_high_logit_diff",
                             "correct-label logit difference\ncontribution (logits)", 1)  # fmt: skip
+    panels["auc"] = ("change_auc", "ci_low_auc", "ci_high_auc",
+                     "ROC AUC change (discrimination)", 1)  # fmt: skip
     return panels
 
 
@@ -95,7 +97,8 @@ def _baseline_text(meta: dict) -> str:
     base = meta.get("baseline", {})
     return (
         f"baseline accuracy {base.get('accuracy', float('nan')):.3f}, "
-        f"macro-F1 {base.get('f1', float('nan')):.3f} on {base.get('n_prompts', '?')} prompts"
+        f"macro-F1 {base.get('f1', float('nan')):.3f}, ROC AUC {base.get('auc', float('nan')):.3f} "
+        f"on {base.get('n_prompts', '?')} prompts"
     )
 
 
@@ -226,13 +229,22 @@ def detailed_head_analysis(table, meta: dict, out_path) -> None:
     _save(fig, out_path)
 
 
-def heatmap_panels(fig, axes, panels, colour_label: str) -> None:
+def heatmap_panels(fig, axes, panels, colour_label: str, limit: float | None = None) -> None:
     """Layers x heads panels on one diverging scale centred on zero: ``panels`` is a list of
-    (title, grid) with ``grid`` a layers x heads DataFrame."""
-    limit = max(max(np.nanmax(np.abs(g.to_numpy())) for _, g in panels), 1e-9)
-    for ax, (title, grid) in zip(axes, panels):
+    (title, grid) or (title, grid, marked) with ``grid`` a layers x heads DataFrame and ``marked``
+    a boolean one of the same shape (cells drawn with a dot: significant)."""
+    if limit is None:
+        limit = max(max(np.nanmax(np.abs(p[1].to_numpy())) for p in panels), 1e-9)
+    for ax, panel in zip(axes, panels):
+        title, grid = panel[0], panel[1]
+        if not np.isfinite(grid.to_numpy(dtype=float)).any():  # e.g. a patch effect of an ablation
+            ax.set_axis_off()
+            continue
         image = ax.imshow(grid.to_numpy(), cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto",
                           origin="lower", interpolation="nearest")  # fmt: skip
+        if len(panel) > 2:
+            rows, cols = np.nonzero(panel[2].reindex_like(grid).fillna(False).to_numpy(bool))
+            ax.plot(cols, rows, "o", color="black", markersize=2.5, linestyle="none")
         ax.set_xticks(range(len(grid.columns)), grid.columns, fontsize=7)
         step = max(1, len(grid.index) // 16)
         ax.set_yticks(range(0, len(grid.index), step), grid.index[::step], fontsize=7)
@@ -242,18 +254,49 @@ def heatmap_panels(fig, axes, panels, colour_label: str) -> None:
         fig.colorbar(image, ax=ax, label=colour_label)
 
 
+HEATMAP_METRICS = {
+    "contribution_accuracy": ("accuracy contribution (pp); > 0 helps", 100, "q_value"),
+    "change_auc": ("ROC AUC change (baseline - perturbed);\n> 0: the head helps discriminate", 1,
+                   "q_value_auc"),
+    "bias_shift": ("mean margin shift (perturbed - baseline)", 1, "effect"),
+    "patch_effect": ("patch effect (share of the clean-partner\ndifference moved)", 1,
+                     "q_value_logit_diff"),
+}  # fmt: skip
+"""The heatmap's columns: the column drawn, its colour label, the factor to the plotted unit, and
+what marks a cell (a q-value below alpha, or an effect that involves bias)."""
+
+
 def layer_head_heatmap(table, meta: dict, out_path) -> None:
-    """Layers x heads, coloured by the accuracy contribution, one panel per setting that covers
-    more than one layer."""
+    """Layers x heads, one row of panels per setting that covers more than one layer: the
+    accuracy contribution, the change of the ROC AUC (discrimination), the mean margin shift
+    (bias) and, for patching, the patch effect; a dot marks a cell whose q-value is below alpha
+    (accuracy, AUC, patching: the logit difference) or whose effect involves bias."""
     combos = [c for c in settings(table) if _part(table, c)["layer"].nunique() > 1] or settings(
         table
     )
-    fig, axes = _subplots(1, len(combos), (6.5 * len(combos), 5.5), squeeze=False)
-    panels = [(_title(c), _part(table, c).pivot_table(index="layer", columns="head",
-                                                      values="contribution_accuracy") * 100)
-              for c in combos]  # fmt: skip
-    heatmap_panels(fig, axes[0], panels, "accuracy contribution (pp); > 0 helps")
-    fig.suptitle("Accuracy contribution by layer and head\n" + _baseline_text(meta), fontsize=11)
+    patching = any(c[2] in ("patch", "restore") for c in combos)
+    columns = [k for k in HEATMAP_METRICS if k != "patch_effect" or patching]
+    alpha = meta.get("alpha", 0.05)
+    fig, axes = _subplots(len(combos), len(columns), (6.0 * len(columns), 5.0 * len(combos)),
+                          squeeze=False)  # fmt: skip
+    for col, key in enumerate(columns):
+        label, factor, mark = HEATMAP_METRICS[key]
+        panels = []
+        for combo in combos:
+            part = _part(table, combo)
+            grid = part.pivot_table(index="layer", columns="head", values=key) * factor
+            flags = (part[mark].isin(["bias", "both"]) if mark == "effect"
+                     else part[mark] < alpha)  # fmt: skip
+            marked = part.assign(_m=flags).pivot_table(index="layer", columns="head", values="_m")
+            panels.append((_title(combo), grid, marked.astype(bool)))
+        finite = [
+            np.nanmax(np.abs(p[1].to_numpy())) for p in panels if np.isfinite(p[1].to_numpy()).any()
+        ]
+        heatmap_panels(fig, axes[:, col], panels, label, max(finite + [1e-9]))
+    fig.suptitle("By layer and head: accuracy, discrimination (ROC AUC) and bias (margin shift)"
+                 f"; dots: q < {alpha:g} (bias: the shift alone changes the accuracy)\n"
+                 + _baseline_text(meta), fontsize=11)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     _save(fig, out_path)
 
 

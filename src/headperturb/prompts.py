@@ -276,6 +276,35 @@ def prompt_info(prompt_set: PromptSet, candidate: int, prompts: pd.DataFrame, **
     }
 
 
+def pair_prompts(prompts: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Each test prompt's opposite-sentiment partner, for patching (:mod:`headperturb.perturbations`,
+    ``patch`` and ``restore``): another prompt of the run with the other label and exactly as many
+    tokens, so that the two share the demonstrations and align token for token; drawn with a seed
+    of its own per prompt (independently: a prompt may be the partner of several, or of none).
+    A prompt no prompt of the other label matches in length gets partner -1 and takes no part in
+    patching. No label takes part in the choice but in choosing the partner's label.
+
+    Columns: prompt_id, label, n_tokens, partner_id (-1: none), candidates (how many prompts
+    qualified)."""
+    frame = prompts[["prompt_id", "label", "n_tokens"]].reset_index(drop=True)
+    pool: dict[tuple[int, int], list[int]] = {}
+    for pid, label, n in frame.itertuples(index=False):
+        pool.setdefault((int(label), int(n)), []).append(int(pid))
+    partners, counts = [], []
+    for pid, label, n in frame.itertuples(index=False):
+        options = sorted(pool.get((1 - int(label), int(n)), []))
+        counts.append(len(options))
+        if not options:
+            partners.append(-1)
+            continue
+        rng = np.random.default_rng(_seed(seed, "partner", int(pid)))
+        partners.append(options[int(rng.integers(len(options)))])
+    return frame.assign(
+        partner_id=np.asarray(partners, dtype=np.int64),
+        candidates=np.asarray(counts, dtype=np.int64),
+    )
+
+
 def build_prompts(train, test, tokenizer, context_length: int | None = None, **settings):
     """One candidate's prompts in one call (tests and quick trials): the reviews of
     :func:`select_reviews` (``k_shot``, ``n_test``, ``seed``), tokenized by

@@ -35,8 +35,11 @@ if TYPE_CHECKING:  # torch is imported where the passes run: choosing heads need
 
 log = logging.getLogger("headperturb")
 
-KINDS = ("zero", "mean", "noise")
+KINDS = ("zero", "mean", "noise", "patch")
 """The kinds the screen estimates (those with a first-order effect on the margin)."""
+
+COMPARED = ("zero", "mean", "patch")
+"""The kinds whose estimates are compared with exact measurements (noise's is a spread)."""
 
 
 def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4):
@@ -81,27 +84,39 @@ def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size:
 
 
 def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: dict,
-                  progress: Progress | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                  progress: Progress | None = None,
+                  partners: list[int] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
     positions (``.all``) and over the final position (``.last``), from one forward and one
     backward pass per prompt through the model's own modules. Arrays (n, layers, heads).
 
     The shared prefix runs forward once; each prompt's query then runs on its cache and one
-    backward pass gives that prompt's gradient at every position, the prefix's included."""
+    backward pass gives that prompt's gradient at every position, the prefix's included.
+    ``partners`` (for each prompt the index of its opposite-sentiment partner, -1 for none) adds
+    ``partner_dot_g``: the partner's head outputs (one more forward pass, no backward) times the
+    prompt's gradient, NaN where a prompt has no partner."""
     n_heads = sites[0].n_heads
+    sums = ("z_dot_g", "mean_dot_g", "g_norm") + (("partner_dot_g",) if partners else ())
     out = {f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads))
-           for q in ("z_dot_g", "mean_dot_g", "g_norm") for p in ("all", "last")}  # fmt: skip
+           for q in sums for p in ("all", "last")}  # fmt: skip
     with _Gradients(engine, sites) as grads:
         for i, ids in enumerate(prompts):
             zs, gs = grads.of(ids)
+            partner = partners[i] if partners else -1
+            zp = grads.inputs(prompts[partner]) if partner >= 0 else None
             n = len(ids)
             for layer, (z, g) in enumerate(zip(zs, gs)):
                 z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
                 mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
+                p = zp[layer].double().reshape(n, n_heads, -1) if zp is not None else None
                 for part, sl in (("all", slice(None)), ("last", slice(n - 1, n))):
                     out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()
+                    if partners:
+                        out[f"partner_dot_g.{part}"][i, layer] = (
+                            np.nan if p is None else (p[sl] * g[sl]).sum((0, 2)).numpy()
+                        )
             if progress:
                 progress.update()
     return out
@@ -148,11 +163,9 @@ class _Gradients:
         self.cache = self.engine.prefix_cache([ids])
         self.prefix = list(self.seen)
 
-    def of(self, ids) -> tuple[list, list]:
-        """(o_proj inputs, gradients) of one prompt, (length, width) per layer."""
+    def _run(self, ids):
+        """The margin of one prompt, its query run on a copy of the prefix's cache."""
         import copy
-
-        import torch
 
         n = self.engine.prefix_len
         if n and not self.prefix:
@@ -165,9 +178,27 @@ class _Gradients:
         logits = self.engine.model(
             input_ids=self.engine.ids(ids[n:]), use_cache=bool(n), logits_to_keep=1, **kwargs
         ).logits
-        margin = logits[0, -1, 1] - logits[0, -1, 0]
+        return logits[0, -1, 1] - logits[0, -1, 0]
+
+    def inputs(self, ids) -> list:
+        """One prompt's o_proj inputs, (length, width) per layer, without a gradient."""
+        import torch
+
+        with torch.no_grad():
+            self._run(ids)
+        own = [x[0] for x in self.seen]
+        if self.prefix:
+            own = [torch.cat([p[0], q]) for p, q in zip(self.prefix, own)]
+        return [z.detach().float().cpu() for z in own]
+
+    def of(self, ids) -> tuple[list, list]:
+        """(o_proj inputs, gradients) of one prompt, (length, width) per layer."""
+        import torch
+
+        margin = self._run(ids)
         own = list(self.seen)
         wrt = [*self.prefix, *own]  # the last layer's prefix reaches no later position: no gradient
+        n = self.engine.prefix_len
         grads = torch.autograd.grad(margin, wrt, retain_graph=bool(n), allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
         g_prefix, g_own = grads[: len(self.prefix)], grads[len(self.prefix) :]
@@ -198,16 +229,17 @@ def estimates(sums: dict, prompt_ids, labels, calibrated_margins, layers: list[i
         pert = (
             PERTURBATIONS[kind](scale=1.0).resolve() if kind == "noise" else PERTURBATIONS[kind]()
         )
-        first = np.vectorize(pert.first_order)(sums[f"z_dot_g.{position}"],
-                                               sums[f"mean_dot_g.{position}"], sums[f"g_norm.{position}"])  # fmt: skip
+        first = pert.first_order({key.split(".")[0]: value for key, value in sums.items()
+                                  if key.endswith(f".{position}")})  # fmt: skip
         if kind == "noise":  # the spread for sigma 1, times each head's sigma
             first = first * np.broadcast_to(sigma, (n_layers, n_heads))[None]
             flip = np.vectorize(lambda s, m: NormalDist().cdf(-abs(m) / s) if s > 0 else 0.0)(
                 first, margin
             )
             accuracy, logit_diff = np.where(correct == 1, flip, -flip), np.zeros_like(first)
-        else:
-            accuracy = correct - ((((margin + first) > 0).astype(int)) == labels[:, None, None])
+        else:  # a prompt without an estimate (patch without a partner) stays NaN
+            flipped = (((margin + first) > 0).astype(int)) == labels[:, None, None]
+            accuracy = np.where(np.isnan(first), np.nan, correct - flipped)
             logit_diff = -sign * first
         columns["prompt_id"].append(np.repeat(np.asarray(prompt_ids), n_layers * n_heads))
         columns["layer"].append(np.tile(np.repeat(layers, n_heads), n))
@@ -264,17 +296,17 @@ def choose(
 
 def agreement(table, heads, threshold: float = 0.05):
     """The screen against the exact measurements, for every head measured both ways (zero and
-    mean ablation, same position): per (kind, position, layer) and overall, the Spearman and
-    Pearson correlations of estimated against exact change of the correct-label logit difference,
+    mean ablation and patching, same position): per (kind, position, layer) and overall, the
+    Spearman and Pearson correlations of estimated against exact change of the correct-label logit difference,
     the share of equal signs and the largest miss; and the rows that differ by more than
     ``threshold``. Returns (summary rows, disagreement rows) as DataFrames."""
     import pandas as pd
 
-    exact = table[table["kind"].isin(["zero", "mean"])][
+    exact = table[table["kind"].isin(COMPARED)][
         ["kind", "position", "layer", "head", "change_logit_diff"]
     ]
     both = exact.merge(
-        heads[heads["kind"].isin(["zero", "mean"])], on=["kind", "position", "layer", "head"]
+        heads[heads["kind"].isin(COMPARED)], on=["kind", "position", "layer", "head"]
     )
     both = both.rename(columns={"change_logit_diff": "exact_logit_diff"})
     both["miss"] = both["est_logit_diff"] - both["exact_logit_diff"]

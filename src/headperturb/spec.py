@@ -158,6 +158,11 @@ def takes_scale(kind: str) -> bool:
     return kind in PERTURBATIONS and PERTURBATIONS[kind].takes_scale
 
 
+def paired(kind: str) -> bool:
+    """Whether ``kind`` runs on a prompt and its opposite-sentiment partner (patch, restore)."""
+    return kind in PERTURBATIONS and PERTURBATIONS[kind].paired
+
+
 def screened(sweep: dict) -> bool:
     """Whether a sweep's heads are chosen by the screen (``heads: {screen_top: K, random: M}``)."""
     return isinstance(sweep["heads"], dict)

@@ -63,20 +63,19 @@ def impact_category(relative: float, high: float = 10.0, medium: float = 5.0) ->
     return "LOW"
 
 
-def aggregate(
-    baseline: dict[str, float], perturbed: pd.DataFrame, high: float = 10.0, medium: float = 5.0
-) -> pd.DataFrame:
-    """The run's table: a row per job (:data:`KEYS`).
+def aggregate(perturbed: pd.DataFrame, high: float = 10.0, medium: float = 5.0) -> pd.DataFrame:
+    """The run's table: a row per job (:data:`KEYS`), sorted.
 
-    ``baseline`` holds every metric of :data:`headperturb.scoring.METRICS`; ``perturbed`` holds
-    one row per job with the perturbed metrics (mean over draws) and the key columns.
+    ``perturbed`` holds one row per job with, for every metric of
+    :data:`headperturb.scoring.METRICS`, ``baseline_<metric>`` (the unperturbed model on the row's
+    prompts) and ``contribution_<metric>``; this adds the relative change (in percent of the
+    baseline), the direction and the impact category (on the relative change of accuracy).
     """
     table = perturbed.sort_values(KEYS, key=_scale_sort_key, ignore_index=True).copy()
     for metric in METRICS:
-        base = float(baseline[metric])
-        table[f"baseline_{metric}"] = base
-        table[f"contribution_{metric}"] = contribution(base, table[metric].to_numpy())
-        table[f"relative_change_{metric}"] = relative_change(base, table[metric].to_numpy())
+        base, score = table[f"baseline_{metric}"], table[f"contribution_{metric}"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            table[f"relative_change_{metric}"] = np.where(base != 0, 100.0 * score / base, np.nan)
     table["direction"] = [direction(s) for s in table["contribution_accuracy"]]
     table["impact"] = [impact_category(r, high, medium) for r in table["relative_change_accuracy"]]
     return table
@@ -146,18 +145,21 @@ def lattice_pvalue(differences, max_steps: int = 100) -> float | None:
     ``k_i / m`` of one step (``m <= max_steps``), from the distribution of ``sum s_i k_i`` over
     all sign patterns (a convolution, for any n); None when they are not on such a lattice."""
     d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
     for m in range(1, max_steps + 1):
         k = np.rint(d * m)
         if np.allclose(d * m, k, rtol=0, atol=1e-9):
             break
     else:
         return None
-    steps = np.abs(k).astype(np.int64)
+    steps = np.sort(np.abs(k).astype(np.int64))
     total = int(steps.sum())
-    dist = np.zeros(2 * total + 1)  # dist[total + s]: the probability of the sum s
-    dist[total] = 1.0
-    for step in steps:  # partial sums stay within +-total: np.roll never wraps a nonzero
-        dist = 0.5 * (np.roll(dist, step) + np.roll(dist, -step))
+    dist = np.ones(1)  # dist[reach + s]: the probability of the sum s, |s| <= reach
+    for step in steps:  # smallest first: the support grows as slowly as it can
+        grown = np.zeros(len(dist) + 2 * step)
+        grown[: len(dist)] += 0.5 * dist
+        grown[2 * step :] += 0.5 * dist
+        dist = grown
     sums = np.abs(np.arange(-total, total + 1))
     return float(min(1.0, dist[sums >= abs(int(k.sum()))].sum()))
 
@@ -182,18 +184,32 @@ def paired_summary(
     n_perm: int = 10_000,
     seed: int = 0,
     level: float = 0.95,
+    patching: tuple | None = None,
 ) -> dict[str, float]:
-    """Changes (baseline - perturbed) with bootstrap intervals and paired permutation p-values.
+    """Changes (reference - perturbed) with bootstrap intervals and paired permutation p-values,
+    and what the change did to the margins (:mod:`headperturb.effects`).
 
-    ``base`` is (predictions, margins) of the baseline, (n_prompts,) each; ``perturbed`` the
-    same with (n_prompts, n_draws) each. The point estimates are means
-    over draws. Intervals: percentile bootstrap resampling prompts and draws together (paired:
-    the baseline is scored on the same resampled prompts). p-values: sign-flip test on the
-    per-prompt differences (correctness for accuracy, correct-label logit difference).
+    ``base`` is (predictions, calibrated margins) of the reference, (n_prompts,) each; ``perturbed``
+    the same with (n_prompts, n_draws) each. The point estimates are means over draws. Intervals:
+    percentile bootstrap resampling prompts and draws together (paired: the reference is scored
+    on the same resampled prompts). p-values: sign-flip tests on the per-prompt differences
+    (correctness for accuracy, correct-label logit difference, each prompt's share of the AUC
+    change). ``patching`` = (clean margins, partner margins, restore) of a patching kind adds the
+    normalised patch effect.
+
+    Keys: ``change_<m>``, ``ci_low_<m>``, ``ci_high_<m>`` for every task metric, ``logit_diff``,
+    ``probability``, ``auc`` and the two parts of the accuracy change (``accuracy_bias``: what the
+    row's own mean margin shift explains, ``accuracy_discrimination``: the rest); ``auc`` and
+    ``reference_auc``; ``bias_shift`` (perturbed - reference, mean margin) with its interval;
+    ``p_value``, ``p_value_logit_diff``, ``p_value_auc``, ``detectable_change``; and
+    ``patch_effect`` with its interval when ``patching`` is given.
     """
+    from . import effects
+
     (base_pred, base_margin), (pert_pred, pert_margin) = base, perturbed
     labels = np.asarray(labels)
     base_pred = np.asarray(base_pred)
+    base_margin = np.asarray(base_margin, dtype=float)
     pert_pred = np.asarray(pert_pred).reshape(len(labels), -1)
     pert_margin = np.asarray(pert_margin, dtype=float).reshape(len(labels), -1)
     n, draws = pert_pred.shape
@@ -207,7 +223,7 @@ def paired_summary(
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)  # prompt weights
     dw = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=n_boot).astype(float) / draws
-    ones = np.ones((1, n))
+    ones, one_draw = np.ones((1, n)), np.ones((1, draws)) / draws
     point, boot = {}, {}
     for name, metric in METRICS.items():
         per_draw = np.stack(
@@ -221,15 +237,54 @@ def paired_summary(
     boot["logit_diff"] = (w @ base_ld - np.einsum("bn,nd,bd->b", w, pert_ld, dw)) / n
     boot["probability"] = (w @ base_p - np.einsum("bn,nd,bd->b", w, pert_p, dw)) / n
 
+    pos, neg = labels == 1, labels == 0
+    ref_pairs = effects.auc_pairs(base_margin[pos], base_margin[neg])
+    pert_pairs = [effects.auc_pairs(pert_margin[pos, d], pert_margin[neg, d]) for d in range(draws)]
+    aucs = (
+        np.array([p.mean() for p in pert_pairs])
+        if pos.any() and neg.any()
+        else np.full(draws, np.nan)
+    )
+    ref_auc = float(ref_pairs.mean()) if pos.any() and neg.any() else float("nan")
+    point["auc"] = ref_auc - aucs.mean()
+    boot_pert = np.stack([effects.weighted_auc(p, w[:, pos], w[:, neg]) for p in pert_pairs], 1)
+    boot["auc"] = effects.weighted_auc(ref_pairs, w[:, pos], w[:, neg]) - (boot_pert * dw).sum(1)
+
+    shift = effects.bias_shift(base_margin, pert_margin, ones, one_draw)
+    shift_b = effects.bias_shift(base_margin, pert_margin, w, dw)
+    shifted = effects.shift_only_accuracy(labels, base_margin, shift, ones)[0]
+    point["accuracy_bias"] = base_c.mean() - shifted
+    boot["accuracy_bias"] = w @ base_c / n - effects.shift_only_accuracy(
+        labels, base_margin, shift_b, w
+    )
+    point["accuracy_discrimination"] = point["accuracy"] - point["accuracy_bias"]
+    boot["accuracy_discrimination"] = boot["accuracy"] - boot["accuracy_bias"]
+
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out: dict[str, float] = {}
     for metric, value in point.items():
         out[f"change_{metric}"] = float(value)
-        out[f"ci_low_{metric}"] = float(np.percentile(boot[metric], lo))
-        out[f"ci_high_{metric}"] = float(np.percentile(boot[metric], hi))
+        out[f"ci_low_{metric}"] = float(np.nanpercentile(boot[metric], lo))
+        out[f"ci_high_{metric}"] = float(np.nanpercentile(boot[metric], hi))
+    out["reference_auc"], out["auc"] = ref_auc, float(aucs.mean())
+    out["bias_shift"] = float(shift[0])
+    out["ci_low_bias_shift"], out["ci_high_bias_shift"] = np.percentile(shift_b, [lo, hi]).tolist()
     out["p_value"] = sign_flip_pvalue(base_c - pert_c.mean(axis=1), n_perm, seed)
     out["detectable_change"] = detectable_change(base_c - pert_c.mean(axis=1))
     out["p_value_logit_diff"] = sign_flip_pvalue(base_ld - pert_ld.mean(axis=1), n_perm, seed)
+    out["p_value_auc"] = (
+        sign_flip_pvalue(effects.auc_flip_values(labels, base_margin, pert_margin), n_perm, seed)
+        if pos.any() and neg.any()
+        else float("nan")
+    )
+    if patching is not None:
+        clean, partner, restore = patching
+        args = (labels, clean, partner, pert_margin[:, 0])
+        out["patch_effect"] = float(effects.patch_effect(*args, ones, restore)[0])
+        boot_effect = effects.patch_effect(*args, w, restore)
+        out["ci_low_patch_effect"], out["ci_high_patch_effect"] = np.nanpercentile(
+            boot_effect, [lo, hi]
+        ).tolist()
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, resources, scoring
+from . import effects, io, resources, scoring
 from .logs import Progress
 from .spec import format_scale, takes_scale
 
@@ -148,6 +148,18 @@ def build_prompts(reviews_path, model: ModelSpec, settings: dict, calibration: s
              len(test), test["n_tokens"].mean())  # fmt: skip
 
 
+def pair_prompts(prompts_path, seed: int, out_path) -> None:
+    """Each test prompt's opposite-sentiment partner (:func:`headperturb.prompts.pair_prompts`)."""
+    from . import prompts
+
+    pairs = prompts.pair_prompts(io.read_parquet(prompts_path), seed)
+    io.write_parquet(out_path, pairs)
+    paired = int((pairs["partner_id"] >= 0).sum())
+    log.info("paired %d of %d test prompts with an opposite-sentiment prompt of the same length; "
+             "the other %d (lengths no prompt of the other label has) take no part in patching",
+             paired, len(pairs), len(pairs) - paired)  # fmt: skip
+
+
 def _score_candidates(built, model: ModelSpec, method: str) -> list[dict]:
     """Each candidate's development margins, its fitted calibration and its development scores."""
     from . import calibration as cal
@@ -195,7 +207,8 @@ def baseline(prompt_files: PromptFiles, model: ModelSpec, out: dict) -> dict:
     offset = info.get("calibration", {}).get("offset", 0.0)
     frame = scoring.per_prompt(pids, labels, recorded.logits, offset, "the unperturbed model")
     result = scoring.metrics(frame["label"], frame["prediction"])
-    result.update(mean_margin=float(frame["margin"].mean()),
+    result.update(auc=effects.roc_auc(frame["label"], frame["margin"]),
+                  mean_margin=float(frame["margin"].mean()),
                   share_positive=float(frame["prediction"].mean()),
                   calibration=info.get("calibration", {"method": "none", "offset": 0.0}))  # fmt: skip
     settings = {"step": "baseline", "dtype": model.dtype,
@@ -257,7 +270,8 @@ def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: 
     """Estimate every head of every layer from one forward and one backward pass per prompt
     (:mod:`headperturb.screen`). ``settings``: ``kinds``, ``positions``, ``scales``,
     ``noise_mode``; ``inputs``: the baseline's ``per_prompt`` file (the calibrated
-    margins) and ``rms`` (relative noise); ``out``: ``estimates`` (per prompt) and ``heads``."""
+    margins), ``rms`` (relative noise) and ``pairs`` (patch); ``out``: ``estimates`` (per prompt)
+    and ``heads``."""
     import pandas as pd
 
     from . import screen as sc
@@ -269,8 +283,15 @@ def screen(prompt_files: PromptFiles, model: ModelSpec, settings: dict, inputs: 
     if base["prompt_id"].tolist() != list(pids):
         raise ValueError(f"{inputs['per_prompt']} does not hold the run's prompts in order")
     means = gpu_memory_hint(sc.head_means, engine, ids, sites)
+    partners = None
+    if "patch" in settings["kinds"]:
+        pairs = io.read_parquet(inputs["pairs"], ["prompt_id", "partner_id"])
+        index = {int(p): i for i, p in enumerate(pids)}
+        found = dict(zip(pairs["prompt_id"].astype(int), pairs["partner_id"].astype(int)))
+        partners = [index[found[int(p)]] if found.get(int(p), -1) >= 0 else -1 for p in pids]
     sums = gpu_memory_hint(sc.gradient_sums, engine, ids, sites, means,
-                           Progress(len(ids), "screen: forward and backward passes", log))  # fmt: skip
+                           Progress(len(ids), "screen: forward and backward passes", log),
+                           partners)  # fmt: skip
     rms = 1.0  # sigma = scale, or scale x each head's RMS output (a layer x head grid)
     if settings["noise_mode"] == "relative":
         table = pd.DataFrame(io.read_parquet(inputs["rms"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from . import stats
+from .effects import EFFECTS
 from .plots import setting_label
 from .spec import position_label
 
@@ -21,15 +22,16 @@ def _setting(row) -> str:
 def head_lines(rows: pd.DataFrame) -> list[str]:
     """A Markdown table of heads: where, what, contribution with its interval, certainty."""
     lines = [
-        "| layer | head | setting | contribution (accuracy) [95% CI] | q | significant | impact | conclusive |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| layer | head | setting | contribution (accuracy) [95% CI] | q | significant | impact | conclusive | AUC change | bias shift | effect |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for _, r in rows.iterrows():
         lines.append(
             f"| {r['layer']} | {r['head']} | {_setting(r)} | "
             f"{r['contribution_accuracy']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "
             f"{r['q_value']:.3g} | {'yes' if r['significant'] else 'no'} | {r['impact']} | "
-            f"{'yes' if r['conclusive'] else 'no, ' + r['categories_spanned']} |"
+            f"{'yes' if r['conclusive'] else 'no, ' + r['categories_spanned']} | "
+            f"{r['change_auc']:+.3f} | {r['bias_shift']:+.2f} | {r['effect']} |"
         )
     return lines
 
@@ -59,6 +61,103 @@ def _setup(settings: dict, model_info: dict, prompt_info: dict, base: dict) -> l
     ]
 
 
+def _ci(row, value: str, low: str, high: str, digits: int = 3) -> str:
+    return f"{row[value]:+.{digits}f} [{row[low]:+.{digits}f}, {row[high]:+.{digits}f}]"
+
+
+def _head(row) -> str:
+    return f"L{int(row['layer'])}H{int(row['head'])}"
+
+
+def _findings(table: pd.DataFrame, meta: dict, pairs, top: int) -> list[str]:
+    """What the heads change, read apart: the ranking of the reviews (discrimination, the ROC AUC
+    of the margin), the answer when the head's output comes from the opposite review (patching),
+    and the margins all moved one way (bias)."""
+    alpha = meta.get("alpha", 0.05)
+    base_auc = meta.get("baseline", {}).get("auc", float("nan"))
+    lines = ["## What the heads change", "",
+             "A head can change how well the margins rank positive above negative reviews "
+             f"(discrimination: the ROC AUC of the margin, {base_auc:.3f} unperturbed, "
+             "threshold-free), or move every margin the same way (bias: the mean margin shift; the "
+             "threshold fitted on the unperturbed model then calls more reviews one class). "
+             "`effect` in the table says which, by its 95% intervals: discrimination when the AUC "
+             f"change's interval excludes 0 and its q < {alpha:g}, bias when the interval of the "
+             "accuracy change that the mean shift alone explains excludes 0.", ""]  # fmt: skip
+    disc = table[table["effect"].isin(["discrimination", "both"])]
+    lines += [f"### Discrimination ({len(disc)} of {len(table)} rows)", ""]
+    largest = table.loc[table["change_auc"].abs().idxmax()] if len(table) else None
+    if disc.empty and largest is not None:
+        lines.append(
+            f"No single perturbation changes discrimination: the largest AUC change is "
+            f"{_ci(largest, 'change_auc', 'ci_low_auc', 'ci_high_auc')} ({_head(largest)}, "
+            f"{_setting(largest)}, q {largest['q_value_auc']:.3g})."
+        )
+    elif not disc.empty:
+        lines += _auc_lines(disc.sort_values("change_auc", key=abs, ascending=False).head(top))
+    patched = table[table["kind"].isin(["patch", "restore"])]
+    if not patched.empty:
+        lines += ["", "### Patching from the opposite review", ""]
+        if pairs is not None:
+            found = int((pairs["partner_id"] >= 0).sum())
+            lines += [f"{found} of {len(pairs)} test prompts have an opposite-sentiment partner "
+                      "of the same length (same demonstrations, a test review of the other label); "
+                      f"the other {len(pairs) - found} take no part in patching. Patch effect: the "
+                      "share of the clean-partner difference in the label-signed margin that "
+                      "patching the head moves (0: none, 1: all; ratio of means over the paired "
+                      "prompts).", ""]  # fmt: skip
+        lines += _patch_lines(patched, top)
+    bias = table[table["effect"].isin(["bias", "both"])]
+    lines += ["", f"### Bias ({len(bias)} of {len(table)} rows)", ""]
+    if bias.empty:
+        lines.append("No perturbation shifts the margins enough to change the accuracy by itself.")
+    else:
+        lines += ["| layer | head | setting | bias shift [95% CI] | accuracy change | of which the shift explains | effect |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for _, r in bias.sort_values("bias_shift", key=abs, ascending=False).head(top).iterrows():
+            lines.append(
+                f"| {r['layer']} | {r['head']} | {_setting(r)} | "
+                f"{_ci(r, 'bias_shift', 'ci_low_bias_shift', 'ci_high_bias_shift', 2)} | "
+                f"{r['contribution_accuracy']:+.3f} | {_ci(r, 'contribution_accuracy_bias', 'ci_low_accuracy_bias', 'ci_high_accuracy_bias')} | "
+                f"{r['effect']} |"
+            )
+    return lines
+
+
+def _auc_lines(rows: pd.DataFrame) -> list[str]:
+    lines = ["| layer | head | setting | AUC change [95% CI] | q | accuracy change | bias shift | effect |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for _, r in rows.iterrows():
+        lines.append(
+            f"| {r['layer']} | {r['head']} | {_setting(r)} | "
+            f"{_ci(r, 'change_auc', 'ci_low_auc', 'ci_high_auc')} | {r['q_value_auc']:.3g} | "
+            f"{r['contribution_accuracy']:+.3f} | {r['bias_shift']:+.2f} | {r['effect']} |"
+        )
+    return lines
+
+
+def _patch_lines(patched: pd.DataFrame, top: int) -> list[str]:
+    from .plots import settings as run_settings
+
+    lines = []
+    for combo in run_settings(patched):
+        rows = patched
+        for column, value in zip(["site", "position", "kind", "scale"], combo):
+            rows = rows[rows[column] == value]
+        rows = rows.sort_values("patch_effect", key=abs, ascending=False)
+        lines += [f"{setting_label(*combo)}, {len(rows)} heads; largest patch effects:", "",
+                  "| layer | head | patch effect [95% CI] | q (logit difference) | AUC change | accuracy change |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for _, r in rows.head(top).iterrows():
+            lines.append(
+                f"| {r['layer']} | {r['head']} | "
+                f"{_ci(r, 'patch_effect', 'ci_low_patch_effect', 'ci_high_patch_effect')} | "
+                f"{r['q_value_logit_diff']:.3g} | {r['change_auc']:+.3f} | "
+                f"{r['contribution_accuracy']:+.3f} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _baseline(base: dict, prompt_info: dict) -> list[str]:
     cal = prompt_info.get("calibration", {"method": "none", "offset": 0.0})
     rule = ("positive when logit(positive) - logit(negative) > 0 (no calibration)"
@@ -69,7 +168,8 @@ def _baseline(base: dict, prompt_info: dict) -> list[str]:
         "## Baseline",
         "",
         f"Accuracy **{base.get('accuracy', float('nan')):.3f}**, macro-F1 "
-        f"**{base.get('f1', float('nan')):.3f}** on {base.get('n_prompts', '?')} prompts, "
+        f"**{base.get('f1', float('nan')):.3f}**, ROC AUC of the margin "
+        f"**{base.get('auc', float('nan')):.3f}** on {base.get('n_prompts', '?')} prompts, "
         f"{100 * base.get('share_positive', float('nan')):.0f}% predicted positive. Decision rule: {rule}.",
     ]
     selection = prompt_info.get("selection") or []
@@ -102,6 +202,14 @@ def _categories(table: pd.DataFrame, meta: dict, cats: dict) -> list[str]:
         f"{inconclusive} of {len(table)} rows are inconclusive: their 95% interval of the relative "
         "change reaches more than one category (column `categories_spanned`), so their category is "
         "not a finding.",
+        "",
+        "The categories measure the change of accuracy, bias included. On the part a pure shift of "
+        "the margins does not explain (`impact_discrimination`): HIGH "
+        f"{int((table['impact_discrimination'] == 'HIGH').sum())}, MEDIUM "
+        f"{int((table['impact_discrimination'] == 'MEDIUM').sum())}, LOW "
+        f"{int((table['impact_discrimination'] == 'LOW').sum())}. Effect: "
+        + ", ".join(f"{e} {int((table['effect'] == e).sum())}" for e in EFFECTS)
+        + ".",
     ]
     detectable = meta.get("detectable_change")
     if detectable is not None:
@@ -176,14 +284,17 @@ def _screen(screened: dict, threshold: float, top: int) -> list[str]:
 
 
 def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_info: dict,
-                     settings: dict, screened: dict | None = None, top: int = 5) -> str:  # fmt: skip
+                     settings: dict, screened: dict | None = None, top: int = 5,
+                     pairs: pd.DataFrame | None = None) -> str:  # fmt: skip
     """The summary page of a run, in Markdown; ``screened`` (the screen's per-head estimates,
-    agreement and disagreements) adds the screen's section."""
+    agreement and disagreements) adds the screen's section, ``pairs`` (the prompts' partners)
+    how many prompts patching could use."""
     base = meta.get("baseline", {})
     sections = [
         [f"# headperturb run `{settings['run_name']}`"],
         _setup(settings, model_info, prompt_info, base),
         _baseline(base, prompt_info),
+        _findings(table, meta, pairs, top),
         _categories(table, meta, settings["categories"]),
         _top_heads(table, top),
         _screen(screened, settings["screen"]["disagreement"], 10) if screened else [],

@@ -132,6 +132,15 @@ def layer_state(state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.T
     }
 
 
+def rows_of(state: dict[str, torch.Tensor], runs: list[int] | None) -> dict[str, torch.Tensor]:
+    """One layer's final state (:func:`layer_state`) for the recorded prompts ``runs``, in that
+    order (None: all, as recorded)."""
+    if runs is None:
+        return state
+    index = torch.as_tensor(list(runs), dtype=torch.long)
+    return {key: value[index] for key, value in state.items()}
+
+
 def example_inputs(state: dict[str, torch.Tensor], d_out: int, device, rows: int = 2) -> tuple:
     """Unperturbed program inputs for the first ``rows`` prompts of one layer's final state."""
     resid = state["resid"][:rows, None, :].to(device)

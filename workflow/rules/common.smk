@@ -34,6 +34,7 @@ FINAL_STATE = f"{BASELINE}/final_state.safetensors"
 HEAD_RMS = f"{BASELINE}/head_rms.parquet"
 LAST_LAYER_PROGRAM = f"{BASELINE}/last_layer"
 CACHE = f"{RESULTS}/activations/cache.safetensors"
+PAIRS = f"{RESULTS}/prompts/pairs.parquet"
 TABLE = f"{RESULTS}/contributions.parquet"
 SCREEN = f"{RESULTS}/screen"
 SCREEN_HEADS = f"{SCREEN}/heads.parquet"
@@ -96,6 +97,10 @@ if LOCAL_SHAPE is not None:
 SCREENED = [s for s in spec.sweeps(PERTURBATION) if spec.screened(s)]
 SCREENING = config["screen"]["enabled"] or bool(SCREENED)
 spec.check_screen(config["screen"], SCREENED)
+# the patching kinds run on pairs of a prompt and its opposite-sentiment partner
+PAIRING = any(
+    spec.paired(k) for s in spec.sweeps(PERTURBATION) for k in s["kinds"]
+) or (SCREENING and "patch" in config["screen"]["kinds"])
 
 
 # -- the head jobs ---------------------------------------------------------------------------
@@ -142,11 +147,13 @@ def job_inputs(wildcards):
     # the last layer (torch.export changes torch's global settings while it traces).
     inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR,
               "baseline": BASELINE_METRICS}  # fmt: skip
-    _kind, scale = spec.parse_setting(wildcards.setting)
+    kind, scale = spec.parse_setting(wildcards.setting)
     if (
         scale and PERTURBATION["noise_mode"] == "relative"
     ):  # a kind with a scale, relative
         inputs["rms"] = HEAD_RMS
+    if spec.paired(kind):
+        inputs["pairs"] = PAIRS
     if PERTURBATION["method"] == "naive":
         return inputs
     if layer == last_layer():
@@ -215,15 +222,22 @@ def plot_input(wildcards):
     return SCREEN_HEADS if wildcards.plot == "screen_map" else TABLE
 
 
-def screen_results(wildcards):
-    """The screen's agreement with the exact measurements, for the summary, when it ran."""
+def summary_inputs(wildcards):
+    """The screen's agreement with the exact measurements, for the summary, when it ran; the
+    prompts' pairs, when patching ran."""
+    found = {"pairs": PAIRS} if PAIRING else {}
     if not SCREENING:
-        return {}
-    return {
+        return found
+    return found | {
         "agreement": f"{SCREEN}/agreement.csv",
         "disagreements": f"{SCREEN}/disagreements.csv",
         "screen": SCREEN_HEADS,
     }
+
+
+def pairs_input(wildcards):
+    """The prompts' pairs, for a screen that estimates patching."""
+    return {"pairs": PAIRS} if "patch" in config["screen"]["kinds"] else {}
 
 
 def _as_list(value):

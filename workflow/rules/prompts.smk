@@ -39,3 +39,17 @@ rule build_prompts:
         calibration=config["scoring"]["calibration"],
     run:
         in_process(rule, input, output, params, wildcards, threads, log)
+
+
+# Each test prompt's opposite-sentiment partner of the same length, for the patching kinds.
+rule pair_prompts:
+    input:
+        PROMPT_TABLE,
+    output:
+        PAIRS,
+    log:
+        f"{LOGS}/pair_prompts.log",
+    params:
+        seed=PROMPTS["seed"],
+    run:
+        in_process(rule, input, output, params, wildcards, threads, log)

@@ -3,7 +3,7 @@
 
 rule summarize:
     input:
-        unpack(screen_results),
+        unpack(summary_inputs),
         table=TABLE,
         info=PROMPT_INFO,
         model=MODEL_DIR,

@@ -6,6 +6,7 @@
 
 checkpoint screen:
     input:
+        unpack(pairs_input),
         prompts=PROMPT_TABLE,
         info=PROMPT_INFO,
         model=MODEL_DIR,
