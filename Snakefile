@@ -9,9 +9,17 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from headperturb import config as run_config  # noqa: E402
-from headperturb.adapters import end_of_run, start_of_run  # noqa: E402
+from headperturb.adapters import (
+    check_cluster,
+    end_of_error,
+    end_of_run,
+    start_of_run,
+)  # noqa: E402
 
 start_of_run()  # Ctrl-C stops the jobs in threads of this process too
+check_cluster(
+    workflow
+)  # a SLURM profile where SLURM does not answer: one line, before any job
 
 # The default run. A config file given with --configfile replaces it (keys it leaves out take
 # the schema's defaults); --config KEY=VALUE overrides single keys. README: Configuration.
@@ -47,10 +55,15 @@ rule all:
         final_targets(),
 
 
+# A SLURM profile where SLURM does not answer stops in one line, before any job is submitted.
+onstart:
+    check_cluster(workflow)
+
+
 # Let the Snakemake process exit at once when the run ends (headperturb.adapters.end_of_run).
 onsuccess:
     end_of_run()
 
 
 onerror:
-    end_of_run()
+    end_of_error(workflow)

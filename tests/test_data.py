@@ -71,14 +71,39 @@ def test_empty_and_duplicate_texts_are_dropped(tmp_path, caplog):
 @pytest.mark.parametrize(
     "frame, message",
     [
-        (pd.DataFrame({"review": ["a"], "label": [1]}), "missing column.*text"),
-        (pd.DataFrame({"text": ["a", "b"], "label": [1, 1]}), "two classes 0 .* found \\[1\\]"),
-        (pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 2]}), "found \\[0, 1, 2\\]"),
+        (
+            pd.DataFrame({"review": ["a"], "label": [1]}),
+            "no column 'text' \\(found 'review', 'label'\\)",
+        ),
+        (
+            pd.DataFrame({"text": ["a"], "stars": [1]}),
+            "no column 'label' \\(found 'text', 'stars'\\)",
+        ),
+        (
+            pd.DataFrame({"text": ["a", "b"], "label": [1, 1]}),
+            "column 'label' holds 1; labels must be the two classes 0",
+        ),
+        (
+            pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 2]}),
+            "column 'label' holds 0, 1, 2;",
+        ),
+        (
+            pd.DataFrame({"text": ["a", "b"], "label": ["neg", "pos"]}),
+            "column 'label' holds 'neg', 'pos'; labels must be",
+        ),
     ],
 )
-def test_bad_frames(tmp_path, frame, message):
-    frame.to_parquet(tmp_path / "train.parquet")
-    with pytest.raises(DataError, match=message):
+@pytest.mark.parametrize("form", ["parquet", "csv"])
+def test_bad_frames_name_the_file_and_the_column(tmp_path, frame, message, form):
+    path = tmp_path / f"train.{form}"
+    frame.to_parquet(path) if form == "parquet" else frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=f"^{path}: {message}"):
+        load_split(str(tmp_path), "train")
+
+
+def test_an_unreadable_table_names_itself(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="train.parquet' cannot be read as parquet"):
         load_split(str(tmp_path), "train")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import edit_of
 
-from headperturb import passes
+from headperturb import io, passes
 from headperturb.engine import Engine
 from headperturb.intervention import perturb_head
 from headperturb.perturbations import make_noise
@@ -129,7 +129,6 @@ def test_prepared_model_loads_identically_by_assignment(tmp_path, tiny_llama_dir
 def test_head_rms_by_hand(setup, tmp_path):
     """The baseline's per-head RMS equals the RMS over every position of every prompt, computed
     from plain full forward passes; relative noise scales by it."""
-    import pandas as pd
 
     from headperturb import jobs, perturbations
     from headperturb.spec import HeadJob, Job
@@ -150,9 +149,10 @@ def test_head_rms_by_hand(setup, tmp_path):
     for head in range(4):
         expected = z[:, head * 8 : (head + 1) * 8].pow(2).mean().sqrt().item()
         assert rows[("o_proj_input", 1, head)] == pytest.approx(expected, rel=1e-4)
-    pd.DataFrame(
-        [{"site": k[0], "layer": k[1], "head": k[2], "rms": v} for k, v in rows.items()]
-    ).to_parquet(tmp_path / "rms.parquet")
+    io.write_parquet(
+        tmp_path / "rms.parquet",
+        [{"site": k[0], "layer": k[1], "head": k[2], "rms": v} for k, v in rows.items()],
+    )
     target = HeadJob("o_proj_input", "all", "noise", "2", 1, 3)
     for mode, sigma in (("absolute", 2.0), ("relative", 2.0 * rows[("o_proj_input", 1, 3)])):
         job = Job(target, perturbations.Noise(scale=2.0, noise_mode=mode))

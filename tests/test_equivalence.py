@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, build_tiny_model, edit_of
 
-from headperturb import passes, tail
+from headperturb import io, passes, tail
 from headperturb.engine import Engine
 from headperturb.intervention import site_slice
 from headperturb.prompts import build_prompts
@@ -152,7 +152,8 @@ def test_exported_last_layer_equals_naive(family_setup, where, tmp_path):
     meta = tail.describe(model, site, engine.token_ids, "cpu", "float32")
     tail.save(tmp_path / "program", exported, meta)
     program, loaded = tail.load(tmp_path / "program", "cpu")
-    assert loaded == {**meta, "exported": True}
+    assert loaded == {**meta, "exported": True,
+                      "program_sha256": io.sha256_file(tmp_path / "program/program.pt2")}  # fmt: skip
     for kind in ("noise", "zero"):
         edit = edit_of(model, site, 3, kind, where=where)
         fast = tail.perturbed(program, state, pids, loaded, edit)

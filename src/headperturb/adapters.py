@@ -193,14 +193,17 @@ def script(snakemake) -> None:
 def in_process(rule: str, input, output, params, wildcards, threads, log) -> None:
     """The body of a ``run:`` rule: this rule's step in the calling process."""
     name = f"{rule} {', '.join(f'{k}={v}' for k, v in wildcards.items())}".strip()
-    with logs.job(log[0] if log else None, name, echo=rule not in QUIET):
-        if logs.INTERRUPTED.is_set():  # Snakemake still starts jobs it had queued
-            raise logs.Interrupted("the run was interrupted (Ctrl-C) before this job started")
-        try:
-            run(rule, input, output, params, wildcards, threads)
-        finally:
-            if rule not in QUIET:
-                _release_gpu_cache()
+    try:
+        with logs.job(log[0] if log else None, name, echo=rule not in QUIET):
+            if logs.INTERRUPTED.is_set():  # Snakemake still starts jobs it had queued
+                raise logs.Interrupted("the run was interrupted (Ctrl-C) before this job started")
+            try:
+                run(rule, input, output, params, wildcards, threads)
+            finally:
+                if rule not in QUIET:
+                    _release_gpu_cache()
+    except logs.JobError as error:  # its traceback is in the log: the terminal gets the line
+        raise error.with_traceback(None) from None
 
 
 def _release_gpu_cache() -> None:
@@ -216,8 +219,44 @@ def _release_gpu_cache() -> None:
 def start_of_run() -> None:
     """What the Snakefile does first in the Snakemake process: let Ctrl-C stop the jobs running in
     its threads at their next progress update (:func:`headperturb.logs.stop_threads_on_interrupt`),
-    as it stops the jobs that are processes."""
+    as it stops the jobs that are processes; and name this process as the owner of the steps that
+    are processes, which end when it does (:func:`headperturb.logs.follow_owner`)."""
     logs.stop_threads_on_interrupt()
+    logs.mark_owner()
+
+
+class ClusterError(RuntimeError):
+    """The cluster a profile submits to does not answer here."""
+
+
+def check_cluster(workflow) -> None:
+    """Before any job is submitted with the SLURM executor (``--profile profiles/slurm``; the
+    Snakefile's ``onstart``, when the executor is known): SLURM must answer here, or the run
+    stops with one line that says so, instead of failing on the first job inside the plugin. Only
+    in the process that submits, never in a dry run."""
+    import shutil
+    import subprocess
+
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm" or workflow.dryrun:
+        return
+    if workflow.remote_exec or workflow.subprocess_exec:  # a job already on a node
+        return
+    missing = [c for c in ("sbatch", "squeue", "sinfo") if shutil.which(c) is None]
+    reason = f"{', '.join(missing)} not found" if missing else None
+    if reason is None:
+        try:
+            result = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True,
+                                    text=True, timeout=30)  # fmt: skip
+            if result.returncode != 0:
+                reason = f"sinfo: {(result.stderr or result.stdout).strip().splitlines()[0]}"
+        except subprocess.TimeoutExpired:
+            reason = "sinfo did not answer within 30 s"
+    if reason:
+        raise ClusterError(
+            f"the SLURM executor (--profile profiles/slurm) needs a SLURM that answers here, and "
+            f"this one does not ({reason}); run where SLURM is, or without the profile"
+        )
 
 
 def end_of_run() -> int:
@@ -235,3 +274,25 @@ def end_of_run() -> int:
         timer.cancel()
     gc.freeze()
     return len(timers)
+
+
+def stopped(workflow) -> bool:
+    """Whether the run ended because it was asked to stop (SIGTERM: Snakemake lets the running
+    jobs finish and starts no more), not because a job failed."""
+    scheduler = getattr(workflow, "scheduler", None)
+    return getattr(scheduler, "_user_kill", None) == "graceful" and not getattr(
+        scheduler, "_errors", False
+    )
+
+
+def end_of_error(workflow) -> None:
+    """What a run's end by ``onerror`` does besides :func:`end_of_run`: a run stopped by SIGTERM
+    after its running jobs finished says so in one line and exits with 143 (128 + SIGTERM),
+    instead of Snakemake's "At least one job did not complete successfully", which no job did."""
+    end_of_run()
+    if stopped(workflow):
+        import sys
+
+        print("headperturb: the run was stopped (SIGTERM) after its running jobs finished; no "
+              "job failed. The same command does what is left.", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143)

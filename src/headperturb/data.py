@@ -45,8 +45,10 @@ def load_split(path: str | None, split: str, hub_dataset: str = HUB_DATASET) -> 
     """
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not allowed; allowed: {', '.join(SPLITS)}")
-    frame = _load_hub(hub_dataset, split) if path is None else _load_local(Path(path), split)
-    return validate_frame(frame, f"{path or hub_dataset} [{split}]")
+    if path is None:
+        return validate_frame(_load_hub(hub_dataset, split), f"{hub_dataset} [{split}]")
+    frame, where = _load_local(Path(path), split)
+    return validate_frame(frame, where)
 
 
 def _load_hub(name: str, split: str) -> pd.DataFrame:
@@ -66,9 +68,11 @@ def _load_hub(name: str, split: str) -> pd.DataFrame:
     return ds.to_pandas()
 
 
-def _load_local(path: Path, split: str) -> pd.DataFrame:
+def _load_local(path: Path, split: str) -> tuple[pd.DataFrame, str]:
+    """One split of a local source, and the name of what was read (for messages)."""
     if "{split}" in str(path):
-        return _read_table(Path(str(path).format(split=split)))
+        file = Path(str(path).format(split=split))
+        return _read_table(file), str(file)
     if not path.exists():
         raise DataError(
             f"data.path {str(path)!r} does not exist; give a folder with {split}.parquet or "
@@ -76,7 +80,7 @@ def _load_local(path: Path, split: str) -> pd.DataFrame:
         )
     if path.is_file():
         if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-            return _read_tarball(path, split)
+            return _read_tarball(path, split), f"{path} [{split}]"
         raise DataError(
             f"data.path {str(path)!r} is a single file; name one file per split with a '{{split}}' "
             "placeholder (e.g. imdb_{split}.parquet), or give the aclImdb_v1.tar.gz tarball"
@@ -84,10 +88,10 @@ def _load_local(path: Path, split: str) -> pd.DataFrame:
     for ext in ("parquet", "csv"):
         candidate = path / f"{split}.{ext}"
         if candidate.is_file():
-            return _read_table(candidate)
+            return _read_table(candidate), str(candidate)
     for root in (path, path / "aclImdb"):
         if (root / split / "pos").is_dir() and (root / split / "neg").is_dir():
-            return _read_acl_folder(root, split)
+            return _read_acl_folder(root, split), str(root / split)
     raise DataError(
         f"data.path {str(path)!r} holds neither {split}.parquet, {split}.csv nor an aclImdb/ "
         f"layout ({split}/pos, {split}/neg)"
@@ -97,10 +101,16 @@ def _load_local(path: Path, split: str) -> pd.DataFrame:
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a file they cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"data file {str(path)!r} cannot be read as {path.suffix[1:]}: {first}"
+        ) from None
     raise DataError(f"data file {str(path)!r}: only .parquet and .csv are allowed")
 
 
@@ -143,13 +153,17 @@ def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
     missing = [c for c in ("text", "label") if c not in frame.columns]
     if missing:
         raise DataError(
-            f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}"
+            f"{where}: no column {' and no column '.join(repr(c) for c in missing)} (found "
+            f"{', '.join(repr(str(c)) for c in frame.columns) or 'none'}); the data needs a column "
+            "'text' (the review) and a column 'label' (0 = negative, 1 = positive)"
         )
     labels = {x.item() if hasattr(x, "item") else x for x in pd.unique(frame["label"])}
     if not labels <= {0, 1} or len(labels) != 2:
+        shown = sorted(labels, key=str)
         raise DataError(
-            f"{where}: labels must be the two classes 0 (negative) and 1 (positive); "
-            f"found {sorted(labels, key=str)}"
+            f"{where}: column 'label' holds {', '.join(map(repr, shown[:10]))}"
+            f"{' and more' if len(shown) > 10 else ''}; labels must be the two classes 0 "
+            "(negative) and 1 (positive)"
         )
     frame = frame.copy()
     if "row" not in frame.columns:  # the position in the source, kept through the drops below

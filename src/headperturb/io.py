@@ -28,6 +28,38 @@ _UMASK = _read_umask()
 on (one of them could leave it 0 for the rest of the process)."""
 
 
+PENDING: set[Path] = set()
+"""The temporary files and folders being written now (removed by :func:`abandon`)."""
+
+_still_wanted = None
+"""A check called before a finished file is put in place (:func:`only_while`)."""
+
+
+class Abandoned(RuntimeError):
+    """The run that asked for a file ended before the file was finished."""
+
+
+def only_while(check) -> None:
+    """Put finished files in place only while ``check()`` is true (a process step: while the
+    Snakemake process that started it lives, :func:`headperturb.logs.follow_owner`)."""
+    global _still_wanted
+    _still_wanted = check
+
+
+def abandon() -> None:
+    """Remove every temporary file and folder being written (before the process exits at once)."""
+    import shutil
+
+    for tmp in list(PENDING):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    if _still_wanted is not None and not _still_wanted():
+        raise Abandoned(f"the run that asked for {path} has ended; it is not written")
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
@@ -39,13 +71,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    PENDING.add(tmp_path)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_path, path)
+        _commit(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        PENDING.discard(tmp_path)
 
 
 @contextlib.contextmanager
@@ -59,15 +94,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    PENDING.add(tmp)
     try:
         yield tmp
         tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; give the usual permissions
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        PENDING.discard(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -126,9 +164,80 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+CHECKSUMS = "_checksums"
+"""In a Parquet file's ``headperturb`` metadata: the sha256 of every column's values and of the
+schema (:func:`column_digest`), and of the rest of that metadata (``metadata``). Parquet checks
+its pages (:func:`write_parquet` writes their CRCs) but not its footer, where the column names,
+the types and this metadata live; these digests cover what the pages' CRCs do not."""
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(array) -> bytes:
+    """A column's values as bytes that are the same however pyarrow lays them out (chunks,
+    dictionaries, 32- or 64-bit offsets)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks else pa.array([], array.type)
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    kind = array.type
+    nulls = np.asarray(array.is_null(), dtype=bool).tobytes()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        lengths = np.asarray(pc.list_value_length(array).fill_null(0), dtype=np.int64)
+        return b"L" + nulls + lengths.tobytes() + _canonical(pc.list_flatten(array))
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return b"S" + nulls + "\0".join(x or "" for x in array.to_pylist()).encode()
+    if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        values = np.asarray(array.fill_null(False if pa.types.is_boolean(kind) else 0))
+        return b"N" + str(values.dtype).encode() + nulls + values.tobytes()
+    return b"P" + repr(array.to_pylist()).encode()
+
+
+def column_digest(name: str, array) -> str:
+    return _digest(name.encode() + b"\0" + _canonical(array))
+
+
+def _kind(kind) -> str:
+    """A type's name as it survives a round trip through Parquet (lists' item names and 64-bit
+    offsets do not)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return f"list<{_kind(kind.value_type)}>"
+    return str(kind).replace("large_", "")
+
+
+def _schema_digest(table) -> str:
+    kinds = [_kind(t) for t in table.schema.types]
+    return _digest(json.dumps([table.column_names, kinds]).encode())
+
+
+def _meta_digest(meta: dict) -> str:
+    return _digest(json.dumps(meta, sort_keys=True, default=_json_default).encode())
+
+
 def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) -> None:
     """Write ``frame`` (a pandas DataFrame, a dict of equal-length columns or a list of rows) to Parquet
-    atomically, with ``metadata`` as JSON.
+    atomically, with ``metadata`` as JSON, page checksums and :data:`CHECKSUMS`.
 
     The metadata is stored in the file's schema under the key ``headperturb`` and must not hold
     timestamps or host names, so that reruns give byte-identical files.
@@ -142,34 +251,81 @@ def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) 
         table = pa.Table.from_pylist(frame)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
-    if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged[METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=_json_default).encode()
-        table = table.replace_schema_metadata(merged)
+    meta = dict(metadata or {})
+    meta[CHECKSUMS] = {"schema": _schema_digest(table), "metadata": _meta_digest(metadata or {}),
+                       **{name: column_digest(name, table[name]) for name in table.column_names}}  # fmt: skip
+    # no pandas metadata: a byte changed there would change the frames' dtypes unchecked
+    encoded = json.dumps(meta, sort_keys=True, default=_json_default).encode()
+    table = table.replace_schema_metadata({METADATA_KEY: encoded})
     with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)  # read_parquet verifies them
+
+
+def _verified(path, table, raw: bytes | None) -> dict:
+    """The ``headperturb`` metadata of a table read from ``path``, after checking it and the
+    columns read against :data:`CHECKSUMS`, which every file :func:`write_parquet` wrote has."""
+    meta = json.loads(raw) if raw else {}
+    sums = meta.pop(CHECKSUMS, None)
+    if sums is None:
+        raise ValueError(
+            "it carries no checksums: not written by headperturb, or its metadata is damaged"
+        )
+    if sums.get("metadata") != _meta_digest(meta):
+        raise ValueError("its metadata does not match its checksum")
+    for name in table.column_names:
+        if sums.get(name) != column_digest(name, table[name]):
+            raise ValueError(f"column {name!r} does not match its checksum")
+    if set(table.column_names) == set(sums) - {"schema", "metadata"}:
+        if sums.get("schema") != _schema_digest(table):
+            raise ValueError("its schema does not match its checksum")
+    return meta
+
+
+def _read_table(path, columns=None):
+    """(table, metadata) of a Parquet file with every check: the pages' CRCs and the digests."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=columns, page_checksum_verification=True)
+        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        if raw is None and columns is not None:  # a column subset keeps the file's metadata too
+            raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        return table, _verified(path, table, raw)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise unreadable(path, exc) from None
 
 
 def read_parquet_metadata(path: str | os.PathLike) -> dict:
-    """The ``headperturb`` metadata of a Parquet file written by :func:`write_parquet`."""
+    """The ``headperturb`` metadata of a Parquet file written by :func:`write_parquet`, checked
+    against its digest."""
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(path).metadata or {}
+        raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        meta = json.loads(raw) if raw else {}
+        sums = meta.pop(CHECKSUMS, None)
+        if sums is None:
+            raise ValueError(
+                "it carries no checksums: not written by headperturb, or its metadata is damaged"
+            )
+        if sums.get("metadata") != _meta_digest(meta):
+            raise ValueError("its metadata does not match its checksum")
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise unreadable(path, exc) from None
-    raw = meta.get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    return meta
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):
-    """A Parquet file as a pandas DataFrame, or :class:`UnreadableError` naming the file."""
-    import pyarrow.parquet as pq
+    """A Parquet file as a pandas DataFrame, or :class:`UnreadableError` naming the file. Every
+    page's CRC and every column's digest is verified (:func:`write_parquet` writes them), so a
+    byte changed inside a result stops the reader instead of changing a number."""
+    return _read_table(path, columns)[0].to_pandas()
 
-    try:
-        return pq.read_table(path, columns=columns).to_pandas()
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise unreadable(path, exc) from None
+
+def read_columns(path: str | os.PathLike, columns: list[str] | None = None) -> dict[str, list]:
+    """A Parquet file's columns as lists, checked as :func:`read_parquet` checks them, without
+    pandas (for the jobs that import as little as they can)."""
+    return _read_table(path, columns)[0].to_pydict()
 
 
 def looks_like_parquet(path: str | os.PathLike) -> bool:

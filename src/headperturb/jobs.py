@@ -65,7 +65,7 @@ def job_rows(job: Job, prompt_ids: list[int], pairs_path=None) -> Rows:
         return rows_for(pert, prompt_ids)
     if pairs_path is None:
         raise ValueError(f"{pert.kind} needs the prompts' pairs (prompts/pairs.parquet)")
-    return rows_for(pert, prompt_ids, io.read_parquet(pairs_path, ["prompt_id", "partner_id"]),
+    return rows_for(pert, prompt_ids, io.read_columns(pairs_path, ["prompt_id", "partner_id"]),
                    str(pairs_path))  # fmt: skip
 
 
@@ -113,9 +113,7 @@ def _result(rows: Rows, pids, labels, logits, model_info, device, engine) -> Res
 
 
 def head_rms(rms_path, site: str, layer: int, head: int) -> float:
-    import pyarrow.parquet as pq
-
-    rms = pq.ParquetFile(rms_path).read().to_pydict()
+    rms = io.read_columns(rms_path)
     found = [v for s_, l_, h_, v in zip(rms["site"], rms["layer"], rms["head"], rms["rms"])
              if (s_, l_, h_) == (site, layer, head)]  # fmt: skip
     if len(found) != 1:
@@ -155,10 +153,15 @@ def perturb(job: Job, inputs: JobInputs, model: ModelSpec, out_path) -> dict:
 
 
 def _labels(prompts_path) -> tuple[list[int], np.ndarray]:
-    import pyarrow.parquet as pq
+    table = io.read_columns(prompts_path, ["prompt_id", "label"])
+    return table["prompt_id"], np.asarray(table["label"])
 
-    table = pq.read_table(prompts_path, columns=["prompt_id", "label"])
-    return table.column("prompt_id").to_pylist(), np.asarray(table.column("label").to_pylist())
+
+def recorded(step: str, inputs: JobInputs, model_info: dict, n_prompts: int, **extra) -> dict:
+    """The provenance a recording this job reads must carry (:func:`headperturb.tensors.load`)."""
+    from . import tensors
+
+    return tensors.recording(step, inputs.prompts.info, model_info, n_prompts=n_prompts, **extra)
 
 
 def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None:
@@ -168,7 +171,8 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
 
     models.set_threads(model.threads)
     device = models.resolve_device(model.device)
-    program, meta = resources.program(inputs.program, device)
+    model_info = io.read_json(f"{model.path}/{models.INFO_FILE}")
+    program, meta = resources.program(inputs.program, device, model_info.get("weights_sha256"))
     if program is None:
         log.info("last-layer program not used: %s; loading the model", meta)
         return None
@@ -177,11 +181,10 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
         raise ValueError(f"the program in {inputs.program} is layer {meta['layer']}, not {t.layer}")
     from .engine import FINAL_STATE_KEYS
 
-    keys = tuple(f"{k}.{t.layer}" for k in FINAL_STATE_KEYS) + ("n_tokens",)
-    state = tail.layer_state(resources.tensors(inputs.state, keys), t.layer)
     pids, labels = _labels(inputs.prompts.prompts)
-    if len(pids) != len(state["n_tokens"]):
-        raise ValueError(f"{inputs.state} holds {len(state['n_tokens'])} prompts, not {len(pids)}")
+    keys = tuple(f"{k}.{t.layer}" for k in FINAL_STATE_KEYS) + ("n_tokens",)
+    expect = recorded("baseline", inputs, model_info, len(pids))
+    state = tail.layer_state(resources.tensors(inputs.state, keys, expect), t.layer)
     rows = job_rows(job, pids, inputs.pairs)
     cols = tail.columns(meta, t.head, t.site)
     clean = None
@@ -191,7 +194,6 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors)
     run_state, run_pids = tail.rows_of(state, rows.run), [pids[k] for k in rows.prompt]
     logits = gpu_memory_hint(tail.perturbed, program, run_state, run_pids, meta, edit, device)
-    model_info = io.read_json(f"{model.path}/{models.INFO_FILE}")
     return _result(rows, pids, labels, logits, model_info, device, "program")
 
 
@@ -207,8 +209,14 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
     rows = job_rows(job, pids, inputs.pairs)
     cols = site_slice(engine.model, site, t.head, t.site)
     fast = job.method == "fast"
-    state = resources.tensors(inputs.state) if fast and (last or t.position == "last") else None
-    captured = resources.tensors(inputs.activations) if fast and state is None else None
+    state = captured = None
+    if fast and (last or t.position == "last"):
+        state = resources.tensors(
+            inputs.state, None, recorded("baseline", inputs, model_info, len(ids))
+        )
+    elif fast:
+        expect = recorded("capture_layer", inputs, model_info, len(ids), layer=t.layer)
+        captured = resources.tensors(inputs.activations, None, expect)
     clean = None
     if job.perturbation.needs_clean:
         if state is not None:
@@ -225,7 +233,9 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
         run_state = tail.rows_of(tail.layer_state(state, t.layer), rows.run)
         logits = gpu_memory_hint(passes.last_layer, engine, run_state, run_pids, edit)
     elif t.position == "last":
-        kv = resources.tensors(inputs.cache)
+        kv = resources.tensors(
+            inputs.cache, None, recorded("capture_cache", inputs, model_info, len(ids))
+        )
         logits = gpu_memory_hint(passes.final_position, engine, state, kv, run_pids, edit,
                                  runs=rows.run)  # fmt: skip
     else:

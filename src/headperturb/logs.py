@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -54,6 +55,56 @@ def stop_threads_on_interrupt() -> None:
 
     interrupt.stops_threads = True
     signal.signal(signal.SIGINT, interrupt)
+
+
+OWNER = "HEADPERTURB_OWNER"
+"""The environment variable that names the Snakemake process a step that is a process of its own
+belongs to (set by :func:`mark_owner`, read by :func:`follow_owner`)."""
+
+
+def mark_owner() -> None:
+    """In the Snakemake process: name it as the owner of the steps it starts as processes."""
+    os.environ[OWNER] = str(os.getpid())
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return True  # no /proc: os.kill's answer
+
+
+def follow_owner(interval: float = 0.5) -> int | None:
+    """In a step that is a process of its own: end this process as soon as the Snakemake process
+    that started it is gone (killed with SIGKILL, its children are orphaned and would write their
+    outputs seconds later, unasked). A watcher thread removes the files being written and exits;
+    a file finished in between is not put in place (:func:`headperturb.io.only_while`). Returns
+    the owner's pid, or None outside a Snakemake run."""
+    from . import io
+
+    pid = int(os.environ.get(OWNER) or 0)
+    if not pid or pid == os.getpid():
+        return None
+    io.only_while(lambda: alive(pid))
+
+    def watch() -> None:
+        while alive(pid):
+            time.sleep(interval)
+        io.abandon()
+        logging.getLogger(LOGGER).error("the Snakemake process %d has ended: stopping", pid)
+        logging.shutdown()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="headperturb-owner", daemon=True).start()
+    return pid
 
 
 def _quiet_others() -> None:
@@ -119,6 +170,7 @@ def script_main(log_file: str | None, func, *args, **kwargs) -> None:
     """Run ``func`` as a job that is its own process: log to ``log_file`` (and stderr); on an
     exception write it with its traceback to the log, print one line to stderr and exit 1."""
     logger = setup(log_file)
+    follow_owner()
     try:
         func(*args, **kwargs)
     except Exception as exc:

@@ -37,17 +37,9 @@ class ModelError(RuntimeError):
     """A model that cannot be fetched, verified, loaded or used."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: str | os.PathLike, expected: str | None) -> str:
     """The file's sha256; raises :class:`ModelError` if ``expected`` is given and differs."""
-    actual = sha256_file(path)
+    actual = io.sha256_file(path)
     if expected and actual != expected.lower():
         raise ModelError(
             f"sha256 of {str(path)!r} is {actual}, but the config expects {expected}: the file is "
@@ -238,17 +230,12 @@ def prepare_model(
 ) -> dict:
     """Load a source once and save it as safetensors + tokenizer + ``headperturb_model.json``.
 
-    ``sha256``, when given, is checked against the GGUF file (for a GGUF source) before loading.
-    The folder appears only when complete.
+    ``sha256``, when given, is checked before loading (:func:`verify_source`). The folder
+    appears only when complete.
     """
     from .sites import locate_sites
 
-    weights_sha = None
-    gguf_path = Path(path) if str(path).endswith(".gguf") else None
-    if gguf_path is None and gguf_file and Path(path).is_dir():
-        gguf_path = Path(path) / gguf_file
-    if gguf_path is not None and gguf_path.is_file():
-        weights_sha = verify_sha256(gguf_path, sha256)
+    weights_sha = verify_source(path, gguf_file, sha256)
     model, tokenizer = load_source(path, gguf_file, dtype)
     model = _without_quantization(model, dtype)
     sites = locate_sites(model, site_override)
@@ -264,6 +251,56 @@ def prepare_model(
         info["weights_sha256"] = weights_sha or _combined_sha(weights)
         io.write_json(tmp / INFO_FILE, info)
     return info
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+"""The files of a local model folder that hold weights (``model.sha256`` names their hashes)."""
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    return sorted({f for pattern in WEIGHT_FILES for f in Path(folder).glob(pattern)})
+
+
+def verify_source(path: str, gguf_file: str | None, sha256) -> str | None:
+    """Check ``sha256`` (``model.sha256``) against a local source before it is loaded; return the
+    GGUF's sha256 (None for other sources).
+
+    A GGUF (``path`` itself, or ``gguf_file`` in a folder) is checked against one hash. A folder
+    of weights is checked file by file: ``sha256`` is one hash when the folder holds one weights
+    file, else a mapping from each weights file's name to its hash. A hub id has no file here to
+    check: a hash given for one is refused, not ignored."""
+    gguf = Path(path) if str(path).endswith(".gguf") else None
+    if gguf is None and gguf_file and Path(path).is_dir():
+        gguf = Path(path) / gguf_file
+    if gguf is not None and gguf.is_file():
+        if isinstance(sha256, dict):
+            raise ModelError(f"model.sha256 for the GGUF {gguf} is one hash, not a mapping")
+        return verify_sha256(gguf, sha256)
+    if not sha256:
+        return None
+    if not Path(path).is_dir():
+        raise ModelError(
+            f"model.sha256 is given, but {path!r} is no local file or folder to check it against "
+            "(a hub id): give a local model.path, or remove model.sha256"
+        )
+    files = weight_files(path)
+    if not isinstance(sha256, dict):
+        if len(files) != 1:
+            raise ModelError(
+                f"model.sha256 is one hash, but {path} holds {len(files)} weights files "
+                f"({', '.join(f.name for f in files) or 'none'}): give model.sha256 as a mapping "
+                "from each file's name to its sha256"
+            )
+        sha256 = {files[0].name: sha256}
+    names = {f.name for f in files}
+    if set(sha256) != names:
+        raise ModelError(
+            f"model.sha256 names {', '.join(sorted(sha256))}; {path} holds the weights files "
+            f"{', '.join(sorted(names)) or 'none'}: name every one of them"
+        )
+    for f in files:
+        verify_sha256(f, sha256[f.name])
+    return None
 
 
 def speed(model, n_layers: int, tokens: int = 128, rows: int = 32) -> dict:
@@ -315,7 +352,7 @@ def speed(model, n_layers: int, tokens: int = 128, rows: int = 32) -> dict:
 def _combined_sha(files) -> str:
     digest = hashlib.sha256()
     for f in files:
-        digest.update(sha256_file(f).encode())
+        digest.update(io.sha256_file(f).encode())
     return digest.hexdigest()
 
 

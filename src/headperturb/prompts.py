@@ -38,14 +38,12 @@ class Template:
     template: str
 
     def __post_init__(self):
-        for key in ("{text}", "{label}"):
-            if self.template.count(key) != 1:
-                raise PromptError(
-                    f"template {self.template!r} must contain {key} exactly once "
-                    "(placeholders: {text} and {label})"
-                )
-        if self.template.index("{text}") > self.template.index("{label}"):
-            raise PromptError(f"template {self.template!r}: {{label}} must come after {{text}}")
+        from .spec import SpecError, check_template
+
+        try:
+            check_template(self.template)
+        except SpecError as exc:
+            raise PromptError(str(exc)) from None
 
     def _before(self, text: str, verbalizer: str) -> str:
         before = self.template[: self.template.index("{label}")].replace("{text}", text)

@@ -55,18 +55,22 @@ def model(model_dir, device: str, dtype: str):
     return mine, info
 
 
-def tensors(path, keys: tuple[str, ...] | None = None) -> dict:
-    """The tensors of a safetensors file (only ``keys`` when given), loaded once per process."""
+def tensors(path, keys: tuple[str, ...] | None = None, expect: dict | None = None) -> dict:
+    """The tensors of a recording (only ``keys`` when given), loaded once per process and checked
+    against the provenance ``expect`` (:func:`headperturb.tensors.load`)."""
     from . import tensors as files
 
-    return cached("tensors", path, lambda: files.load(path, list(keys) if keys else None), keys)
+    frozen = tuple(sorted((expect or {}).items()))
+    load = lambda: files.load(path, list(keys) if keys else None, expect=expect)  # noqa: E731
+    return cached("tensors", path, load, keys, frozen)
 
 
-def program(folder, device: str):
+def program(folder, device: str, weights_sha256: str | None = None):
     """(program, meta) of an exported last layer (:func:`headperturb.tail.load`), loaded once."""
     from . import tail
 
-    return cached("program", Path(folder) / tail.META, lambda: tail.load(folder, device), device)
+    load = lambda: tail.load(folder, device, weights_sha256)  # noqa: E731
+    return cached("program", Path(folder) / tail.META, load, device, weights_sha256)
 
 
 def clear() -> None:

@@ -271,6 +271,15 @@ def per_head(frame):
     return heads.sort_values(["kind", "scale", "position", "rank"], ignore_index=True)
 
 
+def pool(heads, layers: list[int], position: str):
+    """The screen's zero-ablation rows of ``layers`` at ``position``: the heads a screened sweep
+    chooses from, in layer and head order."""
+    rows = heads[
+        (heads["kind"] == "zero") & (heads["position"] == position) & heads["layer"].isin(layers)
+    ]
+    return rows.sort_values(["layer", "head"])
+
+
 def choose(
     heads, layers: list[int], position: str, top: int, random: int, seed: int
 ) -> dict[int, list[int]]:
@@ -279,12 +288,9 @@ def choose(
     measured too. The draw is one seeded order of all the heads, whose first ``random`` heads
     outside the top are taken, so a larger ``top`` keeps the earlier choice and adds to it.
     ``{layer: [heads]}``."""
-    pool = heads[
-        (heads["kind"] == "zero") & (heads["position"] == position) & heads["layer"].isin(layers)
-    ]
-    pool = pool.sort_values(["layer", "head"])
-    keys = list(zip(pool["layer"], pool["head"]))
-    ranked = [keys[i] for i in np.argsort(pool["rank"].to_numpy(), kind="stable")]
+    rows = pool(heads, layers, position)
+    keys = list(zip(rows["layer"], rows["head"]))
+    ranked = [keys[i] for i in np.argsort(rows["rank"].to_numpy(), kind="stable")]
     chosen = set(ranked[:top])
     order = np.random.default_rng(seed).permutation(len(keys))
     chosen |= set([keys[i] for i in order if keys[i] not in chosen][:random])

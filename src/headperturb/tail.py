@@ -169,9 +169,11 @@ def save(folder: str | os.PathLike, exported, meta: dict) -> None:
     built beside it and renamed into place complete. Two saves of one program give the same
     bytes (:func:`_save_program`)."""
     with io.atomic_dir(folder) as tmp:
+        meta = {**meta, "exported": exported is not None}
         if exported is not None:
             _save_program(exported, tmp / PROGRAM)
-        io.write_json(tmp / META, {**meta, "exported": exported is not None})
+            meta["program_sha256"] = io.sha256_file(tmp / PROGRAM)
+        io.write_json(tmp / META, meta)
 
 
 def _save_program(exported, path: Path) -> None:
@@ -221,15 +223,31 @@ def _stable_serialization_id(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def load(folder: str | os.PathLike, device: str):
+def load(folder: str | os.PathLike, device: str, weights_sha256: str | None = None):
     """(callable program, meta) from ``folder``, or (None, reason) when there is no program for
-    ``device`` (none was exported, or it was exported for another device)."""
+    ``device`` (none was exported, or it was exported for another device). The program must be
+    what ``program.json`` says (its sha256) and, given ``weights_sha256``, exported from those
+    weights; otherwise :class:`headperturb.tensors.RecordingError` names the folder and the fix."""
+    from .tensors import RecordingError
+
     folder = Path(folder)
     meta = io.read_json(folder / META)
     if not meta.get("exported"):
         return None, f"no program was exported ({meta.get('reason', 'unknown reason')})"
+    if weights_sha256 and meta.get("weights_sha256") != weights_sha256:
+        raise RecordingError(
+            f"{folder} was exported from other model weights than this run's (weights_sha256 "
+            f"{str(meta.get('weights_sha256'))[:16]}, this run's {weights_sha256[:16]}): it "
+            f"belongs to another run or is stale. Remake it with `snakemake --cores all "
+            f"--forcerun {folder}`"
+        )
     if not same_device(meta["device"], device):
         return None, f"the program was exported on {meta['device']}, this job runs on {device}"
+    found = io.sha256_file(folder / PROGRAM) if (folder / PROGRAM).is_file() else None
+    if found is None or found != meta.get("program_sha256"):
+        raise io.unreadable(
+            folder / PROGRAM, ValueError("its sha256 is not the one program.json records")
+        )
     return torch.export.load(str(folder / PROGRAM)).module(), meta
 
 

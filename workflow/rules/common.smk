@@ -52,10 +52,8 @@ def step_threads(kind):
 # -- the model source: local (read while the DAG is built), or fetched first (a checkpoint) ---
 
 SOURCE = MODEL.get("path")
-LOCAL_SHAPE = (
-    models.read_shape(SOURCE, MODEL.get("gguf_file"), MODEL.get("site"))
-    if SOURCE and Path(SOURCE).exists()
-    else None
+LOCAL_SHAPE = spec.finding(
+    models.read_shape, SOURCE, MODEL.get("gguf_file"), MODEL.get("site"), local=True
 )
 if "pypi_wheel" in MODEL:
     FETCHED = f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"
@@ -85,18 +83,10 @@ def model_shape():
 
 # -- checks before any job ------------------------------------------------------------------
 
-if config["categories"]["medium"] > config["categories"]["high"]:
-    raise spec.SpecError(
-        f"categories: medium ({config['categories']['medium']}) must be <= high "
-        f"({config['categories']['high']})"
-    )
-DATA_FILES = spec.data_files(config["data"]["path"])
-spec.check_review_counts(spec.label_counts(DATA_FILES), PROMPTS)
-if LOCAL_SHAPE is not None:
-    spec.head_jobs(PERTURBATION, LOCAL_SHAPE["n_layers"], LOCAL_SHAPE["n_heads"])
+# (each mistake: one message naming the key, the value and what is allowed; headperturb.spec)
+DATA_FILES = spec.finding(spec.check_run, config, LOCAL_SHAPE)
 SCREENED = [s for s in spec.sweeps(PERTURBATION) if spec.screened(s)]
 SCREENING = config["screen"]["enabled"] or bool(SCREENED)
-spec.check_screen(config["screen"], SCREENED)
 # the patching kinds run on pairs of a prompt and its opposite-sentiment partner
 PAIRING = any(
     spec.paired(k) for s in spec.sweeps(PERTURBATION) for k in s["kinds"]
@@ -124,8 +114,14 @@ def screen_choice(sweep, layers):
     from headperturb import screen
 
     heads = files.read_parquet(checkpoints.screen.get().output.heads)
-    choice = sweep["heads"]
-    return screen.choose(heads, layers, sweep["positions"][0], choice["screen_top"],
+    choice, position = sweep["heads"], sweep["positions"][0]
+    pool = screen.pool(heads, layers, position)
+    if choice["screen_top"] > len(pool):
+        logger.warning(
+            f"heads: {{screen_top: {choice['screen_top']}}} asks for more heads than the "
+            f"{len(pool)} of layers {layers[0]}..{layers[-1]}: all {len(pool)} are measured"
+        )
+    return screen.choose(heads, layers, position, choice["screen_top"],
                          choice.get("random", 0), PERTURBATION["seed"])  # fmt: skip
 
 
