@@ -1,36 +1,26 @@
 # headperturb: what each attention head of a causal LM contributes to few-shot IMDB sentiment
-# classification, measured by perturbing one head at a time. See README.md.
-import sys
-from pathlib import Path
-
+# classification, measured by perturbing one head at a time. See README.md and docs/.
+# Needs the package installed (`pip install -e ".[workflow]"`); works as a Snakemake module too.
 from snakemake.utils import min_version
+
+from headperturb import runtime
+from headperturb.core import config as run_config
 
 min_version("9.0")
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from headperturb import config as run_config  # noqa: E402
-from headperturb.adapters import (
-    check_cluster,
-    end_of_error,
-    end_of_run,
-    start_of_run,
-)  # noqa: E402
-
-start_of_run()  # Ctrl-C stops the jobs in threads of this process too
-check_cluster(
-    workflow
-)  # a SLURM profile where SLURM does not answer: one line, before any job
+runtime.start_of_run()  # Ctrl-C stops the jobs in threads of this process too
 
 # The default run. A config file given with --configfile replaces it (keys it leaves out take
-# the schema's defaults); --config KEY=VALUE overrides single keys. README: Configuration.
+# the schema's defaults); --config KEY=VALUE overrides single keys. config/README.md.
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
 
+# the schema beside this Snakefile, also where another workflow uses this one as a module
 config.update(
     run_config.validate(
-        config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+        config, workflow.source_path("workflow/schemas/config.schema.yaml")
     )
 )
 
@@ -57,13 +47,14 @@ rule all:
 
 # A SLURM profile where SLURM does not answer stops in one line, before any job is submitted.
 onstart:
-    check_cluster(workflow)
+    runtime.check_cluster(workflow)
 
 
-# Let the Snakemake process exit at once when the run ends (headperturb.adapters.end_of_run).
+# Let the Snakemake process exit at once when the run ends (headperturb.runtime.end_of_run);
+# a run stopped by SIGTERM says so.
 onsuccess:
-    end_of_run()
+    runtime.end_of_run()
 
 
 onerror:
-    end_of_error(workflow)
+    runtime.end_of_error(workflow)

@@ -116,13 +116,14 @@ def passes_part(results: Path, model_dir: Path, sample: int) -> list[tuple]:
     import torch
     from tiny_models import edit_of
 
-    from headperturb import io, models, passes, tail
-    from headperturb.engine import Engine
-    from headperturb.sites import locate_sites
+    from headperturb.core import files
+    from headperturb.model import loading, passes, tail
+    from headperturb.model.engine import Engine
+    from headperturb.model.sites import locate_sites
 
-    model, _, _ = models.load_prepared(model_dir, device="cpu")
-    prompts = io.read_parquet(results / "prompts/prompts.parquet")
-    info = io.read_json(results / "prompts/prompt_info.json")
+    model, _, _ = loading.load_prepared(model_dir, device="cpu")
+    prompts = files.read_parquet(results / "prompts/prompts.parquet")
+    info = files.read_json(results / "prompts/prompt_info.json")
     engine = Engine(model, info["prefix_len"], info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in prompts["input_ids"]][:sample]
     pids = prompts["prompt_id"].tolist()[:sample]

@@ -39,17 +39,18 @@ def job_code(results: Path, model_dir: Path, layer: int, program: bool, dtype: s
     base = results / "baseline"
     return f"""
 import sys, tempfile; sys.path.insert(0, {str(REPO / "src")!r})
-from headperturb import jobs, steps
-from headperturb.spec import HeadJob, Job
+from headperturb.core.spec import HeadJob, Job
+from headperturb.model import headjob
+from headperturb.model.context import ModelSpec, PromptFiles
 target = HeadJob("o_proj_input", "all", "noise", "2", {layer}, 0)
-inputs = jobs.JobInputs(
-    steps.PromptFiles({str(results / "prompts" / "prompts.parquet")!r},
-                      {str(results / "prompts" / "prompt_info.json")!r}),
+inputs = headjob.JobInputs(
+    PromptFiles({str(results / "prompts" / "prompts.parquet")!r},
+                {str(results / "prompts" / "prompt_info.json")!r}),
     state={str(base / "final_state.safetensors")!r},
     program={str(base / "last_layer") if program else None!r})
-jobs.perturb(Job(target, target.perturbation(), dtype={dtype!r}), inputs,
-             steps.ModelSpec({str(model_dir)!r}, "cpu", {dtype!r}, 1),
-             tempfile.mkdtemp() + "/out.parquet")
+headjob.perturb(Job(target, target.perturbation(), dtype={dtype!r}), inputs,
+                ModelSpec({str(model_dir)!r}, "cpu", {dtype!r}, 1),
+                tempfile.mkdtemp() + "/out.parquet")
 """
 
 
@@ -63,15 +64,17 @@ def main() -> None:
     import pandas as pd
     import torch
     import transformers as tf
-    from tiny_models import train_tokenizer
+    from tiny_models import model_params, run_step, train_tokenizer
 
-    from headperturb import io, models, steps
-    from headperturb.data import load_split
-    from headperturb.prompts import build_prompts
+    from headperturb.core import files
+    from headperturb.data.imdb import load_split
+    from headperturb.data.prompts import build_prompts
+    from headperturb.model import loading
+    from headperturb.workflow import steps
 
     out = args.out
     model_dir = out / "prepared"
-    if not (model_dir / models.INFO_FILE).is_file():
+    if not (model_dir / loading.INFO_FILE).is_file():
         texts = pd.read_parquet(Path(args.data) / "train.parquet")["text"].sample(
             400, random_state=0
         )
@@ -86,9 +89,9 @@ def main() -> None:
         model.save_pretrained(out / "source")
         tf.AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out / "source")
         del model
-        models.prepare_model(str(out / "source"), model_dir, dtype=args.dtype)
+        loading.prepare_model(str(out / "source"), model_dir, dtype=args.dtype)
     torch.set_num_threads(2)
-    tokenizer = models.load_tokenizer(model_dir)
+    tokenizer = loading.load_tokenizer(model_dir)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     built = build_prompts(
         train, test, tokenizer, k_shot=4, n_test=20, max_review_tokens=80,
@@ -96,15 +99,16 @@ def main() -> None:
         separator="\n\n", seed=0, context_length=4096,
     )  # fmt: skip
     results = out / "results"
-    io.write_parquet(results / "prompts" / "prompts.parquet", built.prompts)
-    io.write_json(results / "prompts" / "prompt_info.json", built.info)
+    files.write_parquet(results / "prompts" / "prompts.parquet", built.prompts)
+    files.write_json(results / "prompts" / "prompt_info.json", built.info)
     base = results / "baseline"
-    files = steps.PromptFiles(str(results / "prompts" / "prompts.parquet"),
-                              str(results / "prompts" / "prompt_info.json"))  # fmt: skip
     outputs = {"per_prompt": base / "per_prompt.parquet", "metrics": base / "metrics.json",
                "state": base / "final_state.safetensors", "rms": base / "head_rms.parquet",
                "program": base / "last_layer"}  # fmt: skip
-    steps.baseline(files, steps.ModelSpec(str(model_dir), "cpu", args.dtype, 2), outputs)
+    inputs = {"prompts": str(results / "prompts" / "prompts.parquet"),
+              "info": str(results / "prompts" / "prompt_info.json"), "model": str(model_dir)}  # fmt: skip
+    run_step(steps.baseline, input=inputs, output=outputs, threads=2,
+             params=model_params("cpu", args.dtype))  # fmt: skip
     program = base / "last_layer" / "program.pt2"
     times = {
         name: statistics.median(

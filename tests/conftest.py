@@ -2,6 +2,12 @@
 
 Nothing here downloads: tokenizers are trained on a few IMDB reviews, models are built from
 transformers config classes with random weights.
+
+The tests are grouped by level, one folder each, and marked so (``pytest -m unit``): ``unit``
+(pure functions against hand computations, the library's steps), ``passes`` (the hook points,
+every fast pass against the naive one, planted effects) and ``workflow`` (Snakemake end to end).
+The workflow tests and the real SmolLM2 are also ``slow``: ``pytest -m "not slow"`` is the fast
+subset for development; CI runs everything.
 """
 
 from __future__ import annotations
@@ -15,6 +21,18 @@ from tiny_models import build_tiny_model, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 IMDB = Path(os.environ.get("HEADPERTURB_IMDB", REPO.parent / "shared" / "data" / "imdb"))
+
+
+LEVELS = ("unit", "passes", "workflow")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        level = Path(str(item.fspath)).parent.name
+        if level in LEVELS:
+            item.add_marker(getattr(pytest.mark, level))
+        if level == "workflow" or "smollm2" in item.nodeid:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -34,7 +52,7 @@ def imdb_dir() -> Path:
 @pytest.fixture(scope="session")
 def imdb_sample(imdb_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """200 reviews of each split, balanced, as the data loader returns them."""
-    from headperturb.data import load_split
+    from headperturb.data.imdb import load_split
 
     def sample(split):
         frame = load_split(str(imdb_dir), split)

@@ -103,18 +103,34 @@ def projection_weight(model, site):
 
 def edit_of(model, site, head, kind="noise", *, where="o_proj_input", scale=4.0, repeats=3,
             seed=5, clean=None, position="all"):  # fmt: skip
-    """The :class:`headperturb.intervention.Edit` of a perturbation ``kind`` on ``head`` of
+    """The :class:`headperturb.model.hooks.Edit` of a perturbation ``kind`` on ``head`` of
     ``site``, as a job builds it (``clean``: the head's clean outputs, for mean and resample)."""
-    from headperturb import perturbations
-    from headperturb.intervention import Edit, site_slice
+    from headperturb.core import kinds
+    from headperturb.model.hooks import Edit, site_slice
 
     cols = site_slice(model, site, head, where)
-    pert = perturbations.build(kind, scale if kind == "noise" else None)
+    pert = kinds.build(kind, scale if kind == "noise" else None)
     if kind == "noise":
         pert = pert.resolve()
     values = pert.values(seed=seed, layer=site.layer, head=head, width=cols.stop - cols.start,
                          repeats=repeats, clean=clean)  # fmt: skip
     return Edit(site, head, where, values, pert.mode, pert.draws(repeats), position)
+
+
+def run_step(rule_step, *, input=None, output=None, params=None, wildcards=None, threads=1):
+    """Run a workflow step (:mod:`headperturb.workflow.steps`) as its rule would, with plain
+    namespaces in place of Snakemake's input, output, params and wildcards."""
+    from types import SimpleNamespace
+
+    def ns(values):
+        return SimpleNamespace(**(values or {}))
+
+    return rule_step.step(ns(input), ns(output), ns(params), ns(wildcards), threads)
+
+
+def model_params(device="cpu", dtype="float32", site=None) -> dict:
+    """The params every model step takes (``device``, ``dtype``, ``site``)."""
+    return {"device": device, "dtype": dtype, "site": site}
 
 
 def capture_io(model, name: str, ids):

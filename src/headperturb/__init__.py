@@ -1,28 +1,28 @@
 """headperturb: what each attention head of a causal LM contributes to a task.
 
-The package holds the logic of the Snakemake workflow in this repository, one module per concept
-(README: Layout):
+The package holds the logic of the Snakemake workflow in this repository, in subpackages that
+follow the import graph (each imports only from the ones above it; docs/extending.md):
 
-- :mod:`headperturb.config`: the config's schema check, defaults, how configs combine.
-- :mod:`headperturb.spec`: head jobs, sweeps, file names, the checks made while the DAG is built.
-- :mod:`headperturb.perturbations`: the kinds of perturbation, one class each, one registry.
-- :mod:`headperturb.data`, :mod:`headperturb.prompts`, :mod:`headperturb.calibration`: IMDB, the
-  prompts, the decision rule and the choice of demonstrations.
-- :mod:`headperturb.models`, :mod:`headperturb.sites`: loading and preparing models; where each
-  head's output lives.
-- :mod:`headperturb.surgery`, :mod:`headperturb.intervention`: temporary changes to a model's
-  module tree; the edit of one head's columns.
-- :mod:`headperturb.engine`, :mod:`headperturb.passes`, :mod:`headperturb.tail`: the unperturbed
-  model and its recordings; the perturbed passes; the last layer as an exported program.
-- :mod:`headperturb.screen`: every head estimated from one backward pass per prompt.
-- :mod:`headperturb.jobs`, :mod:`headperturb.steps`, :mod:`headperturb.adapters`,
-  :mod:`headperturb.resources`: one head job; the other workflow steps; what each rule calls;
-  what a long-lived process keeps between jobs.
-- :mod:`headperturb.scoring`, :mod:`headperturb.stats`, :mod:`headperturb.aggregation`:
-  predictions and metrics; statistics; the run's table.
-- :mod:`headperturb.plots`, :mod:`headperturb.summary`: the figures; the summary page.
-- :mod:`headperturb.tensors`, :mod:`headperturb.io`, :mod:`headperturb.logs`: recorded tensors
-  and provenance; atomic files; job logs and errors.
+- :mod:`headperturb.core`: torch-free: the config (:mod:`~headperturb.core.config`), head jobs,
+  sweeps, file names and the plan of each job (:mod:`~headperturb.core.spec`), the kinds of
+  perturbation (:mod:`~headperturb.core.kinds`), the checks made while the DAG is built
+  (:mod:`~headperturb.core.checks`), job costs (:mod:`~headperturb.core.costs`) and atomic,
+  checksummed files (:mod:`~headperturb.core.files`).
+- :mod:`headperturb.runtime`: everything a process keeps or changes for all its jobs (torch's
+  threads, job logs, Ctrl-C and SIGTERM, the run's owner, what is loaded once per process).
+- :mod:`headperturb.data`: IMDB (:mod:`~headperturb.data.imdb`), prompts and pairs
+  (:mod:`~headperturb.data.prompts`), the decision rule (:mod:`~headperturb.data.calibration`).
+- :mod:`headperturb.analysis`: numpy and pandas only: scoring, statistics, discrimination and bias
+  (:mod:`~headperturb.analysis.effects`), the run's table, the screen's estimates and choice,
+  figures and the summary.
+- :mod:`headperturb.model`: torch: loading (:mod:`~headperturb.model.loading`), where heads live
+  (:mod:`~headperturb.model.sites`), the named hook points and every hook
+  (:mod:`~headperturb.model.hooks`), module-tree changes (:mod:`~headperturb.model.surgery`), the
+  unperturbed model (:mod:`~headperturb.model.engine`), the perturbed passes
+  (:mod:`~headperturb.model.passes`, :mod:`~headperturb.model.tail`), the screen's gradients
+  (:mod:`~headperturb.model.gradients`), recordings (:mod:`~headperturb.model.recordings`) and
+  one head job (:mod:`~headperturb.model.headjob`).
+- :mod:`headperturb.workflow`: what each Snakemake rule runs (:mod:`~headperturb.workflow.steps`).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -30,4 +30,4 @@ rule aggregate:
         | {"dtype": MODEL["dtype"]},
         stale_list=f"{RESULTS}/stale_results.txt",
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.aggregate(input, output, params, wildcards, threads, log)

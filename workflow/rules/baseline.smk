@@ -1,5 +1,5 @@
 # The unperturbed model on every prompt: the reference every head is compared with, and what the
-# fast perturbation passes start from (headperturb.passes).
+# fast perturbation passes start from (headperturb.model.passes).
 
 
 rule baseline:
@@ -19,7 +19,7 @@ rule baseline:
     params:
         **MODEL_PARAMS,
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.baseline(input, output, params, wildcards, threads, log)
 
 
 # The residual stream entering a layer at every position, for its all-position jobs: the layers
@@ -30,7 +30,7 @@ rule capture_layer:
         info=PROMPT_INFO,
         model=MODEL_DIR,
     output:
-        f"{RESULTS}/activations/layer{{layer}}.safetensors",
+        activations=f"{RESULTS}/activations/layer{{layer}}.safetensors",
     log:
         f"{LOGS}/capture_layer/layer{{layer}}.log",
     wildcard_constraints:
@@ -41,7 +41,7 @@ rule capture_layer:
     params:
         **MODEL_PARAMS,
     script:
-        "../scripts/step.py"
+        "../scripts/capture_layer.py"
 
 
 # Every layer's keys and values at every position, for the jobs that perturb the final position
@@ -52,7 +52,7 @@ rule capture_cache:
         info=PROMPT_INFO,
         model=MODEL_DIR,
     output:
-        CACHE,
+        cache=CACHE,
     log:
         f"{LOGS}/capture_cache.log",
     conda:
@@ -61,4 +61,4 @@ rule capture_cache:
     params:
         **MODEL_PARAMS,
     script:
-        "../scripts/step.py"
+        "../scripts/capture_cache.py"

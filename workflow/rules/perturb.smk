@@ -8,7 +8,7 @@ rule perturb_head:
     input:
         unpack(job_inputs),
     output:
-        spec.head_path(
+        result=spec.head_path(
             RESULTS, "{site}", "{position}", "{setting}", "{layer}", "{head}"
         ),
     log:
@@ -29,4 +29,4 @@ rule perturb_head:
         repeats=PERTURBATION["repeats"],
         seed=PERTURBATION["seed"],
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.perturb_head(input, output, params, wildcards, threads, log)

@@ -1,11 +1,11 @@
-# Figures from the contribution table, one rule for all of them (headperturb.plots.PLOTS).
+# Figures from the contribution table, one rule for all of them (headperturb.analysis.figures.PLOTS).
 
 
 rule plot:
     input:
-        plot_input,
+        table=plot_input,
     output:
-        report(
+        figure=report(
             f"{RESULTS}/plots/{{plot}}.png",
             caption="../report/plots.rst",
             category="Plots",
@@ -16,4 +16,4 @@ rule plot:
     wildcard_constraints:
         plot="|".join(PLOT_NAMES),
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.plot(input, output, params, wildcards, threads, log)

@@ -6,14 +6,14 @@ rule select_reviews:
     input:
         DATA_FILES,
     output:
-        REVIEWS,
+        reviews=REVIEWS,
     log:
         f"{LOGS}/select_reviews.log",
     params:
         data=config["data"],
         prompts=PROMPTS,
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.select_reviews(input, output, params, wildcards, threads, log)
 
 
 rule build_prompts:
@@ -38,18 +38,18 @@ rule build_prompts:
         prompts=PROMPTS,
         calibration=config["scoring"]["calibration"],
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.build_prompts(input, output, params, wildcards, threads, log)
 
 
 # Each test prompt's opposite-sentiment partner of the same length, for the patching kinds.
 rule pair_prompts:
     input:
-        PROMPT_TABLE,
+        prompts=PROMPT_TABLE,
     output:
-        PAIRS,
+        pairs=PAIRS,
     log:
         f"{LOGS}/pair_prompts.log",
     params:
         seed=PROMPTS["seed"],
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.pair_prompts(input, output, params, wildcards, threads, log)

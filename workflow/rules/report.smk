@@ -8,7 +8,7 @@ rule summarize:
         info=PROMPT_INFO,
         model=MODEL_DIR,
     output:
-        report(
+        summary=report(
             f"{RESULTS}/summary.md",
             caption="../report/summary.rst",
             category="Run",
@@ -31,4 +31,4 @@ rule summarize:
             )
         },
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.summarize(input, output, params, wildcards, threads, log)

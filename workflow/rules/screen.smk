@@ -1,5 +1,5 @@
 # The screen: every head of every layer estimated from one forward and one backward pass per
-# prompt (headperturb.screen). Estimates choose what to measure exactly (heads: {screen_top: K})
+# prompt (headperturb.analysis.screen). Estimates choose what to measure exactly (heads: {screen_top: K})
 # and are compared with every exact measurement of the run; they are never reported as
 # measurements. A checkpoint: the jobs of a screened sweep are known once it ran.
 
@@ -30,7 +30,7 @@ checkpoint screen:
             "noise_mode": PERTURBATION["noise_mode"],
         },
     script:
-        "../scripts/step.py"
+        "../scripts/screen.py"
 
 
 # How well the screen agreed with the exact measurements of the run, head by head.
@@ -51,4 +51,4 @@ rule screen_agreement:
     params:
         threshold=config["screen"]["disagreement"],
     run:
-        in_process(rule, input, output, params, wildcards, threads, log)
+        steps.screen_agreement(input, output, params, wildcards, threads, log)

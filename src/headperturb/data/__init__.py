@@ -1,0 +1,1 @@
+"""The data side: IMDB, k-shot prompts and opposite-sentiment pairs, the decision rule."""

@@ -1,0 +1,68 @@
+"""What a step runs on: the prepared model (:class:`ModelSpec`) and the run's prompts
+(:class:`PromptFiles`), loaded into an :class:`~headperturb.model.engine.Engine`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from headperturb import runtime
+from headperturb.core import files
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The prepared model a step runs: its folder, device, dtype, torch threads, and the
+    ``model.site`` override for architectures headperturb does not know."""
+
+    path: str
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int = 1
+    site: dict | None = None
+
+
+@dataclass(frozen=True)
+class PromptFiles:
+    """``prompts.parquet`` and ``prompt_info.json`` of a run."""
+
+    prompts: str
+    info: str
+
+
+def gpu_memory_hint(func, *args, **kwargs):
+    """``func(...)``, with CUDA's out-of-memory error turned into one message that says which
+    settings lower memory."""
+    import torch
+
+    from headperturb.model.loading import ModelError
+
+    try:
+        return func(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelError(
+            "out of GPU memory: lower prompts.n_test or prompts.max_review_tokens, set "
+            "model.dtype: bfloat16, lower perturbation.repeats (draws run in one batch), or run "
+            f"on model.device: cpu ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def load_engine(prompts: PromptFiles, model: ModelSpec):
+    """(engine, sites, model info, prompt info) for a step's prompts: torch's threads set, the
+    model loaded once per process and copied per thread (:func:`headperturb.runtime.cached_model`)."""
+    from headperturb.model.engine import Engine
+    from headperturb.model.sites import locate_sites
+
+    runtime.set_threads(model.threads)
+    net, model_info = runtime.cached_model(model.path, model.device, model.dtype)
+    info = files.read_json(prompts.info)
+    engine = Engine(net, info["prefix_len"], info["verbalizer_token_ids"])
+    return engine, locate_sites(net, model.site), model_info, info
+
+
+def prompt_ids(prompts_path) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+    """Every prompt's token ids, the prompt ids and the labels, in the run's order."""
+    frame = files.read_parquet(prompts_path, ["prompt_id", "label", "input_ids"])
+    ids = [np.asarray(x, dtype=np.int64) for x in frame["input_ids"]]
+    return ids, frame["prompt_id"].tolist(), frame["label"].to_numpy()

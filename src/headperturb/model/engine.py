@@ -1,0 +1,289 @@
+"""The unperturbed model on every prompt: its scores, and what the perturbed passes start from.
+
+Every prompt is ``prefix + query`` (see :mod:`headperturb.data.prompts`). Scores are the next-token
+logits of the two verbalizer tokens at the last position.
+
+:class:`Engine` encodes the shared prefix once and runs the queries, in batches, on copies of its
+key/value cache, computing only the two verbalizer logits. The same pass records, on request:
+
+- :meth:`Engine.baseline`: the scores, each layer's state at every prompt's final position
+  (:class:`FinalState`: the residual stream entering the layer, the o_proj input and output) and
+  every head's RMS output at both sites;
+- :meth:`Engine.capture_layer_inputs`: the residual stream entering one layer at every position;
+- :meth:`Engine.capture_cache`: the keys and values of every layer at every position.
+
+Each method returns what it recorded; the engine keeps no state between calls.
+(:mod:`headperturb.model.passes` holds the perturbed passes that start from these recordings.)
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from headperturb.model import hooks
+from headperturb.model.sites import HeadSite
+from headperturb.model.surgery import narrow_lm_head
+from headperturb.runtime import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Baseline:
+    """What :meth:`Engine.baseline` returns: (n, 2) verbalizer logits, the final state of every
+    layer (tensors named as in :data:`FINAL_STATE_KEYS`) and one row per (site, layer, head) of
+    RMS output."""
+
+    logits: np.ndarray
+    final_state: dict[str, torch.Tensor]
+    head_rms: list[dict]
+
+
+FINAL_STATE_KEYS = ("resid", "z", "out")
+"""Per layer ``L`` the final state holds ``resid.L`` (n, d_model), the residual stream entering
+layer ``L``, ``z.L`` (n, n_heads * head_dim), its o_proj input, and ``out.L`` (n, d_out), its
+o_proj output, all at each prompt's final position; and ``n_tokens`` (n,), the prompt lengths."""
+
+
+class Engine:
+    def __init__(self, model, prefix_len: int, label_token_ids: list[int]):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.prefix_len = int(prefix_len)
+        self.token_ids = [int(t) for t in label_token_ids]
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def ids(self, ids) -> torch.Tensor:
+        """One prompt's ids as a (1, length) tensor on the model's device."""
+        return torch.tensor(np.asarray(ids, dtype=np.int64), device=self.device)[None, :]
+
+    def prefix_cache(self, prompts, full: bool = False):
+        """The shared prefix encoded once; ``full`` keeps every position of sliding-window layers
+        too (the mask still applies the window), so the keys and values can be recorded."""
+        from transformers import DynamicCache
+
+        prefix = list(prompts[0][: self.prefix_len]) if self.prefix_len else []
+        for i, ids in enumerate(prompts):
+            if list(ids[: self.prefix_len]) != prefix:
+                raise ValueError(f"prompt {i} does not start with the shared prefix")
+        if not prefix:
+            return None
+        cache = DynamicCache() if full else DynamicCache(config=self.model.config)
+        self.model(
+            input_ids=self.ids(prefix), use_cache=True, logits_to_keep=1, **{self.cache_kw: cache}
+        )
+        return cache
+
+    def suffix_batches(self, cache, prompts, batch_size: int, lengths_seen: dict | None = None):
+        """Yield (indices, lengths, two-logit array, batch cache) for batches of prompts run on
+        the prefix cache. ``lengths_seen["lengths"]`` holds the current batch's query lengths
+        while it runs (for hooks that pick each prompt's final position).
+
+        Queries are right-padded to the longest in the batch: with causal attention no real token
+        sees a pad, so each prompt's last real position is exactly what it is alone.
+        """
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(start + batch_size, len(prompts))))
+            queries = [np.asarray(prompts[i][self.prefix_len :], dtype=np.int64) for i in idx]
+            lengths = torch.tensor([len(q) for q in queries], device=self.device)
+            width = int(lengths.max())
+            padded = np.stack(
+                [np.pad(q, (0, width - len(q)), constant_values=q[-1]) for q in queries]
+            )
+            kwargs, batch_cache = {}, None
+            if cache is not None:
+                batch_cache = copy.deepcopy(cache)
+                if len(idx) > 1:
+                    batch_cache.batch_repeat_interleave(len(idx))
+                kwargs = {self.cache_kw: batch_cache}
+            if lengths_seen is not None:
+                lengths_seen["lengths"] = lengths
+            with narrow_lm_head(self.model, self.token_ids):
+                logits = self.model(
+                    input_ids=torch.tensor(padded, device=self.device),
+                    use_cache=cache is not None,
+                    **kwargs,
+                ).logits
+            rows = torch.arange(len(idx), device=self.device)
+            yield idx, lengths, logits[rows, lengths - 1].float().cpu().numpy(), batch_cache
+
+    @torch.inference_mode()
+    def score(self, prompts: list, progress: Progress | None = None, batch_size: int = 4):
+        """(n, 2) verbalizer logits of the unperturbed model, reusing the prefix's cache."""
+        out = np.empty((len(prompts), 2), dtype=np.float64)
+        cache = self.prefix_cache(prompts)
+        for idx, _lengths, logits, _cache in self.suffix_batches(cache, prompts, batch_size):
+            out[idx] = logits
+            if progress:
+                progress.update(len(idx))
+        return out
+
+    @torch.inference_mode()
+    def baseline(
+        self,
+        prompts: list,
+        sites: list[HeadSite],
+        progress: Progress | None = None,
+        batch_size: int = 4,
+    ) -> Baseline:
+        """The scores, and what the perturbed passes start from (see :class:`Baseline`)."""
+        out = np.empty((len(prompts), 2), dtype=np.float64)
+        current: dict = {"lengths": None}  # None during the prefix pass
+        rms = _RmsSums(len(prompts))
+        final: dict[str, list[torch.Tensor]] = {}
+        recorders = []
+        for site in sites:
+            recorders += [
+                hooks.Hook("hook_resid_pre", site, _final_recorder(final, f"resid.{site.layer}", current)),
+                hooks.Hook("hook_z", site, _final_recorder(final, f"z.{site.layer}", current, rms,
+                                                           ("o_proj_input", site))),
+                hooks.Hook("hook_attn_out", site, _final_recorder(final, f"out.{site.layer}", current,
+                                                                  rms, ("o_proj_output", site))),
+            ]  # fmt: skip
+        handles = hooks.attach(self.model, recorders)
+        try:
+            cache = self.prefix_cache(prompts)
+            for idx, _lengths, logits, _cache in self.suffix_batches(
+                cache, prompts, batch_size, current
+            ):
+                out[idx] = logits
+                if progress:
+                    progress.update(len(idx))
+        finally:
+            hooks.detach(handles)
+        state = {key: torch.cat(rows) for key, rows in final.items()}
+        state["n_tokens"] = torch.tensor([len(ids) for ids in prompts], dtype=torch.int64)
+        return Baseline(out, state, rms.rows())
+
+    @torch.inference_mode()
+    def capture_layer_inputs(
+        self, prompts: list, site: HeadSite, progress: Progress | None = None, batch_size: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """The residual stream entering ``site.layer`` at every position of every prompt.
+
+        Returns ``prefix`` (prefix_len, d), ``suffix`` (sum of query lengths, d) and ``offsets``
+        (n + 1) into ``suffix``.
+        """
+        seen = {}
+
+        def grab(x):
+            seen["x"] = x.detach().float().cpu().clone()
+
+        handles = hooks.attach(self.model, [hooks.Hook("hook_resid_pre", site, grab)])
+        suffix, offsets = [], [0]
+        try:
+            cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
+            prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
+            for idx, lengths, _logits, _cache in self.suffix_batches(cache, prompts, batch_size):
+                for row, length in enumerate(lengths.tolist()):
+                    suffix.append(seen["x"][row, :length])
+                    offsets.append(offsets[-1] + length)
+                if progress:
+                    progress.update(len(idx))
+        finally:
+            hooks.detach(handles)
+        return {
+            "prefix": prefix,
+            "suffix": torch.cat(suffix),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+        }
+
+    @torch.inference_mode()
+    def capture_cache(
+        self, prompts: list, progress: Progress | None = None, batch_size: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """The keys and values of every layer at every position of every prompt, as the model's
+        cache holds them (after any rotary embedding): ``k.L`` / ``v.L`` (heads, positions,
+        head_dim) with the prefix's positions first, then each prompt's query positions;
+        ``offsets`` (n + 1) into the query part. Sliding-window layers keep every position."""
+        cache = self.prefix_cache(prompts, full=True)
+        parts: dict[str, list[torch.Tensor]] = {}
+        offsets = [0]
+        if cache is not None:
+            for layer, (k, v) in enumerate(_layers_kv(cache)):
+                parts.setdefault(f"k.{layer}", []).append(k[0].float().cpu())
+                parts.setdefault(f"v.{layer}", []).append(v[0].float().cpu())
+        for idx, lengths, _logits, batch_cache in self.suffix_batches(
+            cache if cache is not None else _full_cache(), prompts, batch_size
+        ):
+            for layer, (k, v) in enumerate(_layers_kv(batch_cache)):
+                for row, length in enumerate(lengths.tolist()):
+                    sl = slice(self.prefix_len, self.prefix_len + length)
+                    parts.setdefault(f"k.{layer}", []).append(k[row, :, sl].float().cpu())
+                    parts.setdefault(f"v.{layer}", []).append(v[row, :, sl].float().cpu())
+            for length in lengths.tolist():
+                offsets.append(offsets[-1] + length)
+            if progress:
+                progress.update(len(idx))
+        out = {key: torch.cat(rows, dim=1).contiguous() for key, rows in parts.items()}
+        out["offsets"] = torch.tensor(offsets, dtype=torch.int64)
+        out["prefix_len"] = torch.tensor([self.prefix_len], dtype=torch.int64)
+        return out
+
+
+def _full_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _layers_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class _RmsSums:
+    """Running sums of each head's squared output at both sites; the shared prefix counts once
+    per prompt, padded positions not at all."""
+
+    def __init__(self, n_prompts: int):
+        self.n_prompts = n_prompts
+        self.sums: dict[tuple[str, int], list] = {}
+
+    def add(self, where: str, site: HeadSite, x: torch.Tensor, lengths) -> None:
+        x = x.detach().float()
+        n_heads = site.n_heads
+        if lengths is None:  # the prefix, shared by every prompt
+            sq, count = x[0].pow(2).sum(0) * self.n_prompts, x.shape[1] * self.n_prompts
+        else:
+            valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+            sq = (x.pow(2) * valid[..., None]).sum((0, 1))
+            count = int(valid.sum())
+        per_head = sq.reshape(n_heads, -1).sum(-1).double().cpu()
+        entry = self.sums.setdefault(
+            (where, site.layer), [torch.zeros(n_heads, dtype=torch.float64), 0, 0]
+        )
+        entry[0] += per_head
+        entry[1] += count
+        entry[2] = sq.numel() // n_heads
+
+    def rows(self) -> list[dict]:
+        """Rows (site, layer, head, rms)."""
+        rows = []
+        for (where, layer), (sq, count, width) in sorted(self.sums.items()):
+            for head, value in enumerate((sq / max(count * width, 1)).sqrt().tolist()):
+                rows.append({"site": where, "layer": layer, "head": head, "rms": value})
+        return rows
+
+
+def _final_recorder(final: dict, name: str, current: dict, rms: _RmsSums | None = None,
+                    what=None):  # fmt: skip
+    """A hook function recording an activation at each prompt's final position into
+    ``final[name]``, and adding to the RMS sums when given."""
+
+    def record(x: torch.Tensor) -> None:
+        lengths = current["lengths"]
+        if rms is not None:
+            rms.add(what[0], what[1], x, lengths)
+        if lengths is None:  # the prefix pass: no prompt ends there
+            return
+        rows = torch.arange(x.shape[0], device=x.device)
+        final.setdefault(name, []).append(x[rows, lengths - 1].detach().float().cpu().clone())
+
+    return record

@@ -1,0 +1,167 @@
+"""The screen's passes: for every prompt, the margin's gradient at every head's output (the o_proj
+input, ``hook_z``) of every layer, from one forward and one backward pass, and the sums the
+first-order estimates are made of (:mod:`headperturb.analysis.screen` makes the estimates and
+chooses heads from them, without torch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from headperturb import runtime
+from headperturb.model import hooks
+from headperturb.model.engine import Engine
+from headperturb.model.sites import HeadSite
+from headperturb.model.surgery import narrow_lm_head
+from headperturb.runtime import Progress
+
+
+def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4):
+    """Each layer's o_proj input averaged over the prompts at each position counted from the end:
+    ``{layer: (longest prompt, width)}``, right-aligned (the last row is the final position), as
+    :func:`headperturb.core.kinds.mean_from_end` makes the values of the mean ablation."""
+    current: dict = {"lengths": None}
+    prefix: dict[int, torch.Tensor] = {}
+    sums: dict[int, torch.Tensor] = {}
+    counts = torch.zeros(max(len(p) for p in prompts), 1, dtype=torch.float64)
+
+    def record(layer):
+        def hook(z):
+            x = z.detach().double().cpu()
+            if current["lengths"] is None:
+                prefix[layer] = x[0].flip(0)
+                return
+            total = sums.setdefault(
+                layer, torch.zeros(len(counts), x.shape[-1], dtype=torch.float64)
+            )
+            for row, q in enumerate(current["lengths"].tolist()):
+                total[:q] += x[row, :q].flip(0)
+                if layer in prefix:
+                    total[q : q + len(prefix[layer])] += prefix[layer]
+
+        return hook
+
+    recorders = [hooks.Hook("hook_z", s, record(s.layer)) for s in sites]
+    with hooks.hooked(engine.model, *recorders), torch.inference_mode():
+        cache = engine.prefix_cache(prompts)
+        for _i, lengths, _l, _c in engine.suffix_batches(cache, prompts, batch_size, current):
+            for q in lengths.tolist():
+                counts[: q + engine.prefix_len] += 1
+    return {layer: (total / counts.clamp(min=1)).flip(0).float() for layer, total in sums.items()}
+
+
+def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: dict,
+                  progress: Progress | None = None,
+                  partners: list[int] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
+    positions (``.all``) and over the final position (``.last``), from one forward and one
+    backward pass per prompt through the model's own modules. Arrays (n, layers, heads).
+
+    The shared prefix runs forward once; each prompt's query then runs on its cache and one
+    backward pass gives that prompt's gradient at every position, the prefix's included.
+    ``partners`` (for each prompt the index of its opposite-sentiment partner, -1 for none) adds
+    ``partner_dot_g``: the partner's head outputs (one more forward pass, no backward) times the
+    prompt's gradient, NaN where a prompt has no partner."""
+    n_heads = sites[0].n_heads
+    sums = ("z_dot_g", "mean_dot_g", "g_norm") + (("partner_dot_g",) if partners else ())
+    out = {f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads))
+           for q in sums for p in ("all", "last")}  # fmt: skip
+    with _Gradients(engine, sites) as grads:
+        for i, ids in enumerate(prompts):
+            zs, gs = grads.of(ids)
+            partner = partners[i] if partners else -1
+            zp = grads.inputs(prompts[partner]) if partner >= 0 else None
+            n = len(ids)
+            for layer, (z, g) in enumerate(zip(zs, gs)):
+                z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
+                mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
+                p = zp[layer].double().reshape(n, n_heads, -1) if zp is not None else None
+                for part, sl in (("all", slice(None)), ("last", slice(n - 1, n))):
+                    out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
+                    out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
+                    out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()
+                    if partners:
+                        out[f"partner_dot_g.{part}"][i, layer] = (
+                            np.nan if p is None else (p[sl] * g[sl]).sum((0, 2)).numpy()
+                        )
+            if progress:
+                progress.update()
+    return out
+
+
+class _Gradients:
+    """While active, :meth:`of` gives a prompt's o_proj inputs at every layer and the gradient of
+    its margin with respect to them. The shared prefix's forward pass (and its graph) is made
+    once and reused; the weights keep no gradient."""
+
+    def __init__(self, engine: Engine, sites: list[HeadSite]):
+        self.engine, self.sites = engine, sites
+        self.seen: list = [None] * len(sites)
+
+    def __enter__(self):
+        import contextlib
+
+        model = self.engine.model
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(torch.enable_grad())
+        self.stack.enter_context(narrow_lm_head(model, self.engine.token_ids))
+        self.stack.enter_context(
+            runtime.frozen_parameters(model)
+        )  # gradients reach activations only
+        recorders = [hooks.Hook("hook_embed", None, lambda out: out.requires_grad_(True))]
+        for k, site in enumerate(self.sites):
+            recorders.append(hooks.Hook("hook_z", site, lambda z, k=k: self.seen.__setitem__(k, z)))
+        self.stack.enter_context(hooks.hooked(model, *recorders))
+        self.prefix, self.cache = [], None
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def _prefix(self, ids) -> None:
+        """The shared prefix, once: its o_proj inputs and its cache, with their graph."""
+        self.cache = self.engine.prefix_cache([ids])
+        self.prefix = list(self.seen)
+
+    def _run(self, ids):
+        """The margin of one prompt, its query run on a copy of the prefix's cache."""
+        import copy
+
+        n = self.engine.prefix_len
+        if n and not self.prefix:
+            self._prefix(ids)
+        kwargs = {}
+        if n:
+            cache = copy.copy(self.cache)
+            cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            kwargs = {self.engine.cache_kw: cache}
+        logits = self.engine.model(
+            input_ids=self.engine.ids(ids[n:]), use_cache=bool(n), logits_to_keep=1, **kwargs
+        ).logits
+        return logits[0, -1, 1] - logits[0, -1, 0]
+
+    def inputs(self, ids) -> list:
+        """One prompt's o_proj inputs, (length, width) per layer, without a gradient."""
+        with torch.no_grad():
+            self._run(ids)
+        own = [x[0] for x in self.seen]
+        if self.prefix:
+            own = [torch.cat([p[0], q]) for p, q in zip(self.prefix, own)]
+        return [z.detach().float().cpu() for z in own]
+
+    def of(self, ids) -> tuple[list, list]:
+        """(o_proj inputs, gradients) of one prompt, (length, width) per layer."""
+        margin = self._run(ids)
+        own = list(self.seen)
+        wrt = [*self.prefix, *own]  # the last layer's prefix reaches no later position: no gradient
+        n = self.engine.prefix_len
+        grads = torch.autograd.grad(margin, wrt, retain_graph=bool(n), allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+        g_prefix, g_own = grads[: len(self.prefix)], grads[len(self.prefix) :]
+        if self.prefix:
+            zs = [torch.cat([p[0], q[0]]) for p, q in zip(self.prefix, own)]
+            gs = [torch.cat([p[0], q[0]]) for p, q in zip(g_prefix, g_own)]
+        else:
+            zs, gs = [q[0] for q in own], [g[0] for g in g_own]
+        return [z.detach().float().cpu() for z in zs], [g.float().cpu() for g in gs]

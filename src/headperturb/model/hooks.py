@@ -1,0 +1,234 @@
+"""The named activations of a model and every hook on them: this module is the only place where
+headperturb registers a hook. Every edit, recording and gradient capture goes through
+:func:`attach` or :func:`hooked`.
+
+The hook points, named as TransformerLens names them (``L`` is the layer):
+
+==============================  ==============================================================
+``blocks.L.hook_resid_pre``     the residual stream entering layer ``L`` (the layer's first
+                                input), (batch, seq, d_model)
+``blocks.L.attn.hook_z``        every head's output before the attention output projection: the
+                                projection's input, (batch, seq, n_heads * head_dim); head ``h``
+                                owns columns ``h * head_dim : (h + 1) * head_dim``. The per-head
+                                site (``site: o_proj_input``).
+``blocks.L.hook_attn_out``      the projection's output, what attention adds to the residual
+                                stream, (batch, seq, d_out). Its slices are *not* heads: the
+                                projection mixes them (``site: o_proj_output``, the original
+                                study's site)
+``hook_embed``                  the token embeddings, (batch, seq, d_model)
+==============================  ==============================================================
+
+A :class:`Hook` is a point, a layer's :class:`~headperturb.model.sites.HeadSite` and a function
+of the activation that returns a replacement or None (keep it). A function may raise
+:class:`Stop` to end a forward pass once it has what it needs.
+
+The edit of one head (:class:`Edit`): its columns at ``hook_z`` (``o_proj_input``, its own output)
+or at ``hook_attn_out`` (``o_proj_output``), set to values (ablations, patching) or added to
+(noise), at every position or the last ones. Hooks are removed when their ``with`` block ends,
+also on an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from headperturb.core.spec import SITES
+from headperturb.model.sites import HeadSite, SiteError
+from headperturb.model.surgery import out_features, skip_layers_below
+
+POINTS = ("hook_embed", "hook_resid_pre", "hook_z", "hook_attn_out")
+"""The hook points (see the module docstring)."""
+
+AT_SITE = {"o_proj_input": "hook_z", "o_proj_output": "hook_attn_out"}
+"""The hook point of each per-head site of the config (``perturbation.sites``)."""
+
+
+def point_name(point: str, layer: int | None = None) -> str:
+    """The TransformerLens name of a point: ``blocks.3.attn.hook_z``, ``hook_embed``."""
+    if point not in POINTS:
+        raise ValueError(f"hook point {point!r} is not allowed; allowed: {', '.join(POINTS)}")
+    if point == "hook_embed":
+        return point
+    return f"blocks.{layer}.attn.hook_z" if point == "hook_z" else f"blocks.{layer}.{point}"
+
+
+class Stop(Exception):
+    """Raised by a hook's function to end a forward pass once it has what it needs."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    """``fn(activation)`` at ``point`` of ``site``'s layer (``site`` None for ``hook_embed``):
+    returns the activation to use instead, or None to keep it."""
+
+    point: str
+    site: HeadSite | None
+    fn: Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first input of a module call, whether passed by position or by keyword (decoder layers
+    take the hidden states either way)."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def with_first_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the first input replaced by ``value`` (cast to its dtype)."""
+    if args:
+        return (value.to(args[0].dtype), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: value.to(kwargs[key].dtype)}
+
+
+def attach(model, hooks) -> list:
+    """Register ``hooks`` on ``model``; returns the handles (:func:`detach` removes them)."""
+    handles = []
+    for hook in hooks:
+        point, site, fn = hook.point, hook.site, hook.fn
+        if point == "hook_embed":
+            module = model.get_input_embeddings()
+            handles.append(module.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
+        elif point == "hook_resid_pre":
+            module = model.get_submodule(site.layers_path)[site.layer]
+
+            def resid(_m, args, kwargs, fn=fn):
+                new = fn(first_input(args, kwargs))
+                return None if new is None else with_first_input(args, kwargs, new)
+
+            handles.append(module.register_forward_pre_hook(resid, with_kwargs=True))
+        elif point == "hook_z":
+            module = model.get_submodule(site.module_name)
+
+            def z(_m, args, fn=fn):
+                new = fn(args[0])
+                return None if new is None else (new, *args[1:])
+
+            handles.append(module.register_forward_pre_hook(z))
+        elif point == "hook_attn_out":
+            module = model.get_submodule(site.module_name)
+            handles.append(module.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
+        else:
+            point_name(point)  # raises: not a point
+    return handles
+
+
+def detach(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def hooked(model, *hooks: Hook) -> Iterator[None]:
+    """While active, ``hooks`` are on ``model``; all removed afterwards, also on an exception."""
+    handles = attach(model, hooks)
+    try:
+        yield
+    finally:
+        detach(handles)
+
+
+@contextlib.contextmanager
+def start_at_layer(model, site: HeadSite, hidden: torch.Tensor) -> Iterator[None]:
+    """While active, the model's forward skips the layers below ``site.layer``
+    (:func:`headperturb.model.surgery.skip_layers_below`) and feeds ``hidden`` (batch, seq,
+    d_model) into that layer at ``hook_resid_pre``."""
+    with hooked(model, Hook("hook_resid_pre", site, lambda _x: hidden)):
+        with skip_layers_below(model, site):
+            yield
+
+
+# -- the edit of one head's output -----------------------------------------------------------
+
+MODES = ("add", "set")
+
+
+def site_slice(model, site: HeadSite, head: int, where: str) -> slice:
+    """The columns of head ``head`` at ``where`` (``o_proj_input`` or ``o_proj_output``)."""
+    return head_columns(
+        head, where, site.layer, site.n_heads, site.head_dim, out_features(model, site)
+    )
+
+
+def head_columns(
+    head: int, where: str, layer: int, n_heads: int, head_dim: int, d_out: int
+) -> slice:
+    """The columns of head ``head`` at ``where``: its ``head_dim`` inputs of the projection, or
+    its ``d_out / n_heads`` block of the projection's output (the original study's site)."""
+    if where not in SITES:
+        raise ValueError(f"site {where!r} is not allowed; allowed: {', '.join(SITES)}")
+    if not 0 <= head < n_heads:
+        raise SiteError(f"head {head} is out of range: layer {layer} has {n_heads}")
+    width = head_dim if where == "o_proj_input" else d_out // n_heads
+    return slice(head * width, (head + 1) * width)
+
+
+def edit(x: torch.Tensor, cols: slice, values: torch.Tensor, mode: str) -> torch.Tensor:
+    """``x`` (..., seq, width) with ``values`` (batch or 1, k, len(cols)) added to, or set on, the
+    columns ``cols`` of its last ``k`` positions (``k`` = the shorter of the two lengths)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
+    x = x.clone()
+    k = min(x.shape[-2], values.shape[-2])
+    v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)
+    if mode == "add":
+        x[..., -k:, cols] += v
+    else:
+        x[..., -k:, cols] = v.expand(*x.shape[:-2], k, v.shape[-1])
+    return x
+
+
+@contextlib.contextmanager
+def perturb_head(
+    model,
+    site: HeadSite,
+    head: int,
+    values: torch.Tensor,
+    where: str = "o_proj_input",
+    mode: str = "add",
+) -> Iterator[None]:
+    """While active, change head ``head``'s slice at ``where`` with :func:`edit`.
+
+    ``values`` has shape (batch or 1, length, width) and is aligned to the *last* positions of the
+    hooked tensor, so a pass over only the final tokens of a prompt receives the values of those
+    positions, and values of length 1 perturb the final position alone. With ``set``, positions
+    before the first of ``values`` keep their own output.
+    """
+    cols = site_slice(model, site, head, where)
+    with hooked(model, Hook(AT_SITE[where], site, lambda x: edit(x, cols, values, mode))):
+        yield
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What a perturbed pass applies: head ``head`` of ``site``, at ``where`` (o_proj input or
+    output), over ``position`` (``all`` positions or the ``last`` one), its columns changed by
+    ``values`` (added or set, ``mode``) in each of ``draws`` draws.
+
+    ``values(index, prompt_id, length)`` gives a (draws or 1, length, width) tensor aligned to the
+    last ``length`` positions (see :mod:`headperturb.core.kinds`)."""
+
+    site: HeadSite
+    head: int
+    where: str
+    values: Callable
+    mode: str
+    draws: int
+    position: str = "all"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
+
+    def for_prompt(self, index: int, prompt_id: int, length: int) -> torch.Tensor:
+        """The values for one prompt of ``length`` tokens: every position, or the final one."""
+        return self.values(index, prompt_id, length if self.position == "all" else 1)
+
+    @contextlib.contextmanager
+    def applied(self, model, values: torch.Tensor) -> Iterator[None]:
+        """While active, ``values`` (one prompt's, from :meth:`for_prompt`) edit the model."""
+        with perturb_head(model, self.site, self.head, values, self.where, self.mode):
+            yield

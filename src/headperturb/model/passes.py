@@ -1,0 +1,239 @@
+"""The perturbed forward passes: (n, draws, 2) verbalizer logits with one head edited
+(an :class:`headperturb.model.hooks.Edit`).
+
+- :func:`naive`: the reference. A full forward pass over the whole prompt with the hook, all draws
+  of a prompt in one batch.
+- :func:`from_layer`: every layer before ``L`` computes exactly what the baseline computed, so the
+  pass starts at ``L`` from the residual stream recorded there
+  (:meth:`headperturb.model.engine.Engine.capture_layer_inputs`) and runs only layers ``>= L``.
+- :func:`last_layer`: at the last layer only the final position reaches the logits, and an edit
+  after the attention leaves that layer's keys and values unchanged: one position per prompt
+  through :class:`headperturb.model.tail.LastLayer`, every prompt and draw in one batch.
+- :func:`final_position`: an edit of the final position alone (``positions: last``) at any layer
+  ``L`` leaves every earlier position's keys and values unchanged at every layer. The pass runs
+  the final token alone through layers ``>= L``, from the residual stream recorded there
+  (:meth:`~headperturb.model.engine.Engine.baseline`), attending to the recorded keys and values
+  (:meth:`~headperturb.model.engine.Engine.capture_cache`): one token per prompt and draw, batched.
+
+Each runs the model's own modules through its own ``forward`` (:mod:`headperturb.model.surgery`), so
+masks, rotary embeddings and family quirks stay the model's; the equivalence tests check every fast
+pass against :func:`naive` to 1e-4. :func:`clean_outputs` gives a head's clean output at every
+position (at the final position: :func:`headperturb.model.tail.final_outputs`, from the baseline's
+recording), which the mean and resample ablations are built from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from headperturb.model import hooks, tail
+from headperturb.model.engine import Engine
+from headperturb.model.hooks import Edit, site_slice, start_at_layer
+from headperturb.model.sites import HeadSite
+from headperturb.model.surgery import narrow_lm_head, stand_in_embeddings
+from headperturb.runtime import Progress
+
+
+def _two_logits(engine: Engine, **inputs) -> np.ndarray:
+    """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
+    with narrow_lm_head(engine.model, engine.token_ids):
+        logits = engine.model(use_cache=False, logits_to_keep=1, **inputs).logits
+    return logits[:, -1, :].float().cpu().numpy()
+
+
+@torch.inference_mode()
+def full(engine: Engine, ids, batch: int = 1) -> np.ndarray:
+    """(batch, 2) verbalizer logits of a plain full forward over the whole prompt (no narrowed
+    LM head: the reference)."""
+    inputs = engine.ids(ids).expand(batch, -1)
+    logits = engine.model(input_ids=inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+    return logits[:, engine.token_ids].float().cpu().numpy()
+
+
+@torch.inference_mode()
+def naive(engine: Engine, prompts: list, prompt_ids: list[int], edit: Edit,
+          progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied: full forward passes (the reference)."""
+    out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
+    for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
+        with edit.applied(engine.model, edit.for_prompt(i, pid, len(ids)).to(engine.device)):
+            out[i] = full(engine, ids, batch=edit.draws)
+        if progress:
+            progress.update()
+    return out
+
+
+def layer_input(captured: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+    """Prompt ``i``'s recorded layer input: the shared prefix, then its own query positions."""
+    offsets = captured["offsets"]
+    return torch.cat([captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]])
+
+
+@torch.inference_mode()
+def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
+               prompt_ids: list[int], edit: Edit, progress: Progress | None = None,
+               runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied at any layer, running only layers >= L.
+    ``runs`` says which recorded prompt each row is (default: row i is prompt i); ``prompts``
+    are the rows' token ids."""
+    out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
+    for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
+        hidden = layer_input(captured, runs[i] if runs is not None else i)
+        if hidden.shape[0] != len(ids):
+            raise ValueError(f"the layer input recorded for prompt {pid} does not match its length")
+        hidden = hidden.to(engine.device)[None].expand(edit.draws, -1, -1)
+        values = edit.for_prompt(i, pid, len(ids)).to(engine.device)
+        with start_at_layer(engine.model, edit.site, hidden), edit.applied(engine.model, values):
+            out[i] = _two_logits(engine, input_ids=engine.ids(ids).expand(edit.draws, -1))
+        if progress:
+            progress.update()
+    return out
+
+
+@torch.inference_mode()
+def last_layer(engine: Engine, state: dict[str, torch.Tensor], prompt_ids: list[int],
+               edit: Edit) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied to the LAST layer, from its final state
+    (:func:`headperturb.model.tail.layer_state`; :func:`headperturb.model.tail.rows_of` for other rows)."""
+    meta = tail.describe(engine.model, edit.site, engine.token_ids)
+    with tail.last_layer(engine.model, edit.site, engine.token_ids) as program:
+        return tail.perturbed(program, state, prompt_ids, meta, edit, device=engine.device)
+
+
+class _PastLayer(DynamicLayer):
+    """One layer's recorded keys and values for a batch of final tokens. Each row's past (its
+    prompt's every position but the last, left-padded to ``plan["length"]``) is gathered with one
+    index per row from the recorded tensors when the layer asks for it, into a buffer the batch's
+    layers share, so only one layer's batch is in memory at a time. Layers below the perturbed
+    one are skipped and only report the past's length (``keys`` None)."""
+
+    def __init__(self, keys, values, plan: dict):
+        super().__init__()
+        self.source, self.plan = (keys, values), plan
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.plan["length"]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.plan["length"] + query_length, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.source[0] is None:
+            raise RuntimeError("a skipped layer's past was asked for")
+        return tuple(self._assemble(new, source, which)
+                     for new, source, which in zip((key_states, value_states), self.source, "kv"))  # fmt: skip
+
+    def _assemble(self, new: torch.Tensor, source: torch.Tensor, which: str) -> torch.Tensor:
+        rows, heads, q, dim = new.shape
+        length = self.plan["length"]
+        buffers = self.plan["buffers"]
+        if which not in buffers or buffers[which].dtype != new.dtype:
+            buffers[which] = new.new_empty(rows, heads, length + q, dim)
+        out = buffers[which]
+        index = self.plan["index"] + (torch.arange(heads) * source.shape[1])[None, :, None]
+        flat = source.to(new.dtype).reshape(-1, dim)  # (heads * positions, dim)
+        torch.index_select(flat, 0, index.reshape(-1), out=out.view(-1, dim))
+        out[:, :, length:] = new
+        return out
+
+
+def _gather_plan(
+    kv: dict[str, torch.Tensor], idx: list[int], lengths: list[int], draws: int
+) -> dict:
+    """Where each row's past lies in the recorded keys and values: for every row (``draws`` per
+    recorded prompt of ``idx``), its prompt's positions but the last, left-padded to the longest,
+    then a slot for the final token. Pads point at position 0: a real key, which the mask hides."""
+    prefix_len, offsets = int(kv["prefix_len"][0]), kv["offsets"]
+    length = max(lengths[i] for i in idx) - 1
+    rows = []
+    for i in idx:
+        own = torch.arange(prefix_len + int(offsets[i]), prefix_len + int(offsets[i + 1]) - 1)
+        past = torch.cat([torch.arange(prefix_len), own])
+        pad = torch.zeros(length - len(past), dtype=torch.long)
+        rows += [torch.cat([pad, past, torch.zeros(1, dtype=torch.long)])] * draws  # + the new slot
+    return {"index": torch.stack(rows)[:, None, :], "length": length, "buffers": {}}
+
+
+@torch.inference_mode()
+def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str, torch.Tensor],
+                   prompt_ids: list[int], edit: Edit, rows_per_batch: int = 256,
+                   runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied to the final position of layer ``L`` only:
+    the final token alone through layers >= L, with every earlier position's recorded keys and
+    values. ``state`` is the baseline's final state (all layers), ``kv`` the recorded cache;
+    ``runs`` says which recorded prompt each row is (default: row i is prompt i)."""
+    if edit.position != "last":
+        raise ValueError("final_position() perturbs the final position only (positions: last)")
+    layer, model, draws = edit.site.layer, engine.model, edit.draws
+    n_layers = len(model.get_submodule(edit.site.layers_path))
+    runs = list(range(len(prompt_ids))) if runs is None else list(runs)
+    lengths = state["n_tokens"].tolist()
+    out = np.empty((len(prompt_ids), draws, 2), dtype=np.float64)
+    step = max(1, rows_per_batch // draws)
+    for start in range(0, len(prompt_ids), step):
+        rows = list(range(start, min(start + step, len(prompt_ids))))
+        idx = [runs[r] for r in rows]
+        plan = _gather_plan(kv, idx, lengths, draws)
+        past = plan["length"]
+        layers = [
+            _PastLayer(*((kv[f"k.{lay}"], kv[f"v.{lay}"]) if lay >= layer else (None, None)), plan)
+            for lay in range(n_layers)
+        ]
+        mask = torch.ones(len(idx) * draws, past + 1, dtype=torch.long)
+        for row, i in enumerate(idx):
+            mask[row * draws : (row + 1) * draws, : past - (lengths[i] - 1)] = 0
+        positions = torch.tensor([lengths[i] - 1 for i in idx]).repeat_interleave(draws)[:, None]
+        hidden = state[f"resid.{layer}"][idx].repeat_interleave(draws, dim=0)[:, None, :]
+        values = torch.cat([
+            edit.for_prompt(r, prompt_ids[r], lengths[i]).expand(draws, -1, -1)
+            for r, i in zip(rows, idx)
+        ])  # fmt: skip
+        dev = engine.device
+        with (
+            stand_in_embeddings(model),
+            start_at_layer(model, edit.site, hidden.to(dev)),
+            edit.applied(model, values.to(dev)),
+        ):
+            logits = _two_logits(
+                engine,
+                input_ids=torch.zeros(len(idx) * draws, 1, dtype=torch.long, device=dev),
+                attention_mask=mask.to(dev),
+                position_ids=positions.to(dev),
+                **{engine.cache_kw: Cache(layers=layers)},
+            )
+        out[rows] = logits.reshape(len(idx), draws, 2)
+    return out
+
+
+@torch.inference_mode()
+def clean_outputs(engine: Engine, prompts: list, site: HeadSite, head: int, where: str,
+                  captured: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """The head's clean output at every position of every prompt, (length, width) each.
+
+    From the recorded layer input when ``captured`` is given, else from a full forward; the pass
+    stops as soon as the site has run.
+    """
+    cols = site_slice(engine.model, site, head, where)
+    seen = {}
+
+    def grab(x):
+        seen["x"] = x[0, :, cols].detach().float().cpu().clone()
+        raise hooks.Stop
+
+    out = []
+    with hooks.hooked(engine.model, hooks.Hook(hooks.AT_SITE[where], site, grab)):
+        for i, ids in enumerate(prompts):
+            try:
+                if captured is None:
+                    engine.model(input_ids=engine.ids(ids), use_cache=False, logits_to_keep=1)
+                else:
+                    hidden = layer_input(captured, i).to(engine.device)[None]
+                    with start_at_layer(engine.model, site, hidden):
+                        engine.model(input_ids=engine.ids(ids), use_cache=False, logits_to_keep=1)
+            except hooks.Stop:
+                pass
+            out.append(seen.pop("x"))
+    return out

