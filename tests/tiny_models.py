@@ -117,6 +117,15 @@ def edit_of(model, site, head, kind="noise", *, where="o_proj_input", scale=4.0,
     return Edit(site, head, where, values, pert.mode, pert.draws(repeats), position)
 
 
+def untouched(model, ids, before) -> None:
+    """Assert the model gives the logits ``before`` on ``ids[0]`` again: no hook was left on it."""
+    import torch
+
+    with torch.no_grad():
+        after = model(input_ids=torch.as_tensor(ids[0])[None]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 def run_step(rule_step, *, input=None, output=None, params=None, wildcards=None, threads=1):
     """Run a workflow step (:mod:`headperturb.workflow.steps`) as its rule would, with plain
     namespaces in place of Snakemake's input, output, params and wildcards."""

@@ -103,23 +103,40 @@ belongs to (set by :func:`mark_owner`, read by :func:`follow_owner`)."""
 
 
 def mark_owner() -> None:
-    """In the Snakemake process: name it as the owner of the steps it starts as processes."""
-    os.environ[OWNER] = str(os.getpid())
+    """In the Snakemake process: name it as the owner of the steps it starts as processes (its
+    pid and its start time, so that a later process given the same pid is not taken for it)."""
+    os.environ[OWNER] = f"{os.getpid()}:{_started(os.getpid()) or ''}"
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None  # field 22: the start time
+
+
+def alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not) and is the
+    process that started at ``started`` (its start time, when known)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return True  # no /proc: os.kill's answer
+    if fields[0] in ("Z", "X"):
+        return False
+    return not started or len(fields) <= 19 or fields[19] == started
 
 
 def follow_owner(interval: float = 0.5) -> int | None:
@@ -130,13 +147,14 @@ def follow_owner(interval: float = 0.5) -> int | None:
     the owner's pid, or None outside a Snakemake run."""
     from headperturb.core import files
 
-    pid = int(os.environ.get(OWNER) or 0)
+    owner, _, started = (os.environ.get(OWNER) or "").partition(":")
+    pid = int(owner or 0)
     if not pid or pid == os.getpid():
         return None
-    files.only_while(lambda: alive(pid))
+    files.only_while(lambda: alive(pid, started))
 
     def watch() -> None:
-        while alive(pid):
+        while alive(pid, started):
             time.sleep(interval)
         files.abandon()
         logging.getLogger(LOGGER).error("the Snakemake process %d has ended: stopping", pid)

@@ -9,48 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from tiny_models import FAMILIES, build_tiny_model, edit_of
+from tiny_models import edit_of, untouched
 
 from headperturb.core import files
-from headperturb.data.prompts import build_prompts
 from headperturb.model import passes, tail
-from headperturb.model.engine import Engine
 from headperturb.model.hooks import site_slice
 from headperturb.model.sites import locate_sites
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_setup(request, tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = build_tiny_model(
-        tmp_path_factory.mktemp(request.param),
-        tiny_tokenizer_dir,
-        request.param,
-        seed=1,
-        n_layers=4,
-    )
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    train, test = imdb_sample
-    built = build_prompts(
-        train, test, tok, k_shot=2, n_test=4, max_review_tokens=15,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
-    engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
-    ids = [np.asarray(x) for x in built.prompts["input_ids"]]
-    recorded = engine.baseline(ids, locate_sites(model), batch_size=3)  # batches of unequal lengths
-    with torch.no_grad():
-        before = model(input_ids=torch.as_tensor(ids[0])[None]).logits
-    return model, engine, ids, built.prompts["prompt_id"].tolist(), recorded, before
-
-
-def _untouched(model, ids, before):
-    with torch.no_grad():
-        after = model(input_ids=torch.as_tensor(ids[0])[None]).logits
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("where", ["o_proj_input", "o_proj_output"])
@@ -65,7 +29,7 @@ def test_last_layer_pass_equals_naive(family_setup, where):
     naive = passes.naive(engine, ids, pids, edit)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
     assert np.abs(fast - recorded.logits[:, None, :]).max() > 1e-3  # the noise moved something
-    _untouched(model, ids, before)
+    untouched(model, ids, before)
 
 
 @pytest.mark.parametrize("layer", [0, 2])
@@ -77,13 +41,7 @@ def test_middle_layer_pass_equals_naive(family_setup, layer):
     edit = edit_of(model, site, 1, repeats=2)
     fast = passes.from_layer(engine, captured, ids, pids, edit)
     np.testing.assert_allclose(fast, passes.naive(engine, ids, pids, edit), atol=1e-4)
-    _untouched(model, ids, before)
-
-
-@pytest.fixture(scope="module")
-def family_cache(family_setup):
-    _model, engine, ids, _pids, _recorded, _before = family_setup
-    return engine.capture_cache(ids, batch_size=3)
+    untouched(model, ids, before)
 
 
 @pytest.mark.parametrize("where", ["o_proj_input", "o_proj_output"])
@@ -103,7 +61,7 @@ def test_final_position_pass_equals_naive_restricted_to_the_final_position(
     naive = passes.naive(engine, ids, pids, edit)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
     assert np.abs(naive - recorded.logits[:, None, :]).max() > 1e-4
-    _untouched(model, ids, before)
+    untouched(model, ids, before)
 
 
 @pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
@@ -147,7 +105,7 @@ def test_exported_last_layer_equals_naive(family_setup, where, tmp_path):
     site = locate_sites(model)[-1]
     state = tail.layer_state(recorded.final_state, site.layer)
     exported = tail.export(model, site, engine.token_ids, state)
-    _untouched(model, ids, before)
+    untouched(model, ids, before)
     vocab = model.get_input_embeddings().num_embeddings
     assert all(vocab not in t.shape for t in exported.state_dict.values())
     meta = tail.describe(model, site, engine.token_ids, "cpu", "float32")

@@ -141,7 +141,9 @@ def test_hook_points_have_transformer_lens_names():
     assert hooks.point_name("hook_resid_pre", 0) == "blocks.0.hook_resid_pre"
     assert hooks.point_name("hook_attn_out", 2) == "blocks.2.hook_attn_out"
     assert hooks.point_name("hook_embed") == "hook_embed"
+    assert hooks.point_name("hook_resid_final") == "hook_resid_final"
     with pytest.raises(
-        ValueError, match="allowed: hook_embed, hook_resid_pre, hook_z, hook_attn_out"
+        ValueError,
+        match="allowed: hook_embed, hook_resid_pre, hook_z, hook_attn_out, hook_resid_final",
     ):
         hooks.point_name("hook_q", 1)

@@ -157,8 +157,13 @@ def test_program_for_another_device_falls_back_to_the_model(run, tmp_path, caplo
 
     other = tmp_path / "last_layer"
     shutil.copytree(run["base"] / "last_layer", other)
-    meta = json.loads((other / "program.json").read_text())
-    (other / "program.json").write_text(json.dumps({**meta, "device": "cuda"}))
+    from headperturb.model import tail
+
+    meta = json.loads((other / "program.json").read_text())  # as a CUDA export writes it
+    meta = {k: v for k, v in meta.items() if k != "meta_sha256"} | {"device": "cuda"}
+    (other / "program.json").write_text(
+        json.dumps({**meta, "meta_sha256": tail._meta_digest(meta)})
+    )
     with caplog.at_level("INFO", logger="headperturb"):
         _job(run, tmp_path / "out.parquet", program_dir=other)
     assert files.read_parquet_metadata(tmp_path / "out.parquet")["engine"] == "model"

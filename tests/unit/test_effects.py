@@ -2,6 +2,7 @@
 hand computations and brute force."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -84,17 +85,18 @@ def test_patch_effect_by_hand():
 
 
 @pytest.mark.parametrize(
-    "auc, q, bias, expected",
+    "auc, q, bias, bias_q, expected",
     [
-        ((0.01, 0.05), 0.001, (-0.01, 0.02), "discrimination"),
-        ((0.01, 0.05), 0.2, (-0.01, 0.02), "none"),  # q too large
-        ((-0.01, 0.05), 0.001, (0.1, 0.3), "bias"),
-        ((-0.05, -0.01), 0.001, (-0.3, -0.1), "both"),
-        ((-0.05, 0.01), 0.5, (-0.3, 0.1), "none"),
+        ((0.01, 0.05), 0.001, (-0.01, 0.02), 0.5, "discrimination"),
+        ((0.01, 0.05), 0.2, (-0.01, 0.02), 0.5, "none"),  # q too large
+        ((-0.01, 0.05), 0.001, (0.1, 0.3), 0.001, "bias"),
+        ((-0.01, 0.05), 0.001, (0.1, 0.3), 0.2, "none"),  # the shift's q too large
+        ((-0.05, -0.01), 0.001, (-0.3, -0.1), 0.01, "both"),
+        ((-0.05, 0.01), 0.5, (-0.3, 0.1), 0.01, "none"),
     ],
 )
-def test_effect_rule(auc, q, bias, expected):
-    assert effects.effect(*auc, q, *bias, alpha=0.05) == expected
+def test_effect_rule(auc, q, bias, bias_q, expected):
+    assert effects.effect(*auc, q, *bias, bias_q, alpha=0.05) == expected
 
 
 def _margins(n=200, seed=0):
@@ -120,8 +122,17 @@ def test_a_pure_shift_is_all_bias_and_no_discrimination():
     assert out["change_accuracy"] > 0.15  # nearly everything called negative
     assert out["change_accuracy_bias"] == pytest.approx(out["change_accuracy"])
     assert out["change_accuracy_discrimination"] == pytest.approx(0.0)
+    # the exact sign-flip test by hand: each prompt the shift moves across the threshold turns
+    # right (-1) or wrong (+1); under the null each sign is a fair coin
+    moved = (ref > 0) != (ref - 1.5 > 0)
+    d = np.where((ref > 0).astype(int) == labels, 1, -1)[moved]
+    m, s = len(d), abs(int(d.sum()))
+    p = sum(math.comb(m, j) for j in range(m + 1) if abs(2 * j - m) >= s) / 2**m
+    assert m > 10 and p < 1e-3
+    assert out["p_value_bias"] == pytest.approx(p)
     assert effects.effect(out["ci_low_auc"], out["ci_high_auc"], out["p_value_auc"],
-                          out["ci_low_accuracy_bias"], out["ci_high_accuracy_bias"], 0.05) == "bias"  # fmt: skip
+                          out["ci_low_accuracy_bias"], out["ci_high_accuracy_bias"],
+                          out["p_value_bias"], 0.05) == "bias"  # fmt: skip
 
 
 def test_scrambled_margins_are_discrimination_without_bias():

@@ -169,3 +169,56 @@ def test_no_job_starts_in_a_thread_after_ctrl_c(interrupt_handler, tmp_path):
     with pytest.raises(runtime.JobError, match=r"interrupted \(Ctrl-C\) before this job started"):
         steps.aggregate(None, None, None, {}, 1, [str(log)])
     assert "before this job started" in log.read_text()
+
+
+def test_a_changed_dtype_in_a_recordings_header_is_caught(tmp_path):
+    """safetensors keeps each tensor's dtype and shape in its header: the checksum covers them,
+    so F32 read as I32 (the same bytes) is refused, not turned into other numbers."""
+    path = tmp_path / "state.safetensors"
+    recordings.save(path, {"z": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, {"step": "x"})
+    data = path.read_bytes()
+    assert b'"F32"' in data
+    path.write_bytes(data.replace(b'"F32"', b'"I32"', 1))
+    with pytest.raises(files.UnreadableError, match="tensor 'z' does not match its checksum"):
+        recordings.load(path)
+
+
+def test_a_changed_value_in_the_programs_description_is_caught(tmp_path):
+    from headperturb.model import tail
+
+    meta = {"layer": 1, "n_heads": 4, "head_dim": 8, "d_out": 32, "device": "cpu"}
+    tail.save(tmp_path / "program", None, meta)
+    path = tmp_path / "program/program.json"
+    path.write_text(path.read_text().replace('"head_dim": 8', '"head_dim": 6'))
+    with pytest.raises(
+        files.UnreadableError, match="program.json cannot be read .its values do not"
+    ):
+        tail.load(tmp_path / "program", "cpu")
+
+
+def test_a_parquet_file_with_a_column_less_than_written_is_caught(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    files.write_parquet(path, {"a": [1, 2], "b": [3.0, 4.0]}, {"step": "x"})
+    meta = pq.read_schema(path).metadata
+    pq.write_table(pa.table({"a": [1, 2]}).replace_schema_metadata(meta), path)
+    with pytest.raises(files.UnreadableError, match="its schema does not match its checksum"):
+        files.read_parquet(path)
+    assert files.read_parquet(path, ["a"])["a"].tolist() == [1, 2]  # what is there is intact
+    assert json.loads(meta[b"headperturb"])["step"] == "x"
+
+
+def test_the_owner_is_its_pid_and_its_start_time():
+    """A process that got the owner's pid after the owner died is not taken for it."""
+    import os
+
+    from headperturb import runtime
+
+    started = runtime._started(os.getpid())
+    assert runtime.alive(os.getpid(), started)
+    if started is not None:  # Linux
+        assert not runtime.alive(os.getpid(), str(int(started) + 1))

@@ -597,3 +597,18 @@ def test_sigterm_stops_the_run_after_its_running_jobs_and_says_so(
         pd.read_parquet(path)  # what finished is complete
     snakemake(tmp_path, config)  # not locked; does what is left
     assert (tmp_path / "results/test/contributions.parquet").is_file()
+
+
+def test_a_baseline_for_other_prompts_stops_the_table(run_copy):
+    """The aggregation compares the baseline's prompts with the prompts the run holds now, not
+    only each head file's."""
+    workdir, config = run_copy
+    path = workdir / "results/test/baseline/per_prompt.parquet"
+    meta = files.read_parquet_metadata(path)
+    meta["settings"]["prompts_sha256"] = "0" * 64
+    files.write_parquet(path, pd.read_parquet(path), meta)
+    _forget(workdir, "results/test/baseline/per_prompt.parquet")
+    result = snakemake(workdir, config, "--forcerun", "aggregate", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "per_prompt.parquet was computed for other prompts than" in out, out[-3000:]

@@ -151,6 +151,7 @@ FIRST_COLUMNS = [*stats.KEYS, "draws", "n_prompts", "baseline_accuracy", "accura
                  "change_auc", "ci_low_auc", "ci_high_auc", "p_value_auc", "q_value_auc",
                  "bias_shift", "ci_low_bias_shift", "ci_high_bias_shift",
                  "contribution_accuracy_bias", "ci_low_accuracy_bias", "ci_high_accuracy_bias",
+                 "p_value_bias", "q_value_bias",
                  "contribution_accuracy_discrimination", "ci_low_accuracy_discrimination",
                  "ci_high_accuracy_discrimination", "impact_discrimination", "patch_effect",
                  "ci_low_patch_effect", "ci_high_patch_effect", "reference_accuracy", "reference_auc",
@@ -177,7 +178,7 @@ def build_table(rows: list[dict], high: float, medium: float, alpha: float) -> p
     table = stats.aggregate(table, high=high, medium=medium)
     short = dict(zip(("ci_low_accuracy", "ci_high_accuracy"), interval_columns("accuracy")))
     table = table.rename(columns=short)
-    for name in ("", "_logit_diff", "_auc"):
+    for name in ("", "_logit_diff", "_auc", "_bias"):
         table[f"q_value{name}"] = stats.bh_qvalues(table[f"p_value{name}"])
     table["significant"] = table["q_value"] < alpha
     spans = [  # the categories the 95% interval of the relative change reaches
@@ -190,10 +191,10 @@ def build_table(rows: list[dict], high: float, medium: float, alpha: float) -> p
         rest = 100 * table["contribution_accuracy_discrimination"] / table["baseline_accuracy"]
     table["impact_discrimination"] = [stats.impact_category(r, high, medium) for r in rest]
     table["effect"] = [
-        effects.effect(a_lo, a_hi, q, b_lo, b_hi, alpha)
-        for a_lo, a_hi, q, b_lo, b_hi in zip(
+        effects.effect(a_lo, a_hi, q, b_lo, b_hi, b_q, alpha)
+        for a_lo, a_hi, q, b_lo, b_hi, b_q in zip(
             table["ci_low_auc"], table["ci_high_auc"], table["q_value_auc"],
-            table["ci_low_accuracy_bias"], table["ci_high_accuracy_bias"],
+            table["ci_low_accuracy_bias"], table["ci_high_accuracy_bias"], table["q_value_bias"],
         )
     ]  # fmt: skip
     rel_halves = []

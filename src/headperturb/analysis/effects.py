@@ -122,17 +122,23 @@ def interval_excludes_zero(low: float, high: float) -> bool:
 
 
 def effect(auc_low: float, auc_high: float, auc_q: float, bias_low: float, bias_high: float,
-           alpha: float) -> str:  # fmt: skip
-    """What a row's intervention changed, by this rule on its 95% intervals:
+           bias_q: float, alpha: float) -> str:  # fmt: skip
+    """What a row's intervention changed, by the same rule for both, on its 95% interval and its
+    q-value (Benjamini-Hochberg over the run):
 
     - *discrimination*: the interval of the AUC change excludes 0 and its q-value (the paired
-      permutation test, Benjamini-Hochberg) is below ``alpha``;
-    - *bias*: the interval of the shift-explained part of the accuracy change excludes 0: the
-      mean margin shift alone moves enough prompts across the decision threshold to change the
-      accuracy;
-    - *both*, or *none* when neither holds."""
+      permutation test of the AUC change) is below ``alpha``;
+    - *bias*: the interval of the shift-explained part of the accuracy change excludes 0 and its
+      q-value (the exact sign-flip test of the per-prompt changes of correctness that the mean
+      margin shift alone makes) is below ``alpha``: the shift alone moves enough prompts across
+      the decision threshold to change the accuracy;
+    - *both*, or *none* when neither holds.
+
+    The mean shift is label-independent: a change of the margins' *scale* moves it too, by the
+    margins' mean times the change, and can come out as bias when the margins are not centred on
+    the threshold."""
     disc = interval_excludes_zero(auc_low, auc_high) and bool(auc_q < alpha)
-    bias = interval_excludes_zero(bias_low, bias_high)
+    bias = interval_excludes_zero(bias_low, bias_high) and bool(bias_q < alpha)
     return {(True, True): "both", (True, False): "discrimination", (False, True): "bias"}.get(
         (disc, bias), "none"
     )

@@ -140,10 +140,12 @@ def sign_flip_pvalue(differences, n_perm: int = 10_000, seed: int = 0) -> float:
     return (1 + hits) / (1 + n_perm)
 
 
-def lattice_pvalue(differences, max_steps: int = 100) -> float | None:
+def lattice_pvalue(differences, max_steps: int = 100, max_work: float = 2e8) -> float | None:
     """The exact two-sided sign-flip p-value of nonzero ``differences`` that are whole multiples
     ``k_i / m`` of one step (``m <= max_steps``), from the distribution of ``sum s_i k_i`` over
-    all sign patterns (a convolution, for any n); None when they are not on such a lattice."""
+    all sign patterns (a convolution, for any n); None when they are not on such a lattice, or
+    when the convolution would take more than about ``max_work`` operations (the caller then
+    samples sign patterns)."""
     d = np.asarray(differences, dtype=float)
     d = d[d != 0]
     for m in range(1, max_steps + 1):
@@ -152,8 +154,14 @@ def lattice_pvalue(differences, max_steps: int = 100) -> float | None:
             break
     else:
         return None
-    steps = np.sort(np.abs(k).astype(np.int64))
+    if not len(k):
+        return 1.0
+    k = k.astype(np.int64)
+    k //= np.gcd.reduce(np.abs(k))  # the same distribution on the coarsest lattice
+    steps = np.sort(np.abs(k))
     total = int(steps.sum())
+    if total * len(steps) > max_work:  # about n x total operations: Monte Carlo beyond this
+        return None
     dist = np.ones(1)  # dist[reach + s]: the probability of the sum s, |s| <= reach
     for step in steps:  # smallest first: the support grows as slowly as it can
         grown = np.zeros(len(dist) + 2 * step)
@@ -201,7 +209,8 @@ def paired_summary(
     ``probability``, ``auc`` and the two parts of the accuracy change (``accuracy_bias``: what the
     row's own mean margin shift explains, ``accuracy_discrimination``: the rest); ``auc`` and
     ``reference_auc``; ``bias_shift`` (perturbed - reference, mean margin) with its interval;
-    ``p_value``, ``p_value_logit_diff``, ``p_value_auc``, ``detectable_change``; and
+    ``p_value``, ``p_value_logit_diff``, ``p_value_auc``, ``p_value_bias`` (the per-prompt change
+    of correctness that the shift alone makes), ``detectable_change``; and
     ``patch_effect`` with its interval when ``patching`` is given.
     """
     from headperturb.analysis import effects
@@ -253,6 +262,7 @@ def paired_summary(
     shift = effects.bias_shift(base_margin, pert_margin, ones, one_draw)
     shift_b = effects.bias_shift(base_margin, pert_margin, w, dw)
     shifted = effects.shift_only_accuracy(labels, base_margin, shift, ones)[0]
+    shifted_c = ((base_margin + shift[0] > 0).astype(int) == labels).astype(float)
     point["accuracy_bias"] = base_c.mean() - shifted
     boot["accuracy_bias"] = w @ base_c / n - effects.shift_only_accuracy(
         labels, base_margin, shift_b, w
@@ -272,6 +282,7 @@ def paired_summary(
     out["p_value"] = sign_flip_pvalue(base_c - pert_c.mean(axis=1), n_perm, seed)
     out["detectable_change"] = detectable_change(base_c - pert_c.mean(axis=1))
     out["p_value_logit_diff"] = sign_flip_pvalue(base_ld - pert_ld.mean(axis=1), n_perm, seed)
+    out["p_value_bias"] = sign_flip_pvalue(base_c - shifted_c, n_perm, seed)  # exact: 0, +-1
     out["p_value_auc"] = (
         sign_flip_pvalue(effects.auc_flip_values(labels, base_margin, pert_margin), n_perm, seed)
         if pos.any() and neg.any()

@@ -81,9 +81,10 @@ def _findings(table: pd.DataFrame, meta: dict, pairs, top: int) -> list[str]:
              f"(discrimination: the ROC AUC of the margin, {base_auc:.3f} unperturbed, "
              "threshold-free), or move every margin the same way (bias: the mean margin shift; the "
              "threshold fitted on the unperturbed model then calls more reviews one class). "
-             "`effect` in the table says which, by its 95% intervals: discrimination when the AUC "
-             f"change's interval excludes 0 and its q < {alpha:g}, bias when the interval of the "
-             "accuracy change that the mean shift alone explains excludes 0.", ""]  # fmt: skip
+             "`effect` in the table says which, by its 95% intervals and q-values: discrimination "
+             f"when the AUC change's interval excludes 0 and its q < {alpha:g}, bias when the "
+             "interval of the accuracy change that the mean shift alone explains excludes 0 and "
+             f"its q < {alpha:g}.", ""]  # fmt: skip
     disc = table[table["effect"].isin(["discrimination", "both"])]
     lines += [f"### Discrimination ({len(disc)} of {len(table)} rows)", ""]
     largest = table.loc[table["change_auc"].abs().idxmax()] if len(table) else None

@@ -54,9 +54,13 @@ def abandon() -> None:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
-def _commit(tmp: Path, path: Path) -> None:
+def _still(path: Path) -> None:
     if _still_wanted is not None and not _still_wanted():
         raise Abandoned(f"the run that asked for {path} has ended; it is not written")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    _still(path)
     os.replace(tmp, path)
 
 
@@ -98,6 +102,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; give the usual permissions
+        _still(path)  # before the old folder is removed
         if path.exists():
             shutil.rmtree(path)
         _commit(tmp, path)
@@ -205,7 +210,8 @@ def _canonical(array) -> bytes:
         lengths = np.asarray(pc.list_value_length(array).fill_null(0), dtype=np.int64)
         return b"L" + nulls + lengths.tobytes() + _canonical(pc.list_flatten(array))
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return b"S" + nulls + "\0".join(x or "" for x in array.to_pylist()).encode()
+        texts = [(x or "").encode() for x in array.to_pylist()]
+        return b"S" + nulls + b"".join(len(t).to_bytes(8, "little") + t for t in texts)
     if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind):
         values = np.asarray(array.fill_null(False if pa.types.is_boolean(kind) else 0))
         return b"N" + str(values.dtype).encode() + nulls + values.tobytes()
@@ -261,9 +267,9 @@ def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) 
         pq.write_table(table, tmp, write_page_checksum=True)  # read_parquet verifies them
 
 
-def _verified(path, table, raw: bytes | None) -> dict:
-    """The ``headperturb`` metadata of a table read from ``path``, after checking it and the
-    columns read against :data:`CHECKSUMS`, which every file :func:`write_parquet` wrote has."""
+def _checked_metadata(raw: bytes | None) -> tuple[dict, dict]:
+    """(metadata, checksums) of a file :func:`write_parquet` wrote, the metadata checked against
+    its digest."""
     meta = json.loads(raw) if raw else {}
     sums = meta.pop(CHECKSUMS, None)
     if sums is None:
@@ -272,12 +278,19 @@ def _verified(path, table, raw: bytes | None) -> dict:
         )
     if sums.get("metadata") != _meta_digest(meta):
         raise ValueError("its metadata does not match its checksum")
+    return meta, sums
+
+
+def _verified(table, raw: bytes | None, every_column: bool) -> dict:
+    """The ``headperturb`` metadata of a table read from a file, after checking it and the
+    columns read against :data:`CHECKSUMS` (``every_column``: all were asked for, so the schema
+    must be the one written too)."""
+    meta, sums = _checked_metadata(raw)
     for name in table.column_names:
         if sums.get(name) != column_digest(name, table[name]):
             raise ValueError(f"column {name!r} does not match its checksum")
-    if set(table.column_names) == set(sums) - {"schema", "metadata"}:
-        if sums.get("schema") != _schema_digest(table):
-            raise ValueError("its schema does not match its checksum")
+    if every_column and sums.get("schema") != _schema_digest(table):
+        raise ValueError("its schema does not match its checksum")
     return meta
 
 
@@ -290,7 +303,7 @@ def _read_table(path, columns=None):
         raw = (table.schema.metadata or {}).get(METADATA_KEY)
         if raw is None and columns is not None:  # a column subset keeps the file's metadata too
             raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
-        return table, _verified(path, table, raw)
+        return table, _verified(table, raw, every_column=columns is None)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise unreadable(path, exc) from None
 
@@ -302,17 +315,9 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict:
 
     try:
         raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
-        meta = json.loads(raw) if raw else {}
-        sums = meta.pop(CHECKSUMS, None)
-        if sums is None:
-            raise ValueError(
-                "it carries no checksums: not written by headperturb, or its metadata is damaged"
-            )
-        if sums.get("metadata") != _meta_digest(meta):
-            raise ValueError("its metadata does not match its checksum")
+        return _checked_metadata(raw)[0]
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise unreadable(path, exc) from None
-    return meta
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):

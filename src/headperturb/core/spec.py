@@ -300,3 +300,92 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
     if job.position == "last":
         return Plan("final_position", ("state", "cache"))
     return Plan("from_layer", ("activations",))
+
+
+# -- heads together: joint ablation curves ----------------------------------------------------
+
+ORDERS = ("screen", "exact", "random")
+"""How the heads of a curve are ranked: the screen's estimate of each head's contribution to the
+correct-label logit difference (same kind where the screen estimates it, else zero ablation), the
+run's exact single-head measurement of the same setting, or a seeded random order (the control)."""
+
+SET_MODES = ("remove", "keep", "single")
+"""``remove``: the k highest-ranked heads perturbed together; ``keep``: every other head perturbed
+(the k kept); ``single``: the k-th ranked head alone (for the interaction at small k)."""
+
+
+@dataclass(frozen=True, order=True)
+class SetJob:
+    """A set of heads perturbed together: the ``k`` highest-ranked heads under ``order`` (with
+    ``seed`` for the random order), removed or kept (``mode``), with one ``kind`` at ``position``
+    of ``site``."""
+
+    site: str
+    position: str
+    kind: str
+    order: str
+    seed: int
+    mode: str
+    k: int
+
+    @property
+    def order_name(self) -> str:
+        return f"random{self.seed}" if self.order == "random" else self.order
+
+    def path(self, results: str) -> str:
+        return set_path(
+            results, self.site, self.position, self.kind, self.order_name, self.mode, self.k
+        )
+
+    def members(self, ranking: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (layer, head) pairs it perturbs, from every head ranked best first."""
+        if self.mode == "remove":
+            return sorted(ranking[: self.k])
+        if self.mode == "keep":
+            return sorted(ranking[self.k :])
+        return [ranking[self.k - 1]]
+
+
+def set_path(results: str, site, position, kind, order_name, mode, k) -> str:
+    return f"{results}/sets/{site}/{position}/{kind}/{order_name}/{mode}/k{k}.parquet"
+
+
+def doubling(n: int) -> list[int]:
+    """1, 2, 4, ... below ``n``, and ``n``."""
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k *= 2
+    return [*out, n]
+
+
+def set_jobs(curves: list[dict], n_heads_total: int) -> list[SetJob]:
+    """Every set job the config's curves ask for (``perturbation.curves``), for a model of
+    ``n_heads_total`` heads: per order (and seed), kind, position and site, ``remove`` for each k
+    of the grid, ``keep`` for each k below the total and 0 (every head perturbed), and ``single``
+    for the ``singles`` highest-ranked heads. Keeping every head, or removing none, is the
+    baseline."""
+    jobs: set[SetJob] = set()
+    for curve in curves:
+        grid = curve.get("ks") or doubling(n_heads_total)
+        if any(not 1 <= k <= n_heads_total for k in grid):
+            raise SpecError(f"curves: ks {grid} must lie in 1..{n_heads_total} (the model's heads)")
+        seeds = (curve.get("seeds") or [0]) if curve["order"] == "random" else [0]
+        for kind in curve["kinds"]:
+            if kind not in PERTURBATIONS or PERTURBATIONS[kind].takes_scale:
+                raise SpecError(f"curves: kind {kind!r} is not allowed; allowed: the deterministic "
+                                f"kinds {', '.join(k for k, c in PERTURBATIONS.items() if not c.takes_scale and k != 'resample')}")  # fmt: skip
+            for position in curve["positions"]:
+                for site in curve.get("sites", ["o_proj_input"]):
+                    for seed in seeds:
+                        base = (site, position, kind, curve["order"], int(seed))
+                        for mode in curve["modes"]:
+                            ks = (
+                                grid
+                                if mode == "remove"
+                                else [0, *[k for k in grid if k < n_heads_total]]
+                            )
+                            jobs.update(SetJob(*base, mode, k) for k in ks)
+                        singles = min(int(curve.get("singles", 0)), n_heads_total)
+                        jobs.update(SetJob(*base, "single", r) for r in range(1, singles + 1))
+    return sorted(jobs)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from headperturb.model import hooks
-from headperturb.model.sites import HeadSite
+from headperturb.model.sites import HeadSite, final_norm_name
 from headperturb.model.surgery import narrow_lm_head
 from headperturb.runtime import Progress
 
@@ -48,7 +48,9 @@ class Baseline:
 FINAL_STATE_KEYS = ("resid", "z", "out")
 """Per layer ``L`` the final state holds ``resid.L`` (n, d_model), the residual stream entering
 layer ``L``, ``z.L`` (n, n_heads * head_dim), its o_proj input, and ``out.L`` (n, d_out), its
-o_proj output, all at each prompt's final position; and ``n_tokens`` (n,), the prompt lengths."""
+o_proj output, all at each prompt's final position; ``resid_final`` (n, d_model), the residual
+stream entering the final norm there (where the model has a final norm headperturb knows:
+:data:`headperturb.model.sites.FINAL_NORMS`); and ``n_tokens`` (n,), the prompt lengths."""
 
 
 class Engine:
@@ -147,6 +149,9 @@ class Engine:
                 hooks.Hook("hook_attn_out", site, _final_recorder(final, f"out.{site.layer}", current,
                                                                   rms, ("o_proj_output", site))),
             ]  # fmt: skip
+        if final_norm_name(self.model) is not None:  # what the unembedding reads: direct effects
+            recorders.append(hooks.Hook("hook_resid_final", None,
+                                        _final_recorder(final, "resid_final", current)))  # fmt: skip
         handles = hooks.attach(self.model, recorders)
         try:
             cache = self.prefix_cache(prompts)

@@ -17,8 +17,10 @@ from headperturb.model.surgery import narrow_lm_head
 from headperturb.runtime import Progress
 
 
-def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4):
-    """Each layer's o_proj input averaged over the prompts at each position counted from the end:
+def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4,
+               where: str = "o_proj_input"):  # fmt: skip
+    """Each layer's o_proj input (or output: ``where``) averaged over the prompts at each position
+    counted from the end:
     ``{layer: (longest prompt, width)}``, right-aligned (the last row is the final position), as
     :func:`headperturb.core.kinds.mean_from_end` makes the values of the mean ablation."""
     current: dict = {"lengths": None}
@@ -42,7 +44,7 @@ def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size:
 
         return hook
 
-    recorders = [hooks.Hook("hook_z", s, record(s.layer)) for s in sites]
+    recorders = [hooks.Hook(hooks.AT_SITE[where], s, record(s.layer)) for s in sites]
     with hooks.hooked(engine.model, *recorders), torch.inference_mode():
         cache = engine.prefix_cache(prompts)
         for _i, lengths, _l, _c in engine.suffix_batches(cache, prompts, batch_size, current):

@@ -56,16 +56,27 @@ class JobInputs:
 
 @dataclass(frozen=True)
 class Rows:
-    """The rows a job scores, as indices into the run's prompts: for each row the recorded prompt
-    that runs (``run``) and the prompt it is scored for (``prompt``: its id and label); for the
-    paired kinds also the prompt's opposite-sentiment partner. Every prompt runs for itself unless
-    the kind is paired: ``patch`` runs each paired prompt with its partner's head output,
-    ``restore`` runs the partner with the prompt's."""
+    """The rows a job scores, as indices into the run's prompts: the prompt each row is scored for
+    (``prompt``: its id and label) and, for the paired kinds, the prompt's opposite-sentiment
+    partner. Every prompt runs for itself unless the kind is paired: ``patch`` runs each paired
+    prompt with its partner's head output, ``restore`` (``runs_partner``) runs the partner with
+    the prompt's."""
 
-    run: list[int]
     prompt: list[int]
     partner: list[int] | None = None
-    donors: list[int] | None = None  # paired kinds: whose clean head output each row takes
+    runs_partner: bool = False
+
+    @property
+    def run(self) -> list[int]:
+        """The recorded prompt each row runs."""
+        return self.partner if self.runs_partner else self.prompt
+
+    @property
+    def donors(self) -> list[int] | None:
+        """For a paired kind, whose clean head output each row takes."""
+        if self.partner is None:
+            return None
+        return self.prompt if self.runs_partner else self.partner
 
 
 def job_rows(job: Job, prompt_ids: list[int], pairs_path=None) -> Rows:
@@ -85,7 +96,7 @@ def rows_for(pert, prompt_ids: list[int], pairs=None, where: str = "the pairs") 
     order), with ``pairs`` (prompt_id, partner_id) for a paired kind."""
     everyone = list(range(len(prompt_ids)))
     if not pert.paired:
-        return Rows(everyone, everyone)
+        return Rows(everyone)
     index = {int(pid): i for i, pid in enumerate(prompt_ids)}
     if sorted(index) != sorted(int(p) for p in pairs["prompt_id"]):
         raise ValueError(f"{where} pair other prompts than the run's")
@@ -99,9 +110,7 @@ def rows_for(pert, prompt_ids: list[int], pairs=None, where: str = "the pairs") 
         )
     prompt = [a for a, _ in paired]
     partner = [b for _, b in paired]
-    if pert.runs_partner:  # restore: the partner runs with the prompt's own head output
-        return Rows(partner, prompt, partner, prompt)
-    return Rows(prompt, prompt, partner, partner)
+    return Rows(prompt, partner, pert.runs_partner)
 
 
 @dataclass
@@ -190,6 +199,10 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     t = job.target
     if meta["layer"] != t.layer:
         raise ValueError(f"the program in {inputs.program} is layer {meta['layer']}, not {t.layer}")
+    if meta["n_heads"] != model_info.get("n_heads") or meta["head_dim"] != model_info.get(
+        "head_dim"
+    ):
+        raise ValueError(f"the program in {inputs.program} has another shape than the model's")
     from headperturb.model.engine import FINAL_STATE_KEYS
 
     pids, labels = _labels(inputs.prompts.prompts)

@@ -15,6 +15,8 @@ The hook points, named as TransformerLens names them (``L`` is the layer):
                                 stream, (batch, seq, d_out). Its slices are *not* heads: the
                                 projection mixes them (``site: o_proj_output``, the original
                                 study's site)
+``hook_resid_final``            the residual stream entering the final norm (after the last
+                                layer), which the unembedding reads, (batch, seq, d_model)
 ``hook_embed``                  the token embeddings, (batch, seq, d_model)
 ==============================  ==============================================================
 
@@ -37,10 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from headperturb.core.spec import SITES
-from headperturb.model.sites import HeadSite, SiteError
+from headperturb.model.sites import HeadSite, SiteError, final_norm_name
 from headperturb.model.surgery import out_features, skip_layers_below
 
-POINTS = ("hook_embed", "hook_resid_pre", "hook_z", "hook_attn_out")
+POINTS = ("hook_embed", "hook_resid_pre", "hook_z", "hook_attn_out", "hook_resid_final")
 """The hook points (see the module docstring)."""
 
 AT_SITE = {"o_proj_input": "hook_z", "o_proj_output": "hook_attn_out"}
@@ -51,7 +53,7 @@ def point_name(point: str, layer: int | None = None) -> str:
     """The TransformerLens name of a point: ``blocks.3.attn.hook_z``, ``hook_embed``."""
     if point not in POINTS:
         raise ValueError(f"hook point {point!r} is not allowed; allowed: {', '.join(POINTS)}")
-    if point == "hook_embed":
+    if point in ("hook_embed", "hook_resid_final"):
         return point
     return f"blocks.{layer}.attn.hook_z" if point == "hook_z" else f"blocks.{layer}.{point}"
 
@@ -62,8 +64,8 @@ class Stop(Exception):
 
 @dataclass(frozen=True)
 class Hook:
-    """``fn(activation)`` at ``point`` of ``site``'s layer (``site`` None for ``hook_embed``):
-    returns the activation to use instead, or None to keep it."""
+    """``fn(activation)`` at ``point`` of ``site``'s layer (``site`` None for ``hook_embed`` and
+    ``hook_resid_final``): returns the activation to use instead, or None to keep it."""
 
     point: str
     site: HeadSite | None
@@ -92,8 +94,14 @@ def attach(model, hooks) -> list:
         if point == "hook_embed":
             module = model.get_input_embeddings()
             handles.append(module.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
-        elif point == "hook_resid_pre":
-            module = model.get_submodule(site.layers_path)[site.layer]
+        elif point in ("hook_resid_pre", "hook_resid_final"):
+            if point == "hook_resid_pre":
+                module = model.get_submodule(site.layers_path)[site.layer]
+            else:
+                name = final_norm_name(model)
+                if name is None:
+                    raise SiteError(f"{type(model).__name__} has no final norm headperturb knows")
+                module = model.get_submodule(name)
 
             def resid(_m, args, kwargs, fn=fn):
                 new = fn(first_input(args, kwargs))
@@ -231,4 +239,61 @@ class Edit:
     def applied(self, model, values: torch.Tensor) -> Iterator[None]:
         """While active, ``values`` (one prompt's, from :meth:`for_prompt`) edit the model."""
         with perturb_head(model, self.site, self.head, values, self.where, self.mode):
+            yield
+
+    @property
+    def members(self) -> tuple[Edit, ...]:
+        """The single-head edits this edit is made of: itself (:class:`EditSet` has several)."""
+        return (self,)
+
+    def values_for(self, index: int, prompt_id: int, length: int) -> tuple[torch.Tensor, ...]:
+        """One prompt's values, one tensor per member (:meth:`for_prompt`)."""
+        return (self.for_prompt(index, prompt_id, length),)
+
+    @contextlib.contextmanager
+    def applied_all(self, model, values) -> Iterator[None]:
+        """While active, ``values`` (one per member, from :meth:`values_for`) edit the model."""
+        with self.applied(model, values[0]):
+            yield
+
+
+@dataclass(frozen=True)
+class EditSet:
+    """Several heads edited together (a joint ablation or patching of a set of heads): every
+    member's :class:`Edit` at once, at the same positions and draws. A pass starts at the lowest
+    member's layer (``site``)."""
+
+    edits: tuple[Edit, ...]
+
+    def __post_init__(self):
+        if not self.edits:
+            raise ValueError("a set of heads needs at least one head")
+        if len({(e.draws, e.position) for e in self.edits}) != 1:
+            raise ValueError("the heads of a set are edited at the same positions and draws")
+
+    @property
+    def members(self) -> tuple[Edit, ...]:
+        return self.edits
+
+    @property
+    def site(self) -> HeadSite:
+        """The lowest member's site: everything below it is what the baseline computed."""
+        return min((e.site for e in self.edits), key=lambda s: s.layer)
+
+    @property
+    def draws(self) -> int:
+        return self.edits[0].draws
+
+    @property
+    def position(self) -> str:
+        return self.edits[0].position
+
+    def values_for(self, index: int, prompt_id: int, length: int) -> tuple[torch.Tensor, ...]:
+        return tuple(e.for_prompt(index, prompt_id, length) for e in self.edits)
+
+    @contextlib.contextmanager
+    def applied_all(self, model, values) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for edit, value in zip(self.edits, values):
+                stack.enter_context(edit.applied(model, value))
             yield

@@ -36,6 +36,11 @@ from headperturb.model.surgery import narrow_lm_head, stand_in_embeddings
 from headperturb.runtime import Progress
 
 
+def _on(values: tuple, device) -> tuple:
+    """An edit's values (one tensor per member) on ``device``."""
+    return tuple(v.to(device) for v in values)
+
+
 def _two_logits(engine: Engine, **inputs) -> np.ndarray:
     """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
     with narrow_lm_head(engine.model, engine.token_ids):
@@ -58,7 +63,8 @@ def naive(engine: Engine, prompts: list, prompt_ids: list[int], edit: Edit,
     """(n, draws, 2) logits with ``edit`` applied: full forward passes (the reference)."""
     out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
     for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
-        with edit.applied(engine.model, edit.for_prompt(i, pid, len(ids)).to(engine.device)):
+        values = _on(edit.values_for(i, pid, len(ids)), engine.device)
+        with edit.applied_all(engine.model, values):
             out[i] = full(engine, ids, batch=edit.draws)
         if progress:
             progress.update()
@@ -84,11 +90,50 @@ def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
         if hidden.shape[0] != len(ids):
             raise ValueError(f"the layer input recorded for prompt {pid} does not match its length")
         hidden = hidden.to(engine.device)[None].expand(edit.draws, -1, -1)
-        values = edit.for_prompt(i, pid, len(ids)).to(engine.device)
-        with start_at_layer(engine.model, edit.site, hidden), edit.applied(engine.model, values):
+        values = _on(edit.values_for(i, pid, len(ids)), engine.device)
+        with (
+            start_at_layer(engine.model, edit.site, hidden),
+            edit.applied_all(engine.model, values),
+        ):
             out[i] = _two_logits(engine, input_ids=engine.ids(ids).expand(edit.draws, -1))
         if progress:
             progress.update()
+    return out
+
+
+@torch.inference_mode()
+def partner_patched(engine: Engine, captured: dict[str, torch.Tensor], prompts: list, point: str,
+                    members: dict[HeadSite, list[slice]], runs: list[int], donors: list[int],
+                    progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+    """(n, 1, 2) logits of every row's prompt (``runs``) with the columns ``members`` of each
+    layer's ``point`` (hook_z or hook_attn_out) at every position taken from its donor prompt
+    (``donors``, as long as the prompt: a pair). The donor runs unedited in the same batch
+    (row 0) from the lowest member's layer up, so its output at every member is its clean one,
+    and the hook copies it into the prompt's row (row 1)."""
+    lowest = min(members, key=lambda s: s.layer)
+
+    def copy_across(cols_list):
+        def fn(x):
+            y = x.clone()
+            for cols in cols_list:
+                y[1, :, cols] = x[0, :, cols]
+            return y
+
+        return fn
+
+    edits = [hooks.Hook(point, site, copy_across(cols)) for site, cols in members.items()]
+    out = np.empty((len(prompts), 1, 2), dtype=np.float64)
+    with hooks.hooked(engine.model, *edits):
+        for i, ids in enumerate(prompts):
+            donor, own = layer_input(captured, donors[i]), layer_input(captured, runs[i])
+            if donor.shape != own.shape or own.shape[0] != len(ids):
+                raise ValueError("a prompt and its partner must have equally many tokens")
+            hidden = torch.stack([donor, own]).to(engine.device)
+            with start_at_layer(engine.model, lowest, hidden):
+                logits = _two_logits(engine, input_ids=engine.ids(ids).expand(2, -1))
+            out[i, 0] = logits[1]
+            if progress:
+                progress.update()
     return out
 
 
@@ -187,15 +232,14 @@ def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str,
             mask[row * draws : (row + 1) * draws, : past - (lengths[i] - 1)] = 0
         positions = torch.tensor([lengths[i] - 1 for i in idx]).repeat_interleave(draws)[:, None]
         hidden = state[f"resid.{layer}"][idx].repeat_interleave(draws, dim=0)[:, None, :]
-        values = torch.cat([
-            edit.for_prompt(r, prompt_ids[r], lengths[i]).expand(draws, -1, -1)
-            for r, i in zip(rows, idx)
-        ])  # fmt: skip
+        per_row = [edit.values_for(r, prompt_ids[r], lengths[i]) for r, i in zip(rows, idx)]
+        values = tuple(torch.cat([v[m].expand(draws, -1, -1) for v in per_row])
+                       for m in range(len(edit.members)))  # fmt: skip
         dev = engine.device
         with (
             stand_in_embeddings(model),
             start_at_layer(model, edit.site, hidden.to(dev)),
-            edit.applied(model, values.to(dev)),
+            edit.applied_all(model, _on(values, dev)),
         ):
             logits = _two_logits(
                 engine,

@@ -23,11 +23,14 @@ class RecordingError(ValueError):
 
 
 def digest(tensor) -> str:
-    """The sha256 of a tensor's bytes (any dtype, any device)."""
+    """The sha256 of a tensor's dtype, shape and bytes (any dtype, any device): the file's header,
+    which holds the dtype and shape, is covered too."""
     import torch
 
     flat = tensor.detach().contiguous().cpu().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+    found = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    found.update(flat.view(torch.uint8).numpy().data)
+    return found.hexdigest()
 
 
 def save(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -70,10 +73,10 @@ def load(path, keys=None, device: str = "cpu", expect: dict | None = None) -> di
         raise files.unreadable(path, exc) from None
     sums = meta.get("checksums", {})
     for name, tensor in out.items():
-        if name in sums and digest(tensor) != sums[name]:
-            raise files.unreadable(path, ValueError(f"tensor {name!r} does not match its checksum"))
-        if name not in sums and expect is not None:
+        if name not in sums:
             raise files.unreadable(path, ValueError(f"tensor {name!r} has no checksum"))
+        if digest(tensor) != sums[name]:
+            raise files.unreadable(path, ValueError(f"tensor {name!r} does not match its checksum"))
     return out
 
 

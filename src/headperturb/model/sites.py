@@ -32,6 +32,25 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "opt": ("model.decoder.layers", "self_attn.out_proj"),
 }
 
+FINAL_NORMS: dict[str, str] = {
+    **{
+        family: "model.norm" for family, (layers, _) in FAMILIES.items() if layers == "model.layers"
+    },
+    "gpt2": "transformer.ln_f",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "opt": "model.decoder.final_layer_norm",
+}
+"""model_type -> the final norm, whose input is the residual stream the unembedding reads
+(``hook_resid_final``). Other models: the first of these paths the model has."""
+
+POST_ATTENTION_NORMS: dict[str, str] = {
+    "gemma2": "post_attention_layernorm",
+    "gemma3_text": "post_attention_layernorm",
+    "olmo2": "post_attention_layernorm",
+}
+"""model_type -> the norm inside a layer that the attention output passes through before it is
+added to the residual stream (these families normalise each sublayer's output)."""
+
 
 class SiteError(ValueError):
     """The per-head site of a model cannot be located."""
@@ -108,3 +127,31 @@ def locate_sites(model, override: dict | None = None) -> list[HeadSite]:
             )
         sites.append(HeadSite(index, name, n_heads, size, transposed, layers_path))
     return sites
+
+
+def final_norm_name(model) -> str | None:
+    """The path of ``model``'s final norm (:data:`FINAL_NORMS`), or None where it has none that
+    headperturb knows."""
+    model_type = getattr(model.config, "model_type", None)
+    candidates = (
+        [FINAL_NORMS[model_type]]
+        if model_type in FINAL_NORMS
+        else sorted(set(FINAL_NORMS.values()))
+    )
+    for name in candidates:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if module is not None:
+            return name
+    return None
+
+
+def post_attention_norm(model, site: HeadSite):
+    """The norm the attention output of ``site``'s layer passes through before the residual add,
+    or None (:data:`POST_ATTENTION_NORMS`)."""
+    name = POST_ATTENTION_NORMS.get(getattr(model.config, "model_type", None))
+    if name is None:
+        return None
+    return model.get_submodule(f"{site.layers_path}.{site.layer}.{name}")

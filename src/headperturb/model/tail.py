@@ -167,7 +167,17 @@ def save(folder: str | os.PathLike, exported, meta: dict) -> None:
         if exported is not None:
             _save_program(exported, tmp / PROGRAM)
             meta["program_sha256"] = files.sha256_file(tmp / PROGRAM)
+        meta["meta_sha256"] = _meta_digest(meta)
         files.write_json(tmp / META, meta)
+
+
+def _meta_digest(meta: dict) -> str:
+    """The sha256 of ``program.json``'s values but this one: the head's columns come from them."""
+    import hashlib
+    import json
+
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _save_program(exported, path: Path) -> None:
@@ -226,6 +236,9 @@ def load(folder: str | os.PathLike, device: str, weights_sha256: str | None = No
 
     folder = Path(folder)
     meta = files.read_json(folder / META)
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise files.unreadable(folder / META, ValueError("its values do not match its checksum"))
+    meta = {k: v for k, v in meta.items() if k != "meta_sha256"}
     if not meta.get("exported"):
         return None, f"no program was exported ({meta.get('reason', 'unknown reason')})"
     if weights_sha256 and meta.get("weights_sha256") != weights_sha256:

@@ -401,10 +401,16 @@ def aggregate(input, output, params, wildcards, threads):
     from headperturb.analysis import aggregation
     from headperturb.model import recordings
 
-    info = files.read_json(input.info)
-    check = {"jobs": params.jobs, "run": params.run, "prompts_sha256": recordings.file_digest(input.info),
+    info, prompts_sha256 = files.read_json(input.info), recordings.file_digest(input.info)
+    baseline = files.read_parquet_metadata(input.baseline_per_prompt)
+    if baseline.get("settings", {}).get("prompts_sha256") != prompts_sha256:
+        raise aggregation.StaleResultsError(
+            f"{input.baseline_per_prompt} was computed for other prompts than {input.info} holds "
+            f"now: redo it with `snakemake --cores all --forcerun {input.baseline_per_prompt}`"
+        )
+    check = {"jobs": params.jobs, "run": params.run, "prompts_sha256": prompts_sha256,
              "offset": float(info.get("calibration", {}).get("offset", 0.0)),
-             "weights_sha256": files.read_parquet_metadata(input.baseline_per_prompt).get("model_weights_sha256"),
+             "weights_sha256": baseline.get("model_weights_sha256"),
              "stale_list": params.stale_list}  # fmt: skip
     paths = {"baseline": input.baseline, "baseline_per_prompt": input.baseline_per_prompt,
              "perturbed": list(input.perturbed), "parquet": output.parquet, "csv": output.csv}  # fmt: skip
