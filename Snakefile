@@ -35,6 +35,8 @@ include: "workflow/rules/baseline.smk"
 include: "workflow/rules/screen.smk"
 include: "workflow/rules/perturb.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/curves.smk"
+include: "workflow/rules/direct.smk"
 include: "workflow/rules/plots.smk"
 include: "workflow/rules/report.smk"
 

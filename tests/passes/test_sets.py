@@ -96,3 +96,73 @@ def test_a_set_of_one_is_the_single_head_job(family_setup, family_cache):
         passes.final_position(engine, recorded.final_state, family_cache, pids, single),
         atol=1e-6,
     )
+
+
+def test_a_redundant_pair_is_weak_alone_and_strong_together(llama_setup):
+    """Plant redundancy: two heads of the last layer each switch on the same signal (a saturating
+    OR of their final-position outputs, added along the margin's direction after the final norm),
+    against a negative offset. Removing either alone leaves the signal on (LOW); removing both
+    turns it off (HIGH), so their interaction (joint change minus the sum of the single changes)
+    is large and negative: they back each other up."""
+    import pandas as pd
+    import torch
+
+    from headperturb.analysis import curves, stats
+    from headperturb.model import direct
+
+    model, engine, ids, pids, _recorded, _before = llama_setup
+    sites = locate_sites(model)
+    pair, site = [(3, 0), (3, 1)], sites[3]
+    seen = {}
+
+    def grab(_m, args, _out):
+        z = args[0][:, -1]
+        seen["on"] = sum(
+            z[:, site_slice(model, site, h, "o_proj_input")].norm(dim=-1) for _, h in pair
+        )
+
+    d, _ = direct.margin_direction(model, engine.token_ids)
+    along = (d / d.dot(d)).float()
+
+    def plant(
+        _m, _a, out
+    ):  # margin += 10 tanh(100 (|z0| + |z1|)) - 5: +5 with either head, -5 without
+        return out + ((10 * torch.tanh(100 * seen["on"]) - 5)[:, None, None] * along)
+
+    handles = [model.get_submodule(site.module_name).register_forward_hook(grab),
+               model.get_submodule(direct.final_norm_name(model)).register_forward_hook(plant)]  # fmt: skip
+    labels = np.ones(len(ids), dtype=int)
+    rows = _rows("zero", pids)
+    try:
+        clean = np.array([np.diff(passes.full(engine, x)[0])[0] for x in ids])
+
+        def removed(members):
+            job = SetJob("o_proj_input", "last", "zero", "exact", 0, "remove", len(members))
+            return _margins_of(
+                passes.naive(engine, ids, pids, set_edit(job, members, engine, sites, rows))
+            )
+
+        alone = [removed([head]) for head in pair]
+        both = removed(pair)
+    finally:
+        for h in handles:
+            h.remove()
+    assert (clean > 0).all()  # the planted signal decides every prompt
+
+    def accuracy_change(margins):
+        return float(((clean > 0) == labels).mean() - ((margins > 0) == labels).mean())
+
+    def change(margins):
+        return pd.Series(
+            stats.correct_logit_diff(labels, clean) - stats.correct_logit_diff(labels, margins),
+            index=pids,
+        )
+
+    assert [stats.impact_category(100 * accuracy_change(m)) for m in alone] == ["LOW", "LOW"]
+    assert stats.impact_category(100 * accuracy_change(both)) == "HIGH"
+    inter = curves.interaction(change(both), [change(m) for m in alone], n_boot=200)
+    assert inter["interaction_logit_diff"] < -5 and inter["ci_high_interaction_logit_diff"] < 0
+
+
+def _margins_of(logits):
+    return logits[:, 0, 1] - logits[:, 0, 0]

@@ -1,6 +1,7 @@
 # Shared settings, the checks that run while the DAG is built, and the functions that list
 # targets. The logic lives in headperturb.core (config, job specs and their plan, checks, costs),
 # which imports no torch, so building the DAG stays light.
+from dataclasses import asdict
 from pathlib import Path
 
 from snakemake.logging import logger
@@ -38,6 +39,10 @@ PAIRS = f"{RESULTS}/prompts/pairs.parquet"
 TABLE = f"{RESULTS}/contributions.parquet"
 SCREEN = f"{RESULTS}/screen"
 SCREEN_HEADS = f"{SCREEN}/heads.parquet"
+CURVES = f"{RESULTS}/curves"
+DIRECT = f"{RESULTS}/direct_effects.parquet"
+DIRECT_EFFECTS = config["direct_effects"]
+CURVE_LIST = spec.curves(PERTURBATION)
 MODEL_PARAMS = {
     "device": MODEL["device"],
     "dtype": MODEL["dtype"],
@@ -86,11 +91,15 @@ def model_shape():
 # (each mistake: one message naming the key, the value and what is allowed; headperturb.core.spec)
 DATA_FILES = checks.finding(checks.check_run, config, LOCAL_SHAPE)
 SCREENED = [s for s in spec.sweeps(PERTURBATION) if spec.screened(s)]
-SCREENING = config["screen"]["enabled"] or bool(SCREENED)
+SCREEN_ORDERED = [c for c in CURVE_LIST if "screen" in c["orders"]]
+SCREENING = config["screen"]["enabled"] or bool(SCREENED) or bool(SCREEN_ORDERED)
 # the patching kinds run on pairs of a prompt and its opposite-sentiment partner
-PAIRING = any(
-    spec.paired(k) for s in spec.sweeps(PERTURBATION) for k in s["kinds"]
-) or (SCREENING and "patch" in config["screen"]["kinds"])
+PAIRING = (
+    any(spec.paired(k) for s in spec.sweeps(PERTURBATION) for k in s["kinds"])
+    or (SCREENING and "patch" in config["screen"]["kinds"])
+    or any("patch" in c["kinds"] for c in CURVE_LIST)
+    or (DIRECT_EFFECTS["enabled"] and "patch" in DIRECT_EFFECTS["kinds"])
+)
 
 
 # -- the head jobs ---------------------------------------------------------------------------
@@ -183,6 +192,109 @@ def job_table():
     return [asdict(job) for job in head_jobs()]
 
 
+# -- heads together: sets of heads, direct effects ------------------------------------------
+
+
+def _measured():
+    """The settings (site, position, kind) whose every head the run measures alone."""
+    shape = model_shape()
+    everyone = shape["n_layers"] * shape["n_heads"]
+    count = {}
+    for job in head_jobs():
+        if not job.scale:
+            key = (job.site, job.position, job.kind)
+            count[key] = count.get(key, 0) + 1
+    return {key for key, n in count.items() if n == everyone}
+
+
+def set_jobs():
+    """Every set job of the curves (headperturb.core.spec.set_jobs); an exact order needs every
+    head of its setting measured alone."""
+    if "sets" not in _memo:
+        shape = model_shape()
+        measured = _measured()
+        for curve in CURVE_LIST:
+            if "exact" not in curve["orders"]:
+                continue
+            for kind in curve["kinds"]:
+                for position in curve["positions"]:
+                    for site in curve["sites"]:
+                        if (site, position, kind) not in measured:
+                            raise spec.SpecError(
+                                f"curves: the exact order of {kind} at position {position} ({site}) needs "
+                                f"every head measured alone; add a sweep {{layers: all, heads: all, "
+                                f"kinds: [{kind}], positions: [{position}], sites: [{site}]}} or use the "
+                                "screen order"
+                            )
+        _memo["sets"] = spec.set_jobs(
+            CURVE_LIST, shape["n_layers"] * shape["n_heads"], measured
+        )
+    return _memo["sets"]
+
+
+def single_head_jobs():
+    """The run's head jobs that give a curve's points their single changes (the interaction)."""
+    wanted = {
+        (site, position, kind)
+        for c in CURVE_LIST
+        for site in c["sites"]
+        for position in c["positions"]
+        for kind in c["kinds"]
+    }
+    return [
+        j for j in head_jobs() if not j.scale and (j.site, j.position, j.kind) in wanted
+    ]
+
+
+def ranking_inputs(wildcards):
+    """What an order ranks the heads by: the screen's estimates, or the run's table."""
+    if wildcards.order == "screen":
+        return {"screen": SCREEN_HEADS}
+    if wildcards.order == "exact":
+        return {"table": TABLE}
+    return {}
+
+
+def set_inputs(wildcards):
+    """What one set job reads: the prompts, the model, the ranking, and the recordings its pass
+    starts from (the final state and the keys and values at the final position; the residual
+    stream entering the set's lowest layer at every position)."""
+    job = spec.SetJob.from_wildcards(wildcards.site, wildcards.position, wildcards.kind,
+                                     wildcards.order, wildcards.mode, wildcards.k)  # fmt: skip
+    inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR,
+              "baseline": BASELINE_METRICS, "ranking": job.ranking(RESULTS)}  # fmt: skip
+    if spec.paired(job.kind):
+        inputs["pairs"] = PAIRS
+    if PERTURBATION["method"] == "naive":
+        return inputs
+    if job.position == "last":
+        return inputs | {"state": FINAL_STATE, "cache": CACHE}
+    from headperturb.analysis.curves import read_ranking
+
+    ranked = read_ranking(
+        checkpoints.rank_heads.get(site=job.site, position=job.position, kind=job.kind,
+                                   order=wildcards.order).output.ranking  # fmt: skip
+    )
+    lowest = min(layer for layer, _ in job.members(ranked))
+    return inputs | {"activations": recording_paths(lowest)["activations"]}
+
+
+def total_jobs():
+    """The head jobs that give the direct effects their total effects: every final-position
+    job at the head's own output with a kind of direct_effects.kinds."""
+    return [
+        j
+        for j in head_jobs()
+        if j.position == "last"
+        and j.site == "o_proj_input"
+        and j.kind in DIRECT_EFFECTS["kinds"]
+    ]
+
+
+def direct_inputs(wildcards):
+    return {"pairs": PAIRS} if "patch" in DIRECT_EFFECTS["kinds"] else {}
+
+
 # -- the run's figures -----------------------------------------------------------------------
 
 
@@ -205,17 +317,32 @@ def plots():
         names.append("contribution_vs_scale")
     if SCREENING:
         names.append("screen_map")
+    if CURVE_LIST:
+        names.append("ablation_curves")
+    if DIRECT_EFFECTS["enabled"]:
+        names.append("direct_vs_total")
     return names
 
 
+PLOT_INPUTS = {"screen_map": SCREEN_HEADS, "ablation_curves": f"{CURVES}/points.parquet",
+               "direct_vs_total": DIRECT}  # fmt: skip
+
+
 def plot_input(wildcards):
-    return SCREEN_HEADS if wildcards.plot == "screen_map" else TABLE
+    return PLOT_INPUTS.get(wildcards.plot, TABLE)
 
 
 def summary_inputs(wildcards):
     """The screen's agreement with the exact measurements, for the summary, when it ran; the
     prompts' pairs, when patching ran."""
     found = {"pairs": PAIRS} if PAIRING else {}
+    if CURVE_LIST:
+        found |= {
+            "curve_points": f"{CURVES}/points.parquet",
+            "curve_summary": f"{CURVES}/summary.csv",
+        }
+    if DIRECT_EFFECTS["enabled"]:
+        found["direct"] = DIRECT
     if not SCREENING:
         return found
     return found | {
@@ -241,4 +368,6 @@ def final_targets():
         f"{RESULTS}/contributions.csv",
         *[f"{RESULTS}/plots/{name}.png" for name in plots()],
         *([f"{SCREEN}/agreement.csv"] if SCREENING else []),
+        *([f"{CURVES}/summary.csv"] if CURVE_LIST else []),
+        *([DIRECT] if DIRECT_EFFECTS["enabled"] else []),
     ]

@@ -28,6 +28,8 @@ rule summarize:
                 "scoring",
                 "screen",
                 "categories",
+                "statistics",
+                "direct_effects",
             )
         },
     run:

@@ -159,9 +159,28 @@ FIRST_COLUMNS = [*stats.KEYS, "draws", "n_prompts", "baseline_accuracy", "accura
                  "relative_change_f1"]  # fmt: skip
 
 
-def build_table(rows: list[dict], high: float, medium: float, alpha: float) -> pd.DataFrame:
-    """The table from the per-job rows: contributions, q-values, categories with their certainty
-    and stability between halves of the draws, and each row's effect
+SETTING_KEYS = ["site", "position", "kind", "scale"]
+"""A setting: the rows a ``statistics.correction: setting`` corrects together."""
+
+
+def qvalues(table: pd.DataFrame, column: str, correction: str = "run") -> np.ndarray:
+    """Benjamini-Hochberg q-values of ``column`` over every row (``run``) or within each setting
+    (``setting``: :data:`SETTING_KEYS`)."""
+    if correction == "run":
+        return stats.bh_qvalues(table[column])
+    if correction != "setting":
+        raise ValueError(f"correction {correction!r} is not allowed; allowed: run, setting")
+    out = np.full(len(table), np.nan)
+    for _, index in table.groupby(SETTING_KEYS, sort=False).indices.items():
+        out[index] = stats.bh_qvalues(table[column].to_numpy()[index])
+    return out
+
+
+def build_table(rows: list[dict], high: float, medium: float, alpha: float,
+                correction: str = "run") -> pd.DataFrame:  # fmt: skip
+    """The table from the per-job rows: contributions, q-values (Benjamini-Hochberg over the run
+    or within each setting: ``correction``), categories with their certainty and stability
+    between halves of the draws, and each row's effect
     (:func:`headperturb.analysis.effects.effect`)."""
     halves = [row.pop("_halves", (np.nan, np.nan)) for row in rows]
     table = pd.DataFrame(rows)
@@ -179,7 +198,7 @@ def build_table(rows: list[dict], high: float, medium: float, alpha: float) -> p
     short = dict(zip(("ci_low_accuracy", "ci_high_accuracy"), interval_columns("accuracy")))
     table = table.rename(columns=short)
     for name in ("", "_logit_diff", "_auc", "_bias"):
-        table[f"q_value{name}"] = stats.bh_qvalues(table[f"p_value{name}"])
+        table[f"q_value{name}"] = qvalues(table, f"p_value{name}", correction)
     table["significant"] = table["q_value"] < alpha
     spans = [  # the categories the 95% interval of the relative change reaches
         stats.category_span(100 * lo / base, 100 * hi / base, high, medium) if base else []
@@ -213,6 +232,7 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
     files), ``parquet`` and ``csv`` (the table's)."""
     statistics = dict(statistics or {})
     alpha = float(statistics.pop("alpha", 0.05))
+    correction = str(statistics.pop("correction", "run"))
     stat_kwargs = {"n_boot": int(statistics.get("bootstrap", 2000)),
                    "n_perm": int(statistics.get("permutations", 10_000)),
                    "seed": int(statistics.get("seed", 0))}  # fmt: skip
@@ -221,10 +241,11 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
     baseline = files.read_json(paths["baseline"])
     base_frame = files.read_parquet(paths["baseline_per_prompt"])
     rows = [job_row(files.read_parquet(p), base_frame, **stat_kwargs) for p in paths["perturbed"]]
-    table = build_table(rows, high, medium, alpha)
+    table = build_table(rows, high, medium, alpha, correction)
     judged = table["category_stable"].dropna()
     share = float(judged.astype(bool).mean()) if len(judged) else None
     meta = {"baseline": baseline, "high": high, "medium": medium, "alpha": alpha,
+            "correction": correction,
             "statistics": stat_kwargs, "stability_share": share,
             "detectable_change": float(np.nanmedian(table["detectable_change"]))
             if len(table) else None}  # fmt: skip

@@ -15,6 +15,7 @@ from headperturb.analysis.labels import rows_of, setting_label, settings
 from headperturb.analysis.scoring import METRICS as TASK_METRICS
 from headperturb.analysis.scoring import interval_columns
 from headperturb.core import files
+from headperturb.core.kinds import build
 from headperturb.core.spec import position_label
 
 # One style for every figure: Okabe-Ito colours (colour-blind safe), the same colour for a
@@ -323,12 +324,127 @@ def screen_map(heads, meta: dict, out_path) -> None:
     _save(fig, out_path)
 
 
+CURVE_METRICS = {
+    "logit_diff": ("correct-label logit difference", "ci_low_logit_diff", "ci_high_logit_diff"),
+    "auc": ("ROC AUC of the margin", "ci_low_auc", "ci_high_auc"),
+    "accuracy": ("accuracy", "ci_low_accuracy", "ci_high_accuracy"),
+}
+"""The metrics of the curve panels: label and the interval of the change (baseline - value)."""
+
+ORDER_COLOURS = {"screen": "#0072B2", "exact": "#D55E00"}
+
+
+def ablation_curves(points, meta: dict, out_path) -> None:
+    """Joint-ablation curves: per setting (site, positions, kind) and mode, each metric against
+    the number of heads removed (``remove``: the k highest-ranked) or kept (``keep``: every other
+    head removed), for the ranked orders with 95% intervals and the random orders as a band
+    (lowest to highest over the seeds, their median dashed). The unperturbed model and chance are
+    horizontal lines."""
+    from headperturb.analysis.curves import CHANCE, is_random
+
+    curves = points[points["mode"].isin(["remove", "keep"])]
+    combos = sorted(set(zip(curves["site"], curves["position"], curves["kind"], curves["mode"])),
+                    key=lambda c: (c[0], c[1], c[2], c[3] != "remove"))  # fmt: skip
+    n_total = int(meta.get("n_heads_total", curves["k"].max()))
+    fig, axes = _subplots(len(combos), len(CURVE_METRICS), (5.0 * len(CURVE_METRICS), 3.4 * len(combos) + 0.8),
+                          squeeze=False)  # fmt: skip
+    for row, (site, position, kind, mode) in enumerate(combos):
+        part = curves[(curves["site"] == site) & (curves["position"] == position)
+                      & (curves["kind"] == kind) & (curves["mode"] == mode)]  # fmt: skip
+        for ax, (metric, (label, low, high)) in zip(axes[row], CURVE_METRICS.items()):
+            base = float(part[f"baseline_{metric}"].iloc[0])
+            anchor = 0 if mode == "remove" else n_total
+            randoms = part[part["order"].map(is_random)]
+            if not randoms.empty:
+                wide = randoms.pivot_table(index="k", columns="order", values=metric)
+                wide.loc[anchor] = base
+                wide = wide.sort_index()
+                ax.fill_between(wide.index, wide.min(axis=1), wide.max(axis=1), color="#999999",
+                                alpha=0.35, label=f"random orders ({wide.shape[1]} seeds)")  # fmt: skip
+                ax.plot(wide.index, wide.median(axis=1), color="#666666", ls="--", lw=1)
+            for order, group in part[~part["order"].map(is_random)].groupby("order"):
+                group = group.sort_values("k")
+                k = np.append(group["k"].to_numpy(), anchor)
+                value = np.append(group[metric].to_numpy(), base)
+                sort = np.argsort(k)
+                ax.plot(k[sort], value[sort], marker="o", ms=3, color=ORDER_COLOURS.get(order, "#009E73"),
+                        label=f"{order} order")  # fmt: skip
+                # the value is baseline - change: its interval is the change's, turned around
+                change = group[f"change_{metric}"]
+                err = np.clip(np.vstack([group[high] - change, change - group[low]]), 0, None)
+                ax.errorbar(group["k"], group[metric], yerr=err, fmt="none", lw=0.8,
+                            color=ORDER_COLOURS.get(order, "#009E73"))  # fmt: skip
+            ax.axhline(base, color="black", lw=0.8, ls=":", label="unperturbed")
+            ax.axhline(CHANCE[metric], color="#CC79A7", lw=0.8, ls="-.", label="chance")
+            ax.set_xscale("symlog", base=2, linthresh=1)  # 0 and 1 linear, then doubling
+            ax.set_ylabel(label)
+            ax.set_title(f"{build(kind).label()}, {position_label(position)}: {mode}", fontsize=9)
+            ax.set_xlabel(f"heads {'removed' if mode == 'remove' else 'kept'} (k) of {n_total}")
+        axes[row, 0].legend(frameon=False, fontsize=7)
+    fig.suptitle("Heads removed together: how much of the task survives\n"
+                 "remove: the k highest-ranked heads ablated; keep: every head but the top k "
+                 "ablated; bars: 95% intervals", fontsize=11)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / fig.get_figheight()))
+    _save(fig, out_path)
+
+
+def direct_vs_total(frame, meta: dict, out_path) -> None:
+    """Each head's direct effect (its own write, read at the unembedding with the norms' scales
+    frozen) against its total effect (its exact final-position job), one panel per kind: points
+    on the diagonal are not repaired; below it (for a helpful head) the rest of the model makes up
+    for part of the loss. The heads with the most self-repair are named."""
+    both = frame.dropna(subset=["total_effect"])
+    kinds = sorted(both["kind"].unique()) or sorted(frame["kind"].unique())
+    fig, axes = _subplots(1, len(kinds), (5.6 * len(kinds), 5.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        part = both[both["kind"] == kind]
+        if part.empty:
+            ax.text(
+                0.5,
+                0.5,
+                "no total effects measured for this kind",
+                ha="center",
+                transform=ax.transAxes,
+            )
+            continue
+        points = ax.scatter(part["direct_effect"], part["total_effect"], c=part["layer"], cmap="viridis",
+                            s=14, edgecolors="none")  # fmt: skip
+        lim = (
+            float(np.nanmax(np.abs(part[["direct_effect", "total_effect"]].to_numpy()))) * 1.08
+            or 1.0
+        )
+        ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8, ls=":", label="total = direct")
+        ax.axhline(0, color="#999999", lw=0.5)
+        ax.axvline(0, color="#999999", lw=0.5)
+        for _, row in (
+            part.reindex(part["self_repair"].abs().sort_values(ascending=False).index)
+            .head(6)
+            .iterrows()
+        ):
+            ax.annotate(f"L{int(row['layer'])}H{int(row['head'])}", (row["direct_effect"], row["total_effect"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_xlabel(
+            "direct effect on the correct-label logit difference\n(baseline - ablated, direct path only)"
+        )
+        ax.set_ylabel("total effect (exact final-position ablation)")
+        ax.set_title(f"{build(kind).label()} at the final position: {len(part)} heads", fontsize=9)
+        ax.legend(frameon=False, loc="upper left")
+        fig.colorbar(points, ax=ax, label="layer")
+    fig.suptitle("Direct against total effect: self-repair = direct - total", fontsize=11)
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
 PLOTS = {
     "contribution_distributions": contribution_distributions,
     "detailed_head_analysis": detailed_head_analysis,
     "layer_head_heatmap": layer_head_heatmap,
     "contribution_vs_scale": contribution_vs_scale,
     "screen_map": screen_map,
+    "ablation_curves": ablation_curves,
+    "direct_vs_total": direct_vs_total,
 }
 """Figure name (its file ``plots/<name>.png``) -> the function that draws it."""
 
@@ -338,8 +454,9 @@ _DRAWING = threading.Lock()
 
 
 def plot(name: str, table_path, out_path) -> None:
-    """Draw figure ``name`` from the table at ``table_path`` (the contribution table, or the
-    screen's per-head estimates for ``screen_map``)."""
+    """Draw figure ``name`` from the table at ``table_path`` (the contribution table; the
+    screen's per-head estimates for ``screen_map``, the curves' points for ``ablation_curves``,
+    the direct effects for ``direct_vs_total``)."""
     table, meta = files.read_parquet(table_path), files.read_parquet_metadata(table_path)
     with _DRAWING:
         PLOTS[name](table, meta, out_path)

@@ -83,10 +83,14 @@ def metrics(labels, predictions) -> dict[str, float]:
     return out
 
 
-def check_logits(logits: np.ndarray, prompt_ids, what: str = "") -> None:
+def check_logits(
+    logits: np.ndarray, prompt_ids, what: str = "", context_free: bool = False
+) -> None:
     """Raise :class:`NumericsError` for logits that cannot be a measurement: any that are not
     finite (the message names the prompts), or a collapse: every prompt's two logits equal, or
-    every prompt given the same logits (a perturbation that overwhelmed the model's numerics)."""
+    every prompt given the same logits (a perturbation that overwhelmed the model's numerics).
+    ``context_free``: the same logits for every prompt are a result, not a collapse (a set that
+    ablates every head at the final position leaves it nothing to read the prompt with)."""
     where = f" ({what})" if what else ""
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
@@ -97,20 +101,21 @@ def check_logits(logits: np.ndarray, prompt_ids, what: str = "") -> None:
             f"the two verbalizer logits are equal for every prompt{where}: the scores carry no "
             "information (lower the noise scale, or check the model and verbalizers)"
         )
-    if len(logits) > 1 and np.all(logits == logits[0]):
+    if len(logits) > 1 and np.all(logits == logits[0]) and not context_free:
         raise NumericsError(
             f"every prompt got the same logits {logits[0].tolist()}{where}: the perturbation "
             "overwhelmed the model's numerics (lower the noise scale or use model.dtype: float32)"
         )
 
 
-def per_prompt_columns(prompt_ids, labels, logits, offset: float = 0.0, what: str = ""):
+def per_prompt_columns(prompt_ids, labels, logits, offset: float = 0.0, what: str = "",
+                       context_free: bool = False):  # fmt: skip
     """One row per prompt as a dict of numpy columns (:data:`PER_PROMPT_COLUMNS`) from the (n, 2)
     logits of the negative and positive verbalizers; ``offset`` is the calibration's."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] != 2:
         raise ValueError(f"logits must have shape (n, 2), got {logits.shape}")
-    check_logits(logits, prompt_ids, what)
+    check_logits(logits, prompt_ids, what, context_free)
     labels = np.asarray(labels, dtype=np.int64)
     margin = logits[:, 1] - logits[:, 0]
     calibrated = margin - float(offset)

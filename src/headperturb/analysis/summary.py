@@ -193,7 +193,13 @@ def _categories(table: pd.DataFrame, meta: dict, cats: dict) -> list[str]:
         "",
         f"{len(table)} perturbations: HIGH {counts['HIGH']} (|relative change of accuracy| > "
         f"{cats['high']:g}%), MEDIUM {counts['MEDIUM']} ({cats['medium']:g}-{cats['high']:g}%), "
-        f"LOW {counts['LOW']}. Significant after Benjamini-Hochberg (q < {alpha:g}): "
+        f"LOW {counts['LOW']}. Significant after Benjamini-Hochberg (q < {alpha:g}, "
+        + (
+            "over every row of the run"
+            if meta.get("correction", "run") == "run"
+            else "within each setting: site, positions, kind and scale"
+        )  # fmt: skip
+        + "): "
         f"{int(table['significant'].sum())} for accuracy, "
         f"{int((table['q_value_logit_diff'] < alpha).sum())} for the correct-label logit difference.",
         "",
@@ -277,12 +283,111 @@ def _screen(screened: dict, threshold: float, top: int) -> list[str]:
     return lines
 
 
+def kind_label(kind: str) -> str:
+    """How tables name a kind without a scale: ``zero ablation``, ``patch from the opposite review``."""
+    from headperturb.core.kinds import build
+
+    return build(kind).label()
+
+
+def _curve_cell(band: pd.DataFrame, order: str, mode: str, metric: str) -> str:
+    row = band[(band["order"] == order) & (band["mode"] == mode) & (band["metric"] == metric)]
+    if row.empty:
+        return "-"
+    row = row.iloc[0]
+    if pd.isna(row["area"]):
+        return "n/a (baseline not above chance)"
+    k = "none" if pd.isna(row["k_half"]) else f"{int(row['k_half'])}"
+    if order != "random":
+        return f"{k} (area {row['area']:.2f})"
+    low, high = row["random_k_half_low"], row["random_k_half_high"]
+    spread = "" if pd.isna(low) else f" [{int(low)}-{int(high)}]" if pd.notna(high) else ""
+    return f"{k}{spread} (area {row['area']:.2f} [{row['random_area_low']:.2f}-{row['random_area_high']:.2f}])"
+
+
+def _curves(points: pd.DataFrame, band: pd.DataFrame, n_total: int) -> list[str]:
+    """Per setting: how many heads the task needs, by each order against the random control, and
+    the interaction of the top heads."""
+    lines = ["## Heads removed together (joint-ablation curves)", "",
+             f"The k highest-ranked of the model's {n_total} heads ablated together (remove), or "
+             "every head but them (keep). Cells: the smallest k of the grid whose removal leaves "
+             "at most half of the baseline's margin above chance (remove), or whose keeping "
+             "retains at least half (keep), and the normalised area under the retained share "
+             "(remove: smaller means the order finds what matters sooner; keep: larger means fewer "
+             "heads suffice); random orders: median [lowest-highest] over the seeds. "
+             "`curves/points.csv` holds every point with its 95% intervals."]  # fmt: skip
+    for key, part in band.groupby(["site", "position", "kind"], sort=True):
+        site, position, kind = key
+        orders = [o for o in part["order"].unique() if o != "random"] + (
+            ["random"] if (part["order"] == "random").any() else []
+        )
+        lines += ["", f"**{kind_label(kind)}, {position_label(position)} ({site})**", "",
+                  "| order | remove: k for half the logit difference | remove: k for half the AUC | "
+                  "keep: k for half the logit difference | keep: k for half the AUC |",
+                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for order in orders:
+            lines.append(f"| {order} | " + " | ".join(_curve_cell(part, order, mode, metric)
+                         for mode in ("remove", "keep") for metric in ("logit_diff", "auc")) + " |")  # fmt: skip
+        setting = points[
+            (points["site"] == site) & (points["position"] == position) & (points["kind"] == kind)
+        ]
+        every = setting[(setting["mode"] == "keep") & (setting["k"] == 0)]
+        if not every.empty:
+            r = every.iloc[0]
+            lines += ["", f"Every head ablated: correct-label logit difference {r['logit_diff']:+.2f} "
+                          f"(baseline {r['baseline_logit_diff']:+.2f}), AUC {r['auc']:.3f} "
+                          f"(baseline {r['baseline_auc']:.3f}), accuracy {r['accuracy']:.3f}."]  # fmt: skip
+        inter = setting.dropna(subset=["interaction_logit_diff"])
+        inter = inter[(inter["mode"] == "remove") & ~inter["order"].str.startswith("random")]
+        if not inter.empty:
+            lines += ["", "Interaction of the top k (joint change of the correct-label logit difference, "
+                      "perturbed - baseline, minus the sum of the same heads' single changes; negative: "
+                      "they back each other up, positive: they overlap):", ""]  # fmt: skip
+            lines += [f"- {r['order']}, k = {int(r['k'])}: joint {r['joint_change_logit_diff']:+.3f}, sum of "
+                      f"singles {r['singles_change_logit_diff']:+.3f}, interaction "
+                      f"{r['interaction_logit_diff']:+.3f} [{r['ci_low_interaction_logit_diff']:+.3f}, "
+                      f"{r['ci_high_interaction_logit_diff']:+.3f}]"
+                      for _, r in inter.sort_values(["order", "k"]).iterrows()]  # fmt: skip
+    return lines
+
+
+def _repair(frame: pd.DataFrame, top: int) -> list[str]:
+    """Direct against total effects, per kind, and the heads with the most self-repair."""
+    from headperturb.analysis.repair import repair_summary
+
+    lines = ["## Direct effects and self-repair (final position)", "",
+             "Direct effect: what the head's own write does to the correct-label logit difference "
+             "at the unembedding, every later layer left out and the norms' scales frozen "
+             "(baseline - ablated; > 0: the head helps). Total effect: its exact final-position "
+             "ablation. Self-repair = direct - total: what the layers above take back."]  # fmt: skip
+    summary = repair_summary(frame)
+    for kind, s in summary.items():
+        part = frame[(frame["kind"] == kind)].dropna(subset=["total_effect"])
+        lines += ["", f"**{kind_label(kind)}**: {s['heads']} heads measured both ways; Pearson r(direct, total) "
+                      f"{s['pearson']:.2f}; summed over heads, direct {s['sum_direct']:+.3f} against total "
+                      f"{s['sum_total']:+.3f}, absolute direct {s['sum_abs_direct']:.3f} against absolute "
+                      f"total {s['sum_abs_total']:.3f}; {s['repaired']} heads repaired and "
+                      f"{s['amplified']} amplified (self-repair interval excluding 0).", "",
+                  "| head | direct effect | total effect | self-repair |", "| --- | --- | --- | --- |"]  # fmt: skip
+        shown = part.reindex(part["self_repair"].abs().sort_values(ascending=False).index).head(top)
+        lines += [f"| L{int(r['layer'])}H{int(r['head'])} | {_ci(r, 'direct_effect', 'ci_low_direct_effect', 'ci_high_direct_effect')} | "
+                  f"{_ci(r, 'total_effect', 'ci_low_total_effect', 'ci_high_total_effect')} | "
+                  f"{_ci(r, 'self_repair', 'ci_low_self_repair', 'ci_high_self_repair')} |"
+                  for _, r in shown.iterrows()]  # fmt: skip
+    if not summary:
+        lines += ["", "No head was measured at the final position with a kind of `direct_effects.kinds`: "
+                      "direct effects only (direct_effects.parquet)."]  # fmt: skip
+    return lines
+
+
 def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_info: dict,
                      settings: dict, screened: dict | None = None, top: int = 5,
-                     pairs: pd.DataFrame | None = None) -> str:  # fmt: skip
+                     pairs: pd.DataFrame | None = None, curves: dict | None = None,
+                     repair: pd.DataFrame | None = None) -> str:  # fmt: skip
     """The summary page of a run, in Markdown; ``screened`` (the screen's per-head estimates,
     agreement and disagreements) adds the screen's section, ``pairs`` (the prompts' partners)
-    how many prompts patching could use."""
+    how many prompts patching could use, ``curves`` (points, band of the random orders, number
+    of heads) the joint-ablation section and ``repair`` (the direct effects) the self-repair one."""
     base = meta.get("baseline", {})
     sections = [
         [f"# headperturb run `{settings['run_name']}`"],
@@ -292,6 +397,8 @@ def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_i
         _categories(table, meta, settings["categories"]),
         _top_heads(table, top),
         _screen(screened, settings["screen"]["disagreement"], 10) if screened else [],
+        _curves(curves["points"], curves["band"], curves["n_total"]) if curves else [],
+        _repair(repair, top + 3) if repair is not None else [],
         ["Contribution = baseline - perturbed. Intervals: 95% paired bootstrap over prompts and "
          "draws. A category whose interval spans several categories, or zero, is not a finding."],
     ]  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from headperturb.core.spec import SpecError, head_jobs, screened, sweeps
+from headperturb.core.spec import SpecError, curves, head_jobs, screened, set_jobs, sweeps
 
 
 def data_files(path: str | None) -> list[str]:
@@ -112,7 +112,33 @@ def check_run(config: dict, shape: dict | None) -> list[str]:
     if shape is not None:
         head_jobs(perturbation, shape["n_layers"], shape["n_heads"])
     check_screen(config["screen"], [s for s in sweeps(perturbation) if screened(s)])
+    check_curves(curves(perturbation), config["screen"])
+    if shape is not None:
+        set_jobs(curves(perturbation), shape["n_layers"] * shape["n_heads"])
     return found
+
+
+def check_curves(curve_list: list[dict], screen: dict) -> None:
+    """A curve ranked by the screen needs the screen's estimate of its kind at its positions."""
+    for curve in curve_list:
+        if "screen" not in curve["orders"]:
+            continue
+        kinds = [k for k in curve["kinds"] if k not in screen["kinds"]]
+        positions = [p for p in curve["positions"] if p not in screen["positions"]]
+        if kinds or positions:
+            raise SpecError(
+                f"curves: the screen order ranks heads by the screen's estimate of "
+                f"{', '.join(curve['kinds'])} at positions {', '.join(curve['positions'])}; add "
+                + " and ".join(
+                    part
+                    for part in (
+                        f"{', '.join(kinds)} to screen.kinds" if kinds else "",
+                        f"{', '.join(positions)} to screen.positions" if positions else "",
+                    )
+                    if part
+                )
+                + ", or rank by another order"
+            )
 
 
 def finding(check, *args, local: bool = False):

@@ -10,6 +10,9 @@ x sites; a run's jobs are their union.
 At run time a job travels as one :class:`Job`: the head job, the perturbation object and the
 settings that produced its numbers.
 
+A *set job* (:class:`SetJob`) perturbs several heads together: a point of a joint-ablation curve
+(``perturbation.curves``), ``sets/<site>/<position>/<kind>/<order>/<mode>/k<k>.parquet``.
+
 :func:`plan` decides how a head job is computed (its pass and the recordings it starts from), for
 the rule's inputs, the job itself, the cost preview and the tests.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import product
 
 from headperturb.core.kinds import PERTURBATIONS, Perturbation, build, format_scale, kinds
 
@@ -306,8 +310,8 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
 
 ORDERS = ("screen", "exact", "random")
 """How the heads of a curve are ranked: the screen's estimate of each head's contribution to the
-correct-label logit difference (same kind where the screen estimates it, else zero ablation), the
-run's exact single-head measurement of the same setting, or a seeded random order (the control)."""
+correct-label logit difference (same kind and position), the run's exact single-head measurement
+of the same setting, or a seeded random order (the control)."""
 
 SET_MODES = ("remove", "keep", "single")
 """``remove``: the k highest-ranked heads perturbed together; ``keep``: every other head perturbed
@@ -337,6 +341,15 @@ class SetJob:
             results, self.site, self.position, self.kind, self.order_name, self.mode, self.k
         )
 
+    def ranking(self, results: str) -> str:
+        """Where the ranking of its order lives."""
+        return ranking_path(results, self.site, self.position, self.kind, self.order_name)
+
+    @classmethod
+    def from_wildcards(cls, site, position, kind, order, mode, k) -> SetJob:
+        name, seed = parse_order(order)
+        return cls(site, position, kind, name, seed, mode, int(k))
+
     def members(self, ranking: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The (layer, head) pairs it perturbs, from every head ranked best first."""
         if self.mode == "remove":
@@ -344,6 +357,16 @@ class SetJob:
         if self.mode == "keep":
             return sorted(ranking[self.k :])
         return [ranking[self.k - 1]]
+
+
+def parse_order(order_name: str) -> tuple[str, int]:
+    """``random2`` -> ``("random", 2)``; ``screen`` -> ``("screen", 0)``."""
+    match = re.fullmatch(r"(screen|exact|random)(\d*)", order_name)
+    if not match or (match.group(1) == "random") != bool(match.group(2)):
+        raise SpecError(
+            f"order {order_name!r} is not allowed; allowed: screen, exact, random<seed>"
+        )
+    return match.group(1), int(match.group(2) or 0)
 
 
 def set_path(results: str, site, position, kind, order_name, mode, k) -> str:
@@ -359,33 +382,58 @@ def doubling(n: int) -> list[int]:
     return [*out, n]
 
 
-def set_jobs(curves: list[dict], n_heads_total: int) -> list[SetJob]:
-    """Every set job the config's curves ask for (``perturbation.curves``), for a model of
-    ``n_heads_total`` heads: per order (and seed), kind, position and site, ``remove`` for each k
-    of the grid, ``keep`` for each k below the total and 0 (every head perturbed), and ``single``
-    for the ``singles`` highest-ranked heads. Keeping every head, or removing none, is the
-    baseline."""
+CURVE_DEFAULTS = {"positions": ["last"], "sites": ["o_proj_input"], "orders": ["screen", "random"],
+                  "seeds": [1, 2, 3], "modes": ["remove", "keep"], "ks": None, "singles": 0}  # fmt: skip
+"""What a curve of ``perturbation.curves`` leaves out (the config schema holds the same)."""
+
+SET_KINDS = ("zero", "mean", "patch")
+"""The kinds a set of heads can be perturbed with: the deterministic ones (noise and resample
+draw values; restore runs the partner, whose own heads are not the set's)."""
+
+
+def curves(perturbation: dict) -> list[dict]:
+    """The config's curves with every key filled (:data:`CURVE_DEFAULTS`)."""
+    return [{**CURVE_DEFAULTS, **curve} for curve in perturbation.get("curves") or []]
+
+
+def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -> list[SetJob]:
+    """Every set job the curves ask for (:func:`curves`), for a model of ``n_heads_total`` heads:
+    per order (and seed of the random order), kind, position and site, ``remove`` for each k of
+    the grid (``ks``, default 1, 2, 4, ... and every head), ``keep`` for 0 (every head removed)
+    and each k of the grid below every head, and ``single`` for the ``singles`` highest-ranked
+    heads of the screen and exact orders, unless the run measures every head of that setting
+    alone already (``measured``: (site, position, kind) triples). Removing none and keeping all
+    is the unperturbed model."""
     jobs: set[SetJob] = set()
-    for curve in curves:
-        grid = curve.get("ks") or doubling(n_heads_total)
-        if any(not 1 <= k <= n_heads_total for k in grid):
+    for curve in curve_list:
+        grid = sorted(set(curve["ks"] or doubling(n_heads_total)))
+        if any(not 1 <= int(k) <= n_heads_total for k in grid):
             raise SpecError(f"curves: ks {grid} must lie in 1..{n_heads_total} (the model's heads)")
-        seeds = (curve.get("seeds") or [0]) if curve["order"] == "random" else [0]
         for kind in curve["kinds"]:
-            if kind not in PERTURBATIONS or PERTURBATIONS[kind].takes_scale:
-                raise SpecError(f"curves: kind {kind!r} is not allowed; allowed: the deterministic "
-                                f"kinds {', '.join(k for k, c in PERTURBATIONS.items() if not c.takes_scale and k != 'resample')}")  # fmt: skip
-            for position in curve["positions"]:
-                for site in curve.get("sites", ["o_proj_input"]):
-                    for seed in seeds:
-                        base = (site, position, kind, curve["order"], int(seed))
-                        for mode in curve["modes"]:
-                            ks = (
-                                grid
-                                if mode == "remove"
-                                else [0, *[k for k in grid if k < n_heads_total]]
-                            )
-                            jobs.update(SetJob(*base, mode, k) for k in ks)
-                        singles = min(int(curve.get("singles", 0)), n_heads_total)
+            if kind not in SET_KINDS:
+                raise SpecError(
+                    f"curves: kind {kind!r} is not allowed; allowed: {', '.join(SET_KINDS)}"
+                )
+            for position, site, order in product(
+                curve["positions"], curve["sites"], curve["orders"]
+            ):
+                if position not in POSITIONS or site not in SITES or order not in ORDERS:
+                    raise SpecError(f"curves: {position}/{site}/{order}: allowed positions "
+                                    f"{', '.join(POSITIONS)}, sites {', '.join(SITES)}, orders {', '.join(ORDERS)}")  # fmt: skip
+                for seed in curve["seeds"] if order == "random" else [0]:
+                    base = (site, position, kind, order, int(seed))
+                    for mode in curve["modes"]:
+                        ks = (
+                            grid
+                            if mode == "remove"
+                            else [0, *[k for k in grid if k < n_heads_total]]
+                        )
+                        jobs.update(SetJob(*base, mode, int(k)) for k in ks)
+                    if order != "random" and (site, position, kind) not in measured:
+                        singles = min(int(curve["singles"]), n_heads_total)
                         jobs.update(SetJob(*base, "single", r) for r in range(1, singles + 1))
     return sorted(jobs)
+
+
+def ranking_path(results: str, site, position, kind, order_name) -> str:
+    return f"{results}/sets/{site}/{position}/{kind}/{order_name}/ranking.parquet"

@@ -31,23 +31,12 @@ from headperturb import runtime
 from headperturb.analysis import scoring
 from headperturb.core import files
 from headperturb.core.kinds import build
-from headperturb.core.spec import SetJob
+from headperturb.core.spec import SET_KINDS, SetJob
 from headperturb.model.context import ModelSpec, gpu_memory_hint, load_engine, prompt_ids
 from headperturb.model.headjob import JobInputs, recorded, rows_for
 from headperturb.model.hooks import Edit, EditSet, site_slice
 
 log = logging.getLogger("headperturb")
-
-SET_KINDS = ("zero", "mean", "patch")
-"""The kinds a set of heads can be perturbed with: the deterministic ones (noise and resample
-draw values, restore runs the partner)."""
-
-
-def read_ranking(path) -> list[tuple[int, int]]:
-    """(layer, head) of every head, best first, from a ranking file."""
-    table = files.read_columns(path, ["rank", "layer", "head"])
-    order = np.argsort(np.asarray(table["rank"]), kind="stable")
-    return [(int(table["layer"][i]), int(table["head"][i])) for i in order]
 
 
 def set_edit(job: SetJob, members, engine, sites, rows, state=None, means=None, clean=None):
@@ -155,7 +144,8 @@ def write(out_path, job: SetJob, members, inputs: JobInputs, prompt_ids, labels,
 
     info = files.read_json(inputs.prompts.info)
     offset = float(info.get("calibration", {}).get("offset", 0.0))
-    columns = scoring.per_prompt_columns(prompt_ids, labels, logits, offset, describe(job))
+    columns = scoring.per_prompt_columns(prompt_ids, labels, logits, offset, describe(job),
+                                         context_free=True)  # fmt: skip
     n = len(prompt_ids)
     settings = set_settings(job, len(members))
     front = {key: np.repeat(np.asarray([value]), n) for key, value in settings.items()}

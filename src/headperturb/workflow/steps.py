@@ -391,6 +391,167 @@ def screen_agreement(input, output, params, wildcards, threads):
     files.write_csv(output.disagreements, disagree)
 
 
+# -- heads together: joint-ablation curves ----------------------------------------------------
+
+
+@step(quiet=True)
+def rank_heads(input, output, params, wildcards, threads):
+    """Every head ranked best first under one order (:func:`headperturb.analysis.curves.ranking`)."""
+    from headperturb.analysis import curves
+    from headperturb.core.spec import parse_order
+
+    order, seed = parse_order(wildcards.order)
+    screen_heads = files.read_parquet(input.screen) if getattr(input, "screen", None) else None
+    table = files.read_parquet(input.table) if getattr(input, "table", None) else None
+    ranked = curves.ranking(order, wildcards.kind, wildcards.position, wildcards.site,
+                            params.n_layers, params.n_heads, seed, screen_heads, table)  # fmt: skip
+    files.write_parquet(output.ranking, ranked, {"order": wildcards.order, "kind": wildcards.kind,
+                                                 "position": wildcards.position, "site": wildcards.site})  # fmt: skip
+
+
+@step(quiet=True)
+def perturb_set(input, output, params, wildcards, threads):
+    """Several heads perturbed together (:func:`headperturb.model.headset.perturb_set`)."""
+    from headperturb.analysis.curves import read_ranking
+    from headperturb.core.spec import SetJob
+    from headperturb.model import headjob, headset
+
+    job = SetJob.from_wildcards(wildcards.site, wildcards.position, wildcards.kind,
+                                wildcards.order, wildcards.mode, wildcards.k)  # fmt: skip
+    ranked = read_ranking(input.ranking)
+    get = lambda key: getattr(input, key, None) or None  # noqa: E731
+    inputs = headjob.JobInputs(_prompt_files(input), get("state"), None, get("activations"),
+                               get("cache"), None, get("pairs"))  # fmt: skip
+    headset.perturb_set(job, job.members(ranked), inputs, _model(input, params, threads),
+                        output.result, params.method,
+                        {"ranking_sha256": files.sha256_file(input.ranking)})  # fmt: skip
+
+
+@step
+def curves(input, output, params, wildcards, threads):
+    """The curves' table and summary (:mod:`headperturb.analysis.curves`), after checking that
+    every set file holds the heads its ranking names now."""
+    import pandas as pd
+
+    from headperturb.analysis import aggregation
+    from headperturb.analysis import curves as cv
+    from headperturb.core.spec import SetJob
+    from headperturb.model import recordings
+
+    stat = params.statistics
+    stat_kwargs = {"n_boot": int(stat["bootstrap"]), "n_perm": int(stat["permutations"]),
+                   "seed": int(stat["seed"])}  # fmt: skip
+    prompts_sha256 = recordings.file_digest(input.info)
+    baseline = files.read_parquet(input.baseline_per_prompt)
+    rankings = {path: cv.read_ranking(path) for path in set(input.rankings)}
+    stale, rows, changes, jobs = [], [], {}, [SetJob(**job) for job in params.jobs]
+    ranking_of = dict(zip(jobs, input.rankings))  # each job's ranking, in the jobs' order
+    for job, path in zip(jobs, input.sets):
+        meta = files.read_parquet_metadata(path)
+        settings = meta.get("settings", {})
+        ranked = rankings[ranking_of[job]]
+        members = [f"L{layer}H{head}" for layer, head in job.members(ranked)]
+        if (settings.get("members") != members or settings.get("prompts_sha256") != prompts_sha256
+                or settings.get("order") != job.order_name or settings.get("k") != job.k
+                or settings.get("mode") != job.mode or settings.get("method") != params.method):  # fmt: skip
+            stale.append(path)
+            continue
+        frame = files.read_parquet(path)
+        rows.append(cv.point_row(frame, baseline, **stat_kwargs))
+        changes[job] = cv.per_prompt_change(frame, baseline)
+    if stale:
+        files.write_text(params.stale_list, "".join(p + "\n" for p in stale))
+        raise aggregation.StaleResultsError(
+            f"{len(stale)} set file(s) hold other heads or settings than their ranking and this "
+            f"run's config ask for (e.g. {stale[0]}); they are listed in {params.stale_list}; redo "
+            f"them with: snakemake --cores all --forcerun $(cat {params.stale_list})"
+        )
+    singles = {(s["site"], s["position"], s["kind"], s["layer"], s["head"]): p
+               for s, p in zip(params.single_jobs, input.singles)}  # fmt: skip
+    points = pd.DataFrame(rows)
+    extra = []
+    for job in (j for j in jobs if j in changes):
+        ranked = rankings[ranking_of[job]]
+        extra.append(_interaction(job, ranked, changes, singles, baseline, stat_kwargs))
+    points = pd.concat([points, pd.DataFrame(extra, index=points.index)], axis=1)
+    points = points.sort_values(cv.SET_KEYS, ignore_index=True)
+    summary = cv.summarize(points, params.n_heads_total)
+    meta = {"n_heads_total": params.n_heads_total, "statistics": stat_kwargs}
+    files.write_parquet(output.points, points, meta)
+    files.write_csv(output.points_csv, points)
+    files.write_csv(output.summary, cv.control_band(summary) if len(summary) else summary)
+    log.info(
+        "%d curve points over %d curves", len(points), len(summary) // max(len(cv.SUMMARIZED), 1)
+    )
+
+
+def _interaction(job, ranked, changes, singles, baseline, stat_kwargs) -> dict:
+    """The interaction of one set point, where every member's single change is known: from the
+    run's exact single-head files, or from the order's ``single`` set jobs."""
+    from headperturb.analysis import curves as cv
+    from headperturb.core.spec import SetJob
+
+    empty = dict.fromkeys(cv.INTERACTION_COLUMNS, np.nan)
+    if job.mode == "single":
+        return empty
+    rank_of = {head: r for r, head in enumerate(ranked, start=1)}
+    found = []
+    for layer, head in job.members(ranked):
+        key = (job.site, job.position, job.kind, layer, head)
+        single = SetJob(
+            job.site, job.position, job.kind, job.order, job.seed, "single", rank_of[(layer, head)]
+        )
+        if single in changes:
+            found.append(changes[single])
+        elif key in singles:
+            found.append(cv.per_prompt_change(files.read_parquet(singles[key]), baseline))
+        else:
+            return empty
+    return cv.interaction(changes[job], found, stat_kwargs["n_boot"], stat_kwargs["seed"])
+
+
+# -- direct effects and self-repair -----------------------------------------------------------
+
+
+@step
+def direct_effects(input, output, params, wildcards, threads):
+    """Every head's direct effect on the margin at the final position, beside its total effect
+    where the run measured it (:mod:`headperturb.model.direct`, :mod:`headperturb.analysis.repair`)."""
+    from headperturb.analysis import repair
+    from headperturb.core.kinds import build
+    from headperturb.model import direct, recordings
+    from headperturb.model.context import load_engine, prompt_ids
+
+    prompt_files = _prompt_files(input)
+    engine, sites, model_info, _info = load_engine(prompt_files, _model(input, params, threads))
+    ids, pids, labels = prompt_ids(prompt_files.prompts)
+    expect = recordings.recording("baseline", prompt_files.info, model_info, layers=len(sites),
+                                  n_prompts=len(ids))  # fmt: skip
+    state = runtime.cached_tensors(input.state, None, expect)
+    partners = None
+    if "patch" in params.kinds:
+        pairs = files.read_parquet(input.pairs, ["prompt_id", "partner_id"])
+        index = {int(p): i for i, p in enumerate(pids)}
+        found = dict(zip(pairs["prompt_id"].astype(int), pairs["partner_id"].astype(int)))
+        partners = np.array(
+            [index[found[int(p)]] if found.get(int(p), -1) >= 0 else -1 for p in pids]
+        )
+    grads = direct.gradients(engine.model, sites, engine.token_ids, state)
+    sums = direct.head_sums(grads, state, sites, partners)
+    contributions = {kind: repair.direct_contributions(build(kind).first_order(sums), labels)
+                     for kind in params.kinds}  # fmt: skip
+    baseline = files.read_parquet(input.baseline_per_prompt)
+    totals = {(job["kind"], job["layer"], job["head"]): repair.totals_from(files.read_parquet(path), baseline)
+              for job, path in zip(params.total_jobs, input.totals)}  # fmt: skip
+    stat = params.statistics
+    frame = repair.table(contributions, pids, totals, int(stat["bootstrap"]), int(stat["seed"]))
+    files.write_parquet(output.parquet, frame, {"kinds": list(params.kinds)})
+    files.write_csv(output.csv, frame)
+    for kind, s in repair.repair_summary(frame).items():
+        log.info("direct effects, %s: %d heads with a total; sum direct %.3f, sum total %.3f, "
+                 "Pearson %.2f", kind, s["heads"], s["sum_direct"], s["sum_total"], s["pearson"])  # fmt: skip
+
+
 # -- the table, the figures, the summary -------------------------------------------------------
 
 
@@ -437,7 +598,13 @@ def summarize(input, output, params, wildcards, threads):
         screened = {k: files.read_csv(getattr(input, k)) for k in ("agreement", "disagreements")}
         screened["heads"] = files.read_parquet(input.screen)
     pairs = files.read_parquet(input.pairs) if getattr(input, "pairs", None) else None
+    curves = None
+    if getattr(input, "curve_points", None):
+        points = files.read_parquet(input.curve_points)
+        curves = {"points": points, "band": files.read_csv(input.curve_summary),
+                  "n_total": files.read_parquet_metadata(input.curve_points)["n_heads_total"]}  # fmt: skip
+    repair = files.read_parquet(input.direct) if getattr(input, "direct", None) else None
     text = summary.summary_markdown(table, meta, files.read_json(input.info),
                                     files.read_json(Path(input.model) / INFO_FILE), params.settings,
-                                    screened, pairs=pairs)  # fmt: skip
+                                    screened, pairs=pairs, curves=curves, repair=repair)  # fmt: skip
     files.write_text(output.summary, text)

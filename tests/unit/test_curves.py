@@ -1,0 +1,200 @@
+"""Joint-ablation curves, direct effects and the correction's family: the set jobs a config asks
+for, the orders, the curves' summaries, the interaction and self-repair, against hand
+computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from headperturb.analysis import aggregation, curves, repair, stats
+from headperturb.core import checks, config, spec
+from headperturb.core.spec import SetJob, SpecError
+
+
+def _curve(**kw):
+    return spec.curves({"curves": [kw]})[0]
+
+
+def test_set_jobs_cover_the_grid_modes_orders_and_singles():
+    jobs = spec.set_jobs([_curve(kinds=["zero"], seeds=[1, 2], singles=3)], 10)
+    screen = [j for j in jobs if j.order == "screen"]
+    assert sorted(j.k for j in screen if j.mode == "remove") == [1, 2, 4, 8, 10]
+    assert sorted(j.k for j in screen if j.mode == "keep") == [0, 1, 2, 4, 8]
+    assert sorted(j.k for j in screen if j.mode == "single") == [1, 2, 3]
+    randoms = [j for j in jobs if j.order == "random"]
+    assert {j.seed for j in randoms} == {1, 2} and not any(j.mode == "single" for j in randoms)
+    assert len(jobs) == 10 + 3 + 2 * 10
+    assert {j.position for j in jobs} == {"last"} and {j.site for j in jobs} == {"o_proj_input"}
+    # a setting the run measures head by head needs no single set jobs
+    measured = spec.set_jobs(
+        [_curve(kinds=["zero"], singles=3)], 10, {("o_proj_input", "last", "zero")}
+    )
+    assert not any(j.mode == "single" for j in measured)
+
+
+def test_set_jobs_refuse_what_cannot_be_a_set():
+    with pytest.raises(SpecError, match="kind 'noise' is not allowed; allowed: zero, mean, patch"):
+        spec.set_jobs([_curve(kinds=["noise"])], 10)
+    with pytest.raises(SpecError, match=r"ks \[1, 12\] must lie in 1..10"):
+        spec.set_jobs([_curve(kinds=["zero"], ks=[1, 12])], 10)
+
+
+def test_members_of_remove_keep_and_single():
+    ranking = [(3, 1), (0, 2), (5, 0), (1, 1)]
+    job = SetJob("o_proj_input", "last", "zero", "screen", 0, "remove", 2)
+    assert job.members(ranking) == [(0, 2), (3, 1)]
+    keep = SetJob("o_proj_input", "last", "zero", "screen", 0, "keep", 1)
+    assert keep.members(ranking) == [(0, 2), (1, 1), (5, 0)]
+    single = SetJob("o_proj_input", "last", "zero", "screen", 0, "single", 3)
+    assert single.members(ranking) == [(5, 0)]
+
+
+def test_set_paths_round_trip_through_wildcards():
+    job = SetJob("o_proj_input", "all", "mean", "random", 2, "keep", 16)
+    assert job.path("results/r") == "results/r/sets/o_proj_input/all/mean/random2/keep/k16.parquet"
+    assert (
+        job.ranking("results/r") == "results/r/sets/o_proj_input/all/mean/random2/ranking.parquet"
+    )
+    assert SetJob.from_wildcards("o_proj_input", "all", "mean", "random2", "keep", "16") == job
+    assert spec.parse_order("screen") == ("screen", 0)
+    for bad in ("random", "screen1", "best"):
+        with pytest.raises(SpecError, match="allowed: screen, exact, random<seed>"):
+            spec.parse_order(bad)
+
+
+def test_curve_defaults_are_the_schemas(tmp_path):
+    from pathlib import Path
+
+    schema = config.load_schema(Path(__file__).parents[2] / "workflow/schemas/config.schema.yaml")
+    item = schema["properties"]["perturbation"]["properties"]["curves"]["items"]["properties"]
+    assert {k: v["default"] for k, v in item.items() if "default" in v} == spec.CURVE_DEFAULTS
+
+
+def test_a_screen_ordered_curve_needs_the_screens_estimate():
+    screen = {"kinds": ["zero", "noise"], "positions": ["all"]}
+    with pytest.raises(SpecError, match="add mean to screen.kinds and last to screen.positions"):
+        checks.check_curves([_curve(kinds=["mean"])], screen)
+    checks.check_curves([_curve(kinds=["mean"], orders=["random"])], screen)  # no screen needed
+
+
+def test_rankings_of_each_order():
+    heads = pd.DataFrame({"kind": "zero", "position": "last", "layer": [0, 0, 1, 1],
+                          "head": [0, 1, 0, 1], "est_logit_diff": [0.1, -0.3, 0.5, 0.1]})  # fmt: skip
+    ranked = curves.ranking("screen", "zero", "last", "o_proj_input", 2, 2, screen_heads=heads)
+    assert list(zip(ranked["layer"], ranked["head"])) == [(1, 0), (0, 0), (1, 1), (0, 1)]
+    assert ranked["rank"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(curves.RankingError, match="add mean to screen.kinds"):
+        curves.ranking("screen", "mean", "last", "o_proj_input", 2, 2, screen_heads=heads)
+    table = pd.DataFrame({"site": "o_proj_input", "position": "last", "kind": "zero",
+                          "layer": [0, 0, 1], "head": [0, 1, 0], "change_logit_diff": [1.0, 2.0, 3.0]})  # fmt: skip
+    with pytest.raises(curves.RankingError, match="1 of 4 are not"):
+        curves.ranking("exact", "zero", "last", "o_proj_input", 2, 2, table=table)
+    table.loc[3] = ["o_proj_input", "last", "zero", 1, 1, -1.0]
+    exact = curves.ranking("exact", "zero", "last", "o_proj_input", 2, 2, table=table)
+    assert list(zip(exact["layer"], exact["head"])) == [(1, 0), (0, 1), (0, 0), (1, 1)]
+    a, b = (curves.ranking("random", "zero", "last", "o_proj_input", 4, 3, seed=s) for s in (1, 2))
+    again = curves.ranking("random", "zero", "last", "o_proj_input", 4, 3, seed=1)
+    assert a.equals(again) and not a.equals(b)
+    assert sorted(zip(a["layer"], a["head"])) == [(lay, h) for lay in range(4) for h in range(3)]
+
+
+def _points(mode, ks, shares, order="screen"):
+    return pd.DataFrame({"site": "o_proj_input", "position": "last", "kind": "zero", "order": order,
+                         "seed": 0, "mode": mode, "k": ks, "retained_logit_diff": shares,
+                         "retained_auc": shares})  # fmt: skip
+
+
+def test_curve_summary_by_hand():
+    """N = 8. remove: shares 0.9, 0.6, 0.4, 0 at k = 1, 2, 4, 8, anchored at 1 for k = 0: area
+    0.11875 + 0.09375 + 0.125 + 0.1 = 0.4375, half lost at k = 4. keep: 0, 0.3, 0.55, 0.8 at
+    k = 0, 1, 2, 4, anchored at 1 for k = 8: area 0.01875 + 0.053125 + 0.16875 + 0.45 = 0.690625,
+    half kept at k = 2."""
+    points = pd.concat([_points("remove", [1, 2, 4, 8], [0.9, 0.6, 0.4, 0.0]),
+                        _points("keep", [0, 1, 2, 4], [0.0, 0.3, 0.55, 0.8])])  # fmt: skip
+    out = curves.summarize(points, 8).set_index(["mode", "metric"])
+    assert out.loc[("remove", "logit_diff"), "area"] == pytest.approx(0.4375)
+    assert out.loc[("remove", "logit_diff"), "k_half"] == 4
+    assert out.loc[("keep", "auc"), "area"] == pytest.approx(0.690625)
+    assert out.loc[("keep", "auc"), "k_half"] == 2
+    never = curves.summarize(_points("remove", [1, 8], [0.9, 0.7]), 8)
+    assert never["k_half"].isna().all()  # no k of the grid loses half
+
+
+def test_the_random_band_beside_a_ranked_order():
+    points = pd.concat([_points("remove", [1, 2, 4, 8], [0.9, 0.6, 0.4, 0.0]),
+                        _points("remove", [1, 2, 4, 8], [1.0, 0.9, 0.8, 0.0], "random1"),
+                        _points("remove", [1, 2, 4, 8], [1.0, 0.95, 0.45, 0.0], "random2")])  # fmt: skip
+    band = curves.control_band(curves.summarize(points, 8))
+    ld = band[band["metric"] == "logit_diff"].set_index("order")
+    assert ld.loc["screen", "k_half"] == 4 and ld.loc["random", "k_half"] == 6  # median of 8, 4
+    assert (
+        ld.loc["screen", "random_k_half_low"] == 4 and ld.loc["screen", "random_k_half_high"] == 8
+    )
+    assert ld.loc["screen", "random_seeds"] == 2
+
+
+def test_interaction_by_hand():
+    """Contributions (baseline - perturbed) 3 jointly, 1 and 0.5 alone on every prompt: joint change
+    -3, singles' -1.5, interaction -1.5 (they back each other up)."""
+    index = [10, 11, 12]
+    out = curves.interaction(pd.Series([3.0, 3.0, 3.0], index), [pd.Series([1.0, 1.0, 1.0], index),
+                             pd.Series([0.5, 0.5, 0.5, 9.0], [*index, 99])])  # fmt: skip
+    assert out["joint_change_logit_diff"] == pytest.approx(-3.0)
+    assert out["singles_change_logit_diff"] == pytest.approx(-1.5)
+    assert out["interaction_logit_diff"] == pytest.approx(-1.5)
+    assert (
+        out["ci_low_interaction_logit_diff"]
+        == pytest.approx(-1.5)
+        == out["ci_high_interaction_logit_diff"]
+    )
+
+
+def test_retained_share_is_undefined_below_chance():
+    base = pd.DataFrame({"prompt_id": [1, 2, 3, 4], "label": [1, 0, 1, 0],
+                         "margin": [2.0, -1.0, 1.0, -3.0], "calibrated_margin": [2.0, -1.0, 1.0, -3.0],
+                         "prediction": [1, 0, 1, 0]})  # fmt: skip
+    frame = base.assign(site="o_proj_input", position="last", kind="zero", order="screen", seed=0,
+                        mode="remove", k=2, n_heads=2, draw=0,
+                        margin=[1.0, -0.5, 0.5, -1.5])  # fmt: skip
+    frame["calibrated_margin"] = frame["margin"]
+    row = curves.point_row(frame, base, n_boot=50, n_perm=50)
+    assert row["baseline_logit_diff"] == pytest.approx(1.75) and row["logit_diff"] == pytest.approx(
+        0.875
+    )
+    assert row["retained_logit_diff"] == pytest.approx(0.5)
+    assert row["retained_auc"] == pytest.approx(1.0) and row["retained_accuracy"] == pytest.approx(
+        1.0
+    )
+    worse = base.assign(
+        margin=-base["margin"], calibrated_margin=-base["margin"], prediction=[0, 1, 0, 1]
+    )
+    row = curves.point_row(frame, worse, n_boot=50, n_perm=50)
+    assert np.isnan(row["retained_logit_diff"]) and np.isnan(row["retained_auc"])
+
+
+def test_self_repair_is_direct_minus_total_by_hand():
+    direct = np.array([[[1.0, 0.0]], [[3.0, 0.0]]])  # (prompts, layers, heads)
+    totals = {("zero", 0, 0): pd.Series([0.5, 1.5], index=[7, 8])}
+    out = repair.table({"zero": direct}, [7, 8], totals, n_boot=100).set_index("head")
+    assert out.loc[0, "direct_effect"] == pytest.approx(2.0)
+    assert out.loc[0, "total_effect"] == pytest.approx(1.0)
+    assert out.loc[0, "self_repair"] == pytest.approx(1.0)
+    assert out.loc[0, "ci_low_self_repair"] == pytest.approx(0.5)  # bootstrap of (0.5, 1.5)
+    assert out.loc[0, "ci_high_self_repair"] == pytest.approx(1.5)
+    assert np.isnan(out.loc[1, "total_effect"]) and np.isnan(out.loc[1, "self_repair"])
+    contributions = repair.direct_contributions(np.array([[[0.5]], [[0.5]]]), [1, 0])
+    assert contributions.ravel().tolist() == [-0.5, 0.5]  # baseline - ablated, signed by label
+
+
+def test_correction_within_each_setting_by_hand():
+    table = pd.DataFrame({"site": "o_proj_input", "position": "last",
+                          "kind": ["zero", "zero", "mean", "mean"], "scale": "",
+                          "p": [0.01, 0.04, 0.03, 0.5]})  # fmt: skip
+    run = aggregation.qvalues(table, "p", "run")
+    np.testing.assert_allclose(run, stats.bh_qvalues(table["p"]))
+    within = aggregation.qvalues(table, "p", "setting")
+    np.testing.assert_allclose(within, [0.02, 0.04, 0.06, 0.5])  # each pair corrected alone
+    with pytest.raises(ValueError, match="allowed: run, setting"):
+        aggregation.qvalues(table, "p", "layer")
