@@ -99,7 +99,10 @@ def test_numbers_written_as_yaml_text_are_numbers():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"prompt": {}}, "config: unknown key 'prompt'; allowed keys: categories, data, model,"),
+        (
+            {"prompt": {}},
+            "config: unknown key 'prompt'; allowed keys: categories, data, direct_effects, model,",
+        ),
         (
             {"perturbation": {"scales": [0.0]}},
             "config: perturbation.scales[0] = 0.0 is not allowed; it must be > 0",
