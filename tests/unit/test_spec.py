@@ -204,9 +204,10 @@ def test_the_schema_lists_what_the_library_knows():
 
 
 def test_cost_preview_counts_jobs_and_prices_them_from_the_measured_per_token_costs():
-    """Against a hand computation: 10 prompts of (1 + 1) x (56 + 8) = 128 tokens, 4 layers.
-    Zero at every position of layer 1: 3 layers x 128 tokens x 0.1 s; noise at its final
-    position: 5 draws x 3 layers x 0.2 s; per prompt 38.4 + 3.0 s, 414 s in all. At the final
+    """Against a hand computation: 10 prompts of (1 + 1) x (56 + 8) = 128 tokens, 64 of them the
+    prompt's own, 4 layers. Zero at every position of layer 1: the demonstrations once per job (a
+    tenth of them per prompt), so 3 layers x (64 + 64 / 10) tokens x 0.1 s = 21.12 s a prompt;
+    noise at its final position: 5 draws x 3 layers x 0.2 s = 3.0 s; 241 s in all. At the final
     position only, the zero job costs 3 x 0.2 s a prompt: (0.6 + 3.0) x 10 = 36 s."""
     config = {"prompts": {"n_test": 10, "k_shot": 1, "max_review_tokens": 56},
               "perturbation": {"repeats": 5, "method": "fast"}}  # fmt: skip
@@ -218,7 +219,7 @@ def test_cost_preview_counts_jobs_and_prices_them_from_the_measured_per_token_co
         "seconds_per_final_token_layer": {"128": 0.2, "512": 0.4},
     }
     text = costs.cost_preview(jobs, shape, config, info)
-    assert text.startswith("2 head jobs (1 at all positions, 1 at last positions): about 7 min")
+    assert text.startswith("2 head jobs (1 at all positions, 1 at last positions): about 4 min")
     assert "at the last position only they would take about 36 s" in text
     before = costs.cost_preview(jobs, shape, config, None)
     assert before.endswith("their cost is estimated once the model is prepared")

@@ -317,6 +317,8 @@ def plots():
         names.append("contribution_vs_scale")
     if SCREENING:
         names.append("screen_map")
+    if any(len(set(_as_list(s["positions"])) & set(spec.SEGMENTS)) > 1 for s in sweeps):
+        names.append("segment_map")
     if CURVE_LIST:
         names.append("ablation_curves")
     if DIRECT_EFFECTS["enabled"]:

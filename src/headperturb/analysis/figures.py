@@ -324,6 +324,49 @@ def screen_map(heads, meta: dict, out_path) -> None:
     _save(fig, out_path)
 
 
+SEGMENT_ROWS = 30
+"""The most heads a segment map panel shows (the largest effects at any segment)."""
+
+
+def segment_map(table, meta: dict, out_path) -> None:
+    """Where in the prompt each head acts: per setting, the heads measured at two segments or
+    more (rows, largest effect first) against all positions and each segment (columns), coloured
+    by the change of the correct-label logit difference (baseline - perturbed; > 0: the head's
+    output there helps), the value written in each cell; a dot marks q < alpha."""
+    from headperturb.analysis.segments import SHOWN
+    from headperturb.analysis.segments import segment_map as mapped
+
+    alpha = meta.get("alpha", 0.05)
+    frame = mapped(table, alpha)
+    groups = list(frame.groupby(["site", "kind", "scale"], sort=False))
+    if not groups:
+        raise ValueError("no head of the table was measured at two segments of the prompt or more")
+    height = max(min(len(g), SEGMENT_ROWS) for _, g in groups)
+    fig, axes = _subplots(1, len(groups), (5.2 * len(groups), 1.2 + 0.32 * height), squeeze=False)
+    for ax, ((site, kind, scale), group) in zip(axes[0], groups):
+        group = group.head(SEGMENT_ROWS)
+        grid = group[[f"ld_{p}" for p in SHOWN]].to_numpy(dtype=float)
+        limit = max(float(np.nanmax(np.abs(grid))), 1e-9)
+        image = ax.imshow(grid, cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto",
+                          interpolation="nearest")  # fmt: skip
+        for (r, c), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(c, r, f"{value:+.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(value) > 0.6 * limit else "black")  # fmt: skip
+                if group[f"q_{SHOWN[c]}"].iloc[r] < alpha:
+                    ax.plot(c + 0.36, r - 0.3, "o", color="black", markersize=2.5)
+        ax.set_xticks(range(len(SHOWN)), [position_label(p).replace(" positions", "").replace(
+            " position", "") for p in SHOWN])  # fmt: skip
+        ax.set_yticks(range(len(group)), [f"L{r.layer}H{r.head}" for r in group.itertuples()])
+        ax.set_title(f"{build(kind, scale or None).label()}, site {site}", fontsize=10)
+        ax.spines[:].set_visible(False)
+        fig.colorbar(image, ax=ax, label="logit-difference contribution; > 0 helps")
+    fig.suptitle("Where in the prompt each head acts: perturbed at all positions, then at one "
+                 f"segment at a time; dots: q < {alpha:g}\n" + _baseline_text(meta), fontsize=11)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
+    _save(fig, out_path)
+
+
 CURVE_METRICS = {
     "logit_diff": ("correct-label logit difference", "ci_low_logit_diff", "ci_high_logit_diff"),
     "auc": ("ROC AUC of the margin", "ci_low_auc", "ci_high_auc"),
@@ -443,6 +486,7 @@ PLOTS = {
     "layer_head_heatmap": layer_head_heatmap,
     "contribution_vs_scale": contribution_vs_scale,
     "screen_map": screen_map,
+    "segment_map": segment_map,
     "ablation_curves": ablation_curves,
     "direct_vs_total": direct_vs_total,
 }

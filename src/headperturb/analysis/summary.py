@@ -5,6 +5,7 @@ One function per section; :func:`summary_markdown` puts them together.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from headperturb.analysis import stats
@@ -380,6 +381,56 @@ def _repair(frame: pd.DataFrame, top: int) -> list[str]:
     return lines
 
 
+def _segments(table: pd.DataFrame, alpha: float, top: int) -> list[str]:
+    """Where in the prompt the mapped heads act (:mod:`headperturb.analysis.segments`)."""
+    from headperturb.analysis.segments import SHOWN, counts, segment_map
+    from headperturb.core.kinds import build
+
+    frame = segment_map(table, alpha)
+    if frame.empty:
+        return []
+    lines = [
+        "## Where in the prompt",
+        "",
+        "Heads perturbed at one segment of the prompt at a time: the demonstrations (the shared "
+        "examples and their separators), the review (the test review's template words and text) "
+        "and the last position (where the label is read). Change of the correct-label logit "
+        "difference, baseline - perturbed (> 0: the head's output there helps), with its 95% "
+        f"interval; a segment counts as where the head acts when its q < {alpha:g}. At the last "
+        "layer only the last position reaches the logits; patching the demonstrations changes "
+        "nothing by construction (the partner prompt shares them).",
+    ]
+    counted = counts(frame)
+    for (site, kind, scale), group in frame.groupby(["site", "kind", "scale"], sort=False):
+        n = counted[(counted["site"] == site) & (counted["kind"] == kind)
+                    & (counted["scale"] == scale)].iloc[0]  # fmt: skip
+
+        def heads(segment, group=group):
+            found = group[group["acts_at"].str.split(", ").map(lambda a: segment in a)]
+            names = [f"L{r.layer}H{r.head}" for r in found.head(8).itertuples()]
+            return ", ".join(names) + (", ..." if len(found) > 8 else "")
+
+        where = {"demonstrations": "the demonstrations", "review": "the review",
+                 "last": "the final position"}  # fmt: skip
+        acting = "; ".join(f"at {where[s]}: {n[s]}" + (f" ({heads(s)})" if n[s] else "")
+                           for s in where)  # fmt: skip
+        lines += ["", f"### {build(kind, scale or None).label()}, site {site} ({n['heads']} heads)",
+                  "", f"Heads that act {acting}; nowhere: {n['none']}.", "",
+                  "| layer | head | " + " | ".join(position_label(p) for p in SHOWN)
+                  + " | sum of segments | acts at |",
+                  "| --- | --- | " + " | ".join("---" for _ in SHOWN) + " | --- | --- |"]  # fmt: skip
+        for _, r in group.head(top).iterrows():
+            cells = [
+                "-" if np.isnan(r[f"ld_{p}"])
+                else f"{r[f'ld_{p}']:+.3f} [{r[f'low_{p}']:+.3f}, {r[f'high_{p}']:+.3f}]"
+                for p in SHOWN
+            ]  # fmt: skip
+            total = "-" if np.isnan(r["segments_sum"]) else f"{r['segments_sum']:+.3f}"
+            lines.append(f"| {r['layer']} | {r['head']} | " + " | ".join(cells)
+                         + f" | {total} | {r['acts_at']} |")  # fmt: skip
+    return lines
+
+
 def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_info: dict,
                      settings: dict, screened: dict | None = None, top: int = 5,
                      pairs: pd.DataFrame | None = None, curves: dict | None = None,
@@ -397,6 +448,7 @@ def summary_markdown(table: pd.DataFrame, meta: dict, prompt_info: dict, model_i
         _categories(table, meta, settings["categories"]),
         _top_heads(table, top),
         _screen(screened, settings["screen"]["disagreement"], 10) if screened else [],
+        _segments(table, meta.get("alpha", 0.05), top + 5),
         _curves(curves["points"], curves["band"], curves["n_total"]) if curves else [],
         _repair(repair, top + 3) if repair is not None else [],
         ["Contribution = baseline - perturbed. Intervals: 95% paired bootstrap over prompts and "

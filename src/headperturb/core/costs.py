@@ -15,7 +15,8 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
     length."""
     pert, prompts = config["perturbation"], config["prompts"]
     n_layers, n = shape["n_layers"], prompts["n_test"]
-    tokens = (prompts["k_shot"] + 1) * (prompts["max_review_tokens"] + 8)
+    own = prompts["max_review_tokens"] + 8  # a review with its template words
+    tokens = (prompts["k_shot"] + 1) * own
     by_position = {p: [j for j in jobs if j.position == p] for p in POSITIONS}
     text = f"{len(jobs)} head jobs ({', '.join(f'{len(v)} at {k} positions' for k, v in by_position.items() if v)})"
     if model_info is None:
@@ -36,8 +37,10 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
                 if position is None
                 else HeadJob(j.site, position, j.kind, j.scale, j.layer, j.head)
             )
-            draws = build(j.kind, j.scale or None).draws(pert["repeats"])
-            cost = plan(j, pert["method"], n_layers).cost(j.layer, n_layers, tokens, draws)
+            kind = build(j.kind, j.scale or None)
+            draws = kind.draws(pert["repeats"])
+            cost = plan(j, pert["method"], n_layers).cost(j.layer, n_layers, tokens, draws, own,
+                                                          _shared(kind, j.position, n))  # fmt: skip
             total += n * (cost[0] * full + cost[1] * per_final)
         return total
 
@@ -48,6 +51,19 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
             f"; at the last position only they would take about {_duration(seconds(jobs, 'last'))}"
         )
     return text + "; fewer prompts cost proportionally less, a GPU (model.device: cuda) far less"
+
+
+def _shared(kind, position: str, n: int) -> float:
+    """The share of prompts whose edited demonstrations a job computes anew
+    (:func:`headperturb.core.spec.Plan.cost`): once per job where every prompt gets the same
+    values there, about once per prompt length (a guess of 0.3) where the values depend on the
+    length (mean), for every prompt where each gets its own (noise)."""
+    if position in ("review", "last"):
+        return 1.0 / n
+    first, second = kind.prefix_key(100), kind.prefix_key(101)
+    if first is None:
+        return 1.0
+    return 1.0 / n if first == second else 0.3
 
 
 def _duration(seconds: float) -> str:

@@ -89,6 +89,14 @@ class Perturbation:
         noise, the standard deviation of the change."""
         raise NotImplementedError
 
+    def prefix_key(self, length: int):
+        """Which prompts get the same values on the demonstrations (the prefix every prompt
+        shares), so that a pass computes the edited demonstrations once per group
+        (:func:`headperturb.model.passes.shared_prefix`): equal keys for prompts whose values
+        there are equal; ``"clean"`` where they are the prompt's own clean outputs (nothing to
+        edit); None where every prompt's are its own. ``length`` is the prompt's."""
+        return None
+
 
 @register
 @dataclass(frozen=True)
@@ -162,6 +170,9 @@ class Zero(Perturbation):
     def first_order(self, sums):
         return -sums["z_dot_g"]
 
+    def prefix_key(self, length):
+        return 0  # zeros everywhere, for every prompt
+
 
 @register
 @dataclass(frozen=True)
@@ -177,6 +188,9 @@ class Mean(Perturbation):
 
     def first_order(self, sums):
         return sums["mean_dot_g"] - sums["z_dot_g"]
+
+    def prefix_key(self, length):
+        return ("length", length)  # the mean is aligned from the end: equal for equal lengths
 
 
 @register
@@ -224,6 +238,11 @@ class Patch(Perturbation):
 
     def first_order(self, sums):
         return sums["partner_dot_g"] - sums["z_dot_g"]
+
+    def prefix_key(self, length):
+        # the partner shares the demonstrations, and a causal model's output there cannot see
+        # the review: the patched values are the prompt's own clean outputs
+        return "clean"
 
 
 @register

@@ -38,9 +38,15 @@ SITES = ("o_proj_input", "o_proj_output")
 projection mixes all heads, so that slice is a block of residual-stream coordinates, not a head.
 """
 
-POSITIONS = ("all", "last")
-"""Which positions of a prompt are perturbed: ``all`` (the original study) or only ``last``, the
-final position, where the label is read."""
+POSITIONS = ("all", "last", "demonstrations", "review")
+"""Which positions of a prompt are perturbed: ``all`` (the original study); ``last``, the final
+position, where the label is read; ``demonstrations``, the shared k-shot prefix (the tokens of
+every filled demonstration and its separator, ``prefix_len`` in ``prompt_info.json``); or
+``review``, the test review's own tokens (its template words and text) up to, not including,
+the final position. ``demonstrations``, ``review`` and ``last`` make up ``all``."""
+
+SEGMENTS = ("demonstrations", "review", "last")
+"""The positions that partition a prompt, in prompt order."""
 
 METHODS = ("fast", "naive")
 """``fast`` runs only what the perturbation can change, from recorded activations; ``naive``, the
@@ -158,9 +164,13 @@ def sweeps(perturbation: dict) -> list[dict]:
     return [{**defaults, **sweep} for sweep in perturbation.get("sweeps") or [{}]]
 
 
+POSITION_LABELS = {"all": "all positions", "last": "last position",
+                   "demonstrations": "demonstration positions", "review": "review positions"}  # fmt: skip
+
+
 def position_label(position: str) -> str:
     """``all`` -> ``all positions``, ``last`` -> ``last position``, for logs, plots and tables."""
-    return "all positions" if position == "all" else "last position"
+    return POSITION_LABELS[position]
 
 
 def takes_scale(kind: str) -> bool:
@@ -272,18 +282,23 @@ class Plan:
     name: str
     recordings: tuple[str, ...] = ()
 
-    def cost(self, layer: int, n_layers: int, tokens: float, draws: int) -> tuple[float, float]:
-        """What the job computes per prompt: (token-layers of full passes, final-token-layers)."""
+    def cost(self, layer: int, n_layers: int, tokens: float, draws: int,
+             own: float | None = None, shared: float = 1.0) -> tuple[float, float]:  # fmt: skip
+        """What the job computes per prompt: (token-layers of full passes, final-token-layers).
+        ``own``: a prompt's tokens after the demonstrations; ``shared``: the share of prompts
+        whose edited demonstrations are computed anew (1: every prompt's, 0: once per job)."""
         depth = n_layers - layer
+        own = tokens if own is None else own
         return {
             "naive": (draws * tokens * n_layers, 0.0),
             "last_layer": (0.0, float(draws)),
             "final_position": (0.0, float(draws * depth)),
             "from_layer": (draws * depth * tokens, 0.0),
+            "shared_prefix": (draws * depth * (own + shared * (tokens - own)), 0.0),
         }[self.name]
 
 
-PASSES = ("naive", "last_layer", "final_position", "from_layer")
+PASSES = ("naive", "last_layer", "final_position", "from_layer", "shared_prefix")
 
 
 def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
@@ -294,8 +309,14 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
       per prompt from the final state (the exported program where there is one);
     - ``final_position`` (``positions: last`` below the last layer): the final token alone through
       the layers above, attending to the recorded keys and values;
-    - ``from_layer`` (every position below the last layer): the layers from ``job.layer`` up, from
-      the recorded residual stream entering it.
+    - ``shared_prefix`` (every other position below the last layer): the layers from
+      ``job.layer`` up, from the recorded residual stream entering it; the demonstrations once
+      per job (edited where the job edits them, once per group of prompts that get the same
+      values there), then each prompt's own tokens on top of them.
+
+    At the last layer only the final position reaches the logits, so an edit of the
+    demonstrations or the review there changes nothing: its ``last_layer`` pass gives the
+    unperturbed numbers, as full forward passes do.
     """
     if method == "naive":
         return Plan("naive")
@@ -303,7 +324,7 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
         return Plan("last_layer", ("state", "program"))
     if job.position == "last":
         return Plan("final_position", ("state", "cache"))
-    return Plan("from_layer", ("activations",))
+    return Plan("shared_prefix", ("activations",))
 
 
 # -- heads together: joint ablation curves ----------------------------------------------------
@@ -417,9 +438,9 @@ def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -
             for position, site, order in product(
                 curve["positions"], curve["sites"], curve["orders"]
             ):
-                if position not in POSITIONS or site not in SITES or order not in ORDERS:
-                    raise SpecError(f"curves: {position}/{site}/{order}: allowed positions "
-                                    f"{', '.join(POSITIONS)}, sites {', '.join(SITES)}, orders {', '.join(ORDERS)}")  # fmt: skip
+                if position not in ("all", "last") or site not in SITES or order not in ORDERS:
+                    raise SpecError(f"curves: {position}/{site}/{order}: allowed positions all, last; "
+                                    f"sites {', '.join(SITES)}; orders {', '.join(ORDERS)}")  # fmt: skip
                 for seed in curve["seeds"] if order == "random" else [0]:
                     base = (site, position, kind, order, int(seed))
                     for mode in curve["modes"]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from headperturb import runtime
+from headperturb.core.spec import POSITIONS
 from headperturb.model import hooks
 from headperturb.model.engine import Engine
 from headperturb.model.sites import HeadSite
@@ -57,8 +58,10 @@ def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: d
                   progress: Progress | None = None,
                   partners: list[int] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
-    positions (``.all``) and over the final position (``.last``), from one forward and one
-    backward pass per prompt through the model's own modules. Arrays (n, layers, heads).
+    positions (``.all``), the final position (``.last``), the demonstrations
+    (``.demonstrations``) and the review (``.review``: :data:`headperturb.core.spec.POSITIONS`),
+    from one forward and one backward pass per prompt through the model's own modules. Arrays
+    (n, layers, heads).
 
     The shared prefix runs forward once; each prompt's query then runs on its cache and one
     backward pass gives that prompt's gradient at every position, the prefix's included.
@@ -68,7 +71,8 @@ def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: d
     n_heads = sites[0].n_heads
     sums = ("z_dot_g", "mean_dot_g", "g_norm") + (("partner_dot_g",) if partners else ())
     out = {f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads))
-           for q in sums for p in ("all", "last")}  # fmt: skip
+           for q in sums for p in POSITIONS}  # fmt: skip
+    n_pre = engine.prefix_len
     with _Gradients(engine, sites) as grads:
         for i, ids in enumerate(prompts):
             zs, gs = grads.of(ids)
@@ -79,7 +83,9 @@ def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: d
                 z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
                 mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
                 p = zp[layer].double().reshape(n, n_heads, -1) if zp is not None else None
-                for part, sl in (("all", slice(None)), ("last", slice(n - 1, n))):
+                parts = {"all": slice(None), "last": slice(n - 1, n),
+                         "demonstrations": slice(0, n_pre), "review": slice(n_pre, n - 1)}  # fmt: skip
+                for part, sl in parts.items():
                     out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()

@@ -9,7 +9,7 @@ config. The pass:
 - ``last_layer``: the baseline's exported last layer (:mod:`headperturb.model.tail`), torch alone,
   no transformers, no other weights; where there is no program for the job's device, the same
   layer of the model;
-- ``final_position``, ``from_layer``, ``naive``: the model (:mod:`headperturb.model.passes`).
+- ``final_position``, ``shared_prefix``, ``naive``: the model (:mod:`headperturb.model.passes`).
 
 Every recording a job reads is checked against the job's prompts and model
 (:func:`headperturb.model.recordings.load`).
@@ -151,14 +151,25 @@ def resolve(job: Job, rms_path=None) -> Job:
     return replace(job, perturbation=pert.resolve(rms))
 
 
-def make_edit(job: Job, site: HeadSite, width: int, clean=None, donors=None) -> Edit:
+def make_edit(job: Job, site: HeadSite, width: int, clean=None, donors=None,
+              prefix_len: int = 0) -> Edit:  # fmt: skip
     """The edit ``job`` applies to ``site``: its perturbation's values, mode and draws
-    (``donors``: for a paired kind, whose clean output each row takes)."""
+    (``donors``: for a paired kind, whose clean output each row takes; ``prefix_len``: the
+    demonstrations' tokens, for the segments)."""
     t, pert = job.target, job.perturbation
     extra = {"donors": donors} if pert.paired else {}
     values = pert.values(seed=job.seed, layer=t.layer, head=t.head, width=width,
                          repeats=job.repeats, clean=clean, **extra)  # fmt: skip
-    return Edit(site, t.head, t.site, values, pert.mode, job.draws, t.position)
+    return Edit(site, t.head, t.site, values, pert.mode, job.draws, t.position, prefix_len)
+
+
+def prefix_keys(job: Job, lengths: list[int]) -> list:
+    """Per row, which rows share the edited demonstrations
+    (:meth:`headperturb.core.kinds.Perturbation.prefix_key`): the review and the final position
+    leave them clean."""
+    if job.target.position in ("review", "last"):
+        return ["clean"] * len(lengths)
+    return [job.perturbation.prefix_key(n) for n in lengths]
 
 
 def perturb(job: Job, inputs: JobInputs, model: ModelSpec, out_path) -> dict:
@@ -215,7 +226,8 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     if job.perturbation.needs_clean:
         clean = tail.final_outputs(state, cols, t.site)
     site = HeadSite(t.layer, "", meta["n_heads"], meta["head_dim"], False)
-    edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors)
+    info = files.read_json(inputs.prompts.info)
+    edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors, info["prefix_len"])
     run_state, run_pids = tail.rows_of(state, rows.run), [pids[k] for k in rows.prompt]
     logits = gpu_memory_hint(tail.perturbed, program, run_state, run_pids, meta, edit, device)
     return _result(rows, pids, labels, logits, model_info, device, "program")
@@ -236,7 +248,7 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
     if pass_name in ("last_layer", "final_position"):
         expect = recorded("baseline", inputs, model_info, len(ids))
         state = runtime.cached_tensors(inputs.state, None, expect)
-    elif pass_name == "from_layer":
+    elif pass_name == "shared_prefix":
         expect = recorded("capture_layer", inputs, model_info, len(ids), layer=t.layer)
         captured = runtime.cached_tensors(inputs.activations, None, expect)
     clean = None
@@ -246,7 +258,7 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
         else:
             clean = passes.clean_outputs(engine, ids, site, t.head, t.site, captured)
             clean = [c[-1:] for c in clean] if t.position == "last" else clean
-    edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors)
+    edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors, engine.prefix_len)
     run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
     progress = runtime.Progress(len(run_ids), job.describe(), log)
     if pass_name == "naive":
@@ -260,8 +272,9 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
         logits = gpu_memory_hint(passes.final_position, engine, state, kv, run_pids, edit,
                                  runs=rows.run)  # fmt: skip
     else:
-        logits = gpu_memory_hint(passes.from_layer, engine, captured, run_ids, run_pids, edit,
-                                 progress, runs=rows.run)  # fmt: skip
+        keys = prefix_keys(job, [len(x) for x in run_ids])
+        logits = gpu_memory_hint(passes.shared_prefix, engine, captured, run_ids, run_pids, edit,
+                                 keys, progress, runs=rows.run)  # fmt: skip
     return _result(rows, pids, labels, logits, model_info, str(engine.device), "model")
 
 

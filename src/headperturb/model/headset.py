@@ -11,7 +11,8 @@ pass starts at the lowest member's layer:
   mean ablation and patching take each member's clean final-position output from the baseline's
   final state;
 - ``positions: all``: every position through the layers from the lowest member's up, from the
-  residual stream recorded entering it (:func:`headperturb.model.passes.from_layer`); mean
+  residual stream recorded entering it, the demonstrations once per job
+  (:func:`headperturb.model.passes.shared_prefix`; once per prompt length for mean ablation); mean
   ablation first averages every member's clean output over the prompts
   (:func:`headperturb.model.gradients.head_means`, one pass with the shared prefix computed once);
   patching runs each prompt beside its partner in one batch and copies the members' outputs
@@ -61,7 +62,9 @@ def set_edit(job: SetJob, members, engine, sites, rows, state=None, means=None, 
         extra = {"donors": rows.donors} if pert.paired else {}
         values = pert.values(seed=0, layer=layer, head=head, width=cols.stop - cols.start,
                              repeats=1, clean=outputs, **extra)  # fmt: skip
-        edits.append(Edit(site, head, job.site, values, pert.mode, 1, job.position))
+        edits.append(
+            Edit(site, head, job.site, values, pert.mode, 1, job.position, engine.prefix_len)
+        )
     return EditSet(tuple(edits))
 
 
@@ -123,8 +126,9 @@ def perturb_set(job: SetJob, members: list[tuple[int, int]], inputs: JobInputs, 
                 means = gpu_memory_hint(gradients.head_means, engine, ids, [sites[lay] for lay in layers],
                                         where=job.site)  # fmt: skip
             edit = set_edit(job, members, engine, sites, rows, means=means)
-            logits = gpu_memory_hint(passes.from_layer, engine, captured, run_ids, run_pids, edit,
-                                     progress, runs=rows.run)  # fmt: skip
+            keys = [pert.prefix_key(len(x)) for x in run_ids]  # one edited prefix per group
+            logits = gpu_memory_hint(passes.shared_prefix, engine, captured, run_ids, run_pids,
+                                     edit, keys, progress, runs=rows.run)  # fmt: skip
     partners = None if rows.partner is None else [int(pids[k]) for k in rows.partner]
     return write(out_path, job, members, inputs, [int(pids[k]) for k in rows.prompt],
                  np.asarray(labels)[rows.prompt], logits[:, 0, :], model_info, str(engine.device),

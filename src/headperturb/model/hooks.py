@@ -176,17 +176,43 @@ def head_columns(
 
 def edit(x: torch.Tensor, cols: slice, values: torch.Tensor, mode: str) -> torch.Tensor:
     """``x`` (..., seq, width) with ``values`` (batch or 1, k, len(cols)) added to, or set on, the
-    columns ``cols`` of its last ``k`` positions (``k`` = the shorter of the two lengths)."""
+    columns ``cols`` of its last ``k`` positions (``k`` = the shorter of the two lengths). A NaN
+    value leaves its position as it is (a segment's edit: :func:`only_segment`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
     x = x.clone()
     k = min(x.shape[-2], values.shape[-2])
     v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)
+    v = v.expand(*x.shape[:-2], k, v.shape[-1])
+    missing = torch.isnan(v)
+    if missing.any():  # positions outside the edited segment keep their own output
+        v = torch.where(missing, x[..., -k:, cols] if mode == "set" else torch.zeros_like(v), v)
     if mode == "add":
         x[..., -k:, cols] += v
     else:
-        x[..., -k:, cols] = v.expand(*x.shape[:-2], k, v.shape[-1])
+        x[..., -k:, cols] = v
     return x
+
+
+def segment(position: str, length: int, prefix_len: int) -> tuple[int, int]:
+    """The positions ``[start, stop)`` of a prompt of ``length`` tokens that ``position`` edits:
+    every one (``all``), the final one (``last``), the demonstrations (the first ``prefix_len``)
+    or the review (the rest but the final one)."""
+    bounds = {"all": (0, length), "last": (length - 1, length), "demonstrations": (0, prefix_len),
+              "review": (prefix_len, length - 1)}  # fmt: skip
+    if position not in bounds:
+        raise ValueError(f"position {position!r} is not allowed; allowed: {', '.join(bounds)}")
+    return bounds[position]
+
+
+def only_segment(values: torch.Tensor, length: int, start: int, stop: int) -> torch.Tensor:
+    """``values`` (aligned to the last positions of a prompt of ``length`` tokens) with NaN,
+    which :func:`edit` reads as "keep the output", outside positions ``[start, stop)``."""
+    out = values.clone()
+    first = length - values.shape[-2]  # the prompt position of values' first row
+    index = torch.arange(first, length)
+    out[..., (index < start) | (index >= stop), :] = float("nan")
+    return out
 
 
 @contextlib.contextmanager
@@ -213,7 +239,8 @@ def perturb_head(
 @dataclass(frozen=True)
 class Edit:
     """What a perturbed pass applies: head ``head`` of ``site``, at ``where`` (o_proj input or
-    output), over ``position`` (``all`` positions or the ``last`` one), its columns changed by
+    output), over ``position`` (``all`` positions, the ``last`` one, the ``demonstrations`` or
+    the ``review``: :func:`segment`), its columns changed by
     ``values`` (added or set, ``mode``) in each of ``draws`` draws.
 
     ``values(index, prompt_id, length)`` gives a (draws or 1, length, width) tensor aligned to the
@@ -226,14 +253,22 @@ class Edit:
     mode: str
     draws: int
     position: str = "all"
+    prefix_len: int = 0  # the demonstrations' tokens, for the segments
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
+        segment(self.position, 1, 0)  # raises for a position that is none
 
     def for_prompt(self, index: int, prompt_id: int, length: int) -> torch.Tensor:
-        """The values for one prompt of ``length`` tokens: every position, or the final one."""
-        return self.values(index, prompt_id, length if self.position == "all" else 1)
+        """The values for one prompt of ``length`` tokens: every position, the final one, or
+        every position with NaN outside the segment (:func:`only_segment`)."""
+        if self.position == "last":
+            return self.values(index, prompt_id, 1)
+        values = self.values(index, prompt_id, length)
+        if self.position == "all":
+            return values
+        return only_segment(values, length, *segment(self.position, length, self.prefix_len))
 
     @contextlib.contextmanager
     def applied(self, model, values: torch.Tensor) -> Iterator[None]:

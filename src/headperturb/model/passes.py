@@ -24,6 +24,9 @@ recording), which the mean and resample ablations are built from.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -98,6 +101,104 @@ def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
             out[i] = _two_logits(engine, input_ids=engine.ids(ids).expand(edit.draws, -1))
         if progress:
             progress.update()
+    return out
+
+
+def _fill_below(cache, layer: int, length: int) -> None:
+    """Give the skipped layers below ``layer`` of ``cache`` placeholders of ``length`` positions
+    (the prefix's: a sliding-window layer keeps fewer keys, but the positions of the tokens that
+    follow are counted from layer 0's length)."""
+    keys = cache.layers[layer].keys
+    shape = (*keys.shape[:-2], length, keys.shape[-1])
+    for below in range(layer):
+        zeros = keys.new_zeros(shape)
+        cache.update(zeros, zeros, below)
+
+
+def _own_values(edit, row: int, pid: int, length: int, start: int, stop: int, device):
+    """The edit's values for one prompt's positions ``[start, stop)`` (one tensor per member),
+    or None where they are all NaN (nothing to edit there)."""
+    values = []
+    for v in edit.values_for(row, pid, length):
+        first = length - v.shape[-2]
+        part = v[..., max(start - first, 0) : max(stop - first, 0), :]
+        if part.shape[-2] < stop - start:  # values shorter than the prompt: keep the rest
+            pad = torch.full(
+                (*part.shape[:-2], stop - start - part.shape[-2], part.shape[-1]), float("nan")
+            )
+            part = torch.cat([pad, part], dim=-2)
+        values.append(part)
+    if all(torch.isnan(v).all() for v in values):
+        return None
+    return tuple(v.to(device) for v in values)
+
+
+@torch.inference_mode()
+def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
+                  prompt_ids: list[int], edit: Edit, keys: list | None = None,
+                  progress: Progress | None = None, runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
+    """(n, draws, 2) logits with ``edit`` applied at any layer ``L``, running only layers >= L
+    from the recorded residual stream entering ``L`` (as :func:`from_layer`), with the
+    demonstrations computed once per group of prompts whose values there are equal.
+
+    ``keys[i]`` groups the rows (:meth:`headperturb.core.kinds.Perturbation.prefix_key`): rows
+    with equal keys share one pass over the demonstrations with the edit (``"clean"``: without
+    it; None: a group of its own), whose keys and values every row's own tokens then attend to.
+    Every prompt starts with the same demonstrations and a causal model's outputs there cannot see
+    what follows, so this is the full pass, computed once."""
+    from transformers import DynamicCache
+
+    model, draws, site = engine.model, edit.draws, edit.site
+    n_pre = engine.prefix_len
+    runs = list(range(len(prompts))) if runs is None else list(runs)
+    keys = [None] * len(prompts) if keys is None else list(keys)
+    groups: dict = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(("own", row) if key is None else key, []).append(row)
+    out = np.empty((len(prompts), draws, 2), dtype=np.float64)
+    offsets, dev = captured["offsets"], engine.device
+    for key, rows in groups.items():
+        first = rows[0]
+        ids = prompts[first]
+        cache = None
+        if n_pre:
+            hidden = captured["prefix"].to(dev)[None].expand(draws, -1, -1)
+            values = (
+                None
+                if key == "clean"
+                else _own_values(edit, first, prompt_ids[first], len(ids), 0, n_pre, dev)
+            )
+            cache = DynamicCache(config=model.config)
+            with (
+                start_at_layer(model, site, hidden),
+                edit.applied_all(model, values) if values else contextlib.nullcontext(),
+            ):
+                model(input_ids=engine.ids(ids[:n_pre]).expand(draws, -1), use_cache=True,
+                      logits_to_keep=1, **{engine.cache_kw: cache})  # fmt: skip
+            _fill_below(cache, site.layer, n_pre)
+        for row in rows:
+            ids, i = prompts[row], runs[row]
+            if len(ids) - n_pre != int(offsets[i + 1] - offsets[i]):
+                raise ValueError(
+                    f"the layer input recorded for prompt {prompt_ids[row]} does not match its length"
+                )
+            hidden = (
+                captured["suffix"][offsets[i] : offsets[i + 1]].to(dev)[None].expand(draws, -1, -1)
+            )
+            values = _own_values(edit, row, prompt_ids[row], len(ids), n_pre, len(ids), dev)
+            kwargs = {}
+            if cache is not None:
+                kwargs = {engine.cache_kw: copy.deepcopy(cache)}
+            with (
+                start_at_layer(model, site, hidden),
+                edit.applied_all(model, values) if values else contextlib.nullcontext(),
+            ):
+                with narrow_lm_head(model, engine.token_ids):
+                    logits = model(input_ids=engine.ids(ids[n_pre:]).expand(draws, -1),
+                                   use_cache=cache is not None, logits_to_keep=1, **kwargs).logits  # fmt: skip
+            out[row] = logits[:, -1, :].float().cpu().numpy()
+            if progress:
+                progress.update()
     return out
 
 

@@ -304,9 +304,11 @@ def edits(
     add_out = torch.zeros(rows, 1, meta["d_out"])
     keep, add = (keep_in, add_in) if edit.where == "o_proj_input" else (keep_out, add_out)
     cols = columns(meta, edit.head, edit.where)
-    add[:, 0, cols] = values.float()
+    values = values.float()
+    missing = torch.isnan(values)  # a segment without the final position: nothing to edit
+    add[:, 0, cols] = torch.where(missing, 0.0, values)
     if edit.mode == "set":
-        keep[:, 0, cols] = 0.0
+        keep[:, 0, cols] = missing.float()
     return resid, z, keep_in, add_in, keep_out, add_out
 
 

@@ -1,0 +1,160 @@
+"""The segments of a prompt (demonstrations, review, last) and the pass that computes the
+demonstrations once per job: every kind, in every supported family, equals full forward passes
+whose hook edits only the segment's positions; at the last layer an edit of the demonstrations or
+the review changes nothing; the demonstrations are computed once per group of prompts that get
+the same values there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from headperturb.core import kinds
+from headperturb.model import headjob, passes, tail
+from headperturb.model.hooks import Edit, only_segment, segment, site_slice
+from headperturb.model.sites import locate_sites
+
+KINDS = ["noise", "zero", "mean", "resample", "patch", "restore"]
+
+
+def _setup_rows(pids, kind):
+    pairs = pd.DataFrame({"prompt_id": pids, "partner_id": [pids[1], pids[0], pids[3], pids[0]]})
+    return headjob.rows_for(kinds.build(kind, 2.0 if kind == "noise" else None), pids, pairs)
+
+
+def _edit(model, engine, ids, site, kind, position, rows):
+    pert = kinds.build(kind, 2.0 if kind == "noise" else None)
+    if kind == "noise":
+        pert = pert.resolve()
+    cols = site_slice(model, site, 1, "o_proj_input")
+    clean = passes.clean_outputs(engine, ids, site, 1, "o_proj_input") if pert.needs_clean else None
+    extra = {"donors": rows.donors} if pert.paired else {}
+    values = pert.values(seed=3, layer=site.layer, head=1, width=cols.stop - cols.start, repeats=2,
+                         clean=clean, **extra)  # fmt: skip
+    edit = Edit(
+        site, 1, "o_proj_input", values, pert.mode, pert.draws(2), position, engine.prefix_len
+    )
+    return edit, pert
+
+
+def _keys(pert, position, run_ids):
+    if position in ("review", "last"):
+        return ["clean"] * len(run_ids)
+    return [pert.prefix_key(len(x)) for x in run_ids]
+
+
+@pytest.fixture(scope="module")
+def captured(family_setup):
+    model, engine, ids, *_ = family_setup
+    return engine.capture_layer_inputs(ids, locate_sites(model)[1])
+
+
+@pytest.fixture(scope="module")
+def uneven(family_setup):
+    """The four prompts with two review tokens of prompt 2 and one of prompt 3 dropped, so that
+    lengths differ (the from-the-end mean then mixes positions) and the unedited logits."""
+    model, engine, ids, *_ = family_setup
+    p = engine.prefix_len
+    ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+    site = locate_sites(model)[1]
+    unedited = engine.baseline(ids, locate_sites(model), batch_size=3).logits
+    return ids, engine.capture_layer_inputs(ids, site), unedited
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("position", ["demonstrations", "review", "all"])
+def test_segment_fast_equals_naive(family_setup, captured, uneven, kind, position):
+    """A middle layer: the demonstrations once per group, then each prompt's own tokens. Prompts
+    of unequal length, except for patching (a prompt and its partner align token for token)."""
+    model, engine, ids, pids, recorded, _before = family_setup
+    unedited = recorded.logits
+    if kind not in ("patch", "restore"):
+        ids, captured, unedited = uneven
+    site = locate_sites(model)[1]
+    rows = _setup_rows(pids, kind)
+    edit, pert = _edit(model, engine, ids, site, kind, position, rows)
+    run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
+    naive = passes.naive(engine, run_ids, run_pids, edit)
+    fast = passes.shared_prefix(engine, captured, run_ids, run_pids, edit,
+                                _keys(pert, position, run_ids), runs=rows.run)  # fmt: skip
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    if kind not in ("patch", "restore") or position != "demonstrations":
+        assert np.abs(naive - unedited[rows.run][:, None]).max() > 1e-6  # moved (float noise ~1e-8)
+    else:  # the partner shares the demonstrations: patching them changes nothing
+        np.testing.assert_allclose(naive[:, 0], unedited[rows.run], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["noise", "zero", "mean", "patch"])
+@pytest.mark.parametrize("position", ["demonstrations", "review"])
+def test_a_segment_of_the_last_layer_changes_nothing(family_setup, kind, position):
+    """At the last layer only the final position reaches the logits: the last-layer pass and full
+    forward passes both give the unperturbed numbers."""
+    model, engine, ids, pids, recorded, _before = family_setup
+    site = locate_sites(model)[-1]
+    rows = _setup_rows(pids, kind)
+    edit, _pert = _edit(model, engine, ids, site, kind, position, rows)
+    run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
+    naive = passes.naive(engine, run_ids, run_pids, edit)
+    state = tail.rows_of(tail.layer_state(recorded.final_state, site.layer), rows.run)
+    fast = passes.last_layer(engine, state, run_pids, edit)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+    np.testing.assert_allclose(
+        naive, np.broadcast_to(recorded.logits[rows.run][:, None], naive.shape), atol=1e-4
+    )
+
+
+def test_the_shared_prefix_pass_equals_the_whole_prompt_pass(family_setup, captured):
+    """At every position the new pass gives what the pass over the whole prompt from the layer
+    gives (today's path for sets and the benchmark's reference)."""
+    model, engine, ids, pids, _recorded, _before = family_setup
+    site = locate_sites(model)[1]
+    rows = _setup_rows(pids, "zero")
+    edit, pert = _edit(model, engine, ids, site, "zero", "all", rows)
+    whole = passes.from_layer(engine, captured, ids, pids, edit)
+    shared = passes.shared_prefix(engine, captured, ids, pids, edit, _keys(pert, "all", ids))
+    np.testing.assert_allclose(shared, whole, atol=1e-4)
+
+
+@pytest.mark.parametrize(("kind", "groups"), [("zero", "one"), ("mean", "lengths"), ("noise", "prompts"),
+                                              ("patch", "one")])  # fmt: skip
+def test_demonstrations_are_computed_once_per_group(llama_setup, kind, groups):
+    model, engine, ids, pids, _recorded, _before = llama_setup
+    site = locate_sites(model)[1]
+    captured = engine.capture_layer_inputs(ids, site)
+    rows = _setup_rows(pids, kind)
+    edit, pert = _edit(model, engine, ids, site, kind, "all", rows)
+    run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
+    prefix_passes = []
+    layer = model.get_submodule(site.layers_path)[site.layer]
+    handle = layer.register_forward_pre_hook(
+        lambda _m, args, kwargs: (
+            prefix_passes.append(1)
+            if (args[0] if args else next(iter(kwargs.values()))).shape[1] == engine.prefix_len
+            else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        passes.shared_prefix(
+            engine, captured, run_ids, run_pids, edit, _keys(pert, "all", run_ids), runs=rows.run
+        )
+    finally:
+        handle.remove()
+    want = {"one": 1, "lengths": len({len(x) for x in run_ids}), "prompts": len(run_ids)}[groups]
+    assert len(prefix_passes) == want
+
+
+def test_segment_bounds_and_masks():
+    assert segment("demonstrations", 10, 6) == (0, 6)
+    assert segment("review", 10, 6) == (6, 9)
+    assert segment("last", 10, 6) == (9, 10)
+    assert segment("all", 10, 6) == (0, 10)
+    with pytest.raises(ValueError, match="allowed: all, last, demonstrations, review"):
+        segment("middle", 10, 6)
+    values = torch.arange(8.0).reshape(1, 4, 2)  # the last 4 positions of a 10-token prompt
+    masked = only_segment(values, 10, 6, 9)
+    assert torch.isnan(masked[0, 3]).all() and not torch.isnan(masked[0, :3]).any()
+    masked = only_segment(values, 10, 0, 6)
+    assert torch.isnan(masked).all()  # none of those positions is in the demonstrations
