@@ -77,17 +77,18 @@ def main() -> None:
         cols = site_slice(model, site, 0, "o_proj_input")
         values = zero.values(seed=0, layer=layer, head=0, width=cols.stop - cols.start, repeats=1)
 
-        def edit(position):
+        def edit(position, site=site, values=values):
             return Edit(site, 0, "o_proj_input", values, "set", 1, position, engine.prefix_len)
 
         naive_ids = ids[: args.naive_sample]
-        t_naive, out_naive = timed(lambda: passes.naive(engine, naive_ids, pids, edit("all")), 1)
-        t_whole, out_whole = timed(lambda: passes.from_layer(engine, captured, ids, pids, edit("all")), args.repeats)
+        t_naive, out_naive = timed(lambda x=naive_ids: passes.naive(engine, x, pids, edit("all")), 1)
+        t_whole, out_whole = timed(lambda c=captured: passes.from_layer(engine, c, ids, pids, edit("all")),
+                                   args.repeats)  # fmt: skip
         keys = {"all": [0] * len(ids), "demonstrations": [0] * len(ids), "review": ["clean"] * len(ids)}
         shared = {}
         for position in ("all", "demonstrations", "review"):
-            shared[position] = timed(lambda p=position: passes.shared_prefix(
-                engine, captured, ids, pids, edit(p), keys[p]), args.repeats)  # fmt: skip
+            shared[position] = timed(lambda p=position, c=captured, k=keys: passes.shared_prefix(
+                engine, c, ids, pids, edit(p), k[p]), args.repeats)  # fmt: skip
         diff = max(float(np.abs(out_whole[: len(naive_ids)] - out_naive).max()),
                    float(np.abs(shared["all"][1][: len(naive_ids)] - out_naive).max()))  # fmt: skip
         n = len(ids)
