@@ -66,7 +66,9 @@ def main() -> None:
     ids, pids = every[: args.sample], prompts["prompt_id"].tolist()[: args.sample]
     sites = locate_sites(model)
     n_layers = len(sites)
-    layers = list(range(n_layers - 1)) if args.all_layers else [int(x) for x in args.layers.split(",")]
+    layers = (
+        list(range(n_layers - 1)) if args.all_layers else [int(x) for x in args.layers.split(",")]
+    )
     zero = build("zero")
     mean_tokens = float(np.mean([len(x) for x in every]))
     own_tokens = mean_tokens - engine.prefix_len
@@ -81,10 +83,16 @@ def main() -> None:
             return Edit(site, 0, "o_proj_input", values, "set", 1, position, engine.prefix_len)
 
         naive_ids = ids[: args.naive_sample]
-        t_naive, out_naive = timed(lambda x=naive_ids: passes.naive(engine, x, pids, edit("all")), 1)
+        t_naive, out_naive = timed(
+            lambda x=naive_ids: passes.naive(engine, x, pids, edit("all")), 1
+        )
         t_whole, out_whole = timed(lambda c=captured: passes.from_layer(engine, c, ids, pids, edit("all")),
                                    args.repeats)  # fmt: skip
-        keys = {"all": [0] * len(ids), "demonstrations": [0] * len(ids), "review": ["clean"] * len(ids)}
+        keys = {
+            "all": [0] * len(ids),
+            "demonstrations": [0] * len(ids),
+            "review": ["clean"] * len(ids),
+        }
         shared = {}
         for position in ("all", "demonstrations", "review"):
             shared[position] = timed(lambda p=position, c=captured, k=keys: passes.shared_prefix(
