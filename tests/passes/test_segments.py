@@ -53,8 +53,9 @@ def captured(family_setup):
 
 @pytest.fixture(scope="module")
 def uneven(family_setup):
-    """The four prompts with two review tokens of prompt 2 and one of prompt 3 dropped, so that
-    lengths differ (the from-the-end mean then mixes positions) and the unedited logits."""
+    """The four prompts with one review token of prompt 2 and two of prompt 3 dropped, so that
+    lengths differ (the from-the-end mean then mixes positions), their recorded layer-1 inputs
+    and their unedited logits."""
     model, engine, ids, *_ = family_setup
     p = engine.prefix_len
     ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
@@ -120,7 +121,12 @@ def test_the_shared_prefix_pass_equals_the_whole_prompt_pass(family_setup, captu
 @pytest.mark.parametrize(("kind", "groups"), [("zero", "one"), ("mean", "lengths"), ("noise", "prompts"),
                                               ("patch", "one")])  # fmt: skip
 def test_demonstrations_are_computed_once_per_group(llama_setup, kind, groups):
+    """Zero: one pass over the demonstrations per job; mean: one per prompt length (prompts of
+    three lengths here); noise: one per prompt; patching: one, unedited."""
     model, engine, ids, pids, _recorded, _before = llama_setup
+    if kind != "patch":  # patching pairs prompts of equal length
+        p = engine.prefix_len
+        ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
     site = locate_sites(model)[1]
     captured = engine.capture_layer_inputs(ids, site)
     rows = _setup_rows(pids, kind)
@@ -142,7 +148,8 @@ def test_demonstrations_are_computed_once_per_group(llama_setup, kind, groups):
         )
     finally:
         handle.remove()
-    want = {"one": 1, "lengths": len({len(x) for x in run_ids}), "prompts": len(run_ids)}[groups]
+    want = {"one": 1, "lengths": 3, "prompts": len(run_ids)}[groups]
+    assert len({len(x) for x in run_ids}) == (1 if kind == "patch" else 3)
     assert len(prefix_passes) == want
 
 

@@ -288,3 +288,39 @@ def test_model_sha256_is_checked_or_refused_never_ignored(tmp_path):
     with pytest.raises(spec.SpecError, match="give its sha256 as one hash"):
         checks.check_model_sha256({"pypi_wheel": {}, "sha256": both}, local=False)
     checks.check_model_sha256({"path": str(folder), "sha256": both}, local=True)
+
+
+def test_each_job_gets_the_pass_its_settings_allow():
+    """The plan of a 30-layer model: the reference, the last layer, the final position, the
+    demonstrations once per job, and the unperturbed logits where the edit cannot reach them."""
+
+    def name(position, kind, layer, method="fast"):
+        return spec.plan(
+            spec.HeadJob("o_proj_input", position, kind, "", layer, 0), method, 30
+        ).name
+
+    assert name("all", "zero", 3, "naive") == "naive"
+    assert name("review", "zero", 29, "naive") == "naive"  # the reference runs everything
+    assert name("all", "zero", 29) == "last_layer"
+    assert name("last", "patch", 29) == "last_layer"
+    assert name("last", "zero", 3) == "final_position"
+    for position in ("all", "demonstrations", "review"):
+        assert name(position, "zero", 3) == "shared_prefix"
+    assert name("review", "patch", 3) == "shared_prefix"
+    for position in ("demonstrations", "review"):
+        assert (
+            name(position, "noise", 29) == "unperturbed"
+        )  # only the final position reaches the logits
+    for kind in ("patch", "restore"):
+        assert name("demonstrations", kind, 3) == "unperturbed"  # the partner shares them
+    assert spec.plan(
+        spec.HeadJob("o_proj_input", "review", "zero", "", 29, 0), "fast", 30
+    ).recordings == ("unperturbed",)
+
+
+def test_demonstrations_need_demonstrations():
+    perturbation = {"sweeps": [{"positions": ["review", "demonstrations"]}]}
+    with pytest.raises(spec.SpecError, match="prompts.k_shot = 0 gives none; set k_shot >= 1"):
+        checks.check_segments(perturbation, {"k_shot": 0})
+    checks.check_segments(perturbation, {"k_shot": 1})
+    checks.check_segments({"sweeps": [{"positions": ["all"]}]}, {"k_shot": 0})

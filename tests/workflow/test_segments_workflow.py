@@ -56,16 +56,22 @@ def test_the_screen_is_compared_per_segment(segments_run):
     assert set(estimates["position"]) == set(SEGMENT_POSITIONS)
 
 
-def test_a_segment_of_the_last_layer_leaves_every_margin_as_it_was(segments_run):
-    """Only the final position of the last layer reaches the logits."""
+def test_a_segment_of_the_last_layer_takes_the_unperturbed_logits(segments_run):
+    """Only the final position of the last layer reaches the logits: the job takes the
+    baseline's logits, so its changes are exactly 0 (q = 1, acting nowhere), not float noise."""
     run = segments_run / "results/segments"
     base = files.read_parquet(run / "baseline/per_prompt.parquet").set_index("prompt_id")
     for position in ("demonstrations", "review"):
-        frame = files.read_parquet(
-            run / f"perturb/o_proj_input/{position}/zero/layer1/head0.parquet"
-        )
+        path = run / f"perturb/o_proj_input/{position}/zero/layer1/head0.parquet"
+        frame = files.read_parquet(path)
         margins = base.loc[frame["prompt_id"], "margin"].to_numpy()
-        np.testing.assert_allclose(frame["margin"].to_numpy(), margins, atol=1e-5)
+        np.testing.assert_array_equal(frame["margin"].to_numpy(), margins)
+        assert files.read_parquet_metadata(path)["engine"] == "unperturbed"
+    table = files.read_parquet(run / "contributions.parquet")
+    rows = table[(table["layer"] == 1) & table["position"].isin(["demonstrations", "review"])]
+    rows = rows[rows["kind"] == "zero"]
+    assert len(rows) == 2 and (rows["change_logit_diff"] == 0).all()
+    assert (rows["q_value_logit_diff"] == 1).all() and not rows["significant"].any()
 
 
 def test_each_segment_moves_the_margins_and_patched_demonstrations_do_not(segments_run):
@@ -84,8 +90,7 @@ def test_each_segment_moves_the_margins_and_patched_demonstrations_do_not(segmen
     assert everything > 0
     for position in ("demonstrations", "review", "last"):
         assert np.abs(shift(position)).sum() > 0, position
-    patched = shift("demonstrations", "patch")
-    np.testing.assert_allclose(patched, 0, atol=1e-5)  # the partner shares the demonstrations
+    np.testing.assert_array_equal(shift("demonstrations", "patch"), 0)  # the partner shares them
 
 
 def test_naive_method_gives_the_same_numbers_at_every_segment(segments_run, segments_config):

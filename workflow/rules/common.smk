@@ -142,7 +142,8 @@ def _prepared_info():
 def recording_paths(layer):
     """Where each recording a plan names lives (headperturb.core.spec.Plan.recordings)."""
     return {"state": FINAL_STATE, "program": LAST_LAYER_PROGRAM, "cache": CACHE,
-            "activations": f"{RESULTS}/activations/layer{layer}.safetensors"}  # fmt: skip
+            "activations": f"{RESULTS}/activations/layer{layer}.safetensors",
+            "unperturbed": BASELINE_PER_PROMPT}  # fmt: skip
 
 
 def job_inputs(wildcards):
@@ -317,7 +318,10 @@ def plots():
         names.append("contribution_vs_scale")
     if SCREENING:
         names.append("screen_map")
-    if any(len(set(_as_list(s["positions"])) & set(spec.SEGMENTS)) > 1 for s in sweeps):
+    if (
+        len({p for s in sweeps for p in _as_list(s["positions"])} & set(spec.SEGMENTS))
+        > 1
+    ):
         names.append("segment_map")
     if CURVE_LIST:
         names.append("ablation_curves")

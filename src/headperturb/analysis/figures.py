@@ -333,20 +333,26 @@ def segment_map(table, meta: dict, out_path) -> None:
     more (rows, largest effect first) against all positions and each segment (columns), coloured
     by the change of the correct-label logit difference (baseline - perturbed; > 0: the head's
     output there helps), the value written in each cell; a dot marks q < alpha."""
-    from headperturb.analysis.segments import SHOWN
+    from headperturb.analysis.segments import SHOWN, setting_name
     from headperturb.analysis.segments import segment_map as mapped
 
     alpha = meta.get("alpha", 0.05)
     frame = mapped(table, alpha)
     groups = list(frame.groupby(["site", "kind", "scale"], sort=False))
-    if not groups:
-        raise ValueError("no head of the table was measured at two segments of the prompt or more")
+    if not groups:  # the sweeps cover several segments, but no head at two of them
+        fig, ax = _subplots(1, 1, (8, 2))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "No head was measured at two segments of the prompt or more:\n"
+                "list the segments in one sweep's positions to map its heads.", ha="center",
+                va="center")  # fmt: skip
+        _save(fig, out_path)
+        return
     height = max(min(len(g), SEGMENT_ROWS) for _, g in groups)
     fig, axes = _subplots(1, len(groups), (5.2 * len(groups), 1.2 + 0.32 * height), squeeze=False)
-    for ax, ((site, kind, scale), group) in zip(axes[0], groups):
+    for ax, (_setting, group) in zip(axes[0], groups):
         group = group.head(SEGMENT_ROWS)
         grid = group[[f"ld_{p}" for p in SHOWN]].to_numpy(dtype=float)
-        limit = max(float(np.nanmax(np.abs(grid))), 1e-9)
+        limit = max(float(np.nan_to_num(np.nanmax(np.abs(grid)), nan=0.0)), 1e-9)
         image = ax.imshow(grid, cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto",
                           interpolation="nearest")  # fmt: skip
         for (r, c), value in np.ndenumerate(grid):
@@ -358,7 +364,7 @@ def segment_map(table, meta: dict, out_path) -> None:
         ax.set_xticks(range(len(SHOWN)), [position_label(p).replace(" positions", "").replace(
             " position", "") for p in SHOWN])  # fmt: skip
         ax.set_yticks(range(len(group)), [f"L{r.layer}H{r.head}" for r in group.itertuples()])
-        ax.set_title(f"{build(kind, scale or None).label()}, site {site}", fontsize=10)
+        ax.set_title(setting_name(group.iloc[0]), fontsize=10)
         ax.spines[:].set_visible(False)
         fig.colorbar(image, ax=ax, label="logit-difference contribution; > 0 helps")
     fig.suptitle("Where in the prompt each head acts: perturbed at all positions, then at one "

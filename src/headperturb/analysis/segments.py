@@ -41,6 +41,7 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         if len(by.index.intersection(SEGMENTS)) < 2:
             continue
         row = dict(zip(HEAD, key))
+        row["noise_mode"] = str(group["noise_mode"].iloc[0]) if "noise_mode" in group else ""
         for position in SHOWN:
             found = position in by.index
             for out, column in (("ld", "change_logit_diff"), ("low", "ci_low_logit_diff"),
@@ -48,6 +49,8 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
                                 ("auc", "change_auc")):  # fmt: skip
                 row[f"{out}_{position}"] = float(by.at[position, column]) if found else np.nan
         changes = {s: row[f"ld_{s}"] for s in SEGMENTS if not np.isnan(row[f"ld_{s}"])}
+        if not changes:
+            continue
         acting = [s for s in changes if row[f"q_{s}"] < alpha]
         acting.sort(key=lambda s: -abs(changes[s]))
         row["acts_at"] = ", ".join(acting) or "none"
@@ -56,10 +59,18 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         )
         row["largest"] = float(max(abs(v) for v in changes.values()))
         rows.append(row)
-    columns = [*HEAD, *[f"{o}_{p}" for p in SHOWN for o in ("ld", "low", "high", "q", "auc")],
+    columns = [*HEAD, "noise_mode", *[f"{o}_{p}" for p in SHOWN for o in ("ld", "low", "high", "q", "auc")],
                "acts_at", "segments_sum", "largest"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values("largest", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def setting_name(row) -> str:
+    """``zero ablation, site o_proj_input``: a setting of the map, its positions apart."""
+    from headperturb.core.kinds import build
+
+    what = build(row["kind"], row["scale"] or None, row["noise_mode"] or "absolute").label()
+    return f"{what}, site {row['site']}"
 
 
 def counts(frame: pd.DataFrame) -> pd.DataFrame:

@@ -383,8 +383,7 @@ def _repair(frame: pd.DataFrame, top: int) -> list[str]:
 
 def _segments(table: pd.DataFrame, alpha: float, top: int) -> list[str]:
     """Where in the prompt the mapped heads act (:mod:`headperturb.analysis.segments`)."""
-    from headperturb.analysis.segments import SHOWN, counts, segment_map
-    from headperturb.core.kinds import build
+    from headperturb.analysis.segments import SHOWN, counts, segment_map, setting_name
 
     frame = segment_map(table, alpha)
     if frame.empty:
@@ -397,8 +396,9 @@ def _segments(table: pd.DataFrame, alpha: float, top: int) -> list[str]:
         "and the last position (where the label is read). Change of the correct-label logit "
         "difference, baseline - perturbed (> 0: the head's output there helps), with its 95% "
         f"interval; a segment counts as where the head acts when its q < {alpha:g}. At the last "
-        "layer only the last position reaches the logits; patching the demonstrations changes "
-        "nothing by construction (the partner prompt shares them).",
+        "layer only the final position reaches the logits, and patching the demonstrations "
+        "changes nothing (the partner prompt shares them): those jobs take the unperturbed "
+        "logits, and their changes are exactly 0.",
     ]
     counted = counts(frame)
     for (site, kind, scale), group in frame.groupby(["site", "kind", "scale"], sort=False):
@@ -414,7 +414,7 @@ def _segments(table: pd.DataFrame, alpha: float, top: int) -> list[str]:
                  "last": "the final position"}  # fmt: skip
         acting = "; ".join(f"at {where[s]}: {n[s]}" + (f" ({heads(s)})" if n[s] else "")
                            for s in where)  # fmt: skip
-        lines += ["", f"### {build(kind, scale or None).label()}, site {site} ({n['heads']} heads)",
+        lines += ["", f"### {setting_name(group.iloc[0])} ({n['heads']} heads)",
                   "", f"Heads that act {acting}; nowhere: {n['none']}.", "",
                   "| layer | head | " + " | ".join(position_label(p) for p in SHOWN)
                   + " | sum of segments | acts at |",

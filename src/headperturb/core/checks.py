@@ -112,10 +112,21 @@ def check_run(config: dict, shape: dict | None) -> list[str]:
     if shape is not None:
         head_jobs(perturbation, shape["n_layers"], shape["n_heads"])
     check_screen(config["screen"], [s for s in sweeps(perturbation) if screened(s)])
+    check_segments(perturbation, config["prompts"])
     check_curves(curves(perturbation), config["screen"])
     if shape is not None:
         set_jobs(curves(perturbation), shape["n_layers"] * shape["n_heads"])
     return found
+
+
+def check_segments(perturbation: dict, prompts: dict) -> None:
+    """The demonstrations are a segment only where there are some."""
+    asked = any("demonstrations" in s["positions"] for s in sweeps(perturbation))
+    if asked and prompts["k_shot"] == 0:
+        raise SpecError(
+            "perturbation: positions demonstrations asks for the demonstrations, but "
+            "prompts.k_shot = 0 gives none; set k_shot >= 1 or drop demonstrations"
+        )
 
 
 def check_curves(curve_list: list[dict], screen: dict) -> None:

@@ -295,10 +295,23 @@ class Plan:
             "final_position": (0.0, float(draws * depth)),
             "from_layer": (draws * depth * tokens, 0.0),
             "shared_prefix": (draws * depth * (own + shared * (tokens - own)), 0.0),
+            "unperturbed": (0.0, 0.0),
         }[self.name]
 
 
-PASSES = ("naive", "last_layer", "final_position", "from_layer", "shared_prefix")
+PASSES = ("naive", "last_layer", "final_position", "from_layer", "shared_prefix", "unperturbed")
+
+
+def unchanged(job: HeadJob, n_layers: int) -> str | None:
+    """Why ``job``'s edit cannot reach the logits, so that its numbers are the unperturbed
+    model's exactly; None where it can."""
+    if job.position in ("demonstrations", "review") and job.layer == n_layers - 1:
+        return "at the last layer only the final position reaches the logits"
+    if job.position == "demonstrations" and paired(job.kind):
+        return (
+            "the partner prompt shares the demonstrations, so its output there is the prompt's own"
+        )
+    return None
 
 
 def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
@@ -314,12 +327,16 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
       per job (edited where the job edits them, once per group of prompts that get the same
       values there), then each prompt's own tokens on top of them.
 
-    At the last layer only the final position reaches the logits, so an edit of the
-    demonstrations or the review there changes nothing: its ``last_layer`` pass gives the
-    unperturbed numbers, as full forward passes do.
+    - ``unperturbed``: a job whose edit cannot reach the logits (:func:`unchanged`: a segment
+      before the final position of the last layer; patching the demonstrations, which the
+      partner shares) takes the baseline's logits, so its changes are exactly 0, not float noise
+      that a permutation test could call significant; full forward passes give the same
+      numbers within float precision.
     """
     if method == "naive":
         return Plan("naive")
+    if unchanged(job, n_layers):
+        return Plan("unperturbed", ("unperturbed",))
     if job.layer == n_layers - 1:
         return Plan("last_layer", ("state", "program"))
     if job.position == "last":

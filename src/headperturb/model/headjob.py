@@ -52,6 +52,7 @@ class JobInputs:
     cache: str | None = None
     rms: str | None = None
     pairs: str | None = None
+    unperturbed: str | None = None  # the baseline's per-prompt logits
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,11 @@ def perturb(job: Job, inputs: JobInputs, model: ModelSpec, out_path) -> dict:
     """Score every prompt with one head perturbed, every draw; write and return the columns."""
     job = resolve(job, inputs.rms)
     result = None
-    if job.method == "fast" and inputs.program:  # the plan's last_layer pass, as a program
+    if job.method == "fast" and inputs.unperturbed:  # the plan's unperturbed pass
+        result = unperturbed(job, inputs, model)
+    if (
+        result is None and job.method == "fast" and inputs.program
+    ):  # the plan's last_layer pass, as a program
         result = with_program(job, inputs, model)
     if result is None:
         result = with_model(job, inputs, model)
@@ -193,6 +198,28 @@ def recorded(step: str, inputs: JobInputs, model_info: dict, n_prompts: int, **e
     from headperturb.model import recordings
 
     return recordings.recording(step, inputs.prompts.info, model_info, n_prompts=n_prompts, **extra)
+
+
+def unperturbed(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None:
+    """A job whose edit cannot reach the logits (:func:`headperturb.core.spec.unchanged`): each
+    row's logits are its run prompt's unperturbed ones, read from the baseline. None where the
+    job's edit can reach them."""
+    from headperturb.core.spec import unchanged
+    from headperturb.model import loading
+
+    model_info = files.read_json(f"{model.path}/{loading.INFO_FILE}")
+    why = unchanged(job.target, int(model_info["n_layers"]))
+    if why is None:
+        return None
+    pids, labels = _labels(inputs.prompts.prompts)
+    base = files.read_columns(inputs.unperturbed, ["prompt_id", "logit_negative", "logit_positive"])
+    if list(base["prompt_id"]) != list(pids):
+        raise ValueError(f"{inputs.unperturbed} holds other prompts than {inputs.prompts.prompts}")
+    rows = job_rows(job, pids, inputs.pairs)
+    logits = np.stack([base["logit_negative"], base["logit_positive"]], axis=-1)[rows.run]
+    logits = np.repeat(logits[:, None, :], job.draws, axis=1)
+    log.info("%s: the unperturbed logits (%s)", job.describe(), why)
+    return _result(rows, pids, labels, logits, model_info, "none", "unperturbed")
 
 
 def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None:

@@ -323,7 +323,8 @@ def perturb_head(input, output, params, wildcards, threads):
               params.repeats, params.device, params.dtype)  # fmt: skip
     get = lambda key: getattr(input, key, None) or None  # noqa: E731
     inputs = headjob.JobInputs(_prompt_files(input), get("state"), get("program"),
-                               get("activations"), get("cache"), get("rms"), get("pairs"))  # fmt: skip
+                               get("activations"), get("cache"), get("rms"), get("pairs"),
+                               get("unperturbed"))  # fmt: skip
     headjob.perturb(job, inputs, _model(input, params, threads), output.result)
 
 
