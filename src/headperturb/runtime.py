@@ -289,6 +289,46 @@ def start_of_run() -> None:
     are processes, which end when it does (:func:`follow_owner`)."""
     stop_threads_on_interrupt()
     mark_owner()
+    one_reevaluation_timer()
+
+
+REEVALUATION = "headperturb-reevaluation"
+"""The name of the one timer thread that wakes Snakemake's job scheduler (:func:`one_reevaluation_timer`)."""
+
+
+def one_reevaluation_timer(scheduler_class=None) -> bool:
+    """Keep at most one pending re-evaluation timer in Snakemake's job scheduler.
+
+    Snakemake 9's scheduler ends every round by starting a timer that wakes it again one rate
+    limiter timespan (1 s) later, and every finished job wakes it once more, so the timers never
+    stop and multiply with the jobs: after 600 jobs its main thread re-planned the queue about
+    600 times a second whenever a long step blocked the rest (94 % of a core during the default
+    run's screen, holding the GIL the head jobs' threads need; the screen ran at 0.25 instead of
+    0.6 prompts/s). One pending timer wakes it as often as the rate limiter needs, and as soon
+    after an error. Returns whether the scheduler was patched (False where its internals differ:
+    it then runs as Snakemake ships it)."""
+    if scheduler_class is None:
+        try:
+            from snakemake.scheduling.job_scheduler import JobScheduler as scheduler_class
+        except ImportError:
+            return False
+    if not hasattr(scheduler_class, "_schedule_reevalutation"):
+        return False
+    if getattr(scheduler_class, "_one_timer", False):
+        return True
+
+    def schedule(self, delay) -> None:
+        pending = getattr(self, "_reevaluation", None)
+        if pending is not None and pending.is_alive():
+            return
+        timer = threading.Timer(delay, lambda: self._open_jobs.release())
+        timer.name, timer.daemon = REEVALUATION, True
+        self._reevaluation = timer
+        timer.start()
+
+    scheduler_class._schedule_reevalutation = schedule
+    scheduler_class._one_timer = True
+    return True
 
 
 class ClusterError(RuntimeError):
@@ -334,8 +374,9 @@ def end_of_run() -> int:
     about two seconds of every run on a 2-core machine. Returns how many timers were cancelled."""
     import gc
 
-    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and
-              getattr(t.function, "__module__", "").startswith("snakemake.scheduling")]  # fmt: skip
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and (
+              t.name == REEVALUATION
+              or getattr(t.function, "__module__", "").startswith("snakemake.scheduling"))]  # fmt: skip
     for timer in timers:
         timer.cancel()
     gc.freeze()

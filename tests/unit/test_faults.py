@@ -158,6 +158,42 @@ def test_end_of_run_cancels_only_the_scheduler_timers():
         gc.unfreeze()
 
 
+def test_the_scheduler_keeps_one_reevaluation_timer():
+    """A stand-in for Snakemake's scheduler, patched: however often a round asks for a
+    re-evaluation, one timer is pending, it wakes the scheduler once, and the next round may
+    start the next; end_of_run cancels it."""
+    import gc
+    import threading
+    import time
+
+    from headperturb import runtime
+
+    class Scheduler:
+        def __init__(self):
+            self._open_jobs = threading.Semaphore(0)
+
+        def _schedule_reevalutation(self, delay):  # Snakemake's: a new timer every round
+            threading.Timer(delay, lambda: self._open_jobs.release()).start()
+
+    assert runtime.one_reevaluation_timer(Scheduler)
+    scheduler = Scheduler()
+    for _ in range(50):
+        scheduler._schedule_reevalutation(0.3)
+    pending = [t for t in threading.enumerate() if t.name == runtime.REEVALUATION]
+    assert len(pending) == 1
+    assert scheduler._open_jobs.acquire(timeout=5)
+    time.sleep(0.1)
+    assert not scheduler._open_jobs.acquire(blocking=False)  # woken once, not fifty times
+    scheduler._schedule_reevalutation(30)
+    try:
+        assert runtime.end_of_run() >= 1
+        scheduler._reevaluation.join(5)
+        assert not scheduler._reevaluation.is_alive()
+    finally:
+        gc.unfreeze()
+    assert not runtime.one_reevaluation_timer(type("Other", (), {}))  # internals differ: untouched
+
+
 def test_no_job_starts_in_a_thread_after_ctrl_c(interrupt_handler, tmp_path):
     """Snakemake still starts the jobs it had queued when Ctrl-C came; in a thread they stop at
     once, with the reason in their log."""

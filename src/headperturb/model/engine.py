@@ -28,7 +28,7 @@ import torch
 
 from headperturb.model import hooks
 from headperturb.model.sites import HeadSite, final_norm_name
-from headperturb.model.surgery import narrow_lm_head
+from headperturb.model.surgery import narrow_lm_head, skip_layers_above
 from headperturb.runtime import Progress
 
 log = logging.getLogger(__name__)
@@ -184,14 +184,17 @@ class Engine:
         handles = hooks.attach(self.model, [hooks.Hook("hook_resid_pre", site, grab)])
         suffix, offsets = [], [0]
         try:
-            cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
-            prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
-            for idx, lengths, _logits, _cache in self.suffix_batches(cache, prompts, batch_size):
-                for row, length in enumerate(lengths.tolist()):
-                    suffix.append(seen["x"][row, :length])
-                    offsets.append(offsets[-1] + length)
-                if progress:
-                    progress.update(len(idx))
+            with skip_layers_above(self.model, site):  # nothing after the input is needed
+                cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
+                prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
+                for idx, lengths, _logits, _cache in self.suffix_batches(
+                    cache, prompts, batch_size
+                ):
+                    for row, length in enumerate(lengths.tolist()):
+                        suffix.append(seen["x"][row, :length])
+                        offsets.append(offsets[-1] + length)
+                    if progress:
+                        progress.update(len(idx))
         finally:
             hooks.detach(handles)
         return {

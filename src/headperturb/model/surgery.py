@@ -53,6 +53,22 @@ def skip_layers_below(model, site: HeadSite) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def skip_layers_above(model, site: HeadSite) -> Iterator[None]:
+    """While active, the layers above ``site.layer`` return their input unchanged: a pass that
+    only reads the input of ``site.layer`` stops paying there."""
+    layers = model.get_submodule(site.layers_path)
+    above = list(range(site.layer + 1, len(layers)))
+    originals = [layers[i] for i in above]
+    for i, layer in zip(above, originals):
+        layers[i] = PassThrough(layer)
+    try:
+        yield
+    finally:
+        for i, layer in zip(above, originals):
+            layers[i] = layer
+
+
+@contextlib.contextmanager
 def narrow_lm_head(model, token_ids: list[int]) -> Iterator[None]:
     """While active, the LM head computes only the rows of ``token_ids`` (same weights, bias)."""
     head = model.get_output_embeddings()
