@@ -96,6 +96,9 @@ def interrupt_handler():
     from headperturb import runtime
 
     before = signal.getsignal(signal.SIGINT)
+    # as in a terminal: a shell that starts pytest in the background ignores SIGINT, and then
+    # there is nothing to chain to (stop_threads_on_interrupt leaves an ignored SIGINT alone)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield runtime
     signal.signal(signal.SIGINT, before)
     runtime.INTERRUPTED.clear()
