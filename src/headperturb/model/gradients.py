@@ -83,9 +83,8 @@ def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: d
                 z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
                 mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
                 p = zp[layer].double().reshape(n, n_heads, -1) if zp is not None else None
-                parts = {"all": slice(None), "last": slice(n - 1, n),
-                         "demonstrations": slice(0, n_pre), "review": slice(n_pre, n - 1)}  # fmt: skip
-                for part, sl in parts.items():
+                for part in POSITIONS:
+                    sl = slice(*hooks.segment(part, n, n_pre))
                     out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()

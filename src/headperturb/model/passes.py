@@ -45,9 +45,11 @@ def _on(values: tuple, device) -> tuple:
 
 
 def _two_logits(engine: Engine, **inputs) -> np.ndarray:
-    """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
+    """(batch, 2) verbalizer logits at the last position, computing only those two rows
+    (without a cache unless ``inputs`` pass one)."""
+    inputs.setdefault("use_cache", False)
     with narrow_lm_head(engine.model, engine.token_ids):
-        logits = engine.model(use_cache=False, logits_to_keep=1, **inputs).logits
+        logits = engine.model(logits_to_keep=1, **inputs).logits
     return logits[:, -1, :].float().cpu().numpy()
 
 
@@ -193,10 +195,8 @@ def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: li
                 start_at_layer(model, site, hidden),
                 edit.applied_all(model, values) if values else contextlib.nullcontext(),
             ):
-                with narrow_lm_head(model, engine.token_ids):
-                    logits = model(input_ids=engine.ids(ids[n_pre:]).expand(draws, -1),
-                                   use_cache=cache is not None, logits_to_keep=1, **kwargs).logits  # fmt: skip
-            out[row] = logits[:, -1, :].float().cpu().numpy()
+                out[row] = _two_logits(engine, input_ids=engine.ids(ids[n_pre:]).expand(draws, -1),
+                                       use_cache=cache is not None, **kwargs)  # fmt: skip
             if progress:
                 progress.update()
     return out
