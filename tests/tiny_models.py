@@ -176,3 +176,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def sentiment_prompts(train, test, tok, *, k_shot: int, n_test: int, max_review_tokens: int,
+                      context_length: int = 1024):  # fmt: skip
+    """``build_prompts`` with the default run's template, verbalizers and separator, seed 0."""
+    from headperturb.data.prompts import build_prompts
+
+    return build_prompts(
+        train, test, tok, k_shot=k_shot, n_test=n_test, max_review_tokens=max_review_tokens,
+        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
+        separator="\n\n", seed=0, context_length=context_length,
+    )  # fmt: skip

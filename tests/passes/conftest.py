@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILIES, build_tiny_model
+from tiny_models import FAMILIES, build_tiny_model, sentiment_prompts
 
-from headperturb.data.prompts import build_prompts
 from headperturb.model.engine import Engine
 from headperturb.model.sites import locate_sites
 
@@ -22,11 +21,7 @@ def setup_family(family, folder, tiny_tokenizer_dir, imdb_sample):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     train, test = imdb_sample
-    built = build_prompts(
-        train, test, tok, k_shot=2, n_test=4, max_review_tokens=15,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+    built = sentiment_prompts(train, test, tok, k_shot=2, n_test=4, max_review_tokens=15)
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
     recorded = engine.baseline(ids, locate_sites(model), batch_size=3)  # batches of unequal lengths

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from tiny_models import edit_of
+from tiny_models import edit_of, sentiment_prompts
 
 from headperturb.core import files
 from headperturb.core.kinds import make_noise
-from headperturb.data.prompts import build_prompts
 from headperturb.model import passes
 from headperturb.model.engine import Engine
 from headperturb.model.hooks import perturb_head
@@ -18,11 +17,7 @@ from headperturb.model.sites import locate_sites
 def setup(tiny_llama, imdb_sample):
     model, tok = tiny_llama
     train, test = imdb_sample
-    built = build_prompts(
-        train, test, tok, k_shot=4, n_test=6, max_review_tokens=25,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+    built = sentiment_prompts(train, test, tok, k_shot=4, n_test=6, max_review_tokens=25)
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
     return model, engine, ids, built

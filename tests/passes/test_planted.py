@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_models import edit_of, head_slice
+from tiny_models import edit_of, head_slice, sentiment_prompts
 
 from headperturb.analysis import aggregation, scoring
 from headperturb.core import files
-from headperturb.data.prompts import build_prompts
 from headperturb.model import passes, tail
 from headperturb.model.engine import Engine
 from headperturb.model.hooks import Edit, site_slice
@@ -38,11 +37,7 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
         weight[:, head_slice(site, DECISIVE)] *= 50.0
         weight[:, head_slice(site, SILENT)] = 0.0
     train, test = imdb_sample
-    built = build_prompts(
-        train, test, tok, k_shot=2, n_test=60, max_review_tokens=20,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+    built = sentiment_prompts(train, test, tok, k_shot=2, n_test=60, max_review_tokens=20)
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
     pids = built.prompts["prompt_id"].tolist()
@@ -136,11 +131,7 @@ def planted_kinds(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
     tok = AutoTokenizer.from_pretrained(folder)
     site = locate_sites(model)[-1]
     train, test = imdb_sample
-    built = build_prompts(
-        train, test, tok, k_shot=2, n_test=60, max_review_tokens=20,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+    built = sentiment_prompts(train, test, tok, k_shot=2, n_test=60, max_review_tokens=20)
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
     pids = built.prompts["prompt_id"].tolist()
     token_ids = built.info["verbalizer_token_ids"]

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_models import build_tiny_model, model_params, run_step
+from tiny_models import build_tiny_model, model_params, run_step, sentiment_prompts
 
 from headperturb import runtime
 from headperturb.core import files
 from headperturb.core.spec import HeadJob, Job
-from headperturb.data.prompts import build_prompts
 from headperturb.model import headjob, loading
 from headperturb.model.context import ModelSpec, PromptFiles
 from headperturb.workflow import steps
@@ -51,11 +50,8 @@ def run(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
     model_dir = root / "prepared"
     loading.prepare_model(str(source), model_dir)
     train, test = imdb_sample
-    built = build_prompts(
-        train, test, AutoTokenizer.from_pretrained(model_dir), k_shot=2, n_test=12,
-        max_review_tokens=20, template="Review: {text}\nSentiment: {label}",
-        verbalizers=(" negative", " positive"), separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+    built = sentiment_prompts(train, test, AutoTokenizer.from_pretrained(model_dir), k_shot=2,
+                              n_test=12, max_review_tokens=20)  # fmt: skip
     prompt_files = PromptFiles(str(root / "prompts.parquet"), str(root / "prompt_info.json"))
     files.write_parquet(prompt_files.prompts, built.prompts)
     files.write_json(prompt_files.info, built.info)

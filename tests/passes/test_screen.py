@@ -7,11 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny_models import edit_of, head_slice
+from tiny_models import edit_of, head_slice, sentiment_prompts
 
 from headperturb.analysis import screen
 from headperturb.core.kinds import mean_from_end
-from headperturb.data.prompts import build_prompts
 from headperturb.model import gradients, passes
 from headperturb.model.engine import Engine
 from headperturb.model.sites import locate_sites
@@ -19,11 +18,7 @@ from headperturb.model.sites import locate_sites
 
 def _setup(model, tok, imdb_sample, n_test=6):
     train, test = imdb_sample
-    built = build_prompts(
-        train, test, tok, k_shot=2, n_test=n_test, max_review_tokens=15,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+    built = sentiment_prompts(train, test, tok, k_shot=2, n_test=n_test, max_review_tokens=15)
     engine = Engine(model, built.info["prefix_len"], built.info["verbalizer_token_ids"])
     ids = [np.asarray(x) for x in built.prompts["input_ids"]]
     return engine, ids, built.prompts["prompt_id"].tolist(), built.prompts["label"].to_numpy()

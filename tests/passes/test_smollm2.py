@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import edit_of
+from tiny_models import edit_of, sentiment_prompts
 
 from headperturb.core import files
-from headperturb.data.prompts import build_prompts
 from headperturb.model import loading, passes, tail
 from headperturb.model.engine import Engine
 from headperturb.model.sites import locate_sites
@@ -40,11 +39,8 @@ def smollm2(tmp_path_factory, imdb_sample):
     try:
         model, tok, _ = loading.load_prepared(folder, device="cpu")
         train, test = imdb_sample
-        built = build_prompts(
-            train, test, tok, k_shot=4, n_test=20, max_review_tokens=80,
-            template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-            separator="\n\n", seed=0, context_length=info["context_length"],
-        )  # fmt: skip
+        built = sentiment_prompts(train, test, tok, k_shot=4, n_test=20, max_review_tokens=80,
+                                  context_length=info["context_length"])  # fmt: skip
         yield model, info, built
     finally:
         torch.set_num_threads(1)
