@@ -70,15 +70,9 @@ def test_perturbing_head_h_changes_only_slice_h(family_model, head):
         length=IDS.shape[1],
         width=site.head_dim,
     )
-    seen = {}
-    with perturb_head(model, site, head, noise):
-        handle = model.get_submodule(site.module_name).register_forward_pre_hook(
-            lambda _m, a: seen.update(x=a[0].clone())
-        )
-        with torch.no_grad():
-            model(input_ids=IDS)
-        handle.remove()
-    diff = (seen["x"] - clean).abs()[0]
+    with perturb_head(model, site, head, noise):  # capture_io's hook sees the noise hook's result
+        noisy, _ = capture_io(model, site.module_name, IDS)
+    diff = (noisy - clean).abs()[0]
     assert [bool((diff[:, head_slice(site, k)] > 0).any()) for k in range(4)] == [
         k == head for k in range(4)
     ]

@@ -47,18 +47,12 @@ def test_perturbing_head_h_changes_only_slice_h(tiny_llama, head):
     )
     with perturb_head(model, site, head, noise):
         # capture what o_proj really receives: a hook registered after the noise hook sees its result
-        seen = {}
-        h = model.get_submodule(site.module_name).register_forward_pre_hook(
-            lambda _m, a: seen.update(x=a[0].clone())
-        )
-        with torch.no_grad():
-            model(input_ids=IDS)
-        h.remove()
-    diff = (seen["x"] - clean).abs()[0]
+        noisy, _ = _capture(model, site.module_name, IDS)
+    diff = (noisy - clean).abs()[0]
     changed = [bool((diff[:, head_slice(site, k)] > 0).any()) for k in range(4)]
     assert changed == [k == head for k in range(4)]
     torch.testing.assert_close(
-        seen["x"][..., head_slice(site, head)] - clean[..., head_slice(site, head)], noise
+        noisy[..., head_slice(site, head)] - clean[..., head_slice(site, head)], noise
     )
 
 
