@@ -165,3 +165,31 @@ def test_segment_bounds_and_masks():
     assert torch.isnan(masked[0, 3]).all() and not torch.isnan(masked[0, :3]).any()
     masked = only_segment(values, 10, 0, 6)
     assert torch.isnan(masked).all()  # none of those positions is in the demonstrations
+
+
+@pytest.mark.parametrize("kind", ["noise", "zero"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_rows_batched_of_any_size_equal_naive(llama_setup, kind, batch_size):
+    """The rows of a group run ``batch_size`` at a time, right-padded: one at a time, a batch that
+    leaves a partial one (3 of 4 rows) and one larger than the group, prompts of three lengths,
+    two noise draws per prompt (rows draw-major in the batch)."""
+    model, engine, ids, pids, _recorded, _before = llama_setup
+    p = engine.prefix_len
+    ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+    site = locate_sites(model)[1]
+    captured = engine.capture_layer_inputs(ids, site)
+    rows = _setup_rows(pids, kind)
+    edit, _pert = _edit(model, engine, ids, site, kind, "review", rows)
+    naive = passes.naive(engine, ids, pids, edit)
+    fast = passes.shared_prefix(engine, captured, ids, pids, edit, ["clean"] * len(ids),
+                                batch_size=batch_size)  # fmt: skip
+    assert fast.shape == (len(ids), edit.draws, 2) and edit.draws == (2 if kind == "noise" else 1)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
+
+
+def test_a_batch_size_below_one_is_refused(llama_setup):
+    model, engine, ids, pids, _recorded, _before = llama_setup
+    site = locate_sites(model)[1]
+    edit, _pert = _edit(model, engine, ids, site, "zero", "all", _setup_rows(pids, "zero"))
+    with pytest.raises(ValueError, match="batch_size 0 is not allowed"):
+        passes.shared_prefix(engine, {"offsets": None}, ids, pids, edit, batch_size=0)

@@ -135,10 +135,29 @@ def _own_values(edit, row: int, pid: int, length: int, start: int, stop: int, de
     return tuple(v.to(device) for v in values)
 
 
+def _stacked(per_row: list, draws: int, width: int):
+    """The rows' own values (one tuple per row from :func:`_own_values`, or None) as one
+    (draws * rows, width, columns) tensor per member, draw-major (row ``r`` of draw ``d`` at
+    ``d * rows + r``), right-padded with NaN (keep the output) to ``width`` positions; None where
+    no row edits anything."""
+    present = [v for v in per_row if v is not None]
+    if not present:
+        return None
+    out = []
+    for m, ref in enumerate(present[0]):
+        block = ref.new_full((draws, len(per_row), width, ref.shape[-1]), float("nan"))
+        for r, values in enumerate(per_row):
+            if values is not None:
+                block[:, r, : values[m].shape[-2]] = values[m]
+        out.append(block.reshape(draws * len(per_row), width, ref.shape[-1]))
+    return tuple(out)
+
+
 @torch.inference_mode()
 def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
                   prompt_ids: list[int], edit: Edit, keys: list | None = None,
-                  progress: Progress | None = None, runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
+                  progress: Progress | None = None, runs: list[int] | None = None,
+                  batch_size: int = 4) -> np.ndarray:  # fmt: skip
     """(n, draws, 2) logits with ``edit`` applied at any layer ``L``, running only layers >= L
     from the recorded residual stream entering ``L`` (as :func:`from_layer`), with the
     demonstrations computed once per group of prompts whose values there are equal.
@@ -147,9 +166,14 @@ def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: li
     with equal keys share one pass over the demonstrations with the edit (``"clean"``: without
     it; None: a group of its own), whose keys and values every row's own tokens then attend to.
     Every prompt starts with the same demonstrations and a causal model's outputs there cannot see
-    what follows, so this is the full pass, computed once."""
+    what follows, so this is the full pass, computed once. The rows of a group then run
+    ``batch_size`` at a time (shortest first), their own tokens right-padded to the longest as
+    the baseline's are (:meth:`headperturb.model.engine.Engine.suffix_batches`): with causal
+    attention no real position sees a pad, and the edit's values are placed per row."""
     from transformers import DynamicCache
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} is not allowed: it must be >= 1")
     model, draws, site = engine.model, edit.draws, edit.site
     n_pre = engine.prefix_len
     runs = list(range(len(prompts))) if runs is None else list(runs)
@@ -159,6 +183,11 @@ def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: li
         groups.setdefault(("own", row) if key is None else key, []).append(row)
     out = np.empty((len(prompts), draws, 2), dtype=np.float64)
     offsets, dev = captured["offsets"], engine.device
+    for row, ids in enumerate(prompts):
+        if len(ids) - n_pre != int(offsets[runs[row] + 1] - offsets[runs[row]]):
+            raise ValueError(
+                f"the layer input recorded for prompt {prompt_ids[row]} does not match its length"
+            )
     for key, rows in groups.items():
         first = rows[0]
         ids = prompts[first]
@@ -178,28 +207,50 @@ def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: li
                 model(input_ids=engine.ids(ids[:n_pre]).expand(draws, -1), use_cache=True,
                       logits_to_keep=1, **{engine.cache_kw: cache})  # fmt: skip
             _fill_below(cache, site.layer, n_pre)
-        for row in rows:
-            ids, i = prompts[row], runs[row]
-            if len(ids) - n_pre != int(offsets[i + 1] - offsets[i]):
-                raise ValueError(
-                    f"the layer input recorded for prompt {prompt_ids[row]} does not match its length"
-                )
-            hidden = (
-                captured["suffix"][offsets[i] : offsets[i + 1]].to(dev)[None].expand(draws, -1, -1)
-            )
-            values = _own_values(edit, row, prompt_ids[row], len(ids), n_pre, len(ids), dev)
-            kwargs = {}
-            if cache is not None:
-                kwargs = {engine.cache_kw: copy.deepcopy(cache)}
-            with (
-                start_at_layer(model, site, hidden),
-                edit.applied_all(model, values) if values else contextlib.nullcontext(),
-            ):
-                out[row] = _two_logits(engine, input_ids=engine.ids(ids[n_pre:]).expand(draws, -1),
-                                       use_cache=cache is not None, **kwargs)  # fmt: skip
+        rows = sorted(rows, key=lambda r: len(prompts[r]))
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            out[batch] = _own_tokens(engine, captured, prompts, prompt_ids, edit, cache, batch,
+                                     [runs[r] for r in batch])  # fmt: skip
             if progress:
-                progress.update()
+                progress.update(len(batch))
     return out
+
+
+def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batch, runs):
+    """(rows, draws, 2) logits of the rows ``batch`` (recorded as ``runs``) with their own tokens
+    after the demonstrations run in one batch on copies of ``cache`` (batch = draws)."""
+    model, draws, dev, n_pre = engine.model, edit.draws, engine.device, engine.prefix_len
+    offsets = captured["offsets"]
+    lengths = [len(prompts[r]) - n_pre for r in batch]
+    width = max(lengths)
+    hidden, ids = [], []
+    for r, i, n in zip(batch, runs, lengths):
+        own = captured["suffix"][offsets[i] : offsets[i + 1]]
+        hidden.append(torch.cat([own, own[-1:].expand(width - n, -1)]))  # pads: its last input
+        ids.append(
+            np.pad(np.asarray(prompts[r][n_pre:], dtype=np.int64), (0, width - n), mode="edge")
+        )
+    hidden = torch.stack(hidden).to(dev).repeat(draws, 1, 1)  # draw-major
+    ids = torch.tensor(np.stack(ids), device=dev).repeat(draws, 1)
+    values = _stacked(
+        [_own_values(edit, r, prompt_ids[r], len(prompts[r]), n_pre, len(prompts[r]), dev)
+         for r in batch], draws, width)  # fmt: skip
+    kwargs = {}
+    if cache is not None:
+        copied = copy.deepcopy(cache)
+        if len(batch) > 1:  # (draws, ...) -> (draws * rows, ...), draw-major
+            copied.batch_repeat_interleave(len(batch))
+        kwargs = {engine.cache_kw: copied}
+    with (
+        start_at_layer(model, edit.site, hidden),
+        edit.applied_all(model, values) if values else contextlib.nullcontext(),
+        narrow_lm_head(model, engine.token_ids),
+    ):
+        logits = model(input_ids=ids, use_cache=cache is not None, **kwargs).logits
+    last = torch.tensor(lengths, device=dev).repeat(draws) - 1
+    picked = logits[torch.arange(len(last), device=dev), last].float().cpu().numpy()
+    return picked.reshape(draws, len(batch), 2).transpose(1, 0, 2)
 
 
 @torch.inference_mode()
