@@ -1,21 +1,24 @@
 """Benchmark: a head job at every position, at the demonstrations and at the review, by the pass
-that computes the demonstrations once per job (``shared_prefix``) against the pass over each
-whole prompt from the layer (``from_layer``, the path before it) and full forward passes
-(``naive``), side by side on the same prompts, one torch thread (as head jobs run).
+that computes the demonstrations once per job (``shared_prefix``: the rows of a group four per
+call, the last layer's MLP only at the read positions) against the same pass one prompt per call
+with the whole last layer (release 0.3.0), the pass over each whole prompt from the layer
+(``from_layer``, the path before 0.3.0) and full forward passes (``naive``), side by side on the
+same prompts, one torch thread (as head jobs run).
 
     python benchmarks/segments_benchmark.py --results results/smollm2-imdb [--sample 40]
 
 Needs a finished default run (its prompts; the model prepared in resources/models/). For each
 layer of ``--layers``, zero ablation of head 0: seconds per prompt of each pass (median of
-``--repeats``), their largest difference from the naive logits, and the all-position job's
-seconds for all the run's prompts. The all-position sweep of every head is priced from these
-per-layer times over every layer (``--all-layers``: measure every layer instead of
-interpolating). Writes benchmarks/segments.md.
+``--repeats``) and their largest difference from the naive logits. The all-position sweep of
+every head is priced from these per-layer times over every layer (``--all-layers``: measure
+every layer instead of interpolating), with the layer recordings it needs. Writes
+benchmarks/segments.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -34,6 +37,17 @@ def timed(func, repeats: int) -> tuple[float, object]:
         out = func()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+@contextlib.contextmanager
+def whole_last_layer(passes):
+    """While active, the shared-prefix pass runs the whole last layer (as release 0.3.0 did)."""
+    original = passes.last_mlp_at
+    passes.last_mlp_at = lambda *_a, **_k: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        passes.last_mlp_at = original
 
 
 def main() -> None:
@@ -72,7 +86,10 @@ def main() -> None:
     zero = build("zero")
     mean_tokens = float(np.mean([len(x) for x in every]))
     own_tokens = mean_tokens - engine.prefix_len
-    rows, per_layer = [], {}
+    rows, per_layer, recording = [], {}, {}
+    n_total = len(every)
+    keys = {"all": 0, "demonstrations": 0, "review": "clean"}  # zero ablation's groups
+    n, few = len(ids), 4
     for layer in layers:
         site = sites[layer]
         captured = engine.capture_layer_inputs(ids, site)
@@ -88,52 +105,76 @@ def main() -> None:
         )
         t_whole, out_whole = timed(lambda c=captured: passes.from_layer(engine, c, ids, pids, edit("all")),
                                    args.repeats)  # fmt: skip
-        keys = {
-            "all": [0] * len(ids),
-            "demonstrations": [0] * len(ids),
-            "review": ["clean"] * len(ids),
-        }
-        shared = {}
-        for position in ("all", "demonstrations", "review"):
-            shared[position] = timed(lambda p=position, c=captured, k=keys: passes.shared_prefix(
-                engine, c, ids, pids, edit(p), k[p]), args.repeats)  # fmt: skip
-        diff = max(float(np.abs(out_whole[: len(naive_ids)] - out_naive).max()),
-                   float(np.abs(shared["all"][1][: len(naive_ids)] - out_naive).max()))  # fmt: skip
-        n = len(ids)
-        per_layer[layer] = shared["all"][0] / n
-        rows.append((layer, t_naive / len(naive_ids), t_whole / n, shared["all"][0] / n,
-                     shared["demonstrations"][0] / n, shared["review"][0] / n, diff))  # fmt: skip
+
+        def job(position, batch_size=4, c=captured, edit=edit):
+            """A job of all the run's prompts, priced from passes over ``few`` and ``n`` prompts:
+            the demonstrations' pass once per job, then each prompt's own tokens."""
+
+            def run(m):
+                return lambda: passes.shared_prefix(engine, c, ids[:m], pids[:m], edit(position),
+                                                    [keys[position]] * m, batch_size=batch_size)  # fmt: skip
+
+            t_few, _ = timed(run(few), args.repeats)
+            t_n, out = timed(run(n), args.repeats)
+            per_prompt = (t_n - t_few) / (n - few)
+            return t_few - few * per_prompt + n_total * per_prompt, out
+
+        shared = {position: job(position) for position in keys}
+        with whole_last_layer(passes):  # release 0.3.0: one prompt per call, whole last layer
+            t_one, out_one = job("all", batch_size=1)
+        diff = max(float(np.abs(out[: len(naive_ids)] - out_naive).max())
+                   for out in (out_whole, out_one, shared["all"][1]))  # fmt: skip
+        per_layer[layer] = (shared["all"][0], t_one, t_whole / n * n_total)
+        start = time.perf_counter()
+        engine.capture_layer_inputs(every, site)
+        recording[layer] = time.perf_counter() - start
+        rows.append((layer, t_naive / len(naive_ids) * n_total, t_whole / n * n_total, t_one,
+                     shared["all"][0], shared["demonstrations"][0], shared["review"][0], diff,
+                     recording[layer]))  # fmt: skip
         print(rows[-1], flush=True)
-    n_total = len(every)
     known = sorted(per_layer)
-    estimate = 0.0
-    for layer in range(n_layers - 1):  # the last layer's jobs take the last-layer program: ~0
-        seconds = float(np.interp(layer, known, [per_layer[k] for k in known]))
-        estimate += sites[0].n_heads * seconds * n_total
+
+    def sweep(column: int) -> float:
+        """Seconds of one thread for every head below the last layer (the last layer's jobs take
+        the last-layer program: seconds in all), interpolated between the layers measured."""
+        return sum(sites[0].n_heads
+                   * float(np.interp(layer, known, [per_layer[k][column] for k in known]))
+                   for layer in range(n_layers - 1))  # fmt: skip
+
+    records = sum(float(np.interp(layer, known, [recording[k] for k in known]))
+                  for layer in range(n_layers - 1))  # fmt: skip
+    now, one, before = sweep(0), sweep(1), sweep(2)
+    share = own_tokens / mean_tokens
     lines = [
         "# A head job at every position, at the demonstrations and at the review",
         "",
         f"SmolLM2-135M-Instruct, fp32, one torch thread, zero ablation of head 0; prompts of the "
         f"run `{results.name}`: {mean_tokens:.0f} tokens on average, {engine.prefix_len} of them "
-        f"the demonstrations ({own_tokens:.0f} each prompt's own). Seconds per prompt (median of "
-        f"{args.repeats} passes over {len(ids)} prompts; naive: one pass over {args.naive_sample}).",
+        f"the demonstrations ({own_tokens:.0f} each prompt's own, a share of {share:.2f}). Seconds "
+        f"of one job over all {n_total} prompts: the shared-prefix passes priced from passes over "
+        f"4 and {len(ids)} prompts (the demonstrations once, then each prompt; medians of "
+        f"{args.repeats}), the whole-prompt pass from {len(ids)} prompts (median of "
+        f"{args.repeats}), naive from one pass over {args.naive_sample}; the layer's recording "
+        f"timed over all {n_total}.",
         "",
-        "| layer | naive (full forward) | every position, whole prompt from the layer (before) | "
-        "every position, demonstrations once | demonstrations only | review only | "
-        "largest logit difference from naive |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| layer | naive (full forward) | every position, whole prompt from the layer (before "
+        "0.3.0) | every position, demonstrations once, one prompt per call (0.3.0) | every "
+        "position, now | demonstrations only, now | review only, now (share of the whole "
+        "prompt's) | largest logit difference from naive | recording the layer's input |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} ({r[2] / r[3]:.1f}x) | {r[4]:.3f} | "
-              f"{r[5]:.3f} ({r[5] / r[2]:.2f} of the whole prompt's) | {r[6]:.1e} |" for r in rows]  # fmt: skip
-    before = sum(sites[0].n_heads * float(np.interp(lay, known, [r[2] for r in rows])) * n_total
-                 for lay in range(n_layers - 1))  # fmt: skip
+    lines += [f"| {r[0]} | {r[1]:.0f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} ({r[2] / r[4]:.1f}x "
+              f"before, {r[3] / r[4]:.2f}x 0.3.0) | {r[5]:.1f} | {r[6]:.1f} ({r[6] / r[2]:.2f}) | "
+              f"{r[7]:.1e} | {r[8]:.1f} |" for r in rows]  # fmt: skip
     lines += [
         "",
         f"Every head of every layer at every position ({sites[0].n_heads * n_layers} jobs, "
         f"{n_total} prompts), from these per-prompt times (interpolated between the layers "
-        f"measured; the last layer's jobs take the last-layer program, seconds in all): "
-        f"{estimate / 60:.0f} min of one thread now, {before / 60:.0f} min before; on 2 cores "
-        f"(two jobs at a time) about {estimate / 120:.0f} min now, {before / 120:.0f} min before.",
+        f"measured), in minutes of one thread: now {now / 60:.0f}, 0.3.0 {one / 60:.0f}, before "
+        f"0.3.0 {before / 60:.0f}; the {n_layers - 1} layer recordings {records / 60:.0f}. On 2 "
+        f"cores (two jobs at a time) about **{(now + records) / 120:.0f} min** now with the "
+        f"recordings, {(one + records) / 120:.0f} min with 0.3.0, {(before + records) / 120:.0f} "
+        f"min before.",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))

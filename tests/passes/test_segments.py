@@ -193,3 +193,35 @@ def test_a_batch_size_below_one_is_refused(llama_setup):
     edit, _pert = _edit(model, engine, ids, site, "zero", "all", _setup_rows(pids, "zero"))
     with pytest.raises(ValueError, match="batch_size 0 is not allowed"):
         passes.shared_prefix(engine, {"offsets": None}, ids, pids, edit, batch_size=0)
+
+
+def test_the_last_mlp_runs_at_the_read_positions_only(llama_setup):
+    """``last_mlp_at``: the last layer's MLP sees one position per row, the read one gets what the
+    whole MLP gives there, every other position zeros; the module is back afterwards. A module
+    that does not keep a position's shape (not a plain MLP) runs on every position instead."""
+    from headperturb.model.surgery import AtPositions, last_mlp_at
+
+    model = llama_setup[0]
+    site = locate_sites(model)[1]
+    layer = model.get_submodule(site.layers_path)[-1]
+    original, seen = layer.mlp, []
+    x = torch.randn(3, 5, model.config.hidden_size)
+    where = torch.tensor([4, 0, 2])
+    with last_mlp_at(model, site, where):
+        assert isinstance(layer.mlp, AtPositions)
+        handle = original.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape))
+        out = layer.mlp(x)
+        handle.remove()
+    assert layer.mlp is original and seen == [(3, 1, model.config.hidden_size)]
+    whole = original(x)
+    rows = torch.arange(3)
+    torch.testing.assert_close(out[rows, where], whole[rows, where])
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[rows, where] = False
+    assert out[mask].abs().max() == 0 and whole[mask].abs().max() > 0
+
+    def pooled(h):
+        return h.mean(dim=1)  # mixes positions: not an MLP
+
+    stand_in = AtPositions(pooled, where)
+    torch.testing.assert_close(stand_in(x), pooled(x))

@@ -35,7 +35,7 @@ from headperturb.model import hooks, tail
 from headperturb.model.engine import Engine
 from headperturb.model.hooks import Edit, site_slice, start_at_layer
 from headperturb.model.sites import HeadSite
-from headperturb.model.surgery import narrow_lm_head, stand_in_embeddings
+from headperturb.model.surgery import last_mlp_at, narrow_lm_head, stand_in_embeddings
 from headperturb.runtime import Progress
 
 
@@ -242,13 +242,14 @@ def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batc
         if len(batch) > 1:  # (draws, ...) -> (draws * rows, ...), draw-major
             copied.batch_repeat_interleave(len(batch))
         kwargs = {engine.cache_kw: copied}
+    last = torch.tensor(lengths, device=dev).repeat(draws) - 1
     with (
         start_at_layer(model, edit.site, hidden),
         edit.applied_all(model, values) if values else contextlib.nullcontext(),
         narrow_lm_head(model, engine.token_ids),
+        last_mlp_at(model, edit.site, last),  # only the final positions' logits are read
     ):
         logits = model(input_ids=ids, use_cache=cache is not None, **kwargs).logits
-    last = torch.tensor(lengths, device=dev).repeat(draws) - 1
     picked = logits[torch.arange(len(last), device=dev), last].float().cpu().numpy()
     return picked.reshape(draws, len(batch), 2).transpose(1, 0, 2)
 

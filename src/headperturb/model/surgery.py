@@ -4,6 +4,7 @@ measurement needs. Every change is undone when its ``with`` block ends, also on 
 - :func:`skip_layers_below`: the layers below ``L`` become pass-throughs (with a hook feeding
   layer ``L`` a recorded residual stream: :func:`headperturb.model.hooks.start_at_layer`);
 - :func:`narrow_lm_head`: the LM head computes only the two verbalizer rows;
+- :func:`last_mlp_at`: the last layer's MLP computes only the positions whose logits are read;
 - :func:`stand_in_embeddings`: the embedding table is swapped for a one-row stand-in (keeps the
   table out of an exported program);
 - :func:`out_features`: the output width of a head site's projection (GPT-2's Conv1D stores its
@@ -83,6 +84,43 @@ def narrow_lm_head(model, token_ids: list[int]) -> Iterator[None]:
         yield
     finally:
         model.set_output_embeddings(head)
+
+
+class AtPositions(torch.nn.Module):
+    """Stands in for a layer's MLP: runs it on position ``positions[b]`` of each row ``b`` only
+    and returns zeros at every other position (an MLP works on each position alone)."""
+
+    def __init__(self, inner: torch.nn.Module, positions: torch.Tensor):
+        super().__init__()
+        self.inner, self.positions = inner, positions
+
+    def forward(self, hidden_states, *args, **kwargs):
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        picked = hidden_states[rows, self.positions][:, None]
+        out = self.inner(picked, *args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape[:-1] != picked.shape[:-1]:
+            return self.inner(hidden_states, *args, **kwargs)  # not a plain MLP: all positions
+        full = out.new_zeros((*hidden_states.shape[:-1], out.shape[-1]))
+        full[rows, self.positions] = out[:, 0]
+        return full
+
+
+@contextlib.contextmanager
+def last_mlp_at(model, site: HeadSite, positions: torch.Tensor) -> Iterator[None]:
+    """While active, the last decoder layer's MLP computes only position ``positions[b]`` of each
+    row ``b`` (:class:`AtPositions`; a layer without an ``mlp`` module is left as it is). Only
+    for a pass that reads nothing but those positions' logits: the last layer's output at every
+    other position is wrong, and its MLP is most of that layer's cost."""
+    layer = model.get_submodule(site.layers_path)[-1]
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, torch.nn.Module):
+        yield
+        return
+    layer.mlp = AtPositions(mlp, positions)
+    try:
+        yield
+    finally:
+        layer.mlp = mlp
 
 
 @contextlib.contextmanager
