@@ -318,6 +318,21 @@ def test_each_job_gets_the_pass_its_settings_allow():
     ).recordings == ("unperturbed",)
 
 
+def test_the_longest_jobs_and_the_recordings_come_first():
+    """Priorities: the layers a job's pass runs over every token (a 30-layer model), below the
+    recordings' priority."""
+
+    def priority(position, layer, method="fast", kind="zero"):
+        job = spec.HeadJob("o_proj_input", position, kind, "", layer, 0)
+        return spec.priority(job, method, 30)
+
+    assert priority("all", 0) == 30 and priority("all", 3) == 27 and priority("review", 28) == 2
+    assert priority("all", 3, "naive") == 30
+    assert priority("last", 3) == priority("all", 29) == priority("review", 29) == 0
+    assert priority("demonstrations", 3, kind="patch") == 0  # unperturbed
+    assert spec.recording_priority(30) == 31 > priority("all", 0, "naive")
+
+
 def test_demonstrations_need_demonstrations():
     perturbation = {"sweeps": [{"positions": ["review", "demonstrations"]}]}
     with pytest.raises(spec.SpecError, match="prompts.k_shot = 0 gives none; set k_shot >= 1"):

@@ -35,6 +35,7 @@ rule capture_layer:
         f"{LOGS}/capture_layer/layer{{layer}}.log",
     wildcard_constraints:
         layer=r"\d+",
+    priority: recording_priority
     conda:
         MODEL_ENV
     threads: step_threads("model")

@@ -165,6 +165,18 @@ def job_inputs(wildcards):
     return inputs | {name: paths[name] for name in job_plan.recordings}
 
 
+def job_priority(wildcards):
+    """The longest head jobs first (headperturb.core.spec.priority)."""
+    target = spec.HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
+                                         wildcards.layer, wildcards.head)  # fmt: skip
+    return spec.priority(target, PERTURBATION["method"], model_shape()["n_layers"])
+
+
+def recording_priority(_wildcards):
+    """Recordings before any job (headperturb.core.spec.recording_priority)."""
+    return spec.recording_priority(model_shape()["n_layers"])
+
+
 def _forced(path):
     dag = workflow.dag_settings
     return dag.forceall or path in {str(t) for t in dag.forcerun or ()}

@@ -21,6 +21,7 @@ rule perturb_head:
         setting=spec.setting_pattern(),
         layer=r"\d+",
         head=r"\d+",
+    priority: job_priority
     threads: step_threads("perturb")
     params:
         **MODEL_PARAMS,

@@ -344,6 +344,20 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
     return Plan("shared_prefix", ("activations",))
 
 
+def priority(job: HeadJob, method: str, n_layers: int) -> int:
+    """The job's Snakemake priority: the layers its pass runs over every token of every prompt
+    (naive: all; every position of layer L: n_layers - L; the final position and the last layer:
+    0), so that the longest jobs start first and short ones fill the cores at the end. Recordings
+    come before any job (:func:`recording_priority`)."""
+    return int(plan(job, method, n_layers).cost(job.layer, n_layers, 1.0, 1)[0])
+
+
+def recording_priority(n_layers: int) -> int:
+    """The priority of a layer's recording: above every job's (:func:`priority`), so the jobs
+    that wait for it can start early, and no core idles while a long job ends the run."""
+    return n_layers + 1
+
+
 # -- heads together: joint ablation curves ----------------------------------------------------
 
 ORDERS = ("screen", "exact", "random")
