@@ -225,3 +225,22 @@ def test_the_last_mlp_runs_at_the_read_positions_only(llama_setup):
 
     stand_in = AtPositions(pooled, where)
     torch.testing.assert_close(stand_in(x), pooled(x))
+
+
+def test_a_recording_from_a_lower_recording_equals_one_from_the_embeddings(family_setup):
+    """``capture_layer_inputs(start=...)``: the layers from a recorded lower layer up give the
+    input of a higher layer that every layer from the embeddings gives, prompts of three
+    lengths; a start at or above the layer is refused."""
+    model, engine, ids, *_ = family_setup
+    p = engine.prefix_len
+    ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+    sites = locate_sites(model)
+    direct = engine.capture_layer_inputs(ids, sites[3], batch_size=3)
+    below = engine.capture_layer_inputs(ids, sites[1], batch_size=3)
+    chained = engine.capture_layer_inputs(ids, sites[3], batch_size=3, start=(sites[1], below))
+    assert len({len(x) for x in ids}) == 3
+    for key in ("prefix", "suffix", "offsets"):
+        torch.testing.assert_close(chained[key], direct[key], atol=1e-5, rtol=1e-5)
+    assert (direct["suffix"] - below["suffix"]).abs().max() > 1e-3  # two layers moved it
+    with pytest.raises(ValueError, match="starts from a lower layer, not 3"):
+        engine.capture_layer_inputs(ids, sites[3], start=(sites[3], direct))

@@ -333,6 +333,15 @@ def test_the_longest_jobs_and_the_recordings_come_first():
     assert spec.recording_priority(30) == 31 > priority("all", 0, "naive")
 
 
+def test_recordings_start_from_every_stride_th_layer():
+    """30 layers: stride 5, each recording from the multiple of 5 below it (the first five from
+    the embeddings); a 4-layer model: each from the layer below."""
+    assert [spec.recording_source(layer, 30) for layer in (1, 5, 6, 10, 13, 25, 28)] == [
+        None, None, 5, 5, 10, 20, 25]  # fmt: skip
+    assert [spec.recording_source(layer, 4) for layer in (1, 2, 3)] == [None, 1, 2]
+    assert spec.recording_source(15, 16) == 12 and spec.recording_source(3, 16) is None
+
+
 def test_demonstrations_need_demonstrations():
     perturbation = {"sweeps": [{"positions": ["review", "demonstrations"]}]}
     with pytest.raises(spec.SpecError, match="prompts.k_shot = 0 gives none; set k_shot >= 1"):

@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -236,24 +237,42 @@ def test_lint_finds_nothing(finished_run, base_config):
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_dir, family):
     """GPT-2 (Conv1D c_proj) and GPT-NeoX (parallel attention and MLP), a middle and the last
-    layer, end to end."""
+    layer, end to end; the middle layer's recording starts from the one of the layer below
+    (spec.recording_source), and its jobs give what full forward passes give."""
     from tiny_models import build_tiny_model
 
     config = copy.deepcopy(base_config)
     config["model"]["name"] = f"tiny-{family}"
     config["model"]["path"] = str(
-        build_tiny_model(tmp_path / family, tiny_tokenizer_dir, family, n_layers=3)
+        build_tiny_model(tmp_path / family, tiny_tokenizer_dir, family, n_layers=4)
     )
     config["perturbation"].update(heads=[0, 3], repeats=1, sweeps=[
-        {"layers": [1, -1], "positions": ["all"]}, {"layers": [0], "positions": ["last"]}])  # fmt: skip
+        {"layers": [2, -1], "positions": ["all"]}, {"layers": [0], "positions": ["last"]}])  # fmt: skip
     snakemake(tmp_path, config)
-    table = pd.read_csv(tmp_path / "results/test/contributions.csv")
+    run = tmp_path / "results/test"
+    table = pd.read_csv(run / "contributions.csv")
     noise = table[table["kind"] == "noise"]
     assert sorted(zip(noise["position"], noise["layer"], noise["head"])) == [
-        ("all", 1, 0), ("all", 1, 3), ("all", 2, 0), ("all", 2, 3), ("last", 0, 0), ("last", 0, 3)]  # fmt: skip
-    assert (tmp_path / "results/test/plots/layer_head_heatmap.png").is_file()
+        ("all", 2, 0), ("all", 2, 3), ("all", 3, 0), ("all", 3, 3), ("last", 0, 0), ("last", 0, 3)]  # fmt: skip
+    assert (run / "plots/layer_head_heatmap.png").is_file()
     info = files.read_json(tmp_path / f"resources/models/tiny-{family}/headperturb_model.json")
     assert info["model_type"] == family and info["n_heads"] == 4
+    assert (
+        "starting from the recorded input of layer 1"
+        in (run / "logs/capture_layer/layer2.log").read_text()
+    )
+    assert (run / "activations/layer1.safetensors").is_file()
+    naive_config = copy.deepcopy(config)
+    naive_config["run_name"] = "naive"
+    naive_config["perturbation"].update(method="naive", kinds=["zero"],
+                                        sweeps=[{"layers": [2], "positions": ["all"]}])  # fmt: skip
+    snakemake(tmp_path, naive_config)
+    for head in (0, 3):
+        path = f"perturb/o_proj_input/all/zero/layer2/head{head}.parquet"
+        fast = files.read_parquet(run / path)
+        naive = files.read_parquet(tmp_path / "results/naive" / path)
+        for column in ("logit_negative", "logit_positive"):
+            np.testing.assert_allclose(fast[column], naive[column], atol=1e-4)
 
 
 def test_a_killed_run_leaves_no_partial_output_and_resumes(tmp_path, base_config):

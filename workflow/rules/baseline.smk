@@ -23,12 +23,11 @@ rule baseline:
 
 
 # The residual stream entering a layer at every position, for its all-position jobs: the layers
-# below it then never run again.
+# below it then never run again. Each recording starts from the one of a lower layer (every few
+# layers, headperturb.core.spec.recording_source), so the layers below run about once per run.
 rule capture_layer:
     input:
-        prompts=PROMPT_TABLE,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
+        unpack(recording_inputs),
     output:
         activations=f"{RESULTS}/activations/layer{{layer}}.safetensors",
     log:

@@ -146,6 +146,16 @@ def recording_paths(layer):
             "unperturbed": BASELINE_PER_PROMPT}  # fmt: skip
 
 
+def recording_inputs(wildcards):
+    """What a layer's recording reads: the prompts, the model and the recording it starts from
+    (headperturb.core.spec.recording_source), if any."""
+    inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR}
+    source = spec.recording_source(int(wildcards.layer), model_shape()["n_layers"])
+    if source is not None:
+        inputs["source"] = recording_paths(source)["activations"]
+    return inputs
+
+
 def job_inputs(wildcards):
     """What one head job reads: the prompts and the model, the recordings its plan starts from
     (headperturb.core.spec.plan), and the baseline, which it waits for."""

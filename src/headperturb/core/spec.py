@@ -352,6 +352,25 @@ def priority(job: HeadJob, method: str, n_layers: int) -> int:
     return int(plan(job, method, n_layers).cost(job.layer, n_layers, 1.0, 1)[0])
 
 
+RECORDING_STOPS = 6
+"""How many layers (evenly spaced) the recordings of a model start from: see
+:func:`recording_source`."""
+
+
+def recording_source(layer: int, n_layers: int) -> int | None:
+    """The lower layer whose recorded input the recording of ``layer``'s input starts from (the
+    layers between then run on it: :meth:`headperturb.model.engine.Engine.capture_layer_inputs`),
+    or None: from the embeddings. The sources are every ``stride``-th layer (``stride`` =
+    ceil((n_layers - 1) / RECORDING_STOPS)), each recorded from the one below it, so a run that
+    records m layers computes about the deepest one's layers once plus fewer than ``stride``
+    layers per recording, instead of each recording's layers anew; which layer a recording starts
+    from depends on the model alone, so adding heads or layers to a run never changes a
+    recording's inputs."""
+    stride = max(1, -(-(n_layers - 1) // RECORDING_STOPS))
+    source = (layer - 1) // stride * stride
+    return source if source > 0 else None
+
+
 def recording_priority(n_layers: int) -> int:
     """The priority of a layer's recording: above every job's (:func:`priority`), so the jobs
     that wait for it can start early, and no core idles while a long job ends the run."""

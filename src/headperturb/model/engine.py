@@ -18,6 +18,7 @@ Each method returns what it recorded; the engine keeps no state between calls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -28,10 +29,21 @@ import torch
 
 from headperturb.model import hooks
 from headperturb.model.sites import HeadSite, final_norm_name
-from headperturb.model.surgery import narrow_lm_head, skip_layers_above
+from headperturb.model.surgery import narrow_lm_head, skip_layers_above, skip_layers_below
 from headperturb.runtime import Progress
 
 log = logging.getLogger(__name__)
+
+
+def fill_below(cache, layer: int, length: int) -> None:
+    """Give the skipped layers below ``layer`` of ``cache`` placeholders of ``length`` positions
+    (the prefix's: a sliding-window layer keeps fewer keys, but the positions of the tokens that
+    follow are counted from layer 0's length)."""
+    keys = cache.layers[layer].keys
+    shape = (*keys.shape[:-2], length, keys.shape[-1])
+    for below in range(layer):
+        zeros = keys.new_zeros(shape)
+        cache.update(zeros, zeros, below)
 
 
 @dataclass
@@ -85,8 +97,8 @@ class Engine:
 
     def suffix_batches(self, cache, prompts, batch_size: int, lengths_seen: dict | None = None):
         """Yield (indices, lengths, two-logit array, batch cache) for batches of prompts run on
-        the prefix cache. ``lengths_seen["lengths"]`` holds the current batch's query lengths
-        while it runs (for hooks that pick each prompt's final position).
+        the prefix cache. ``lengths_seen["lengths"]`` and ``["idx"]`` hold the current batch's query
+        lengths and prompts while it runs (for hooks that pick each prompt's final position).
 
         Queries are right-padded to the longest in the batch: with causal attention no real token
         sees a pad, so each prompt's last real position is exactly what it is alone.
@@ -106,7 +118,7 @@ class Engine:
                     batch_cache.batch_repeat_interleave(len(idx))
                 kwargs = {self.cache_kw: batch_cache}
             if lengths_seen is not None:
-                lengths_seen["lengths"] = lengths
+                lengths_seen["lengths"], lengths_seen["idx"] = lengths, idx
             with narrow_lm_head(self.model, self.token_ids):
                 logits = self.model(
                     input_ids=torch.tensor(padded, device=self.device),
@@ -169,26 +181,64 @@ class Engine:
 
     @torch.inference_mode()
     def capture_layer_inputs(
-        self, prompts: list, site: HeadSite, progress: Progress | None = None, batch_size: int = 4
+        self,
+        prompts: list,
+        site: HeadSite,
+        progress: Progress | None = None,
+        batch_size: int = 4,
+        start: tuple[HeadSite, dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The residual stream entering ``site.layer`` at every position of every prompt.
+
+        ``start``: a lower layer's site and its recorded inputs (this function's output for the
+        same prompts): the layers from there up run on them instead of every layer from the
+        embeddings, the same computation (layer K's input is what the layers below computed).
 
         Returns ``prefix`` (prefix_len, d), ``suffix`` (sum of query lengths, d) and ``offsets``
         (n + 1) into ``suffix``.
         """
-        seen = {}
+        from transformers import DynamicCache
+
+        seen, current = {}, {}
 
         def grab(x):
             seen["x"] = x.detach().float().cpu().clone()
 
-        handles = hooks.attach(self.model, [hooks.Hook("hook_resid_pre", site, grab)])
+        def feed(x):  # the recorded input of the start layer, for the batch that runs now
+            below = start[1]
+            if "idx" not in current:
+                return below["prefix"][None].to(x.device)
+            offsets, rows = below["offsets"], []
+            for i in current["idx"]:
+                own = below["suffix"][offsets[i] : offsets[i + 1]]
+                rows.append(torch.cat([own, own[-1:].expand(x.shape[1] - own.shape[0], -1)]))
+            return torch.stack(rows).to(x.device)
+
+        edits = [hooks.Hook("hook_resid_pre", site, grab)]
+        if start is not None:
+            if not start[0].layer < site.layer:
+                raise ValueError(f"a recording of layer {site.layer} starts from a lower layer, "
+                                 f"not {start[0].layer}")  # fmt: skip
+            edits.insert(0, hooks.Hook("hook_resid_pre", start[0], feed))
+        handles = hooks.attach(self.model, edits)
         suffix, offsets = [], [0]
         try:
-            with skip_layers_above(self.model, site):  # nothing after the input is needed
-                cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(skip_layers_above(self.model, site))  # only its input is read
+                if start is not None:
+                    stack.enter_context(skip_layers_below(self.model, start[0]))
+                    cache = None
+                    if self.prefix_len:
+                        cache = DynamicCache(config=self.model.config)
+                        self.model(input_ids=self.ids(prompts[0][: self.prefix_len]),
+                                   use_cache=True, logits_to_keep=1,
+                                   **{self.cache_kw: cache})  # fmt: skip
+                        fill_below(cache, start[0].layer, self.prefix_len)
+                else:
+                    cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
                 prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
                 for idx, lengths, _logits, _cache in self.suffix_batches(
-                    cache, prompts, batch_size
+                    cache, prompts, batch_size, current
                 ):
                     for row, length in enumerate(lengths.tolist()):
                         suffix.append(seen["x"][row, :length])

@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from headperturb.model import hooks, tail
-from headperturb.model.engine import Engine
+from headperturb.model.engine import Engine, fill_below
 from headperturb.model.hooks import Edit, site_slice, start_at_layer
 from headperturb.model.sites import HeadSite
 from headperturb.model.surgery import last_mlp_at, narrow_lm_head, stand_in_embeddings
@@ -104,17 +104,6 @@ def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
         if progress:
             progress.update()
     return out
-
-
-def _fill_below(cache, layer: int, length: int) -> None:
-    """Give the skipped layers below ``layer`` of ``cache`` placeholders of ``length`` positions
-    (the prefix's: a sliding-window layer keeps fewer keys, but the positions of the tokens that
-    follow are counted from layer 0's length)."""
-    keys = cache.layers[layer].keys
-    shape = (*keys.shape[:-2], length, keys.shape[-1])
-    for below in range(layer):
-        zeros = keys.new_zeros(shape)
-        cache.update(zeros, zeros, below)
 
 
 def _own_values(edit, row: int, pid: int, length: int, start: int, stop: int, device):
@@ -206,7 +195,7 @@ def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: li
             ):
                 model(input_ids=engine.ids(ids[:n_pre]).expand(draws, -1), use_cache=True,
                       logits_to_keep=1, **{engine.cache_kw: cache})  # fmt: skip
-            _fill_below(cache, site.layer, n_pre)
+            fill_below(cache, site.layer, n_pre)
         rows = sorted(rows, key=lambda r: len(prompts[r]))
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]

@@ -276,15 +276,25 @@ def _export_last_layer(engine, site, state, program_dir, dtype, model_info: dict
 
 @step
 def capture_layer(input, output, params, wildcards, threads):
-    """Record the residual stream entering one layer at every position of every prompt."""
+    """Record the residual stream entering one layer at every position of every prompt, from the
+    recording of a lower layer where the rule names one (``input.source``)."""
+    from headperturb.core import spec
     from headperturb.model import recordings
     from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
 
     prompt_files, layer = _prompt_files(input), int(wildcards.layer)
     engine, sites, model_info, _pinfo = load_engine(prompt_files, _model(input, params, threads))
     ids, _pids, _labels = prompt_ids(prompt_files.prompts)
+    start = None
+    if getattr(input, "source", None):  # the recording of a lower layer (spec.recording_source)
+        below = spec.recording_source(layer, len(sites))
+        expect = recordings.recording("capture_layer", prompt_files.info, model_info, layer=below,
+                                      n_prompts=len(ids))  # fmt: skip
+        start = (sites[below], recordings.load(input.source, expect=expect))
+        log.info("starting from the recorded input of layer %d", below)
     captured = gpu_memory_hint(engine.capture_layer_inputs, ids, sites[layer],
-                               runtime.Progress(len(ids), f"layer {layer} inputs", log))  # fmt: skip
+                               runtime.Progress(len(ids), f"layer {layer} inputs", log),
+                               start=start)  # fmt: skip
     recordings.save(output.activations, captured,
                     recordings.recording("capture_layer", prompt_files.info, model_info,
                                          layer=layer, n_prompts=len(ids)))  # fmt: skip
