@@ -319,18 +319,23 @@ def test_each_job_gets_the_pass_its_settings_allow():
 
 
 def test_the_longest_jobs_and_the_recordings_come_first():
-    """Priorities: the layers a job's pass runs over every token (a 30-layer model), below the
-    recordings' priority."""
+    """Priorities (a 30-layer model, 5 noise draws): the layers a job's pass runs over every token,
+    times its draws, times 5 where every prompt runs its own demonstrations; recordings and then
+    the checkpoints above every job."""
 
     def priority(position, layer, method="fast", kind="zero"):
-        job = spec.HeadJob("o_proj_input", position, kind, "", layer, 0)
-        return spec.priority(job, method, 30)
+        job = spec.HeadJob(
+            "o_proj_input", position, kind, "2.0" if kind == "noise" else "", layer, 0
+        )
+        return spec.priority(job, method, 30, repeats=5)
 
     assert priority("all", 0) == 30 and priority("all", 3) == 27 and priority("review", 28) == 2
-    assert priority("all", 3, "naive") == 30
+    assert priority("all", 3, "naive") == 5 * 30  # full passes over the whole prompt
+    assert priority("all", 3, kind="noise") == 5 * 27 * 5  # draws, its own demonstrations
+    assert priority("review", 3, kind="noise") == 5 * 27  # the demonstrations stay clean
     assert priority("last", 3) == priority("all", 29) == priority("review", 29) == 0
     assert priority("demonstrations", 3, kind="patch") == 0  # unperturbed
-    assert spec.recording_priority(30) == 31 > priority("all", 0, "naive")
+    assert spec.CHECKPOINT_PRIORITY > spec.RECORDING_PRIORITY > priority("all", 0, "naive", "noise")
 
 
 def test_recordings_start_from_every_stride_th_layer():

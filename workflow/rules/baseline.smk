@@ -34,7 +34,7 @@ rule capture_layer:
         f"{LOGS}/capture_layer/layer{{layer}}.log",
     wildcard_constraints:
         layer=r"\d+",
-    priority: recording_priority
+    priority: spec.RECORDING_PRIORITY
     conda:
         MODEL_ENV
     threads: step_threads("model")

@@ -179,12 +179,8 @@ def job_priority(wildcards):
     """The longest head jobs first (headperturb.core.spec.priority)."""
     target = spec.HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
                                          wildcards.layer, wildcards.head)  # fmt: skip
-    return spec.priority(target, PERTURBATION["method"], model_shape()["n_layers"])
-
-
-def recording_priority(_wildcards):
-    """Recordings before any job (headperturb.core.spec.recording_priority)."""
-    return spec.recording_priority(model_shape()["n_layers"])
+    return spec.priority(target, PERTURBATION["method"], model_shape()["n_layers"],
+                         PERTURBATION["repeats"])  # fmt: skip
 
 
 def _forced(path):

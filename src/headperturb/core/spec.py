@@ -344,12 +344,29 @@ def plan(job: HeadJob, method: str, n_layers: int) -> Plan:
     return Plan("shared_prefix", ("activations",))
 
 
-def priority(job: HeadJob, method: str, n_layers: int) -> int:
-    """The job's Snakemake priority: the layers its pass runs over every token of every prompt
-    (naive: all; every position of layer L: n_layers - L; the final position and the last layer:
-    0), so that the longest jobs start first and short ones fill the cores at the end. Recordings
-    come before any job (:func:`recording_priority`)."""
-    return int(plan(job, method, n_layers).cost(job.layer, n_layers, 1.0, 1)[0])
+def priority(job: HeadJob, method: str, n_layers: int, repeats: int = 1) -> int:
+    """The job's Snakemake priority, about its cost: the layers its pass runs over every token,
+    times its draws, times 5 where every prompt runs its own demonstrations (noise and resample
+    at ``all`` or ``demonstrations``: the default prompts' demonstrations are about 4x each
+    prompt's own tokens); 0 for the final position and the last layer. The longest jobs then start
+    first, so short ones fill the cores at the end. Recordings and checkpoints come before any job
+    (:data:`RECORDING_PRIORITY`, :data:`CHECKPOINT_PRIORITY`)."""
+    perturbation = build(job.kind, float(job.scale) if job.scale else None)
+    own = job.position in ("review", "last") or perturbation.prefix_key(1) is not None
+    draws = perturbation.draws(repeats)
+    return int(
+        plan(job, method, n_layers).cost(job.layer, n_layers, 5.0, draws, 1.0, 0.0 if own else 1.0)[
+            0
+        ]
+    )
+
+
+RECORDING_PRIORITY = 10**6
+"""A layer recording's priority: above every job's (:func:`priority`), so the jobs that wait for
+it can start early."""
+
+CHECKPOINT_PRIORITY = RECORDING_PRIORITY + 1
+"""The screen's and the curves' rankings: their choice of heads extends the DAG."""
 
 
 RECORDING_STOPS = 6
@@ -369,12 +386,6 @@ def recording_source(layer: int, n_layers: int) -> int | None:
     stride = max(1, -(-(n_layers - 1) // RECORDING_STOPS))
     source = (layer - 1) // stride * stride
     return source if source > 0 else None
-
-
-def recording_priority(n_layers: int) -> int:
-    """The priority of a layer's recording: above every job's (:func:`priority`), so the jobs
-    that wait for it can start early, and no core idles while a long job ends the run."""
-    return n_layers + 1
 
 
 # -- heads together: joint ablation curves ----------------------------------------------------

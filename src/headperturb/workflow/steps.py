@@ -288,6 +288,9 @@ def capture_layer(input, output, params, wildcards, threads):
     start = None
     if getattr(input, "source", None):  # the recording of a lower layer (spec.recording_source)
         below = spec.recording_source(layer, len(sites))
+        if below is None:
+            raise ValueError(f"layer {layer} of a {len(sites)}-layer model starts from no "
+                             f"recording, but the rule gave {input.source}")  # fmt: skip
         expect = recordings.recording("capture_layer", prompt_files.info, model_info, layer=below,
                                       n_prompts=len(ids))  # fmt: skip
         start = (sites[below], recordings.load(input.source, expect=expect))
