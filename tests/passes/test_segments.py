@@ -45,6 +45,13 @@ def _keys(pert, position, run_ids):
     return [pert.prefix_key(len(x)) for x in run_ids]
 
 
+def _uneven(engine, ids):
+    """The four prompts with one review token of prompt 2 and two of prompt 3 dropped: three
+    lengths."""
+    p = engine.prefix_len
+    return [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+
+
 @pytest.fixture(scope="module")
 def captured(family_setup):
     model, engine, ids, *_ = family_setup
@@ -57,8 +64,7 @@ def uneven(family_setup):
     lengths differ (the from-the-end mean then mixes positions), their recorded layer-1 inputs
     and their unedited logits."""
     model, engine, ids, *_ = family_setup
-    p = engine.prefix_len
-    ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+    ids = _uneven(engine, ids)
     site = locate_sites(model)[1]
     unedited = engine.baseline(ids, locate_sites(model), batch_size=3).logits
     return ids, engine.capture_layer_inputs(ids, site), unedited
@@ -125,8 +131,7 @@ def test_demonstrations_are_computed_once_per_group(llama_setup, kind, groups):
     three lengths here); noise: one per prompt; patching: one, unedited."""
     model, engine, ids, pids, _recorded, _before = llama_setup
     if kind != "patch":  # patching pairs prompts of equal length
-        p = engine.prefix_len
-        ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+        ids = _uneven(engine, ids)
     site = locate_sites(model)[1]
     captured = engine.capture_layer_inputs(ids, site)
     rows = _setup_rows(pids, kind)
@@ -174,8 +179,7 @@ def test_rows_batched_of_any_size_equal_naive(llama_setup, kind, batch_size):
     leaves a partial one (3 of 4 rows) and one larger than the group, prompts of three lengths,
     two noise draws per prompt (rows draw-major in the batch)."""
     model, engine, ids, pids, _recorded, _before = llama_setup
-    p = engine.prefix_len
-    ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+    ids = _uneven(engine, ids)
     site = locate_sites(model)[1]
     captured = engine.capture_layer_inputs(ids, site)
     rows = _setup_rows(pids, kind)
@@ -232,8 +236,7 @@ def test_a_recording_from_a_lower_recording_equals_one_from_the_embeddings(famil
     input of a higher layer that every layer from the embeddings gives, prompts of three
     lengths; a start at or above the layer is refused."""
     model, engine, ids, *_ = family_setup
-    p = engine.prefix_len
-    ids = [x if i < 2 else np.concatenate([x[:p], x[p + i - 1 :]]) for i, x in enumerate(ids)]
+    ids = _uneven(engine, ids)
     sites = locate_sites(model)
     direct = engine.capture_layer_inputs(ids, sites[3], batch_size=3)
     below = engine.capture_layer_inputs(ids, sites[1], batch_size=3)
