@@ -354,11 +354,9 @@ def priority(job: HeadJob, method: str, n_layers: int, repeats: int = 1) -> int:
     perturbation = build(job.kind, float(job.scale) if job.scale else None)
     own = job.position in ("review", "last") or perturbation.prefix_key(1) is not None
     draws = perturbation.draws(repeats)
-    return int(
-        plan(job, method, n_layers).cost(job.layer, n_layers, 5.0, draws, 1.0, 0.0 if own else 1.0)[
-            0
-        ]
-    )
+    full, _final = plan(job, method, n_layers).cost(job.layer, n_layers, 5.0, draws, 1.0,
+                                                    0.0 if own else 1.0)  # fmt: skip
+    return int(full)
 
 
 RECORDING_PRIORITY = 10**6

@@ -46,6 +46,17 @@ def fill_below(cache, layer: int, length: int) -> None:
         cache.update(zeros, zeros, below)
 
 
+def padded_inputs(recorded: dict[str, torch.Tensor], rows, width: int) -> torch.Tensor:
+    """(len(rows), width, d): the recorded layer inputs of prompts ``rows`` at their own positions
+    (after the prefix; :meth:`Engine.capture_layer_inputs`), each right-padded to ``width`` with
+    its last input (no real position sees a pad)."""
+    offsets, out = recorded["offsets"], []
+    for i in rows:
+        own = recorded["suffix"][offsets[i] : offsets[i + 1]]
+        out.append(torch.cat([own, own[-1:].expand(width - own.shape[0], -1)]))
+    return torch.stack(out)
+
+
 @dataclass
 class Baseline:
     """What :meth:`Engine.baseline` returns: (n, 2) verbalizer logits, the final state of every
@@ -205,14 +216,9 @@ class Engine:
             seen["x"] = x.detach().float().cpu().clone()
 
         def feed(x):  # the recorded input of the start layer, for the batch that runs now
-            below = start[1]
             if "idx" not in current:
-                return below["prefix"][None].to(x.device)
-            offsets, rows = below["offsets"], []
-            for i in current["idx"]:
-                own = below["suffix"][offsets[i] : offsets[i + 1]]
-                rows.append(torch.cat([own, own[-1:].expand(x.shape[1] - own.shape[0], -1)]))
-            return torch.stack(rows).to(x.device)
+                return start[1]["prefix"][None].to(x.device)
+            return padded_inputs(start[1], current["idx"], x.shape[1]).to(x.device)
 
         edits = [hooks.Hook("hook_resid_pre", site, grab)]
         if start is not None:

@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from headperturb.model import hooks, tail
-from headperturb.model.engine import Engine, fill_below
+from headperturb.model.engine import Engine, fill_below, padded_inputs
 from headperturb.model.hooks import Edit, site_slice, start_at_layer
 from headperturb.model.sites import HeadSite
 from headperturb.model.surgery import last_mlp_at, narrow_lm_head, stand_in_embeddings
@@ -45,11 +45,9 @@ def _on(values: tuple, device) -> tuple:
 
 
 def _two_logits(engine: Engine, **inputs) -> np.ndarray:
-    """(batch, 2) verbalizer logits at the last position, computing only those two rows
-    (without a cache unless ``inputs`` pass one)."""
-    inputs.setdefault("use_cache", False)
+    """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
     with narrow_lm_head(engine.model, engine.token_ids):
-        logits = engine.model(logits_to_keep=1, **inputs).logits
+        logits = engine.model(use_cache=False, logits_to_keep=1, **inputs).logits
     return logits[:, -1, :].float().cpu().numpy()
 
 
@@ -210,17 +208,11 @@ def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batc
     """(rows, draws, 2) logits of the rows ``batch`` (recorded as ``runs``) with their own tokens
     after the demonstrations run in one batch on copies of ``cache`` (batch = draws)."""
     model, draws, dev, n_pre = engine.model, edit.draws, engine.device, engine.prefix_len
-    offsets = captured["offsets"]
     lengths = [len(prompts[r]) - n_pre for r in batch]
     width = max(lengths)
-    hidden, ids = [], []
-    for r, i, n in zip(batch, runs, lengths):
-        own = captured["suffix"][offsets[i] : offsets[i + 1]]
-        hidden.append(torch.cat([own, own[-1:].expand(width - n, -1)]))  # pads: its last input
-        ids.append(
-            np.pad(np.asarray(prompts[r][n_pre:], dtype=np.int64), (0, width - n), mode="edge")
-        )
-    hidden = torch.stack(hidden).to(dev).repeat(draws, 1, 1)  # draw-major
+    hidden = padded_inputs(captured, runs, width).to(dev).repeat(draws, 1, 1)  # draw-major
+    ids = [np.pad(np.asarray(prompts[r][n_pre:], dtype=np.int64), (0, width - n), mode="edge")
+           for r, n in zip(batch, lengths)]  # fmt: skip
     ids = torch.tensor(np.stack(ids), device=dev).repeat(draws, 1)
     values = _stacked(
         [_own_values(edit, r, prompt_ids[r], len(prompts[r]), n_pre, len(prompts[r]), dev)
