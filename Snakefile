@@ -3,12 +3,12 @@
 # Needs the package installed (`pip install -e ".[workflow]"`); works as a Snakemake module too.
 from snakemake.utils import min_version
 
-from headperturb import runtime
 from headperturb.core import config as run_config
+from headperturb.workflow import lifecycle
 
-min_version("9.0")
+min_version("9.27")
 
-runtime.start_of_run()  # Ctrl-C stops the jobs in threads of this process too
+lifecycle.start_of_run()  # Ctrl-C stops the jobs in threads of this process too
 
 # The default run. A config file given with --configfile replaces it (keys it leaves out take
 # the schema's defaults); --config KEY=VALUE overrides single keys. config/README.md.
@@ -49,14 +49,14 @@ rule all:
 
 # A SLURM profile where SLURM does not answer stops in one line, before any job is submitted.
 onstart:
-    runtime.check_cluster(workflow)
+    lifecycle.check_cluster(workflow)
 
 
-# Let the Snakemake process exit at once when the run ends (headperturb.runtime.end_of_run);
+# Let the Snakemake process exit at once when the run ends (headperturb.workflow.lifecycle.end_of_run);
 # a run stopped by SIGTERM says so.
 onsuccess:
-    runtime.end_of_run()
+    lifecycle.end_of_run()
 
 
 onerror:
-    runtime.end_of_error(workflow)
+    lifecycle.end_of_error(workflow)

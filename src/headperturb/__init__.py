@@ -8,8 +8,7 @@ follow the import graph (each imports only from the ones above it; docs/extendin
   perturbation (:mod:`~headperturb.core.kinds`), the checks made while the DAG is built
   (:mod:`~headperturb.core.checks`), job costs (:mod:`~headperturb.core.costs`) and atomic,
   checksummed files (:mod:`~headperturb.core.files`).
-- :mod:`headperturb.runtime`: everything a process keeps or changes for all its jobs (torch's
-  threads, job logs, Ctrl-C and SIGTERM, the run's owner, what is loaded once per process).
+- :mod:`headperturb.joblog`: a leaf: job logs, one line per failure, progress.
 - :mod:`headperturb.data`: IMDB (:mod:`~headperturb.data.imdb`), prompts and pairs
   (:mod:`~headperturb.data.prompts`), the decision rule (:mod:`~headperturb.data.calibration`).
 - :mod:`headperturb.analysis`: numpy and pandas only: scoring, statistics, discrimination and bias
@@ -20,9 +19,11 @@ follow the import graph (each imports only from the ones above it; docs/extendin
   (:mod:`~headperturb.model.hooks`), module-tree changes (:mod:`~headperturb.model.surgery`), the
   unperturbed model (:mod:`~headperturb.model.engine`), the perturbed passes
   (:mod:`~headperturb.model.passes`, :mod:`~headperturb.model.tail`), the screen's gradients
-  (:mod:`~headperturb.model.gradients`), recordings (:mod:`~headperturb.model.recordings`) and
-  one head job (:mod:`~headperturb.model.headjob`).
-- :mod:`headperturb.workflow`: what each Snakemake rule runs (:mod:`~headperturb.workflow.steps`).
+  (:mod:`~headperturb.model.gradients`), recordings (:mod:`~headperturb.model.recordings`), what a
+  process loads once (:mod:`~headperturb.model.cache`) and one head job (:mod:`~headperturb.model.headjob`).
+- :mod:`headperturb.workflow`: what each Snakemake rule runs (:mod:`~headperturb.workflow.steps`)
+  and the run's lifecycle (:mod:`~headperturb.workflow.lifecycle`: Ctrl-C, SIGTERM, the run's
+  owner, the cluster check).
 """
 
 __version__ = "0.3.0"

@@ -16,10 +16,9 @@ import pandas as pd
 import pytest
 from tiny_models import build_tiny_model, model_params, run_step, sentiment_prompts
 
-from headperturb import runtime
 from headperturb.core import files
 from headperturb.core.spec import HeadJob, Job
-from headperturb.model import headjob, loading
+from headperturb.model import cache, headjob, loading
 from headperturb.model.context import ModelSpec, PromptFiles
 from headperturb.workflow import steps
 
@@ -194,17 +193,17 @@ def test_jobs_in_threads_share_one_model_and_give_the_same_numbers(run, tmp_path
     write what they write one after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
-    runtime.clear_cache()
+    cache.clear_cache()
     layers_positions = [(1, "all"), (1, "last"), (2, "all"), (0, "last")]
     alone = []
     for i, (layer, position) in enumerate(layers_positions):
         _job(run, tmp_path / f"alone{i}.parquet", layer=layer, position=position, program=False)
         alone.append(pd.read_parquet(tmp_path / f"alone{i}.parquet"))
-    loaded = [k for k in runtime._store if k[0] == "model"]
+    loaded = [k for k in cache._store if k[0] == "model"]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda a: _job(run, tmp_path / f"threaded{a[0]}.parquet", layer=a[1][0],
                                      position=a[1][1], program=False), enumerate(layers_positions)))  # fmt: skip
-    assert [k for k in runtime._store if k[0] == "model"] == loaded  # loaded once, kept
+    assert [k for k in cache._store if k[0] == "model"] == loaded  # loaded once, kept
     for i, frame in enumerate(alone):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"threaded{i}.parquet"), frame)
 

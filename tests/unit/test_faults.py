@@ -73,14 +73,14 @@ def test_provenance_has_settings_hash_and_no_timestamps():
 def test_a_failed_process_step_writes_its_traceback_to_its_log_and_one_line_to_stderr(
     tmp_path, capsys
 ):
-    """The steps that are processes of their own (script: rules) end through runtime.script_main."""
-    from headperturb import runtime
+    """The steps that are processes of their own (script: rules) end through lifecycle.script_main."""
+    from headperturb.workflow import lifecycle
 
     def fail():
         raise ValueError("first line\nsecond line")
 
     with pytest.raises(SystemExit) as stop:
-        runtime.script_main(str(tmp_path / "step.log"), fail)
+        lifecycle.script_main(str(tmp_path / "step.log"), fail)
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert "headperturb error: ValueError: first line" in err and "Traceback" not in err
@@ -90,18 +90,19 @@ def test_a_failed_process_step_writes_its_traceback_to_its_log_and_one_line_to_s
 
 @pytest.fixture
 def interrupt_handler():
-    """runtime.stop_threads_on_interrupt() for one test: the SIGINT handler and the flag restored."""
+    """lifecycle.stop_threads_on_interrupt() for one test: the SIGINT handler and the flag restored."""
     import signal
 
-    from headperturb import runtime
+    from headperturb import joblog
+    from headperturb.workflow import lifecycle
 
     before = signal.getsignal(signal.SIGINT)
     # as in a terminal: a shell that starts pytest in the background ignores SIGINT, and then
     # there is nothing to chain to (stop_threads_on_interrupt leaves an ignored SIGINT alone)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield runtime
+    yield lifecycle
     signal.signal(signal.SIGINT, before)
-    runtime.INTERRUPTED.clear()
+    joblog.INTERRUPTED.clear()
 
 
 def test_ctrl_c_stops_a_job_running_in_a_thread(interrupt_handler):
@@ -111,19 +112,21 @@ def test_ctrl_c_stops_a_job_running_in_a_thread(interrupt_handler):
     import threading
     import time
 
-    runtime = interrupt_handler
-    runtime.stop_threads_on_interrupt()
-    runtime.stop_threads_on_interrupt()  # a second call keeps one handler
+    lifecycle = interrupt_handler
+    from headperturb import joblog
+
+    lifecycle.stop_threads_on_interrupt()
+    lifecycle.stop_threads_on_interrupt()  # a second call keeps one handler
     started, outcome = threading.Event(), {}
 
     def job():
-        progress = runtime.Progress(10_000, "baseline prompts")
+        progress = joblog.Progress(10_000, "baseline prompts")
         try:
             for _ in range(10_000):
                 started.set()
                 time.sleep(0.001)
                 progress.update()
-        except runtime.Interrupted as exc:
+        except joblog.Interrupted as exc:
             outcome["error"], outcome["done"] = exc, progress.done
 
     thread = threading.Thread(target=job)
@@ -143,7 +146,7 @@ def test_end_of_run_cancels_only_the_scheduler_timers():
     import gc
     import threading
 
-    from headperturb import runtime
+    from headperturb.workflow import lifecycle
 
     def release():
         pass
@@ -153,7 +156,7 @@ def test_end_of_run_cancels_only_the_scheduler_timers():
     theirs.start()
     other.start()
     try:
-        assert runtime.end_of_run() == 1
+        assert lifecycle.end_of_run() == 1
         theirs.join(5)
         assert not theirs.is_alive() and other.is_alive()
     finally:
@@ -169,7 +172,7 @@ def test_the_scheduler_keeps_one_reevaluation_timer():
     import threading
     import time
 
-    from headperturb import runtime
+    from headperturb.workflow import lifecycle
 
     class Scheduler:
         def __init__(self):
@@ -178,34 +181,36 @@ def test_the_scheduler_keeps_one_reevaluation_timer():
         def _schedule_reevalutation(self, delay):  # Snakemake's: a new timer every round
             threading.Timer(delay, lambda: self._open_jobs.release()).start()
 
-    assert runtime.one_reevaluation_timer(Scheduler)
+    assert lifecycle.one_reevaluation_timer(Scheduler)
     scheduler = Scheduler()
     for _ in range(50):
         scheduler._schedule_reevalutation(0.3)
-    pending = [t for t in threading.enumerate() if t.name == runtime.REEVALUATION]
+    pending = [t for t in threading.enumerate() if t.name == lifecycle.REEVALUATION]
     assert len(pending) == 1
     assert scheduler._open_jobs.acquire(timeout=5)
     time.sleep(0.1)
     assert not scheduler._open_jobs.acquire(blocking=False)  # woken once, not fifty times
     scheduler._schedule_reevalutation(30)
     try:
-        assert runtime.end_of_run() >= 1
+        assert lifecycle.end_of_run() >= 1
         scheduler._reevaluation.join(5)
         assert not scheduler._reevaluation.is_alive()
     finally:
         gc.unfreeze()
-    assert not runtime.one_reevaluation_timer(type("Other", (), {}))  # internals differ: untouched
+    assert not lifecycle.one_reevaluation_timer(
+        type("Other", (), {})
+    )  # internals differ: untouched
 
 
 def test_no_job_starts_in_a_thread_after_ctrl_c(interrupt_handler, tmp_path):
     """Snakemake still starts the jobs it had queued when Ctrl-C came; in a thread they stop at
     once, with the reason in their log."""
-    from headperturb import runtime
+    from headperturb import joblog
     from headperturb.workflow import steps
 
-    runtime.INTERRUPTED.set()
+    joblog.INTERRUPTED.set()
     log = tmp_path / "aggregate.log"
-    with pytest.raises(runtime.JobError, match=r"interrupted \(Ctrl-C\) before this job started"):
+    with pytest.raises(joblog.JobError, match=r"interrupted \(Ctrl-C\) before this job started"):
         steps.aggregate(None, None, None, {}, 1, [str(log)])
     assert "before this job started" in log.read_text()
 
@@ -255,9 +260,9 @@ def test_the_owner_is_its_pid_and_its_start_time():
     """A process that got the owner's pid after the owner died is not taken for it."""
     import os
 
-    from headperturb import runtime
+    from headperturb.workflow import lifecycle
 
-    started = runtime._started(os.getpid())
-    assert runtime.alive(os.getpid(), started)
+    started = lifecycle._started(os.getpid())
+    assert lifecycle.alive(os.getpid(), started)
     if started is not None:  # Linux
-        assert not runtime.alive(os.getpid(), str(int(started) + 1))
+        assert not lifecycle.alive(os.getpid(), str(int(started) + 1))

@@ -41,7 +41,7 @@ class Abandoned(RuntimeError):
 
 def only_while(check) -> None:
     """Put finished files in place only while ``check()`` is true (a process step: while the
-    Snakemake process that started it lives, :func:`headperturb.runtime.follow_owner`)."""
+    Snakemake process that started it lives, :func:`headperturb.lifecycle.follow_owner`)."""
     global _still_wanted
     _still_wanted = check
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headperturb import runtime
 from headperturb.core import files
+from headperturb.model import cache
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,12 @@ def gpu_memory_hint(func, *args, **kwargs):
 
 def load_engine(prompts: PromptFiles, model: ModelSpec):
     """(engine, sites, model info, prompt info) for a step's prompts: torch's threads set, the
-    model loaded once per process and copied per thread (:func:`headperturb.runtime.cached_model`)."""
+    model loaded once per process and copied per thread (:func:`headperturb.cache.cached_model`)."""
     from headperturb.model.engine import Engine
     from headperturb.model.sites import locate_sites
 
-    runtime.set_threads(model.threads)
-    net, model_info = runtime.cached_model(model.path, model.device, model.dtype)
+    cache.set_threads(model.threads)
+    net, model_info = cache.cached_model(model.path, model.device, model.dtype)
     info = files.read_json(prompts.info)
     engine = Engine(net, info["prefix_len"], info["verbalizer_token_ids"])
     return engine, locate_sites(net, model.site), model_info, info

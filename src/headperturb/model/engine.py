@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from headperturb.joblog import Progress
 from headperturb.model import hooks
 from headperturb.model.sites import HeadSite, final_norm_name
 from headperturb.model.surgery import narrow_lm_head, skip_layers_above, skip_layers_below
-from headperturb.runtime import Progress
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from headperturb import runtime
 from headperturb.core.spec import POSITIONS
-from headperturb.model import hooks
+from headperturb.joblog import Progress
+from headperturb.model import cache, hooks
 from headperturb.model.engine import Engine
 from headperturb.model.sites import HeadSite
 from headperturb.model.surgery import narrow_lm_head
-from headperturb.runtime import Progress
 
 
 def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4,
@@ -114,7 +113,7 @@ class _Gradients:
         self.stack.enter_context(torch.enable_grad())
         self.stack.enter_context(narrow_lm_head(model, self.engine.token_ids))
         self.stack.enter_context(
-            runtime.frozen_parameters(model)
+            cache.frozen_parameters(model)
         )  # gradients reach activations only
         recorders = [hooks.Hook("hook_embed", None, lambda out: out.requires_grad_(True))]
         for k, site in enumerate(self.sites):

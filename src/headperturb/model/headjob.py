@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from headperturb import runtime
+from headperturb import joblog
 from headperturb.analysis import scoring
 from headperturb.core import files
 from headperturb.core.spec import Job, plan
+from headperturb.model import cache
 from headperturb.model.context import (
     ModelSpec,
     PromptFiles,
@@ -227,10 +228,10 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     prompt and draw in one call. None when there is no program for this job's device."""
     from headperturb.model import loading, tail
 
-    runtime.set_threads(model.threads)
+    cache.set_threads(model.threads)
     device = loading.resolve_device(model.device)
     model_info = files.read_json(f"{model.path}/{loading.INFO_FILE}")
-    program, meta = runtime.cached_program(inputs.program, device, model_info.get("weights_sha256"))
+    program, meta = cache.cached_program(inputs.program, device, model_info.get("weights_sha256"))
     if program is None:
         log.info("last-layer program not used: %s; loading the model", meta)
         return None
@@ -246,7 +247,7 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
     pids, labels = _labels(inputs.prompts.prompts)
     keys = tuple(f"{k}.{t.layer}" for k in FINAL_STATE_KEYS) + ("n_tokens",)
     expect = recorded("baseline", inputs, model_info, len(pids))
-    state = tail.layer_state(runtime.cached_tensors(inputs.state, keys, expect), t.layer)
+    state = tail.layer_state(cache.cached_tensors(inputs.state, keys, expect), t.layer)
     rows = job_rows(job, pids, inputs.pairs)
     cols = tail.columns(meta, t.head, t.site)
     clean = None
@@ -274,10 +275,10 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
     state = captured = None
     if pass_name in ("last_layer", "final_position"):
         expect = recorded("baseline", inputs, model_info, len(ids))
-        state = runtime.cached_tensors(inputs.state, None, expect)
+        state = cache.cached_tensors(inputs.state, None, expect)
     elif pass_name == "shared_prefix":
         expect = recorded("capture_layer", inputs, model_info, len(ids), layer=t.layer)
-        captured = runtime.cached_tensors(inputs.activations, None, expect)
+        captured = cache.cached_tensors(inputs.activations, None, expect)
     clean = None
     if job.perturbation.needs_clean:
         if state is not None:
@@ -287,7 +288,7 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
             clean = [c[-1:] for c in clean] if t.position == "last" else clean
     edit = make_edit(job, site, cols.stop - cols.start, clean, rows.donors, engine.prefix_len)
     run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
-    progress = runtime.Progress(len(run_ids), job.describe(), log)
+    progress = joblog.Progress(len(run_ids), job.describe(), log)
     if pass_name == "naive":
         logits = gpu_memory_hint(passes.naive, engine, run_ids, run_pids, edit, progress)
     elif pass_name == "last_layer":
@@ -295,7 +296,7 @@ def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
         logits = gpu_memory_hint(passes.last_layer, engine, run_state, run_pids, edit)
     elif pass_name == "final_position":
         expect = recorded("capture_cache", inputs, model_info, len(ids))
-        kv = runtime.cached_tensors(inputs.cache, None, expect)
+        kv = cache.cached_tensors(inputs.cache, None, expect)
         logits = gpu_memory_hint(passes.final_position, engine, state, kv, run_pids, edit,
                                  runs=rows.run)  # fmt: skip
     else:

@@ -28,11 +28,12 @@ import logging
 
 import numpy as np
 
-from headperturb import runtime
+from headperturb import joblog
 from headperturb.analysis import scoring
 from headperturb.core import files
 from headperturb.core.kinds import build
 from headperturb.core.spec import SET_KINDS, SetJob
+from headperturb.model import cache
 from headperturb.model.context import ModelSpec, gpu_memory_hint, load_engine, prompt_ids
 from headperturb.model.headjob import JobInputs, recorded, rows_for
 from headperturb.model.hooks import Edit, EditSet, site_slice
@@ -87,7 +88,7 @@ def perturb_set(job: SetJob, members: list[tuple[int, int]], inputs: JobInputs, 
     rows = rows_for(pert, pids, pairs, str(inputs.pairs))
     run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
     lowest = sites[min(layer for layer, _ in members)]
-    progress = runtime.Progress(len(run_ids), describe(job), log)
+    progress = joblog.Progress(len(run_ids), describe(job), log)
     if method == "naive":
         clean = None
         if pert.needs_clean:
@@ -98,10 +99,10 @@ def perturb_set(job: SetJob, members: list[tuple[int, int]], inputs: JobInputs, 
         edit = set_edit(job, members, engine, sites, rows, clean=clean)
         logits = gpu_memory_hint(passes.naive, engine, run_ids, run_pids, edit, progress)
     elif job.position == "last":
-        state = runtime.cached_tensors(
+        state = cache.cached_tensors(
             inputs.state, None, recorded("baseline", inputs, model_info, len(ids))
         )
-        kv = runtime.cached_tensors(
+        kv = cache.cached_tensors(
             inputs.cache, None, recorded("capture_cache", inputs, model_info, len(ids))
         )
         edit = set_edit(job, members, engine, sites, rows, state=state)
@@ -110,7 +111,7 @@ def perturb_set(job: SetJob, members: list[tuple[int, int]], inputs: JobInputs, 
         )
     else:
         expect = recorded("capture_layer", inputs, model_info, len(ids), layer=lowest.layer)
-        captured = runtime.cached_tensors(inputs.activations, None, expect)
+        captured = cache.cached_tensors(inputs.activations, None, expect)
         if pert.paired:
             by_site: dict = {}
             for layer, head in members:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from headperturb.joblog import Progress
 from headperturb.model import hooks, tail
 from headperturb.model.engine import Engine, fill_below, padded_inputs
 from headperturb.model.hooks import Edit, site_slice, start_at_layer
 from headperturb.model.sites import HeadSite
 from headperturb.model.surgery import last_mlp_at, narrow_lm_head, stand_in_embeddings
-from headperturb.runtime import Progress
 
 
 def _on(values: tuple, device) -> tuple:

@@ -6,7 +6,7 @@ log)``: on a workstation in a thread of the Snakemake process (``profiles/defaul
 in a process of its own. A rule that is always a process of its own (fetching and preparing the
 model, the recordings, the screen) runs ``workflow/scripts/<rule>.py``, which calls
 :func:`script` with its step. Either way the job's records go to its log and a failure leaves
-one line on the terminal and its traceback in the log (:mod:`headperturb.runtime`).
+one line on the terminal and its traceback in the log (:mod:`headperturb.joblog`).
 
 Every step reads and writes files through :mod:`headperturb.core.files` and
 :mod:`headperturb.model.recordings`; the tests call the steps with plain namespaces in place of
@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from headperturb import runtime
+from headperturb import joblog
 from headperturb.core import files
+from headperturb.model import cache
+from headperturb.workflow import lifecycle
 
 log = logging.getLogger("headperturb")
 
@@ -38,16 +40,16 @@ def step(func=None, *, quiet: bool = False):
         def in_thread(input, output, params, wildcards, threads, log=None):
             name = f"{func.__name__} {_described(wildcards)}".strip()
             try:
-                with runtime.job(log[0] if log else None, name, echo=not quiet):
-                    if runtime.INTERRUPTED.is_set():  # Snakemake still starts jobs it had queued
-                        raise runtime.Interrupted("the run was interrupted (Ctrl-C) before this job started")  # fmt: skip
+                with joblog.job(log[0] if log else None, name, echo=not quiet):
+                    if joblog.INTERRUPTED.is_set():  # Snakemake still starts jobs it had queued
+                        raise joblog.Interrupted("the run was interrupted (Ctrl-C) before this job started")  # fmt: skip
                     try:
                         func(input, output, params, wildcards, threads)
                     finally:
                         if not quiet:
-                            runtime.release_gpu_cache()
+                            lifecycle.release_gpu_cache()
             except (
-                runtime.JobError
+                joblog.JobError
             ) as error:  # its traceback is in the log: the terminal gets the line
                 raise error.with_traceback(None) from None
 
@@ -60,7 +62,7 @@ def step(func=None, *, quiet: bool = False):
 def script(snakemake, rule_step) -> None:
     """The body of ``workflow/scripts/<rule>.py``: this rule's step as a process of its own."""
     s = snakemake
-    runtime.script_main(s.log[0] if s.log else None, rule_step.step, s.input, s.output, s.params,
+    lifecycle.script_main(s.log[0] if s.log else None, rule_step.step, s.input, s.output, s.params,
                         s.wildcards, s.threads)  # fmt: skip
 
 
@@ -101,7 +103,7 @@ def prepare_model(input, output, params, wildcards, threads):
     """Load the source once and save it prepared (:func:`headperturb.model.loading.prepare_model`)."""
     from headperturb.model import loading
 
-    runtime.set_threads(threads)
+    cache.set_threads(threads)
     info = loading.prepare_model(params.source, output.model, gguf_file=params.gguf_file,
                                  dtype=params.dtype, sha256=params.sha256, site_override=params.site)  # fmt: skip
     log.info(
@@ -179,8 +181,8 @@ def _score_candidates(built, model, method: str) -> list[dict]:
     from headperturb.model.context import gpu_memory_hint
     from headperturb.model.engine import Engine
 
-    runtime.set_threads(model.threads)
-    net, _info = runtime.cached_model(model.path, model.device, model.dtype)
+    cache.set_threads(model.threads)
+    net, _info = cache.cached_model(model.path, model.device, model.dtype)
     tokenizer = loading.load_tokenizer(model.path)
     free = prompts.content_free_queries(tokenizer, built.info["template"],
                                         built.info["verbalizers"], cal.CONTENT_FREE)  # fmt: skip
@@ -190,7 +192,7 @@ def _score_candidates(built, model, method: str) -> list[dict]:
         prefix = list(built.prefixes.loc[built.prefixes["candidate"] == c, "prefix_ids"].iloc[0])
         engine = Engine(net, len(prefix), built.info["verbalizer_token_ids"])
         ids = [np.asarray(x) for x in dev["input_ids"]] + [np.asarray(prefix + q) for q in free]
-        progress = runtime.Progress(len(ids), f"candidate {c}", log)
+        progress = joblog.Progress(len(ids), f"candidate {c}", log)
         logits = gpu_memory_hint(engine.score, ids, progress)
         margins = logits[:, 1] - logits[:, 0]
         dev_m, free_m = margins[: len(dev)], margins[len(dev) :]
@@ -229,7 +231,7 @@ def baseline(input, output, params, wildcards, threads):
     engine, sites, model_info, info = load_engine(prompt_files, model)
     ids, pids, labels = prompt_ids(prompt_files.prompts)
     recorded = gpu_memory_hint(engine.baseline, ids, sites,
-                               runtime.Progress(len(ids), "baseline prompts", log))  # fmt: skip
+                               joblog.Progress(len(ids), "baseline prompts", log))  # fmt: skip
     recordings.save(output.state, recorded.final_state,
                     recordings.recording("baseline", prompt_files.info, model_info,
                                          layers=len(sites), n_prompts=len(ids)))  # fmt: skip
@@ -296,7 +298,7 @@ def capture_layer(input, output, params, wildcards, threads):
         start = (sites[below], recordings.load(input.source, expect=expect))
         log.info("starting from the recorded input of layer %d", below)
     captured = gpu_memory_hint(engine.capture_layer_inputs, ids, sites[layer],
-                               runtime.Progress(len(ids), f"layer {layer} inputs", log),
+                               joblog.Progress(len(ids), f"layer {layer} inputs", log),
                                start=start)  # fmt: skip
     recordings.save(output.activations, captured,
                     recordings.recording("capture_layer", prompt_files.info, model_info,
@@ -314,7 +316,7 @@ def capture_cache(input, output, params, wildcards, threads):
     engine, sites, model_info, _pinfo = load_engine(prompt_files, _model(input, params, threads))
     ids, _pids, _labels = prompt_ids(prompt_files.prompts)
     kv = gpu_memory_hint(engine.capture_cache, ids,
-                         runtime.Progress(len(ids), "keys and values", log))  # fmt: skip
+                         joblog.Progress(len(ids), "keys and values", log))  # fmt: skip
     recordings.save(output.cache, kv,
                     recordings.recording("capture_cache", prompt_files.info, model_info,
                                          layers=len(sites), n_prompts=len(ids)))  # fmt: skip
@@ -369,7 +371,7 @@ def screen(input, output, params, wildcards, threads):
         index = {int(p): i for i, p in enumerate(pids)}
         found = dict(zip(pairs["prompt_id"].astype(int), pairs["partner_id"].astype(int)))
         partners = [index[found[int(p)]] if found.get(int(p), -1) >= 0 else -1 for p in pids]
-    progress = runtime.Progress(len(ids), "screen: forward and backward passes", log)
+    progress = joblog.Progress(len(ids), "screen: forward and backward passes", log)
     sums = gpu_memory_hint(gradients.gradient_sums, engine, ids, sites, means, progress, partners)
     rms = 1.0  # sigma = scale, or scale x each head's RMS output (a layer x head grid)
     if settings["noise_mode"] == "relative":
@@ -541,7 +543,7 @@ def direct_effects(input, output, params, wildcards, threads):
     ids, pids, labels = prompt_ids(prompt_files.prompts)
     expect = recordings.recording("baseline", prompt_files.info, model_info, layers=len(sites),
                                   n_prompts=len(ids))  # fmt: skip
-    state = runtime.cached_tensors(input.state, None, expect)
+    state = cache.cached_tensors(input.state, None, expect)
     partners = None
     if "patch" in params.kinds:
         pairs = files.read_parquet(input.pairs, ["prompt_id", "partner_id"])

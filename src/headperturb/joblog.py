@@ -1,0 +1,118 @@
+"""Job logs and progress, a leaf that imports nothing of the package: each job's records go to its
+own log file (and, unless it is one of many small jobs, to the terminal); an exception is written
+there with its traceback and leaves the job as :class:`JobError` with one line; :class:`Progress`
+logs a long loop's progress and stops it at Ctrl-C (:data:`INTERRUPTED`, set by
+:func:`headperturb.workflow.lifecycle.stop_threads_on_interrupt`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+
+LOGGER = "headperturb"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JobError(RuntimeError):
+    """A job failed; the message is the cause in one line, the log file has the traceback."""
+
+
+class Interrupted(RuntimeError):
+    """The run was interrupted (Ctrl-C) while this job ran in a thread of the Snakemake process."""
+
+
+INTERRUPTED = threading.Event()
+"""Set by Ctrl-C in a process that called :func:`stop_threads_on_interrupt`: the long loops of
+jobs running in its threads stop at their next progress update (:class:`Progress`)."""
+
+
+def _quiet_others() -> None:
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def setup(log_file: str | None = None, level: int = logging.INFO) -> logging.Logger:
+    """For a job that is its own process: the package's records go to ``log_file`` and stderr."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
+    _quiet_others()
+    return logging.getLogger(LOGGER)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def job(log_file: str | None, name: str = "job", echo: bool = False) -> Iterator[logging.Logger]:
+    """Log one job that runs in a thread of a long-lived process: records from this thread go to
+    ``log_file``, and with ``echo`` also to stderr (the terminal). An exception is logged with its
+    traceback and re-raised as :class:`JobError` carrying its first line."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _quiet_others()
+    ident = threading.get_ident()
+    handler = logging.FileHandler(log_file, mode="w") if log_file else logging.NullHandler()
+    handlers = [handler, logging.StreamHandler(sys.stderr)] if echo else [handler]
+    for h in handlers:
+        h.setFormatter(logging.Formatter(FORMAT))
+        h.addFilter(lambda record: record.thread == ident)
+    _swap_handlers(logger, add=handlers)
+    try:
+        yield logger
+    except Exception as exc:
+        _swap_handlers(logger, remove=handlers[1:])  # the traceback goes to the log file only
+        logger.error("%s failed: %s\n%s", name, exc, traceback.format_exc().rstrip())
+        raise JobError(f"{name}: {one_line(exc)} (log: {log_file})") from None
+    finally:
+        _swap_handlers(logger, remove=handlers)
+        handler.close()
+
+
+_handlers_lock = threading.Lock()
+
+
+def _swap_handlers(logger: logging.Logger, add=(), remove=()) -> None:
+    """Give ``logger`` a new list of handlers instead of changing its list in place: another
+    thread may be walking the old list to emit a record, and an in-place removal could make it
+    skip a handler (a record missing from another job's log)."""
+    with _handlers_lock:
+        logger.handlers = [h for h in logger.handlers if h not in remove] + list(add)
+
+
+class Progress:
+    """Logs ``done/total``, rate and time left about every ``every`` seconds and at the end."""
+
+    def __init__(
+        self, total: int, what: str, logger: logging.Logger | None = None, every: float = 10.0
+    ):
+        self.total, self.what, self.every = total, what, every
+        self.log = logger or logging.getLogger(LOGGER)
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n: int = 1) -> None:
+        if INTERRUPTED.is_set():
+            raise Interrupted(f"{self.what}: interrupted at {self.done}/{self.total}")
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            elapsed = now - self.start
+            rate = self.done / elapsed if elapsed > 0 else float("inf")
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            self.log.info(
+                "%s: %d/%d (%.0f%%), %.2f/s, %.0f s elapsed, ~%.0f s left",
+                self.what, self.done, self.total, 100 * self.done / max(self.total, 1),
+                rate, elapsed, left,
+            )  # fmt: skip
