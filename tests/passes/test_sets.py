@@ -10,7 +10,7 @@ import pytest
 from tiny_models import untouched
 
 from headperturb.core import kinds
-from headperturb.core.spec import SetJob
+from headperturb.core.sets import SetJob
 from headperturb.model import gradients, headjob, passes
 from headperturb.model.headset import set_edit
 from headperturb.model.hooks import AT_SITE, site_slice

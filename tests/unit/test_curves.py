@@ -9,16 +9,17 @@ import pandas as pd
 import pytest
 
 from headperturb.analysis import aggregation, curves, repair, stats
-from headperturb.core import checks, config, spec
-from headperturb.core.spec import SetJob, SpecError
+from headperturb.core import checks, config, sets
+from headperturb.core.sets import SetJob
+from headperturb.core.spec import SpecError
 
 
 def _curve(**kw):
-    return spec.curves({"curves": [kw]})[0]
+    return sets.curves({"curves": [kw]})[0]
 
 
 def test_set_jobs_cover_the_grid_modes_orders_and_singles():
-    jobs = spec.set_jobs([_curve(kinds=["zero"], seeds=[1, 2], singles=3)], 10)
+    jobs = sets.set_jobs([_curve(kinds=["zero"], seeds=[1, 2], singles=3)], 10)
     screen = [j for j in jobs if j.order == "screen"]
     assert sorted(j.k for j in screen if j.mode == "remove") == [1, 2, 4, 8, 10]
     assert sorted(j.k for j in screen if j.mode == "keep") == [0, 1, 2, 4, 8]
@@ -28,7 +29,7 @@ def test_set_jobs_cover_the_grid_modes_orders_and_singles():
     assert len(jobs) == 10 + 3 + 2 * 10
     assert {j.position for j in jobs} == {"last"} and {j.site for j in jobs} == {"o_proj_input"}
     # a setting the run measures head by head needs no single set jobs
-    measured = spec.set_jobs(
+    measured = sets.set_jobs(
         [_curve(kinds=["zero"], singles=3)], 10, {("o_proj_input", "last", "zero")}
     )
     assert not any(j.mode == "single" for j in measured)
@@ -36,9 +37,9 @@ def test_set_jobs_cover_the_grid_modes_orders_and_singles():
 
 def test_set_jobs_refuse_what_cannot_be_a_set():
     with pytest.raises(SpecError, match="kind 'noise' is not allowed; allowed: zero, mean, patch"):
-        spec.set_jobs([_curve(kinds=["noise"])], 10)
+        sets.set_jobs([_curve(kinds=["noise"])], 10)
     with pytest.raises(SpecError, match=r"ks \[1, 12\] must lie in 1..10"):
-        spec.set_jobs([_curve(kinds=["zero"], ks=[1, 12])], 10)
+        sets.set_jobs([_curve(kinds=["zero"], ks=[1, 12])], 10)
 
 
 def test_members_of_remove_keep_and_single():
@@ -58,10 +59,10 @@ def test_set_paths_round_trip_through_wildcards():
         job.ranking("results/r") == "results/r/sets/o_proj_input/all/mean/random2/ranking.parquet"
     )
     assert SetJob.from_wildcards("o_proj_input", "all", "mean", "random2", "keep", "16") == job
-    assert spec.parse_order("screen") == ("screen", 0)
+    assert sets.parse_order("screen") == ("screen", 0)
     for bad in ("random", "screen1", "best"):
         with pytest.raises(SpecError, match="allowed: screen, exact, random<seed>"):
-            spec.parse_order(bad)
+            sets.parse_order(bad)
 
 
 def test_curve_defaults_are_the_schemas(tmp_path):
@@ -69,7 +70,7 @@ def test_curve_defaults_are_the_schemas(tmp_path):
 
     schema = config.load_schema(Path(__file__).parents[2] / "workflow/schemas/config.schema.yaml")
     item = schema["properties"]["perturbation"]["properties"]["curves"]["items"]["properties"]
-    assert {k: v["default"] for k, v in item.items() if "default" in v} == spec.CURVE_DEFAULTS
+    assert {k: v["default"] for k, v in item.items() if "default" in v} == sets.CURVE_DEFAULTS
 
 
 def test_a_screen_ordered_curve_needs_the_screens_estimate():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from headperturb.core import checks, costs, kinds, spec
+from headperturb.core import checks, costs, kinds, plans, spec
 
 
 def test_resolve_layers_negative_and_all():
@@ -295,8 +295,9 @@ def test_each_job_gets_the_pass_its_settings_allow():
     demonstrations once per job, and the unperturbed logits where the edit cannot reach them."""
 
     def name(position, kind, layer, method="fast"):
-        return spec.plan(
-            spec.HeadJob("o_proj_input", position, kind, "", layer, 0), method, 30
+        scale = "2" if spec.takes_scale(kind) else ""
+        return plans.plan(
+            spec.HeadJob("o_proj_input", position, kind, scale, layer, 0), method, 30
         ).name
 
     assert name("all", "zero", 3, "naive") == "naive"
@@ -313,7 +314,7 @@ def test_each_job_gets_the_pass_its_settings_allow():
         )  # only the final position reaches the logits
     for kind in ("patch", "restore"):
         assert name("demonstrations", kind, 3) == "unperturbed"  # the partner shares them
-    assert spec.plan(
+    assert plans.plan(
         spec.HeadJob("o_proj_input", "review", "zero", "", 29, 0), "fast", 30
     ).recordings == ("unperturbed",)
 
@@ -327,7 +328,7 @@ def test_the_longest_jobs_and_the_recordings_come_first():
         job = spec.HeadJob(
             "o_proj_input", position, kind, "2.0" if kind == "noise" else "", layer, 0
         )
-        return spec.priority(job, method, 30, repeats=5)
+        return plans.priority(job, method, 30, repeats=5)
 
     assert priority("all", 0) == 30 and priority("all", 3) == 27 and priority("review", 28) == 2
     assert priority("all", 3, "naive") == 5 * 30  # full passes over the whole prompt
@@ -335,16 +336,16 @@ def test_the_longest_jobs_and_the_recordings_come_first():
     assert priority("review", 3, kind="noise") == 5 * 27  # the demonstrations stay clean
     assert priority("last", 3) == priority("all", 29) == priority("review", 29) == 0
     assert priority("demonstrations", 3, kind="patch") == 0  # unperturbed
-    assert spec.CHECKPOINT_PRIORITY > spec.RECORDING_PRIORITY > priority("all", 0, "naive", "noise")
+    assert plans.CHECKPOINT_PRIORITY > plans.RECORDING_PRIORITY > priority("all", 0, "naive", "noise")
 
 
 def test_recordings_start_from_every_stride_th_layer():
     """30 layers: stride 5, each recording from the multiple of 5 below it (the first five from
     the embeddings); a 4-layer model: each from the layer below."""
-    assert [spec.recording_source(layer, 30) for layer in (1, 5, 6, 10, 13, 25, 28)] == [
+    assert [plans.recording_source(layer, 30) for layer in (1, 5, 6, 10, 13, 25, 28)] == [
         None, None, 5, 5, 10, 20, 25]  # fmt: skip
-    assert [spec.recording_source(layer, 4) for layer in (1, 2, 3)] == [None, 1, 2]
-    assert spec.recording_source(15, 16) == 12 and spec.recording_source(3, 16) is None
+    assert [plans.recording_source(layer, 4) for layer in (1, 2, 3)] == [None, 1, 2]
+    assert plans.recording_source(15, 16) == 12 and plans.recording_source(3, 16) is None
 
 
 def test_demonstrations_need_demonstrations():

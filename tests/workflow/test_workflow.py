@@ -238,7 +238,7 @@ def test_lint_finds_nothing(finished_run, base_config):
 def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_dir, family):
     """GPT-2 (Conv1D c_proj) and GPT-NeoX (parallel attention and MLP), a middle and the last
     layer, end to end; the middle layer's recording starts from the one of the layer below
-    (spec.recording_source), and its jobs give what full forward passes give."""
+    (plans.recording_source), and its jobs give what full forward passes give."""
     from tiny_models import build_tiny_model
 
     config = copy.deepcopy(base_config)

@@ -24,7 +24,7 @@ rule baseline:
 
 # The residual stream entering a layer at every position, for its all-position jobs: the layers
 # below it then never run again. Each recording starts from the one of a lower layer (every few
-# layers, headperturb.core.spec.recording_source), so the layers below run about once per run.
+# layers, headperturb.core.plans.recording_source), so the layers below run about once per run.
 rule capture_layer:
     input:
         unpack(recording_inputs),
@@ -34,7 +34,7 @@ rule capture_layer:
         f"{LOGS}/capture_layer/layer{{layer}}.log",
     wildcard_constraints:
         layer=r"\d+",
-    priority: spec.RECORDING_PRIORITY
+    priority: plans.RECORDING_PRIORITY
     conda:
         MODEL_ENV
     threads: step_threads("model")

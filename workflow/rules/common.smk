@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.logging import logger
 
 from headperturb.analysis.figures import PLOTS
-from headperturb.core import checks, costs, files, spec
+from headperturb.core import checks, costs, files, plans, sets, spec
 from headperturb.model import loading
 from headperturb.workflow import steps
 
@@ -42,7 +42,7 @@ SCREEN_HEADS = f"{SCREEN}/heads.parquet"
 CURVES = f"{RESULTS}/curves"
 DIRECT = f"{RESULTS}/direct_effects.parquet"
 DIRECT_EFFECTS = config["direct_effects"]
-CURVE_LIST = spec.curves(PERTURBATION)
+CURVE_LIST = sets.curves(PERTURBATION)
 MODEL_PARAMS = {
     "device": MODEL["device"],
     "dtype": MODEL["dtype"],
@@ -140,7 +140,7 @@ def _prepared_info():
 
 
 def recording_paths(layer):
-    """Where each recording a plan names lives (headperturb.core.spec.Plan.recordings)."""
+    """Where each recording a plan names lives (headperturb.core.plans.Plan.recordings)."""
     return {"state": FINAL_STATE, "program": LAST_LAYER_PROGRAM, "cache": CACHE,
             "activations": f"{RESULTS}/activations/layer{layer}.safetensors",
             "unperturbed": BASELINE_PER_PROMPT}  # fmt: skip
@@ -148,9 +148,9 @@ def recording_paths(layer):
 
 def recording_inputs(wildcards):
     """What a layer's recording reads: the prompts, the model and the recording it starts from
-    (headperturb.core.spec.recording_source), if any."""
+    (headperturb.core.plans.recording_source), if any."""
     inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR}
-    source = spec.recording_source(int(wildcards.layer), model_shape()["n_layers"])
+    source = plans.recording_source(int(wildcards.layer), model_shape()["n_layers"])
     if source is not None:
         inputs["source"] = recording_paths(source)["activations"]
     return inputs
@@ -158,7 +158,7 @@ def recording_inputs(wildcards):
 
 def job_inputs(wildcards):
     """What one head job reads: the prompts and the model, the recordings its plan starts from
-    (headperturb.core.spec.plan), and the baseline, which it waits for."""
+    (headperturb.core.plans.plan), and the baseline, which it waits for."""
     target = spec.HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
                                          wildcards.layer, wildcards.head)  # fmt: skip
     # Every job starts after the baseline it is compared with: in the Snakemake process it then
@@ -170,16 +170,16 @@ def job_inputs(wildcards):
         inputs["rms"] = HEAD_RMS
     if spec.paired(target.kind):
         inputs["pairs"] = PAIRS
-    job_plan = spec.plan(target, PERTURBATION["method"], model_shape()["n_layers"])
+    job_plan = plans.plan(target, PERTURBATION["method"], model_shape()["n_layers"])
     paths = recording_paths(target.layer)
     return inputs | {name: paths[name] for name in job_plan.recordings}
 
 
 def job_priority(wildcards):
-    """The longest head jobs first (headperturb.core.spec.priority)."""
+    """The longest head jobs first (headperturb.core.plans.priority)."""
     target = spec.HeadJob.from_wildcards(wildcards.site, wildcards.position, wildcards.setting,
                                          wildcards.layer, wildcards.head)  # fmt: skip
-    return spec.priority(target, PERTURBATION["method"], model_shape()["n_layers"],
+    return plans.priority(target, PERTURBATION["method"], model_shape()["n_layers"],
                          PERTURBATION["repeats"])  # fmt: skip
 
 
@@ -227,7 +227,7 @@ def _measured():
 
 
 def set_jobs():
-    """Every set job of the curves (headperturb.core.spec.set_jobs); an exact order needs every
+    """Every set job of the curves (headperturb.core.sets.set_jobs); an exact order needs every
     head of its setting measured alone."""
     if "sets" not in _memo:
         shape = model_shape()
@@ -245,7 +245,7 @@ def set_jobs():
                                 f"kinds: [{kind}], positions: [{position}], sites: [{site}]}} or use the "
                                 "screen order"
                             )
-        _memo["sets"] = spec.set_jobs(
+        _memo["sets"] = sets.set_jobs(
             CURVE_LIST, shape["n_layers"] * shape["n_heads"], measured
         )
     return _memo["sets"]
@@ -278,7 +278,7 @@ def set_inputs(wildcards):
     """What one set job reads: the prompts, the model, the ranking, and the recordings its pass
     starts from (the final state and the keys and values at the final position; the residual
     stream entering the set's lowest layer at every position)."""
-    job = spec.SetJob.from_wildcards(wildcards.site, wildcards.position, wildcards.kind,
+    job = sets.SetJob.from_wildcards(wildcards.site, wildcards.position, wildcards.kind,
                                      wildcards.order, wildcards.mode, wildcards.k)  # fmt: skip
     inputs = {"prompts": PROMPT_TABLE, "info": PROMPT_INFO, "model": MODEL_DIR,
               "baseline": BASELINE_METRICS, "ranking": job.ranking(RESULTS)}  # fmt: skip

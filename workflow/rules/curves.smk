@@ -8,15 +8,15 @@ checkpoint rank_heads:
     input:
         unpack(ranking_inputs),
     output:
-        ranking=spec.ranking_path(RESULTS, "{site}", "{position}", "{kind}", "{order}"),
+        ranking=sets.ranking_path(RESULTS, "{site}", "{position}", "{kind}", "{order}"),
     log:
-        spec.ranking_path(LOGS, "{site}", "{position}", "{kind}", "{order}").replace(
+        sets.ranking_path(LOGS, "{site}", "{position}", "{kind}", "{order}").replace(
             ".parquet", ".log"
         ),
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
-        kind="|".join(spec.SET_KINDS),
+        kind="|".join(sets.SET_KINDS),
         order=r"screen|exact|random\d+",
     params:
         n_layers=lambda wildcards: model_shape()["n_layers"],
@@ -29,19 +29,19 @@ rule perturb_set:
     input:
         unpack(set_inputs),
     output:
-        result=spec.set_path(
+        result=sets.set_path(
             RESULTS, "{site}", "{position}", "{kind}", "{order}", "{mode}", "{k}"
         ),
     log:
-        spec.set_path(
+        sets.set_path(
             LOGS, "{site}", "{position}", "{kind}", "{order}", "{mode}", "{k}"
         ).replace(".parquet", ".log"),
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
-        kind="|".join(spec.SET_KINDS),
+        kind="|".join(sets.SET_KINDS),
         order=r"screen|exact|random\d+",
-        mode="|".join(spec.SET_MODES),
+        mode="|".join(sets.SET_MODES),
         k=r"\d+",
     threads: step_threads("perturb")
     params:

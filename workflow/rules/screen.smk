@@ -17,7 +17,7 @@ checkpoint screen:
         heads=SCREEN_HEADS,
     log:
         f"{LOGS}/screen.log",
-    priority: spec.CHECKPOINT_PRIORITY  # its choice of heads extends the DAG
+    priority: plans.CHECKPOINT_PRIORITY  # its choice of heads extends the DAG
     conda:
         MODEL_ENV
     threads: step_threads("model")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from headperturb.core.spec import SpecError, curves, head_jobs, screened, set_jobs, sweeps
+from headperturb.core.sets import curves, set_jobs
+from headperturb.core.spec import SpecError, head_jobs, screened, sweeps
 
 
 def data_files(path: str | None) -> list[str]:

@@ -1,11 +1,12 @@
-"""What head jobs cost: the work each does per prompt (from its :func:`headperturb.core.spec.plan`)
+"""What head jobs cost: the work each does per prompt (from its :func:`headperturb.core.plans.plan`)
 and the line the log shows before a run, from the per-token costs measured when the model was
 prepared (:func:`headperturb.model.loading.speed`)."""
 
 from __future__ import annotations
 
 from headperturb.core.kinds import build
-from headperturb.core.spec import POSITIONS, HeadJob, plan
+from headperturb.core.plans import plan
+from headperturb.core.spec import POSITIONS, HeadJob
 
 
 def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dict | None) -> str:
@@ -38,9 +39,8 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
                 else HeadJob(j.site, position, j.kind, j.scale, j.layer, j.head)
             )
             kind = build(j.kind, j.scale or None)
-            draws = kind.draws(pert["repeats"])
-            cost = plan(j, pert["method"], n_layers).cost(j.layer, n_layers, tokens, draws, own,
-                                                          _shared(kind, j.position, n))  # fmt: skip
+            job_plan = plan(j, pert["method"], n_layers, repeats=pert["repeats"])
+            cost = job_plan.cost(tokens, own=own, shared=_shared(kind, j.position, n))
             total += n * (cost[0] * full + cost[1] * per_final)
         return total
 
@@ -55,7 +55,7 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
 
 def _shared(kind, position: str, n: int) -> float:
     """The share of prompts whose edited demonstrations a job computes anew
-    (:func:`headperturb.core.spec.Plan.cost`): once per job where every prompt gets the same
+    (:meth:`headperturb.core.plans.Plan.cost`): once per job where every prompt gets the same
     values there, about once per prompt length (a guess of 0.3) where the values depend on the
     length (mean), for every prompt where each gets its own (noise)."""
     if position in ("review", "last"):

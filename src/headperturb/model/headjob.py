@@ -1,7 +1,7 @@
 """One head job, top to bottom: its plan, its rows, its edit, its pass and its result file.
 
 A job travels as one :class:`headperturb.core.spec.Job`. :func:`perturb` resolves its noise
-(relative noise reads the head's RMS), runs the pass its :func:`headperturb.core.spec.plan`
+(relative noise reads the head's RMS), runs the pass its :func:`headperturb.core.plans.plan`
 names, and writes one row per (draw, prompt) with the job's settings in front and in the file's
 metadata (:mod:`headperturb.model.recordings`), which the aggregation checks against the run's
 config. The pass:
@@ -25,7 +25,8 @@ import numpy as np
 from headperturb import joblog
 from headperturb.analysis import scoring
 from headperturb.core import files
-from headperturb.core.spec import Job, plan
+from headperturb.core.plans import plan
+from headperturb.core.spec import Job
 from headperturb.model import cache
 from headperturb.model.context import (
     ModelSpec,
@@ -202,10 +203,10 @@ def recorded(step: str, inputs: JobInputs, model_info: dict, n_prompts: int, **e
 
 
 def unperturbed(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None:
-    """A job whose edit cannot reach the logits (:func:`headperturb.core.spec.unchanged`): each
+    """A job whose edit cannot reach the logits (:func:`headperturb.core.plans.unchanged`): each
     row's logits are its run prompt's unperturbed ones, read from the baseline. None where the
     job's edit can reach them."""
-    from headperturb.core.spec import unchanged
+    from headperturb.core.plans import unchanged
     from headperturb.model import loading
 
     model_info = files.read_json(f"{model.path}/{loading.INFO_FILE}")
@@ -262,7 +263,7 @@ def with_program(job: Job, inputs: JobInputs, model: ModelSpec) -> Result | None
 
 
 def with_model(job: Job, inputs: JobInputs, model: ModelSpec) -> Result:
-    """Any job on the model: the pass its plan names (:func:`headperturb.core.spec.plan`)."""
+    """Any job on the model: the pass its plan names (:func:`headperturb.core.plans.plan`)."""
     from headperturb.model import passes, tail
     from headperturb.model.hooks import site_slice
 

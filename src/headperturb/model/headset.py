@@ -1,7 +1,7 @@
 """One set job: several heads perturbed together (a point of a joint-ablation curve,
-:class:`headperturb.core.spec.SetJob`), top to bottom.
+:class:`headperturb.core.sets.SetJob`), top to bottom.
 
-The set's heads are the members of :meth:`~headperturb.core.spec.SetJob.members` under the
+The set's heads are the members of :meth:`~headperturb.core.sets.SetJob.members` under the
 order's ranking (``sets/.../ranking.parquet``). Every member gets the edit its kind gives a single
 head (:mod:`headperturb.core.kinds`), all at once (:class:`headperturb.model.hooks.EditSet`), and the
 pass starts at the lowest member's layer:
@@ -32,7 +32,7 @@ from headperturb import joblog
 from headperturb.analysis import scoring
 from headperturb.core import files
 from headperturb.core.kinds import build
-from headperturb.core.spec import SET_KINDS, SetJob
+from headperturb.core.sets import SET_KINDS, SetJob
 from headperturb.model import cache
 from headperturb.model.context import ModelSpec, gpu_memory_hint, load_engine, prompt_ids
 from headperturb.model.headjob import JobInputs, recorded, rows_for

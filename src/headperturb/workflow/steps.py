@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from headperturb import joblog
-from headperturb.core import files
+from headperturb.core import files, plans
 from headperturb.model import cache
 from headperturb.workflow import lifecycle
 
@@ -280,7 +280,6 @@ def _export_last_layer(engine, site, state, program_dir, dtype, model_info: dict
 def capture_layer(input, output, params, wildcards, threads):
     """Record the residual stream entering one layer at every position of every prompt, from the
     recording of a lower layer where the rule names one (``input.source``)."""
-    from headperturb.core import spec
     from headperturb.model import recordings
     from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
 
@@ -288,8 +287,8 @@ def capture_layer(input, output, params, wildcards, threads):
     engine, sites, model_info, _pinfo = load_engine(prompt_files, _model(input, params, threads))
     ids, _pids, _labels = prompt_ids(prompt_files.prompts)
     start = None
-    if getattr(input, "source", None):  # the recording of a lower layer (spec.recording_source)
-        below = spec.recording_source(layer, len(sites))
+    if getattr(input, "source", None):  # the recording of a lower layer (plans.recording_source)
+        below = plans.recording_source(layer, len(sites))
         if below is None:
             raise ValueError(f"layer {layer} of a {len(sites)}-layer model starts from no "
                              f"recording, but the rule gave {input.source}")  # fmt: skip
@@ -414,7 +413,7 @@ def screen_agreement(input, output, params, wildcards, threads):
 def rank_heads(input, output, params, wildcards, threads):
     """Every head ranked best first under one order (:func:`headperturb.analysis.curves.ranking`)."""
     from headperturb.analysis import curves
-    from headperturb.core.spec import parse_order
+    from headperturb.core.sets import parse_order
 
     order, seed = parse_order(wildcards.order)
     screen_heads = files.read_parquet(input.screen) if getattr(input, "screen", None) else None
@@ -429,7 +428,7 @@ def rank_heads(input, output, params, wildcards, threads):
 def perturb_set(input, output, params, wildcards, threads):
     """Several heads perturbed together (:func:`headperturb.model.headset.perturb_set`)."""
     from headperturb.analysis.curves import read_ranking
-    from headperturb.core.spec import SetJob
+    from headperturb.core.sets import SetJob
     from headperturb.model import headjob, headset
 
     job = SetJob.from_wildcards(wildcards.site, wildcards.position, wildcards.kind,
@@ -451,7 +450,7 @@ def curves(input, output, params, wildcards, threads):
 
     from headperturb.analysis import aggregation
     from headperturb.analysis import curves as cv
-    from headperturb.core.spec import SetJob
+    from headperturb.core.sets import SetJob
     from headperturb.model import recordings
 
     stat = params.statistics
@@ -505,7 +504,7 @@ def _interaction(job, ranked, changes, singles, baseline, stat_kwargs) -> dict:
     """The interaction of one set point, where every member's single change is known: from the
     run's exact single-head files, or from the order's ``single`` set jobs."""
     from headperturb.analysis import curves as cv
-    from headperturb.core.spec import SetJob
+    from headperturb.core.sets import SetJob
 
     empty = dict.fromkeys(cv.INTERACTION_COLUMNS, np.nan)
     if job.mode == "single":
