@@ -17,8 +17,8 @@ then its first-order formula (:meth:`headperturb.core.kinds.Perturbation.first_o
 gradient, which is exact for the direct path because the path is linear: zero ablation
 ``-z.g``, mean ablation ``(mean - z).g``, patching ``(z_partner - z).g``.
 
-Everything is computed from the baseline's recordings (the final state: :mod:`headperturb.model.engine`)
-and the model's weights: no forward pass.
+Everything is computed from the baseline's recordings (the final state:
+:mod:`headperturb.model.engine`) and the model's weights: no forward pass.
 """
 
 from __future__ import annotations
@@ -162,8 +162,12 @@ def gradients(
     return out
 
 
-def head_sums(grads: dict[int, torch.Tensor], state: dict, sites: list[HeadSite],
-              partners: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def head_sums(
+    grads: dict[int, torch.Tensor],
+    state: dict,
+    sites: list[HeadSite],
+    partners: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """The sums the kinds' first-order formulas take (:mod:`headperturb.core.kinds`), each
     (n, n_layers, n_heads): ``z_dot_g``, ``mean_dot_g`` (the head's mean final-position output
     over the prompts), ``partner_dot_g`` (the output on each prompt's partner, ``partners`` its

@@ -50,8 +50,12 @@ def recording(step: str, prompt_info, model_info: dict, **extra) -> dict:
     """The provenance a recording carries (and a reader expects, :func:`load`): the step that made
     it, the sha256 of the prompts' ``prompt_info.json``, the model's weights sha256 and ``extra``
     (layers, the number of prompts)."""
-    return {"step": step, "prompts_sha256": file_digest(prompt_info),
-            "weights_sha256": model_info.get("weights_sha256"), **extra}  # fmt: skip
+    return {
+        "step": step,
+        "prompts_sha256": file_digest(prompt_info),
+        "weights_sha256": model_info.get("weights_sha256"),
+        **extra,
+    }
 
 
 def load(path, keys=None, device: str = "cpu", expect: dict | None = None) -> dict:
@@ -98,16 +102,19 @@ def _metadata(handle) -> dict:
 
 def check_recording(path, meta: dict, expect: dict) -> None:
     """Raise :class:`RecordingError` unless the recording's metadata ``meta`` holds ``expect``."""
-    what = {"step": "was made by another step", "prompts_sha256": "was recorded for other prompts",
-            "weights_sha256": "was recorded with other model weights"}  # fmt: skip
+    what = {
+        "step": "was made by another step",
+        "prompts_sha256": "was recorded for other prompts",
+        "weights_sha256": "was recorded with other model weights",
+    }
     diffs = []
     for key, want in expect.items():
         found = meta.get(key)
         if found is None:
             diffs.append(f"holds no {key} (it was written by an older release or another tool)")
         elif str(found) != str(want):
-            diffs.append(f"{what.get(key, 'was recorded for another ' + key)} ({key} "
-                         f"{str(found)[:16]}, this job's {str(want)[:16]})")  # fmt: skip
+            reason = what.get(key, "was recorded for another " + key)
+            diffs.append(f"{reason} ({key} {str(found)[:16]}, this job's {str(want)[:16]})")
     if diffs:
         raise RecordingError(
             f"{path} {'; '.join(diffs[:3])}: it belongs to another run or is stale. Remake it "
