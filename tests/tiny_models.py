@@ -33,8 +33,17 @@ def train_tokenizer(texts: list[str], out: Path) -> Path:
 
 
 FAMILIES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt",
-)  # fmt: skip
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "opt",
+)
 
 
 def tiny_config(family: str, vocab: int, n_layers: int = 2):
@@ -43,9 +52,13 @@ def tiny_config(family: str, vocab: int, n_layers: int = 2):
     import transformers as tf
 
     common = dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-        num_attention_heads=4, max_position_embeddings=1024,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    )
     if family == "llama":  # 4 query heads, 2 KV heads, head_dim 8
         return tf.LlamaConfig(**common, num_key_value_heads=2)
     if family == "mistral":
@@ -68,10 +81,17 @@ def tiny_config(family: str, vocab: int, n_layers: int = 2):
         return tf.GPTNeoXConfig(**common, use_parallel_residual=True)
     if family == "opt":
         return tf.OPTConfig(
-            vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=n_layers,
-            num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=32,
-            pad_token_id=0, bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
+            vocab_size=vocab,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=1024,
+            word_embed_proj_dim=32,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     raise ValueError(f"family {family!r} is not allowed; allowed: {', '.join(FAMILIES)}")
 
 
@@ -101,8 +121,19 @@ def projection_weight(model, site):
     return weight.T if site.transposed else weight
 
 
-def edit_of(model, site, head, kind="noise", *, where="o_proj_input", scale=4.0, repeats=3,
-            seed=5, clean=None, position="all"):  # fmt: skip
+def edit_of(
+    model,
+    site,
+    head,
+    kind="noise",
+    *,
+    where="o_proj_input",
+    scale=4.0,
+    repeats=3,
+    seed=5,
+    clean=None,
+    position="all",
+):
     """The :class:`headperturb.model.hooks.Edit` of a perturbation ``kind`` on ``head`` of
     ``site``, as a job builds it (``clean``: the head's clean outputs, for mean and resample)."""
     from headperturb.core import kinds
@@ -112,9 +143,15 @@ def edit_of(model, site, head, kind="noise", *, where="o_proj_input", scale=4.0,
     pert = kinds.build(kind, scale if kind == "noise" else None)
     if kind == "noise":
         pert = pert.resolve()
-    values = pert.values(seed=seed, layer=site.layer, head=head, width=cols.stop - cols.start,
-                         repeats=repeats, clean=clean)  # fmt: skip
-    return Edit(site, head, where, values, pert.mode, pert.draws(repeats), position)
+    values = pert.values(
+        seed=seed,
+        layer=site.layer,
+        head=head,
+        width=cols.stop - cols.start,
+        repeats=repeats,
+        clean=clean,
+    )
+    return Edit(site, head, where, values, pert.apply, pert.draws(repeats), position)
 
 
 def untouched(model, ids, before) -> None:
@@ -178,13 +215,29 @@ if __name__ == "__main__":
     main()
 
 
-def sentiment_prompts(train, test, tok, *, k_shot: int, n_test: int, max_review_tokens: int,
-                      context_length: int = 1024):  # fmt: skip
+def sentiment_prompts(
+    train,
+    test,
+    tok,
+    *,
+    k_shot: int,
+    n_test: int,
+    max_review_tokens: int,
+    context_length: int = 1024,
+):
     """``build_prompts`` with the default run's template, verbalizers and separator, seed 0."""
     from headperturb.data.prompts import build_prompts
 
     return build_prompts(
-        train, test, tok, k_shot=k_shot, n_test=n_test, max_review_tokens=max_review_tokens,
-        template="Review: {text}\nSentiment: {label}", verbalizers=(" negative", " positive"),
-        separator="\n\n", seed=0, context_length=context_length,
-    )  # fmt: skip
+        train,
+        test,
+        tok,
+        k_shot=k_shot,
+        n_test=n_test,
+        max_review_tokens=max_review_tokens,
+        template="Review: {text}\nSentiment: {label}",
+        verbalizers=(" negative", " positive"),
+        separator="\n\n",
+        seed=0,
+        context_length=context_length,
+    )

@@ -113,6 +113,33 @@ class Progress:
             left = (self.total - self.done) / rate if rate > 0 else float("nan")
             self.log.info(
                 "%s: %d/%d (%.0f%%), %.2f/s, %.0f s elapsed, ~%.0f s left",
-                self.what, self.done, self.total, 100 * self.done / max(self.total, 1),
-                rate, elapsed, left,
-            )  # fmt: skip
+                self.what,
+                self.done,
+                self.total,
+                100 * self.done / max(self.total, 1),
+                rate,
+                elapsed,
+                left,
+            )
+
+
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def progress(total: int, what: str, logger: logging.Logger | None = None) -> Iterator[Progress]:
+    """While active, :func:`advance` in this thread moves a :class:`Progress` of ``total`` items
+    (a job's long loop reports its progress without carrying it through every call)."""
+    previous = getattr(_current, "progress", None)
+    _current.progress = Progress(total, what, logger)
+    try:
+        yield _current.progress
+    finally:
+        _current.progress = previous
+
+
+def advance(n: int = 1) -> None:
+    """``n`` more items done in this thread's :func:`progress`, if any (and a stop at Ctrl-C)."""
+    current = getattr(_current, "progress", None)
+    if current is not None:
+        current.update(n)

@@ -32,8 +32,9 @@ def setup_family(family, folder, tiny_tokenizer_dir, imdb_sample):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_setup(request, tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
-    return setup_family(request.param, tmp_path_factory.mktemp(request.param), tiny_tokenizer_dir,
-                        imdb_sample)  # fmt: skip
+    return setup_family(
+        request.param, tmp_path_factory.mktemp(request.param), tiny_tokenizer_dir, imdb_sample
+    )
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from headperturb.core import kinds
+from headperturb.core.kinds import Zero
 from headperturb.model import direct, passes, tail
-from headperturb.model.hooks import Edit, site_slice
+from headperturb.model.hooks import Edit, edited, site_slice
 from headperturb.model.sites import locate_sites, post_attention_norm
 
 
@@ -147,10 +148,11 @@ def test_direct_effect_of_a_last_layer_head_is_its_total_with_the_norm_and_mlp_f
             try:
                 before = _margins(passes.full(engine, x))[0]
                 cols = site_slice(model, site, head, "o_proj_input")
-                zeros = kinds.build("zero").values(seed=0, layer=site.layer, head=head,
-                                                    width=cols.stop - cols.start, repeats=1)  # fmt: skip
-                edit = Edit(site, head, "o_proj_input", zeros, "set", 1, "last")
-                with edit.applied(model, edit.for_prompt(i, pids[i], len(x))):
+                zeros = kinds.build("zero").values(
+                    seed=0, layer=site.layer, head=head, width=cols.stop - cols.start, repeats=1
+                )
+                edit = Edit(site, head, "o_proj_input", zeros, Zero.apply, 1, "last")
+                with edited(model, edit, (edit.for_prompt(i, pids[i], len(x)),)):
                     after = _margins(passes.full(engine, x))[0]
             finally:
                 for h in handles:
@@ -178,8 +180,10 @@ def test_a_cancelled_head_has_a_direct_effect_much_larger_than_its_total(llama_s
         written["w"] = args[0][..., cols] @ proj.weight[:, cols].T
 
     mlp = model.get_submodule(site.layers_path)[1].mlp
-    handles = [proj.register_forward_hook(grab),
-               mlp.register_forward_hook(lambda _m, _a, out: out - written["w"])]  # fmt: skip
+    handles = [
+        proj.register_forward_hook(grab),
+        mlp.register_forward_hook(lambda _m, _a, out: out - written["w"]),
+    ]
     try:
         recorded = engine.baseline(ids, sites, batch_size=3)
         state = recorded.final_state
@@ -187,9 +191,10 @@ def test_a_cancelled_head_has_a_direct_effect_much_larger_than_its_total(llama_s
             direct.gradients(model, sites, engine.token_ids, state), state, sites
         )
         de = kinds.build("zero").first_order(sums)[:, 0, head]
-        zeros = kinds.build("zero").values(seed=0, layer=0, head=head, width=cols.stop - cols.start,
-                                           repeats=1)  # fmt: skip
-        edit = Edit(site, head, "o_proj_input", zeros, "set", 1, "last")
+        zeros = kinds.build("zero").values(
+            seed=0, layer=0, head=head, width=cols.stop - cols.start, repeats=1
+        )
+        edit = Edit(site, head, "o_proj_input", zeros, Zero.apply, 1, "last")
         total = _margins(passes.naive(engine, ids, pids, edit)[:, 0]) - _margins(recorded.logits)
     finally:
         for h in handles:

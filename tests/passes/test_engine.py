@@ -132,8 +132,10 @@ def test_head_rms_by_hand(setup, tmp_path):
 
     model, engine, ids, _ = setup
     sites = locate_sites(model)
-    rows = {(r["site"], r["layer"], r["head"]): r["rms"]
-            for r in engine.baseline(ids, sites, batch_size=4).head_rms}  # fmt: skip
+    rows = {
+        (r["site"], r["layer"], r["head"]): r["rms"]
+        for r in engine.baseline(ids, sites, batch_size=4).head_rms
+    }
     assert len(rows) == 2 * 2 * 4  # both sites, 2 layers, 4 heads
     seen = []
     proj = model.get_submodule(sites[1].module_name)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import from_layer
 from tiny_models import edit_of, untouched
 
 from headperturb.core import files
 from headperturb.model import passes, tail
 from headperturb.model.hooks import site_slice
+from headperturb.model.rows import rows_for
 from headperturb.model.sites import locate_sites
 
 
@@ -39,7 +41,7 @@ def test_middle_layer_pass_equals_naive(family_setup, layer):
     captured = engine.capture_layer_inputs(ids, site)
     assert captured["prefix"].shape[0] == engine.prefix_len
     edit = edit_of(model, site, 1, repeats=2)
-    fast = passes.from_layer(engine, captured, ids, pids, edit)
+    fast = from_layer(engine, captured, ids, pids, edit)
     np.testing.assert_allclose(fast, passes.naive(engine, ids, pids, edit), atol=1e-4)
     untouched(model, ids, before)
 
@@ -93,7 +95,7 @@ def test_ablations_fast_equal_naive(family_setup, family_cache, kind, layer, pos
     elif position == "last":
         fast = passes.final_position(engine, recorded.final_state, family_cache, pids, edit)
     else:
-        fast = passes.from_layer(engine, captured, ids, pids, edit)
+        fast = from_layer(engine, captured, ids, pids, edit)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
 
 
@@ -111,8 +113,11 @@ def test_exported_last_layer_equals_naive(family_setup, where, tmp_path):
     meta = tail.describe(model, site, engine.token_ids, "cpu", "float32")
     tail.save(tmp_path / "program", exported, meta)
     program, loaded = tail.load(tmp_path / "program", "cpu")
-    assert loaded == {**meta, "exported": True,
-                      "program_sha256": files.sha256_file(tmp_path / "program/program.pt2")}  # fmt: skip
+    assert loaded == {
+        **meta,
+        "exported": True,
+        "program_sha256": files.sha256_file(tmp_path / "program/program.pt2"),
+    }
     for kind in ("noise", "zero"):
         edit = edit_of(model, site, 3, kind, where=where)
         fast = tail.perturbed(program, state, pids, loaded, edit)
@@ -139,7 +144,6 @@ def test_patching_fast_equals_naive(family_setup, family_cache, kind, layer, pos
     import pandas as pd
 
     from headperturb.core import kinds
-    from headperturb.model import headjob
 
     model, engine, ids, pids, recorded, _before = family_setup
     site = locate_sites(model)[layer]
@@ -148,16 +152,23 @@ def test_patching_fast_equals_naive(family_setup, family_cache, kind, layer, pos
     pairs = pd.DataFrame({"prompt_id": pids, "partner_id": [pids[1], pids[0], pids[3], pids[0]]})
     assert all(len(ids[i]) == len(ids[j]) for i, j in ((0, 1), (1, 0), (2, 3), (3, 0)))
     pert = kinds.build(kind)
-    rows = headjob.rows_for(pert, pids, pairs)
+    rows = rows_for(pert, pids, pairs)
     assert rows.partner == [1, 0, 3, 0]
     assert rows.run == (rows.partner if kind == "restore" else [0, 1, 2, 3])
 
     def edit(clean):
-        values = pert.values(seed=0, layer=layer, head=1, width=cols.stop - cols.start,
-                             repeats=1, clean=clean, donors=rows.donors)  # fmt: skip
+        values = pert.values(
+            seed=0,
+            layer=layer,
+            head=1,
+            width=cols.stop - cols.start,
+            repeats=1,
+            clean=clean,
+            donors=rows.donors,
+        )
         from headperturb.model.hooks import Edit
 
-        return Edit(site, 1, where, values, pert.mode, 1, position)
+        return Edit(site, 1, where, values, pert.apply, 1, position)
 
     full_clean = passes.clean_outputs(engine, ids, site, 1, where)
     if position == "last":
@@ -170,12 +181,13 @@ def test_patching_fast_equals_naive(family_setup, family_cache, kind, layer, pos
         if layer == 3:
             fast = passes.last_layer(engine, tail.rows_of(state, rows.run), run_pids, edit(clean))
         else:
-            fast = passes.final_position(engine, recorded.final_state, family_cache, run_pids,
-                                         edit(clean), runs=rows.run)  # fmt: skip
+            fast = passes.final_position(
+                engine, recorded.final_state, family_cache, run_pids, edit(clean), runs=rows.run
+            )
     else:
         captured = engine.capture_layer_inputs(ids, site)
         clean = passes.clean_outputs(engine, ids, site, 1, where, captured)
-        fast = passes.from_layer(engine, captured, run_ids, run_pids, edit(clean), runs=rows.run)
+        fast = from_layer(engine, captured, run_ids, run_pids, edit(clean), runs=rows.run)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
     # the patch moved something: the prompts' logits are not their own unperturbed ones
     unperturbed = recorded.logits[rows.run][:, None, :]

@@ -1,4 +1,5 @@
-"""The per-head site and the noise hook, on a tiny random Llama (2 layers, 4 query heads, 2 KV heads)."""
+"""The per-head site and the noise hook, on a tiny random Llama (2 layers, 4 query heads, 2 KV
+heads)."""
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_perturbing_head_h_changes_only_slice_h(tiny_llama, head):
         seed=0, layer=0, head=head, scale=2.0, draws=1, prompt=0, length=IDS.shape[1], width=8
     )
     with perturb_head(model, site, head, noise):
-        # capture what o_proj really receives: a hook registered after the noise hook sees its result
+        # capture what o_proj really receives: a hook registered after the noise hook sees its
+        # result
         noisy, _ = _capture(model, site.module_name, IDS)
     diff = (noisy - clean).abs()[0]
     changed = [bool((diff[:, head_slice(site, k)] > 0).any()) for k in range(4)]
@@ -122,8 +124,11 @@ def test_no_hook_is_registered_outside_the_hook_point_module():
 
     src = Path(__file__).resolve().parents[2] / "src" / "headperturb"
     registering = re.compile(r"register_(forward|full_backward|backward)\w*hook|\.register_hook\(")
-    found = [str(p.relative_to(src)) for p in src.rglob("*.py")
-             if registering.search(p.read_text()) and p.relative_to(src) != Path("model/hooks.py")]  # fmt: skip
+    found = [
+        str(p.relative_to(src))
+        for p in src.rglob("*.py")
+        if registering.search(p.read_text()) and p.relative_to(src) != Path("model/hooks.py")
+    ]
     assert found == []
     assert registering.search((src / "model/hooks.py").read_text())
 

@@ -20,6 +20,7 @@ from headperturb.core import files
 from headperturb.model import passes, tail
 from headperturb.model.engine import Engine
 from headperturb.model.hooks import Edit, site_slice
+from headperturb.model.rows import rows_for
 from headperturb.model.sites import locate_sites
 
 DECISIVE, SILENT = 1, 2
@@ -61,17 +62,30 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
                 frame.insert(0, "draw", draw)
                 frames.append(frame)
             frame = pd.concat(frames).assign(
-                site="o_proj_input", position="all", kind=kind, layer=site.layer, head=head,
-                scale=scale, noise_mode="absolute" if scale else "", sigma=float(scale or "nan"),
-            )  # fmt: skip
+                site="o_proj_input",
+                position="all",
+                kind=kind,
+                layer=site.layer,
+                head=head,
+                scale=scale,
+                noise_mode="absolute" if scale else "",
+                sigma=float(scale or "nan"),
+            )
             path = folder / f"{kind}_{head}.parquet"
             files.write_parquet(path, frame)
             paths.append(path)
     return aggregation.aggregate(
-        {"baseline": folder / "metrics.json", "baseline_per_prompt": folder / "baseline.parquet", "perturbed": paths,
-         "parquet": folder / "table.parquet", "csv": folder / "table.csv"},
-        10.0, 5.0, {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
-    )  # fmt: skip
+        {
+            "baseline": folder / "metrics.json",
+            "baseline_per_prompt": folder / "baseline.parquet",
+            "perturbed": paths,
+            "parquet": folder / "table.parquet",
+            "csv": folder / "table.csv",
+        },
+        10.0,
+        5.0,
+        {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
+    )
 
 
 @pytest.mark.parametrize("kind", ["zero", "noise"])
@@ -124,7 +138,6 @@ def planted_kinds(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
 
     from headperturb.core import kinds
     from headperturb.data import prompts
-    from headperturb.model import headjob
 
     folder = build_tiny_model(tmp_path_factory.mktemp("qwen2"), tiny_tokenizer_dir, "qwen2")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -169,26 +182,48 @@ def planted_kinds(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
     for head in (CONSTANT, CARRIER):
         for kind in ("zero", "patch", "restore"):
             pert = kinds.build(kind)
-            rows = headjob.rows_for(pert, pids, pairs)
+            rows = rows_for(pert, pids, pairs)
             cols = site_slice(model, site, head, "o_proj_input")
             clean = tail.final_outputs(state, cols, "o_proj_input")
-            values = pert.values(seed=0, layer=site.layer, head=head, width=cols.stop - cols.start,
-                                 repeats=1, clean=clean, **({"donors": rows.donors} if pert.paired else {}))  # fmt: skip
-            edit = Edit(site, head, "o_proj_input", values, pert.mode, 1, "all")
+            values = pert.values(
+                seed=0,
+                layer=site.layer,
+                head=head,
+                width=cols.stop - cols.start,
+                repeats=1,
+                clean=clean,
+                **({"donors": rows.donors} if pert.paired else {}),
+            )
+            edit = Edit(site, head, "o_proj_input", values, pert.apply, 1, "all")
             run_pids = [pids[k] for k in rows.prompt]
             out = passes.last_layer(engine, tail.rows_of(state, rows.run), run_pids, edit)
             frame = scoring.per_prompt(run_pids, labels[rows.prompt], out[:, 0]).assign(draw=0)
             if pert.paired:
                 frame["partner_id"] = [pids[k] for k in rows.partner]
-            frame = frame.assign(site="o_proj_input", position="all", kind=kind, layer=site.layer,
-                                 head=head, scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
+            frame = frame.assign(
+                site="o_proj_input",
+                position="all",
+                kind=kind,
+                layer=site.layer,
+                head=head,
+                scale="",
+                noise_mode="",
+                sigma=float("nan"),
+            )
             paths.append(folder / f"{kind}_{head}.parquet")
             files.write_parquet(paths[-1], frame)
     table = aggregation.aggregate(
-        {"baseline": folder / "metrics.json", "baseline_per_prompt": folder / "baseline.parquet", "perturbed": paths,
-         "parquet": folder / "table.parquet", "csv": folder / "table.csv"},
-        10.0, 5.0, {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
-    )  # fmt: skip
+        {
+            "baseline": folder / "metrics.json",
+            "baseline_per_prompt": folder / "baseline.parquet",
+            "perturbed": paths,
+            "parquet": folder / "table.parquet",
+            "csv": folder / "table.csv",
+        },
+        10.0,
+        5.0,
+        {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
+    )
     return table.set_index(["head", "kind"])
 
 

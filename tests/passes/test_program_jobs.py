@@ -1,7 +1,8 @@
-"""Head jobs as the workflow runs them (headperturb.workflow.steps and headperturb.model.headjob) on a prepared tiny
-Llama: the last-layer job on the exported program writes what the job on the model writes, imports
-no transformers, and falls back to the model when there is no program for its device or the
-export failed; every pass of a job writes the reference method's numbers.
+"""Head jobs as the workflow runs them (headperturb.workflow.steps and
+headperturb.model.headjob) on a prepared tiny Llama: the last-layer job on the exported program
+writes what the job on the model writes, imports no transformers, and falls back to the model
+when there is no program for its device or the export failed; every pass of a job writes the
+reference method's numbers.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ def _inputs(model_dir, prompt_files) -> dict:
 
 def _baseline(folder, model_dir, prompt_files):
     base = folder / "baseline"
-    out = {"per_prompt": base / "per_prompt.parquet", "metrics": base / "metrics.json",
-           "state": base / "final_state.safetensors", "rms": base / "head_rms.parquet",
-           "program": base / "last_layer"}  # fmt: skip
-    run_step(steps.baseline, input=_inputs(model_dir, prompt_files), output=out,
-             params=model_params())  # fmt: skip
+    out = {
+        "per_prompt": base / "per_prompt.parquet",
+        "metrics": base / "metrics.json",
+        "state": base / "final_state.safetensors",
+        "rms": base / "head_rms.parquet",
+        "program": base / "last_layer",
+    }
+    run_step(
+        steps.baseline, input=_inputs(model_dir, prompt_files), output=out, params=model_params()
+    )
     return base
 
 
@@ -49,34 +55,61 @@ def run(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
     model_dir = root / "prepared"
     loading.prepare_model(str(source), model_dir)
     train, test = imdb_sample
-    built = sentiment_prompts(train, test, AutoTokenizer.from_pretrained(model_dir), k_shot=2,
-                              n_test=12, max_review_tokens=20)  # fmt: skip
+    built = sentiment_prompts(
+        train,
+        test,
+        AutoTokenizer.from_pretrained(model_dir),
+        k_shot=2,
+        n_test=12,
+        max_review_tokens=20,
+    )
     prompt_files = PromptFiles(str(root / "prompts.parquet"), str(root / "prompt_info.json"))
     files.write_parquet(prompt_files.prompts, built.prompts)
     files.write_json(prompt_files.info, built.info)
     base = _baseline(root, model_dir, prompt_files)
     model = ModelSpec(str(model_dir), "cpu")
     inputs = _inputs(model_dir, prompt_files)
-    run_step(steps.capture_cache, input=inputs, output={"cache": root / "cache.safetensors"},
-             params=model_params())  # fmt: skip
+    run_step(
+        steps.capture_cache,
+        input=inputs,
+        output={"cache": root / "cache.safetensors"},
+        params=model_params(),
+    )
     for layer in (1, 0):
-        run_step(steps.capture_layer, input=inputs, params=model_params(), wildcards={"layer": layer},
-                 output={"activations": root / f"layer{layer}.safetensors"})  # fmt: skip
+        run_step(
+            steps.capture_layer,
+            input=inputs,
+            params=model_params(),
+            wildcards={"layer": layer},
+            output={"activations": root / f"layer{layer}.safetensors"},
+        )
     return dict(root=root, model=model, files=prompt_files, base=base)
 
 
-def _job(run, out, *, layer=2, kind="noise", site="o_proj_input", position="all",
-         method="fast", program=True, program_dir=None):  # fmt: skip
+def _job(
+    run,
+    out,
+    *,
+    layer=2,
+    kind="noise",
+    site="o_proj_input",
+    position="all",
+    method="fast",
+    program=True,
+    program_dir=None,
+):
     base = run["base"]
     target = HeadJob(site, position, kind, "2" if kind == "noise" else "", layer, 1)
     job = Job(target, target.perturbation(), method, seed=4, repeats=3)
     last = layer == 2
     inputs = headjob.JobInputs(
-        run["files"], state=str(base / "final_state.safetensors"),
+        run["files"],
+        state=str(base / "final_state.safetensors"),
         program=str(program_dir or base / "last_layer") if program and last else None,
         activations=str(run["root"] / f"layer{layer}.safetensors") if not last else None,
-        cache=str(run["root"] / "cache.safetensors"), rms=str(base / "head_rms.parquet"),
-    )  # fmt: skip
+        cache=str(run["root"] / "cache.safetensors"),
+        rms=str(base / "head_rms.parquet"),
+    )
     return headjob.perturb(job, inputs, run["model"], out)
 
 
@@ -201,8 +234,18 @@ def test_jobs_in_threads_share_one_model_and_give_the_same_numbers(run, tmp_path
         alone.append(pd.read_parquet(tmp_path / f"alone{i}.parquet"))
     loaded = [k for k in cache._store if k[0] == "model"]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda a: _job(run, tmp_path / f"threaded{a[0]}.parquet", layer=a[1][0],
-                                     position=a[1][1], program=False), enumerate(layers_positions)))  # fmt: skip
+        list(
+            pool.map(
+                lambda a: _job(
+                    run,
+                    tmp_path / f"threaded{a[0]}.parquet",
+                    layer=a[1][0],
+                    position=a[1][1],
+                    program=False,
+                ),
+                enumerate(layers_positions),
+            )
+        )
     assert [k for k in cache._store if k[0] == "model"] == loaded  # loaded once, kept
     for i, frame in enumerate(alone):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"threaded{i}.parquet"), frame)

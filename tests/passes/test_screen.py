@@ -1,5 +1,6 @@
-"""The screen (headperturb.model.gradients, headperturb.analysis.screen): its numbers against plain autograd, a planted decisive head,
-the choice of heads to measure and the agreement with exact measurements."""
+"""The screen (headperturb.model.gradients, headperturb.analysis.screen): its numbers against
+plain autograd, a planted decisive head, the choice of heads to measure and the agreement with
+exact measurements."""
 
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ def test_screen_numbers_equal_plain_autograd(tiny_llama, imdb_sample):
     handles = []
     for i, x in enumerate(ids):
         zs.clear()
-        handles = [model.get_submodule(s.module_name).register_forward_pre_hook(
-            lambda _m, a, k=s.layer: zs.__setitem__(k, a[0])) for s in sites]  # fmt: skip
+        handles = [
+            model.get_submodule(s.module_name).register_forward_pre_hook(
+                lambda _m, a, k=s.layer: zs.__setitem__(k, a[0])
+            )
+            for s in sites
+        ]
         embeds = model.get_input_embeddings()(torch.tensor(x[None])).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds).logits[0, -1]
         for h in handles:
@@ -133,12 +138,24 @@ def test_a_planted_decisive_head_ranks_first_with_the_sign_of_its_exact_effect(
 
 
 def test_choose_takes_the_largest_estimates_and_a_seeded_sample_of_the_rest():
-    frame = pd.DataFrame([
-        {"prompt_id": prompt, "kind": "zero", "scale": "", "position": "all", "layer": layer,
-         "head": head, "margin_change": 0.0, "accuracy": 0.0,
-         "logit_diff": (layer * 4 + head) * (1 if head % 2 else -1) / 100}
-        for prompt in range(2) for layer in range(3) for head in range(4)
-    ])  # fmt: skip
+    frame = pd.DataFrame(
+        [
+            {
+                "prompt_id": prompt,
+                "kind": "zero",
+                "scale": "",
+                "position": "all",
+                "layer": layer,
+                "head": head,
+                "margin_change": 0.0,
+                "accuracy": 0.0,
+                "logit_diff": (layer * 4 + head) * (1 if head % 2 else -1) / 100,
+            }
+            for prompt in range(2)
+            for layer in range(3)
+            for head in range(4)
+        ]
+    )
     heads = screen.per_head(frame)
     top = screen.choose(heads, [0, 1, 2], "all", top=3, random=0, seed=0)
     assert top == {2: [1, 2, 3]}  # |estimates| 0.11, 0.10, 0.09
@@ -155,10 +172,25 @@ def test_choose_takes_the_largest_estimates_and_a_seeded_sample_of_the_rest():
 
 
 def test_agreement_compares_each_head_measured_both_ways():
-    heads = pd.DataFrame({"kind": "zero", "scale": "", "position": "last", "layer": [1] * 4,
-                          "head": range(4), "est_logit_diff": [0.1, 0.2, 0.3, -0.05]})  # fmt: skip
-    table = pd.DataFrame({"kind": "zero", "position": "last", "layer": [1] * 4, "head": range(4),
-                          "change_logit_diff": [0.11, 0.22, 0.2, 0.04]})  # fmt: skip
+    heads = pd.DataFrame(
+        {
+            "kind": "zero",
+            "scale": "",
+            "position": "last",
+            "layer": [1] * 4,
+            "head": range(4),
+            "est_logit_diff": [0.1, 0.2, 0.3, -0.05],
+        }
+    )
+    table = pd.DataFrame(
+        {
+            "kind": "zero",
+            "position": "last",
+            "layer": [1] * 4,
+            "head": range(4),
+            "change_logit_diff": [0.11, 0.22, 0.2, 0.04],
+        }
+    )
     summary, disagree = screen.agreement(table, heads, threshold=0.05)
     row = summary[summary["layer"] == 1].iloc[0]
     assert row["heads"] == 4 and row["spearman"] == pytest.approx(0.8)

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import from_layer
 
 from headperturb.core import kinds
-from headperturb.model import headjob, passes, tail
+from headperturb.model import passes, tail
 from headperturb.model.hooks import Edit, only_segment, segment, site_slice
+from headperturb.model.rows import rows_for
 from headperturb.model.sites import locate_sites
 
 KINDS = ["noise", "zero", "mean", "resample", "patch", "restore"]
@@ -21,7 +23,7 @@ KINDS = ["noise", "zero", "mean", "resample", "patch", "restore"]
 
 def _setup_rows(pids, kind):
     pairs = pd.DataFrame({"prompt_id": pids, "partner_id": [pids[1], pids[0], pids[3], pids[0]]})
-    return headjob.rows_for(kinds.build(kind, 2.0 if kind == "noise" else None), pids, pairs)
+    return rows_for(kinds.build(kind, 2.0 if kind == "noise" else None), pids, pairs)
 
 
 def _edit(model, engine, ids, site, kind, position, rows):
@@ -31,10 +33,17 @@ def _edit(model, engine, ids, site, kind, position, rows):
     cols = site_slice(model, site, 1, "o_proj_input")
     clean = passes.clean_outputs(engine, ids, site, 1, "o_proj_input") if pert.needs_clean else None
     extra = {"donors": rows.donors} if pert.paired else {}
-    values = pert.values(seed=3, layer=site.layer, head=1, width=cols.stop - cols.start, repeats=2,
-                         clean=clean, **extra)  # fmt: skip
+    values = pert.values(
+        seed=3,
+        layer=site.layer,
+        head=1,
+        width=cols.stop - cols.start,
+        repeats=2,
+        clean=clean,
+        **extra,
+    )
     edit = Edit(
-        site, 1, "o_proj_input", values, pert.mode, pert.draws(2), position, engine.prefix_len
+        site, 1, "o_proj_input", values, pert.apply, pert.draws(2), position, engine.prefix_len
     )
     return edit, pert
 
@@ -84,8 +93,9 @@ def test_segment_fast_equals_naive(family_setup, captured, uneven, kind, positio
     edit, pert = _edit(model, engine, ids, site, kind, position, rows)
     run_ids, run_pids = [ids[k] for k in rows.run], [pids[k] for k in rows.prompt]
     naive = passes.naive(engine, run_ids, run_pids, edit)
-    fast = passes.shared_prefix(engine, captured, run_ids, run_pids, edit,
-                                _keys(pert, position, run_ids), runs=rows.run)  # fmt: skip
+    fast = passes.shared_prefix(
+        engine, captured, run_ids, run_pids, edit, _keys(pert, position, run_ids), runs=rows.run
+    )
     np.testing.assert_allclose(fast, naive, atol=1e-4)
     if kind not in ("patch", "restore") or position != "demonstrations":
         assert np.abs(naive - unedited[rows.run][:, None]).max() > 1e-6  # moved (float noise ~1e-8)
@@ -119,13 +129,15 @@ def test_the_shared_prefix_pass_equals_the_whole_prompt_pass(family_setup, captu
     site = locate_sites(model)[1]
     rows = _setup_rows(pids, "zero")
     edit, pert = _edit(model, engine, ids, site, "zero", "all", rows)
-    whole = passes.from_layer(engine, captured, ids, pids, edit)
+    whole = from_layer(engine, captured, ids, pids, edit)
     shared = passes.shared_prefix(engine, captured, ids, pids, edit, _keys(pert, "all", ids))
     np.testing.assert_allclose(shared, whole, atol=1e-4)
 
 
-@pytest.mark.parametrize(("kind", "groups"), [("zero", "one"), ("mean", "lengths"), ("noise", "prompts"),
-                                              ("patch", "one")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "groups"),
+    [("zero", "one"), ("mean", "lengths"), ("noise", "prompts"), ("patch", "one")],
+)
 def test_demonstrations_are_computed_once_per_group(llama_setup, kind, groups):
     """Zero: one pass over the demonstrations per job; mean: one per prompt length (prompts of
     three lengths here); noise: one per prompt; patching: one, unedited."""
@@ -185,8 +197,9 @@ def test_rows_batched_of_any_size_equal_naive(llama_setup, kind, batch_size):
     rows = _setup_rows(pids, kind)
     edit, _pert = _edit(model, engine, ids, site, kind, "review", rows)
     naive = passes.naive(engine, ids, pids, edit)
-    fast = passes.shared_prefix(engine, captured, ids, pids, edit, ["clean"] * len(ids),
-                                batch_size=batch_size)  # fmt: skip
+    fast = passes.shared_prefix(
+        engine, captured, ids, pids, edit, ["clean"] * len(ids), batch_size=batch_size
+    )
     assert fast.shape == (len(ids), edit.draws, 2) and edit.draws == (2 if kind == "noise" else 1)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
 

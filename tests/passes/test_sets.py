@@ -7,21 +7,44 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from reference import from_layer
 from tiny_models import untouched
 
 from headperturb.core import kinds
 from headperturb.core.sets import SetJob
-from headperturb.model import gradients, headjob, passes
-from headperturb.model.headset import set_edit
+from headperturb.model import gradients, headset, passes, run
 from headperturb.model.hooks import AT_SITE, site_slice
+from headperturb.model.rows import rows_for
 from headperturb.model.sites import locate_sites
+from headperturb.model.target import build_edit
 
 MEMBERS = [(1, 0), (2, 3), (3, 1), (1, 2)]  # three layers, two heads of the lowest
 
 
+def set_edit(job, members, engine, sites, rows, state=None, means=None, clean=None):
+    """The EditSet of ``job`` on ``members``, each member's clean output from the baseline's final
+    state, from the heads' means (every position) or given (``clean[(layer, head)]``)."""
+    if clean is not None:
+        clean_of = lambda site, head, _cols: clean[(site.layer, head)]  # noqa: E731
+    elif state is not None:
+        clean_of = run._from_state(state, job.site)
+    elif means is not None:
+        clean_of = lambda site, _head, cols: [means[site.layer][:, cols]]  # noqa: E731
+    else:
+        clean_of = None
+    return build_edit(
+        headset.target(job, members),
+        site_of=lambda layer: sites[layer],
+        cols_of=lambda site, head: site_slice(engine.model, site, head, job.site),
+        clean_of=clean_of,
+        donors=rows.donors,
+        prefix_len=engine.prefix_len,
+    )
+
+
 def _rows(kind, pids):
     pairs = pd.DataFrame({"prompt_id": pids, "partner_id": [pids[1], pids[0], pids[3], pids[0]]})
-    return headjob.rows_for(kinds.build(kind), pids, pairs)
+    return rows_for(kinds.build(kind), pids, pairs)
 
 
 def _naive(model, engine, ids, pids, job, rows):
@@ -75,7 +98,7 @@ def test_set_at_every_position_equals_naive(family_setup, kind, where):
     else:
         means = gradients.head_means(engine, ids, [sites[1], sites[2], sites[3]], where=where)
         edit = set_edit(job, MEMBERS, engine, sites, rows, means=means)
-        fast = passes.from_layer(engine, captured, run_ids, run_pids, edit, runs=rows.run)
+        fast = from_layer(engine, captured, run_ids, run_pids, edit, runs=rows.run)
     naive = _naive(model, engine, ids, pids, job, rows)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
     assert np.abs(naive[:, 0] - recorded.logits[rows.run]).max() > 1e-4
@@ -129,8 +152,10 @@ def test_a_redundant_pair_is_weak_alone_and_strong_together(llama_setup):
     ):  # margin += 10 tanh(100 (|z0| + |z1|)) - 5: +5 with either head, -5 without
         return out + ((10 * torch.tanh(100 * seen["on"]) - 5)[:, None, None] * along)
 
-    handles = [model.get_submodule(site.module_name).register_forward_hook(grab),
-               model.get_submodule(direct.final_norm_name(model)).register_forward_hook(plant)]  # fmt: skip
+    handles = [
+        model.get_submodule(site.module_name).register_forward_hook(grab),
+        model.get_submodule(direct.final_norm_name(model)).register_forward_hook(plant),
+    ]
     labels = np.ones(len(ids), dtype=int)
     rows = _rows("zero", pids)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import from_layer
 from tiny_models import edit_of, sentiment_prompts
 
 from headperturb.core import files
@@ -39,8 +40,15 @@ def smollm2(tmp_path_factory, imdb_sample):
     try:
         model, tok, _ = loading.load_prepared(folder, device="cpu")
         train, test = imdb_sample
-        built = sentiment_prompts(train, test, tok, k_shot=4, n_test=20, max_review_tokens=80,
-                                  context_length=info["context_length"])  # fmt: skip
+        built = sentiment_prompts(
+            train,
+            test,
+            tok,
+            k_shot=4,
+            n_test=20,
+            max_review_tokens=80,
+            context_length=info["context_length"],
+        )
         yield model, info, built
     finally:
         torch.set_num_threads(1)
@@ -100,9 +108,7 @@ def test_smollm2_fast_passes_equal_the_naive_method(smollm2, tmp_path):
     edit = edit_of(model, middle, 4, scale=2.0, repeats=2, seed=0)
     captured = engine.capture_layer_inputs(ids, middle)
     naive = passes.naive(engine, ids, pids, edit)
-    np.testing.assert_allclose(
-        passes.from_layer(engine, captured, ids, pids, edit), naive, atol=1e-4
-    )
+    np.testing.assert_allclose(from_layer(engine, captured, ids, pids, edit), naive, atol=1e-4)
     assert np.abs(naive[:, 0] - naive[:, 1]).max() > 1e-4  # the two draws differ
 
     edit = edit_of(model, middle, 4, scale=2.0, repeats=2, seed=0, position="last")
@@ -134,10 +140,23 @@ def test_a_layer_out_of_range_stops_after_the_fetch_before_preparing(tmp_path, i
     config["perturbation"]["sweeps"] = [{"layers": [30]}]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory",
-         str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "--cores", "1"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "layer 30 is out of range: the model has 30 layers (allowed -30..29, negative" in out

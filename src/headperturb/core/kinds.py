@@ -3,8 +3,11 @@ registry.
 
 Every kind answers the same questions:
 
-- ``mode``: whether its values are *added* to the head's output (``add``, noise) or *replace* it
-  (``set``, ablations);
+- :meth:`Perturbation.apply`: the edit itself, a function of the head's output slice ``z`` and
+  the values it reads ``v`` (the noise, zeros, the mean, the partner's output) to the slice's new
+  value: ``z + v`` for noise, ``v`` for the ablations and patching. It must be affine in ``z``
+  (``apply(z, v) = keep * z + add``), which the exported last layer reads off it
+  (:func:`headperturb.model.tail.edits`);
 - ``needs_clean``: whether its values are built from the head's clean outputs (mean, resample,
   patch, restore);
 - ``paired``: whether it runs on the pairs of a prompt and its opposite-sentiment partner
@@ -57,11 +60,16 @@ class Perturbation:
     """Base class: a perturbation of one head's output (see the module docstring)."""
 
     kind: ClassVar[str]
-    mode: ClassVar[str] = "set"
     needs_clean: ClassVar[bool] = False
     takes_scale: ClassVar[bool] = False
     paired: ClassVar[bool] = False
     runs_partner: ClassVar[bool] = False
+
+    @staticmethod
+    def apply(z, v):
+        """The head's output slice ``z`` edited with the values ``v`` (of ``z``'s shape): replaced
+        by them."""
+        return v
 
     def draws(self, repeats: int) -> int:
         """How many draws a job evaluates: deterministic kinds need one."""
@@ -106,7 +114,6 @@ class Noise(Perturbation):
     head's RMS output on the baseline prompts (``relative``), set by :meth:`resolve`."""
 
     kind: ClassVar[str] = "noise"
-    mode: ClassVar[str] = "add"
     takes_scale: ClassVar[bool] = True
     NOISE_MODES: ClassVar[tuple[str, ...]] = ("absolute", "relative")
 
@@ -121,8 +128,14 @@ class Noise(Perturbation):
             )
         if self.noise_mode not in self.NOISE_MODES:
             raise PerturbationError(
-                f"noise_mode {self.noise_mode!r} is not allowed; allowed: {', '.join(self.NOISE_MODES)}"
+                f"noise_mode {self.noise_mode!r} is not allowed; "
+                f"allowed: {', '.join(self.NOISE_MODES)}"
             )
+
+    @staticmethod
+    def apply(z, v):
+        """The noise ``v`` added to the head's output slice ``z``."""
+        return z + v
 
     def draws(self, repeats: int) -> int:
         return int(repeats)
@@ -133,8 +146,12 @@ class Noise(Perturbation):
 
     def settings(self) -> dict:
         sigma = float("nan") if self.sigma is None else float(self.sigma)
-        return {"kind": self.kind, "scale": format_scale(self.scale),
-                "noise_mode": self.noise_mode, "sigma": sigma}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "scale": format_scale(self.scale),
+            "noise_mode": self.noise_mode,
+            "sigma": sigma,
+        }
 
     def resolve(self, rms: float | None = None) -> Noise:
         """This noise with ``sigma`` set; ``rms`` (the head's RMS output) is needed in
@@ -148,8 +165,14 @@ class Noise(Perturbation):
     def values(self, *, seed, layer, head, width, repeats, clean=None):
         if self.sigma is None:
             raise PerturbationError("resolve() the noise's sigma before making values")
-        return noise_values(seed=seed, layer=layer, head=head, scale=self.sigma,
-                            draws=self.draws(repeats), width=width)  # fmt: skip
+        return noise_values(
+            seed=seed,
+            layer=layer,
+            head=head,
+            scale=self.sigma,
+            draws=self.draws(repeats),
+            width=width,
+        )
 
     def first_order(self, sums):
         return float(self.sigma) * sums["g_norm"]
@@ -290,7 +313,8 @@ def noise_seed(seed: int, layer: int, head: int, scale: str | float, draw: int, 
     The same (seed, layer, head, scale, draw, prompt) always gives the same noise, whatever order
     or machine the jobs run in, so a perturbation file is bit-identical across schedules.
     """
-    key = f"{int(seed)}|{int(layer)}|{int(head)}|{format_scale(float(scale))}|{int(draw)}|{int(prompt)}"
+    parts = (int(seed), int(layer), int(head), format_scale(float(scale)), int(draw), int(prompt))
+    key = "|".join(str(part) for part in parts)
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
 
@@ -309,8 +333,16 @@ def noise_values(*, seed: int, layer: int, head: int, scale: float, draws: int, 
     """``values(index, prompt_id, length)``: the seeded noise (:func:`make_noise`) a prompt gets."""
 
     def values(_index, prompt_id, length):
-        return make_noise(seed=seed, layer=layer, head=head, scale=scale, draws=draws,
-                          prompt=prompt_id, length=length, width=width)  # fmt: skip
+        return make_noise(
+            seed=seed,
+            layer=layer,
+            head=head,
+            scale=scale,
+            draws=draws,
+            prompt=prompt_id,
+            length=length,
+            width=width,
+        )
 
     return values
 

@@ -36,7 +36,8 @@ RECORDINGS = ("state", "program", "cache", "activations", "unperturbed")
 class Plan:
     """How one job is computed: the pass (:data:`PASSES`), the layer it starts at (a head job's
     layer; a set's lowest member's), the model's layers, the draws it evaluates and the
-    recordings it reads (:data:`RECORDINGS`). Every pass gives the numbers of ``naive``, full
+    recordings it reads (:data:`RECORDINGS`); ``note`` says why, where that is worth a log line.
+    Every pass gives the numbers of ``naive``, full
     forward passes with the hook (the equivalence tests)."""
 
     name: str
@@ -44,6 +45,7 @@ class Plan:
     n_layers: int
     draws: int = 1
     recordings: tuple[str, ...] = ()
+    note: str = ""  # why this pass, where the reason is worth a log line (unperturbed)
 
     def cost(self, tokens: float, own: float | None = None, shared: float = 1.0):
         """What the job computes per prompt: (token-layers of full passes, final-token-layers).
@@ -108,13 +110,14 @@ def plan(
         return _set_plan(job, method, n_layers, lowest)
     draws = build(job.kind, job.scale or None).draws(repeats)
 
-    def named(name: str, *recordings: str) -> Plan:
-        return Plan(name, job.layer, n_layers, draws, recordings)
+    def named(name: str, *recordings: str, note: str = "") -> Plan:
+        return Plan(name, job.layer, n_layers, draws, recordings, note)
 
     if method == "naive":
         return named("naive")
-    if unchanged(job, n_layers):
-        return named("unperturbed", "unperturbed")
+    why = unchanged(job, n_layers)
+    if why:
+        return named("unperturbed", "unperturbed", note=why)
     if job.layer == n_layers - 1:
         return named("last_layer", "state", "program")
     if job.position == "last":

@@ -89,8 +89,15 @@ def doubling(n: int) -> list[int]:
     return [*out, n]
 
 
-CURVE_DEFAULTS = {"positions": ["last"], "sites": ["o_proj_input"], "orders": ["screen", "random"],
-                  "seeds": [1, 2, 3], "modes": ["remove", "keep"], "ks": None, "singles": 0}  # fmt: skip
+CURVE_DEFAULTS = {
+    "positions": ["last"],
+    "sites": ["o_proj_input"],
+    "orders": ["screen", "random"],
+    "seeds": [1, 2, 3],
+    "modes": ["remove", "keep"],
+    "ks": None,
+    "singles": 0,
+}
 """What a curve of ``perturbation.curves`` leaves out (the config schema holds the same)."""
 
 SET_KINDS = ("zero", "mean", "patch")
@@ -125,8 +132,10 @@ def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -
                 curve["positions"], curve["sites"], curve["orders"]
             ):
                 if position not in ("all", "last") or site not in SITES or order not in ORDERS:
-                    raise SpecError(f"curves: {position}/{site}/{order}: allowed positions all, last; "
-                                    f"sites {', '.join(SITES)}; orders {', '.join(ORDERS)}")  # fmt: skip
+                    raise SpecError(
+                        f"curves: {position}/{site}/{order}: allowed positions all, last; "
+                        f"sites {', '.join(SITES)}; orders {', '.join(ORDERS)}"
+                    )
                 for seed in curve["seeds"] if order == "random" else [0]:
                     base = (site, position, kind, order, int(seed))
                     for mode in curve["modes"]:

@@ -160,8 +160,12 @@ def sweeps(perturbation: dict) -> list[dict]:
     return [{**defaults, **sweep} for sweep in perturbation.get("sweeps") or [{}]]
 
 
-POSITION_LABELS = {"all": "all positions", "last": "last position",
-                   "demonstrations": "demonstration positions", "review": "review positions"}  # fmt: skip
+POSITION_LABELS = {
+    "all": "all positions",
+    "last": "last position",
+    "demonstrations": "demonstration positions",
+    "review": "review positions",
+}
 
 
 def position_label(position: str) -> str:
@@ -253,12 +257,14 @@ class Job:
 
     def describe(self) -> str:
         t = self.target
-        return f"{t.site} {position_label(t.position)}, {self.perturbation.label()}, layer {t.layer} head {t.head}"
+        where = f"{t.site} {position_label(t.position)}"
+        return f"{where}, {self.perturbation.label()}, layer {t.layer} head {t.head}"
 
     def settings(self) -> dict:
         """The job's settings as stored with its result (columns and metadata)."""
         out = {k: v for k, v in asdict(self.target).items() if k not in ("kind", "scale")}
         out.update(self.perturbation.settings())
-        out.update(method=self.method, seed=int(self.seed), repeats=int(self.draws),
-                   dtype=self.dtype)  # fmt: skip
+        out.update(
+            method=self.method, seed=int(self.seed), repeats=int(self.draws), dtype=self.dtype
+        )
         return out

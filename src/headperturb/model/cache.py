@@ -69,11 +69,17 @@ def cached_model(model_dir, device: str, dtype: str):
     from headperturb.model.surgery import thread_copy
 
     stamp = Path(model_dir) / loading.INFO_FILE
-    shared = cached("model", stamp, lambda: loading.load_prepared(
-        model_dir, device=device, dtype=dtype, tokenizer=False), device, dtype)  # fmt: skip
+    shared = cached(
+        "model",
+        stamp,
+        lambda: loading.load_prepared(model_dir, device=device, dtype=dtype, tokenizer=False),
+        device,
+        dtype,
+    )
     base, _, info = shared
-    mine = cached("model-thread", stamp, lambda: thread_copy(base), device, dtype,
-                  threading.get_ident())  # fmt: skip
+    mine = cached(
+        "model-thread", stamp, lambda: thread_copy(base), device, dtype, threading.get_ident()
+    )
     return mine, info
 
 
@@ -88,7 +94,8 @@ def cached_tensors(path, keys: tuple[str, ...] | None = None, expect: dict | Non
 
 
 def cached_program(folder, device: str, weights_sha256: str | None = None):
-    """(program, meta) of an exported last layer (:func:`headperturb.model.tail.load`), loaded once."""
+    """(program, meta) of an exported last layer (:func:`headperturb.model.tail.load`), loaded
+    once."""
     from headperturb.model import tail
 
     load = lambda: tail.load(folder, device, weights_sha256)  # noqa: E731

@@ -1,5 +1,6 @@
-"""What a step runs on: the prepared model (:class:`ModelSpec`) and the run's prompts
-(:class:`PromptFiles`), loaded into an :class:`~headperturb.model.engine.Engine`."""
+"""What a step runs on: the prepared model (:class:`ModelSpec`), the run's prompts
+(:class:`PromptFiles`) and what a job reads (:class:`JobInputs`), loaded into an
+:class:`~headperturb.model.engine.Engine`."""
 
 from __future__ import annotations
 
@@ -29,6 +30,23 @@ class PromptFiles:
 
     prompts: str
     info: str
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a head or set job reads: the prompts, and what its pass starts from (the baseline's
+    final state and exported last layer, a recorded layer input, the recorded keys and values;
+    none for the naive method), the head RMS (relative noise), the prompts' pairs (the paired
+    kinds) and the baseline's per-prompt logits (the unperturbed pass)."""
+
+    prompts: PromptFiles
+    state: str | None = None
+    program: str | None = None
+    activations: str | None = None
+    cache: str | None = None
+    rms: str | None = None
+    pairs: str | None = None
+    unperturbed: str | None = None
 
 
 def gpu_memory_hint(func, *args, **kwargs):

@@ -76,7 +76,119 @@ stream entering the final norm there (where the model has a final norm headpertu
 :data:`headperturb.model.sites.FINAL_NORMS`); and ``n_tokens`` (n,), the prompt lengths."""
 
 
-class Engine:
+class _Recordings:
+    """The recordings the fast passes start from (:class:`Engine`'s, which runs the model): the
+    residual stream entering a layer at every position, and every layer's keys and values."""
+
+    @torch.inference_mode()
+    def capture_layer_inputs(
+        self,
+        prompts: list,
+        site: HeadSite,
+        progress: Progress | None = None,
+        batch_size: int = 4,
+        start: tuple[HeadSite, dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The residual stream entering ``site.layer`` at every position of every prompt.
+
+        ``start``: a lower layer's site and its recorded inputs (this function's output for the
+        same prompts): the layers from there up run on them instead of every layer from the
+        embeddings, the same computation (layer K's input is what the layers below computed).
+
+        Returns ``prefix`` (prefix_len, d), ``suffix`` (sum of query lengths, d) and ``offsets``
+        (n + 1) into ``suffix``.
+        """
+        seen, current = {}, {}
+
+        def grab(x):
+            seen["x"] = x.detach().float().cpu().clone()
+
+        def feed(x):  # the recorded input of the start layer, for the batch that runs now
+            if "idx" not in current:
+                return start[1]["prefix"][None].to(x.device)
+            return padded_inputs(start[1], current["idx"], x.shape[1]).to(x.device)
+
+        edits = [hooks.Hook("hook_resid_pre", site, grab)]
+        if start is not None and not start[0].layer < site.layer:
+            raise ValueError(
+                f"a recording of layer {site.layer} starts from a lower layer, not {start[0].layer}"
+            )
+        if start is not None:
+            edits.insert(0, hooks.Hook("hook_resid_pre", start[0], feed))
+        handles = hooks.attach(self.model, edits)
+        suffix, offsets = [], [0]
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(skip_layers_above(self.model, site))  # only its input is read
+                if start is not None:
+                    stack.enter_context(skip_layers_below(self.model, start[0]))
+                    cache = self._prefix_from(start[0], prompts)
+                else:
+                    cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
+                prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
+                for idx, lengths, _logits, _cache in self.suffix_batches(
+                    cache, prompts, batch_size, current
+                ):
+                    for row, length in enumerate(lengths.tolist()):
+                        suffix.append(seen["x"][row, :length])
+                        offsets.append(offsets[-1] + length)
+                    if progress:
+                        progress.update(len(idx))
+        finally:
+            hooks.detach(handles)
+        return {
+            "prefix": prefix,
+            "suffix": torch.cat(suffix),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+        }
+
+    def _prefix_from(self, start: HeadSite, prompts: list):
+        """The demonstrations run from ``start``'s layer up (the layers below skipped, its input
+        fed by a hook): their keys and values, or None without demonstrations."""
+        from transformers import DynamicCache
+
+        if not self.prefix_len:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        ids = self.ids(prompts[0][: self.prefix_len])
+        self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+        fill_below(cache, start.layer, self.prefix_len)
+        return cache
+
+    @torch.inference_mode()
+    def capture_cache(
+        self, prompts: list, progress: Progress | None = None, batch_size: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """The keys and values of every layer at every position of every prompt, as the model's
+        cache holds them (after any rotary embedding): ``k.L`` / ``v.L`` (heads, positions,
+        head_dim) with the prefix's positions first, then each prompt's query positions;
+        ``offsets`` (n + 1) into the query part. Sliding-window layers keep every position."""
+        cache = self.prefix_cache(prompts, full=True)
+        parts: dict[str, list[torch.Tensor]] = {}
+        offsets = [0]
+        if cache is not None:
+            for layer, (k, v) in enumerate(_layers_kv(cache)):
+                parts.setdefault(f"k.{layer}", []).append(k[0].float().cpu())
+                parts.setdefault(f"v.{layer}", []).append(v[0].float().cpu())
+        for idx, lengths, _logits, batch_cache in self.suffix_batches(
+            cache if cache is not None else _full_cache(), prompts, batch_size
+        ):
+            for layer, (k, v) in enumerate(_layers_kv(batch_cache)):
+                for row, length in enumerate(lengths.tolist()):
+                    sl = slice(self.prefix_len, self.prefix_len + length)
+                    parts.setdefault(f"k.{layer}", []).append(k[row, :, sl].float().cpu())
+                    parts.setdefault(f"v.{layer}", []).append(v[row, :, sl].float().cpu())
+            for length in lengths.tolist():
+                offsets.append(offsets[-1] + length)
+            if progress:
+                progress.update(len(idx))
+        out = {key: torch.cat(rows, dim=1).contiguous() for key, rows in parts.items()}
+        out["offsets"] = torch.tensor(offsets, dtype=torch.int64)
+        out["prefix_len"] = torch.tensor([self.prefix_len], dtype=torch.int64)
+        return out
+
+
+class Engine(_Recordings):
     def __init__(self, model, prefix_len: int, label_token_ids: list[int]):
         self.model = model
         self.device = next(model.parameters()).device
@@ -166,15 +278,26 @@ class Engine:
         recorders = []
         for site in sites:
             recorders += [
-                hooks.Hook("hook_resid_pre", site, _final_recorder(final, f"resid.{site.layer}", current)),
-                hooks.Hook("hook_z", site, _final_recorder(final, f"z.{site.layer}", current, rms,
-                                                           ("o_proj_input", site))),
-                hooks.Hook("hook_attn_out", site, _final_recorder(final, f"out.{site.layer}", current,
-                                                                  rms, ("o_proj_output", site))),
-            ]  # fmt: skip
+                hooks.Hook(
+                    "hook_resid_pre", site, _final_recorder(final, f"resid.{site.layer}", current)
+                ),
+                hooks.Hook(
+                    "hook_z",
+                    site,
+                    _final_recorder(final, f"z.{site.layer}", current, rms, ("o_proj_input", site)),
+                ),
+                hooks.Hook(
+                    "hook_attn_out",
+                    site,
+                    _final_recorder(
+                        final, f"out.{site.layer}", current, rms, ("o_proj_output", site)
+                    ),
+                ),
+            ]
         if final_norm_name(self.model) is not None:  # what the unembedding reads: direct effects
-            recorders.append(hooks.Hook("hook_resid_final", None,
-                                        _final_recorder(final, "resid_final", current)))  # fmt: skip
+            recorders.append(
+                hooks.Hook("hook_resid_final", None, _final_recorder(final, "resid_final", current))
+            )
         handles = hooks.attach(self.model, recorders)
         try:
             cache = self.prefix_cache(prompts)
@@ -189,107 +312,6 @@ class Engine:
         state = {key: torch.cat(rows) for key, rows in final.items()}
         state["n_tokens"] = torch.tensor([len(ids) for ids in prompts], dtype=torch.int64)
         return Baseline(out, state, rms.rows())
-
-    @torch.inference_mode()
-    def capture_layer_inputs(
-        self,
-        prompts: list,
-        site: HeadSite,
-        progress: Progress | None = None,
-        batch_size: int = 4,
-        start: tuple[HeadSite, dict[str, torch.Tensor]] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The residual stream entering ``site.layer`` at every position of every prompt.
-
-        ``start``: a lower layer's site and its recorded inputs (this function's output for the
-        same prompts): the layers from there up run on them instead of every layer from the
-        embeddings, the same computation (layer K's input is what the layers below computed).
-
-        Returns ``prefix`` (prefix_len, d), ``suffix`` (sum of query lengths, d) and ``offsets``
-        (n + 1) into ``suffix``.
-        """
-        from transformers import DynamicCache
-
-        seen, current = {}, {}
-
-        def grab(x):
-            seen["x"] = x.detach().float().cpu().clone()
-
-        def feed(x):  # the recorded input of the start layer, for the batch that runs now
-            if "idx" not in current:
-                return start[1]["prefix"][None].to(x.device)
-            return padded_inputs(start[1], current["idx"], x.shape[1]).to(x.device)
-
-        edits = [hooks.Hook("hook_resid_pre", site, grab)]
-        if start is not None:
-            if not start[0].layer < site.layer:
-                raise ValueError(f"a recording of layer {site.layer} starts from a lower layer, "
-                                 f"not {start[0].layer}")  # fmt: skip
-            edits.insert(0, hooks.Hook("hook_resid_pre", start[0], feed))
-        handles = hooks.attach(self.model, edits)
-        suffix, offsets = [], [0]
-        try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(skip_layers_above(self.model, site))  # only its input is read
-                if start is not None:
-                    stack.enter_context(skip_layers_below(self.model, start[0]))
-                    cache = None
-                    if self.prefix_len:
-                        cache = DynamicCache(config=self.model.config)
-                        self.model(input_ids=self.ids(prompts[0][: self.prefix_len]),
-                                   use_cache=True, logits_to_keep=1,
-                                   **{self.cache_kw: cache})  # fmt: skip
-                        fill_below(cache, start[0].layer, self.prefix_len)
-                else:
-                    cache = self.prefix_cache(prompts)  # the hook records the prefix's layer input
-                prefix = seen.pop("x")[0] if cache is not None else torch.empty(0)
-                for idx, lengths, _logits, _cache in self.suffix_batches(
-                    cache, prompts, batch_size, current
-                ):
-                    for row, length in enumerate(lengths.tolist()):
-                        suffix.append(seen["x"][row, :length])
-                        offsets.append(offsets[-1] + length)
-                    if progress:
-                        progress.update(len(idx))
-        finally:
-            hooks.detach(handles)
-        return {
-            "prefix": prefix,
-            "suffix": torch.cat(suffix),
-            "offsets": torch.tensor(offsets, dtype=torch.int64),
-        }
-
-    @torch.inference_mode()
-    def capture_cache(
-        self, prompts: list, progress: Progress | None = None, batch_size: int = 4
-    ) -> dict[str, torch.Tensor]:
-        """The keys and values of every layer at every position of every prompt, as the model's
-        cache holds them (after any rotary embedding): ``k.L`` / ``v.L`` (heads, positions,
-        head_dim) with the prefix's positions first, then each prompt's query positions;
-        ``offsets`` (n + 1) into the query part. Sliding-window layers keep every position."""
-        cache = self.prefix_cache(prompts, full=True)
-        parts: dict[str, list[torch.Tensor]] = {}
-        offsets = [0]
-        if cache is not None:
-            for layer, (k, v) in enumerate(_layers_kv(cache)):
-                parts.setdefault(f"k.{layer}", []).append(k[0].float().cpu())
-                parts.setdefault(f"v.{layer}", []).append(v[0].float().cpu())
-        for idx, lengths, _logits, batch_cache in self.suffix_batches(
-            cache if cache is not None else _full_cache(), prompts, batch_size
-        ):
-            for layer, (k, v) in enumerate(_layers_kv(batch_cache)):
-                for row, length in enumerate(lengths.tolist()):
-                    sl = slice(self.prefix_len, self.prefix_len + length)
-                    parts.setdefault(f"k.{layer}", []).append(k[row, :, sl].float().cpu())
-                    parts.setdefault(f"v.{layer}", []).append(v[row, :, sl].float().cpu())
-            for length in lengths.tolist():
-                offsets.append(offsets[-1] + length)
-            if progress:
-                progress.update(len(idx))
-        out = {key: torch.cat(rows, dim=1).contiguous() for key, rows in parts.items()}
-        out["offsets"] = torch.tensor(offsets, dtype=torch.int64)
-        out["prefix_len"] = torch.tensor([self.prefix_len], dtype=torch.int64)
-        return out
 
 
 def _full_cache():
@@ -336,8 +358,7 @@ class _RmsSums:
         return rows
 
 
-def _final_recorder(final: dict, name: str, current: dict, rms: _RmsSums | None = None,
-                    what=None):  # fmt: skip
+def _final_recorder(final: dict, name: str, current: dict, rms: _RmsSums | None = None, what=None):
     """A hook function recording an activation at each prompt's final position into
     ``final[name]``, and adding to the RMS sums when given."""
 
@@ -351,3 +372,15 @@ def _final_recorder(final: dict, name: str, current: dict, rms: _RmsSums | None 
         final.setdefault(name, []).append(x[rows, lengths - 1].detach().float().cpu().clone())
 
     return record
+
+
+def on_device(values: tuple, device) -> tuple:
+    """An edit's values (one tensor per member) on ``device``."""
+    return tuple(v.to(device) for v in values)
+
+
+def two_logits(engine: Engine, **inputs) -> np.ndarray:
+    """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
+    with narrow_lm_head(engine.model, engine.token_ids):
+        logits = engine.model(use_cache=False, logits_to_keep=1, **inputs).logits
+    return logits[:, -1, :].float().cpu().numpy()

@@ -17,8 +17,13 @@ from headperturb.model.sites import HeadSite
 from headperturb.model.surgery import narrow_lm_head
 
 
-def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size: int = 4,
-               where: str = "o_proj_input"):  # fmt: skip
+def head_means(
+    engine: Engine,
+    prompts: list,
+    sites: list[HeadSite],
+    batch_size: int = 4,
+    where: str = "o_proj_input",
+):
     """Each layer's o_proj input (or output: ``where``) averaged over the prompts at each position
     counted from the end:
     ``{layer: (longest prompt, width)}``, right-aligned (the last row is the final position), as
@@ -53,9 +58,14 @@ def head_means(engine: Engine, prompts: list, sites: list[HeadSite], batch_size:
     return {layer: (total / counts.clamp(min=1)).flip(0).float() for layer, total in sums.items()}
 
 
-def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: dict,
-                  progress: Progress | None = None,
-                  partners: list[int] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def gradient_sums(
+    engine: Engine,
+    prompts: list,
+    sites: list[HeadSite],
+    means: dict,
+    progress: Progress | None = None,
+    partners: list[int] | None = None,
+) -> dict[str, np.ndarray]:
     """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
     positions (``.all``), the final position (``.last``), the demonstrations
     (``.demonstrations``) and the review (``.review``: :data:`headperturb.core.spec.POSITIONS`),
@@ -69,8 +79,9 @@ def gradient_sums(engine: Engine, prompts: list, sites: list[HeadSite], means: d
     prompt's gradient, NaN where a prompt has no partner."""
     n_heads = sites[0].n_heads
     sums = ("z_dot_g", "mean_dot_g", "g_norm") + (("partner_dot_g",) if partners else ())
-    out = {f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads))
-           for q in sums for p in POSITIONS}  # fmt: skip
+    out = {
+        f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads)) for q in sums for p in POSITIONS
+    }
     n_pre = engine.prefix_len
     with _Gradients(engine, sites) as grads:
         for i, ids in enumerate(prompts):
@@ -112,9 +123,7 @@ class _Gradients:
         self.stack = contextlib.ExitStack()
         self.stack.enter_context(torch.enable_grad())
         self.stack.enter_context(narrow_lm_head(model, self.engine.token_ids))
-        self.stack.enter_context(
-            cache.frozen_parameters(model)
-        )  # gradients reach activations only
+        self.stack.enter_context(cache.frozen_parameters(model))  # gradients reach activations only
         recorders = [hooks.Hook("hook_embed", None, lambda out: out.requires_grad_(True))]
         for k, site in enumerate(self.sites):
             recorders.append(hooks.Hook("hook_z", site, lambda z, k=k: self.seen.__setitem__(k, z)))

@@ -25,19 +25,22 @@ of the activation that returns a replacement or None (keep it). A function may r
 :class:`Stop` to end a forward pass once it has what it needs.
 
 The edit of one head (:class:`Edit`): its columns at ``hook_z`` (``o_proj_input``, its own output)
-or at ``hook_attn_out`` (``o_proj_output``), set to values (ablations, patching) or added to
-(noise), at every position or the last ones. Hooks are removed when their ``with`` block ends,
-also on an exception.
+or at ``hook_attn_out`` (``o_proj_output``) become ``fn(z, v)``, the kind's function of its output
+and the values it reads (:meth:`headperturb.core.kinds.Perturbation.apply`), at every position or
+the last ones (:func:`edit_slice`); a pass applies it with :func:`edited`. Hooks are removed when
+their ``with`` block ends, also on an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from headperturb.core.kinds import Noise
 from headperturb.core.spec import SITES
 from headperturb.model.sites import HeadSite, SiteError, final_norm_name
 from headperturb.model.surgery import out_features, skip_layers_below
@@ -86,41 +89,42 @@ def with_first_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tu
     return args, {**kwargs, key: value.to(kwargs[key].dtype)}
 
 
+def _module(model, point: str, site: HeadSite | None):
+    """The module a point hooks: its output (``hook_embed``, ``hook_attn_out``) or its first
+    input (``hook_resid_pre``, ``hook_z``, ``hook_resid_final``)."""
+    if point == "hook_embed":
+        return model.get_input_embeddings()
+    if point == "hook_resid_pre":
+        return model.get_submodule(site.layers_path)[site.layer]
+    if point == "hook_resid_final":
+        name = final_norm_name(model)
+        if name is None:
+            raise SiteError(f"{type(model).__name__} has no final norm headperturb knows")
+        return model.get_submodule(name)
+    if point in ("hook_z", "hook_attn_out"):
+        return model.get_submodule(site.module_name)
+    point_name(point)  # raises: not a point
+
+
+def _on_output(fn, _module, _args, output):
+    return fn(output)
+
+
+def _on_input(fn, _module, args, kwargs):
+    new = fn(first_input(args, kwargs))
+    return None if new is None else with_first_input(args, kwargs, new)
+
+
 def attach(model, hooks) -> list:
     """Register ``hooks`` on ``model``; returns the handles (:func:`detach` removes them)."""
     handles = []
     for hook in hooks:
-        point, site, fn = hook.point, hook.site, hook.fn
-        if point == "hook_embed":
-            module = model.get_input_embeddings()
-            handles.append(module.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
-        elif point in ("hook_resid_pre", "hook_resid_final"):
-            if point == "hook_resid_pre":
-                module = model.get_submodule(site.layers_path)[site.layer]
-            else:
-                name = final_norm_name(model)
-                if name is None:
-                    raise SiteError(f"{type(model).__name__} has no final norm headperturb knows")
-                module = model.get_submodule(name)
-
-            def resid(_m, args, kwargs, fn=fn):
-                new = fn(first_input(args, kwargs))
-                return None if new is None else with_first_input(args, kwargs, new)
-
-            handles.append(module.register_forward_pre_hook(resid, with_kwargs=True))
-        elif point == "hook_z":
-            module = model.get_submodule(site.module_name)
-
-            def z(_m, args, fn=fn):
-                new = fn(args[0])
-                return None if new is None else (new, *args[1:])
-
-            handles.append(module.register_forward_pre_hook(z))
-        elif point == "hook_attn_out":
-            module = model.get_submodule(site.module_name)
-            handles.append(module.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
+        module = _module(model, hook.point, hook.site)
+        if hook.point in ("hook_embed", "hook_attn_out"):
+            handles.append(module.register_forward_hook(functools.partial(_on_output, hook.fn)))
         else:
-            point_name(point)  # raises: not a point
+            on_input = functools.partial(_on_input, hook.fn)
+            handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
     return handles
 
 
@@ -151,8 +155,6 @@ def start_at_layer(model, site: HeadSite, hidden: torch.Tensor) -> Iterator[None
 
 # -- the edit of one head's output -----------------------------------------------------------
 
-MODES = ("add", "set")
-
 
 def site_slice(model, site: HeadSite, head: int, where: str) -> slice:
     """The columns of head ``head`` at ``where`` (``o_proj_input`` or ``o_proj_output``)."""
@@ -174,107 +176,90 @@ def head_columns(
     return slice(head * width, (head + 1) * width)
 
 
-def edit(x: torch.Tensor, cols: slice, values: torch.Tensor, mode: str) -> torch.Tensor:
-    """``x`` (..., seq, width) with ``values`` (batch or 1, k, len(cols)) added to, or set on, the
-    columns ``cols`` of its last ``k`` positions (``k`` = the shorter of the two lengths). A NaN
-    value leaves its position as it is (a segment's edit: :func:`only_segment`)."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
-    x = x.clone()
+KEEP = float("nan")
+"""The one way to say "keep this position's output": an edit's values hold ``KEEP`` at the
+positions it leaves as they are (outside a segment, a padded row's pads)."""
+
+
+def kept(values: torch.Tensor) -> torch.Tensor:
+    """Where ``values`` say :data:`KEEP`."""
+    return torch.isnan(values)
+
+
+def edit_slice(x: torch.Tensor, cols: slice, values: torch.Tensor, fn) -> torch.Tensor:
+    """``x`` (..., seq, width) with the columns ``cols`` of its last ``k`` positions (``k`` = the
+    shorter of the two lengths) set to ``fn(z, v)``: ``z`` their output, ``v`` ``values``
+    (batch or 1, k, len(cols)) aligned to the last positions; where ``v`` is :data:`KEEP`, ``z``
+    stays."""
     k = min(x.shape[-2], values.shape[-2])
-    v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)
-    v = v.expand(*x.shape[:-2], k, v.shape[-1])
-    missing = torch.isnan(v)
-    if missing.any():  # positions outside the edited segment keep their own output
-        v = torch.where(missing, x[..., -k:, cols] if mode == "set" else torch.zeros_like(v), v)
-    if mode == "add":
-        x[..., -k:, cols] += v
-    else:
-        x[..., -k:, cols] = v
-    return x
+    v = values[..., -k:, :].to(device=x.device, dtype=x.dtype)  # (batch or 1, k, width)
+    v = v.expand(*x.shape[:-2], k, v.shape[-1])  # (..., k, width)
+    z = x[..., -k:, cols]  # (..., k, width)
+    new = fn(z, v)
+    keep = kept(v)
+    if keep.any():  # positions outside the edited segment keep their own output
+        new = torch.where(keep, z, new)
+    out = x.clone()
+    out[..., -k:, cols] = new
+    return out
 
 
 def segment(position: str, length: int, prefix_len: int) -> tuple[int, int]:
     """The positions ``[start, stop)`` of a prompt of ``length`` tokens that ``position`` edits:
     every one (``all``), the final one (``last``), the demonstrations (the first ``prefix_len``)
     or the review (the rest but the final one)."""
-    bounds = {"all": (0, length), "last": (length - 1, length), "demonstrations": (0, prefix_len),
-              "review": (prefix_len, length - 1)}  # fmt: skip
+    bounds = {
+        "all": (0, length),
+        "last": (length - 1, length),
+        "demonstrations": (0, prefix_len),
+        "review": (prefix_len, length - 1),
+    }
     if position not in bounds:
         raise ValueError(f"position {position!r} is not allowed; allowed: {', '.join(bounds)}")
     return bounds[position]
 
 
 def only_segment(values: torch.Tensor, length: int, start: int, stop: int) -> torch.Tensor:
-    """``values`` (aligned to the last positions of a prompt of ``length`` tokens) with NaN,
-    which :func:`edit` reads as "keep the output", outside positions ``[start, stop)``."""
+    """``values`` (aligned to the last positions of a prompt of ``length`` tokens) with
+    :data:`KEEP` outside positions ``[start, stop)``."""
     out = values.clone()
     first = length - values.shape[-2]  # the prompt position of values' first row
     index = torch.arange(first, length)
-    out[..., (index < start) | (index >= stop), :] = float("nan")
+    out[..., (index < start) | (index >= stop), :] = KEEP
     return out
-
-
-@contextlib.contextmanager
-def perturb_head(
-    model,
-    site: HeadSite,
-    head: int,
-    values: torch.Tensor,
-    where: str = "o_proj_input",
-    mode: str = "add",
-) -> Iterator[None]:
-    """While active, change head ``head``'s slice at ``where`` with :func:`edit`.
-
-    ``values`` has shape (batch or 1, length, width) and is aligned to the *last* positions of the
-    hooked tensor, so a pass over only the final tokens of a prompt receives the values of those
-    positions, and values of length 1 perturb the final position alone. With ``set``, positions
-    before the first of ``values`` keep their own output.
-    """
-    cols = site_slice(model, site, head, where)
-    with hooked(model, Hook(AT_SITE[where], site, lambda x: edit(x, cols, values, mode))):
-        yield
 
 
 @dataclass(frozen=True)
 class Edit:
-    """What a perturbed pass applies: head ``head`` of ``site``, at ``where`` (o_proj input or
-    output), over ``position`` (``all`` positions, the ``last`` one, the ``demonstrations`` or
-    the ``review``: :func:`segment`), its columns changed by
-    ``values`` (added or set, ``mode``) in each of ``draws`` draws.
+    """The edit of one head: head ``head`` of ``site``, at ``where`` (o_proj input or output),
+    over ``position`` (``all`` positions, the ``last`` one, the ``demonstrations`` or the
+    ``review``: :func:`segment`), its columns set to ``fn(z, v)`` (the kind's
+    :meth:`~headperturb.core.kinds.Perturbation.apply`) in each of ``draws`` draws.
 
-    ``values(index, prompt_id, length)`` gives a (draws or 1, length, width) tensor aligned to the
-    last ``length`` positions (see :mod:`headperturb.core.kinds`)."""
+    ``values(index, prompt_id, length)`` gives ``v``, a (draws or 1, length, width) tensor aligned
+    to the last ``length`` positions (see :mod:`headperturb.core.kinds`)."""
 
     site: HeadSite
     head: int
     where: str
     values: Callable
-    mode: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     draws: int
     position: str = "all"
     prefix_len: int = 0  # the demonstrations' tokens, for the segments
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} is not allowed; allowed: {', '.join(MODES)}")
         segment(self.position, 1, 0)  # raises for a position that is none
 
     def for_prompt(self, index: int, prompt_id: int, length: int) -> torch.Tensor:
         """The values for one prompt of ``length`` tokens: every position, the final one, or
-        every position with NaN outside the segment (:func:`only_segment`)."""
+        every position with :data:`KEEP` outside the segment (:func:`only_segment`)."""
         if self.position == "last":
             return self.values(index, prompt_id, 1)
         values = self.values(index, prompt_id, length)
         if self.position == "all":
             return values
         return only_segment(values, length, *segment(self.position, length, self.prefix_len))
-
-    @contextlib.contextmanager
-    def applied(self, model, values: torch.Tensor) -> Iterator[None]:
-        """While active, ``values`` (one prompt's, from :meth:`for_prompt`) edit the model."""
-        with perturb_head(model, self.site, self.head, values, self.where, self.mode):
-            yield
 
     @property
     def members(self) -> tuple[Edit, ...]:
@@ -285,11 +270,11 @@ class Edit:
         """One prompt's values, one tensor per member (:meth:`for_prompt`)."""
         return (self.for_prompt(index, prompt_id, length),)
 
-    @contextlib.contextmanager
-    def applied_all(self, model, values) -> Iterator[None]:
-        """While active, ``values`` (one per member, from :meth:`values_for`) edit the model."""
-        with self.applied(model, values[0]):
-            yield
+    def hook(self, model, values: torch.Tensor) -> Hook:
+        """The hook that applies ``values`` (one prompt's, from :meth:`for_prompt`)."""
+        cols = site_slice(model, self.site, self.head, self.where)
+        edit = functools.partial(edit_slice, cols=cols, values=values, fn=self.fn)
+        return Hook(AT_SITE[self.where], self.site, edit)
 
 
 @dataclass(frozen=True)
@@ -326,9 +311,24 @@ class EditSet:
     def values_for(self, index: int, prompt_id: int, length: int) -> tuple[torch.Tensor, ...]:
         return tuple(e.for_prompt(index, prompt_id, length) for e in self.edits)
 
-    @contextlib.contextmanager
-    def applied_all(self, model, values) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for edit, value in zip(self.edits, values):
-                stack.enter_context(edit.applied(model, value))
-            yield
+
+@contextlib.contextmanager
+def edited(model, edit: Edit | EditSet, values: tuple | None) -> Iterator[None]:
+    """While active, ``edit``'s members change ``model`` with ``values`` (one tensor per member,
+    from ``values_for``); None: nothing to edit (the model runs as it is)."""
+    members = zip(edit.members, values) if values is not None else ()
+    with hooked(model, *(member.hook(model, v) for member, v in members)):
+        yield
+
+
+@contextlib.contextmanager
+def perturb_head(
+    model, site: HeadSite, head: int, values: torch.Tensor, where: str = "o_proj_input", fn=None
+) -> Iterator[None]:
+    """While active, head ``head``'s slice at ``where`` becomes ``fn(z, values)`` (default: the
+    values added, as noise is) at every position :func:`edit_slice` aligns ``values`` (shape
+    (batch or 1, length, width)) to: the *last* positions of the hooked tensor."""
+    fn = Noise.apply if fn is None else fn
+    edit = Edit(site, head, where, lambda *_: values, fn, values.shape[0])
+    with edited(model, edit, (values,)):
+        yield

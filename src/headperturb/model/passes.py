@@ -1,11 +1,18 @@
 """The perturbed forward passes: (n, draws, 2) verbalizer logits with one head edited
-(an :class:`headperturb.model.hooks.Edit`).
+(an :class:`headperturb.model.hooks.Edit`) or several
+(an :class:`~headperturb.model.hooks.EditSet`).
+Which one a job runs is :func:`headperturb.core.plans.plan`'s choice, and
+:func:`headperturb.model.run.run` calls it.
 
 - :func:`naive`: the reference. A full forward pass over the whole prompt with the hook, all draws
   of a prompt in one batch.
-- :func:`from_layer`: every layer before ``L`` computes exactly what the baseline computed, so the
-  pass starts at ``L`` from the residual stream recorded there
-  (:meth:`headperturb.model.engine.Engine.capture_layer_inputs`) and runs only layers ``>= L``.
+- :func:`shared_prefix`: every layer before ``L`` computes exactly what the baseline computed, so
+  the pass starts at ``L`` from the residual stream recorded there
+  (:meth:`headperturb.model.engine.Engine.capture_layer_inputs`) and runs only layers ``>= L``;
+  the demonstrations once per group of prompts that get the same values there, then each
+  prompt's own tokens on top of them.
+- :func:`partner_patched`: a set of heads patched at every position: each prompt beside its
+  partner in one batch from the lowest member's layer, the members' outputs copied across.
 - :func:`last_layer`: at the last layer only the final position reaches the logits, and an edit
   after the attention leaves that layer's keys and values unchanged: one position per prompt
   through :class:`headperturb.model.tail.LastLayer`, every prompt and draw in one batch.
@@ -15,40 +22,38 @@
   (:meth:`~headperturb.model.engine.Engine.baseline`), attending to the recorded keys and values
   (:meth:`~headperturb.model.engine.Engine.capture_cache`): one token per prompt and draw, batched.
 
-Each runs the model's own modules through its own ``forward`` (:mod:`headperturb.model.surgery`), so
-masks, rotary embeddings and family quirks stay the model's; the equivalence tests check every fast
-pass against :func:`naive` to 1e-4. :func:`clean_outputs` gives a head's clean output at every
-position (at the final position: :func:`headperturb.model.tail.final_outputs`, from the baseline's
-recording), which the mean and resample ablations are built from.
+Each runs the model's own modules through its own ``forward`` (:mod:`headperturb.model.surgery`),
+so masks, rotary embeddings and family quirks stay the model's; the equivalence tests check every
+fast pass against :func:`naive` to 1e-4. :func:`clean_outputs` gives a head's clean output at
+every position (at the final position: :func:`headperturb.model.tail.final_outputs`, from the
+baseline's recording), which the mean and resample ablations are built from.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
-from headperturb.joblog import Progress
+from headperturb import joblog
 from headperturb.model import hooks, tail
-from headperturb.model.engine import Engine, fill_below, padded_inputs
+from headperturb.model.engine import Engine, fill_below, on_device, padded_inputs, two_logits
+from headperturb.model.final_token import final_position
 from headperturb.model.hooks import Edit, site_slice, start_at_layer
 from headperturb.model.sites import HeadSite
-from headperturb.model.surgery import last_mlp_at, narrow_lm_head, stand_in_embeddings
+from headperturb.model.surgery import last_mlp_at, narrow_lm_head
 
-
-def _on(values: tuple, device) -> tuple:
-    """An edit's values (one tensor per member) on ``device``."""
-    return tuple(v.to(device) for v in values)
-
-
-def _two_logits(engine: Engine, **inputs) -> np.ndarray:
-    """(batch, 2) verbalizer logits at the last position, computing only those two rows."""
-    with narrow_lm_head(engine.model, engine.token_ids):
-        logits = engine.model(use_cache=False, logits_to_keep=1, **inputs).logits
-    return logits[:, -1, :].float().cpu().numpy()
+__all__ = [  # the passes; final_position lives in headperturb.model.final_token
+    "naive",
+    "shared_prefix",
+    "partner_patched",
+    "last_layer",
+    "final_position",
+    "full",
+    "clean_outputs",
+    "layer_input",
+]
 
 
 @torch.inference_mode()
@@ -61,16 +66,19 @@ def full(engine: Engine, ids, batch: int = 1) -> np.ndarray:
 
 
 @torch.inference_mode()
-def naive(engine: Engine, prompts: list, prompt_ids: list[int], edit: Edit,
-          progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+def naive(
+    engine: Engine,
+    prompts: list,
+    prompt_ids: list[int],
+    edit: Edit,
+) -> np.ndarray:
     """(n, draws, 2) logits with ``edit`` applied: full forward passes (the reference)."""
     out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
     for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
-        values = _on(edit.values_for(i, pid, len(ids)), engine.device)
-        with edit.applied_all(engine.model, values):
+        values = on_device(edit.values_for(i, pid, len(ids)), engine.device)
+        with hooks.edited(engine.model, edit, values):
             out[i] = full(engine, ids, batch=edit.draws)
-        if progress:
-            progress.update()
+        joblog.advance()
     return out
 
 
@@ -80,44 +88,20 @@ def layer_input(captured: dict[str, torch.Tensor], i: int) -> torch.Tensor:
     return torch.cat([captured["prefix"], captured["suffix"][offsets[i] : offsets[i + 1]]])
 
 
-@torch.inference_mode()
-def from_layer(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
-               prompt_ids: list[int], edit: Edit, progress: Progress | None = None,
-               runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
-    """(n, draws, 2) logits with ``edit`` applied at any layer, running only layers >= L.
-    ``runs`` says which recorded prompt each row is (default: row i is prompt i); ``prompts``
-    are the rows' token ids."""
-    out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
-    for i, (ids, pid) in enumerate(zip(prompts, prompt_ids)):
-        hidden = layer_input(captured, runs[i] if runs is not None else i)
-        if hidden.shape[0] != len(ids):
-            raise ValueError(f"the layer input recorded for prompt {pid} does not match its length")
-        hidden = hidden.to(engine.device)[None].expand(edit.draws, -1, -1)
-        values = _on(edit.values_for(i, pid, len(ids)), engine.device)
-        with (
-            start_at_layer(engine.model, edit.site, hidden),
-            edit.applied_all(engine.model, values),
-        ):
-            out[i] = _two_logits(engine, input_ids=engine.ids(ids).expand(edit.draws, -1))
-        if progress:
-            progress.update()
-    return out
-
-
 def _own_values(edit, row: int, pid: int, length: int, start: int, stop: int, device):
     """The edit's values for one prompt's positions ``[start, stop)`` (one tensor per member),
-    or None where they are all NaN (nothing to edit there)."""
+    or None where they are all :data:`~headperturb.model.hooks.KEEP` (nothing to edit there)."""
     values = []
     for v in edit.values_for(row, pid, length):
         first = length - v.shape[-2]
         part = v[..., max(start - first, 0) : max(stop - first, 0), :]
         if part.shape[-2] < stop - start:  # values shorter than the prompt: keep the rest
             pad = torch.full(
-                (*part.shape[:-2], stop - start - part.shape[-2], part.shape[-1]), float("nan")
+                (*part.shape[:-2], stop - start - part.shape[-2], part.shape[-1]), hooks.KEEP
             )
             part = torch.cat([pad, part], dim=-2)
         values.append(part)
-    if all(torch.isnan(v).all() for v in values):
+    if all(hooks.kept(v).all() for v in values):
         return None
     return tuple(v.to(device) for v in values)
 
@@ -125,14 +109,15 @@ def _own_values(edit, row: int, pid: int, length: int, start: int, stop: int, de
 def _stacked(per_row: list, draws: int, width: int):
     """The rows' own values (one tuple per row from :func:`_own_values`, or None) as one
     (draws * rows, width, columns) tensor per member, draw-major (row ``r`` of draw ``d`` at
-    ``d * rows + r``), right-padded with NaN (keep the output) to ``width`` positions; None where
+    ``d * rows + r``), right-padded with :data:`~headperturb.model.hooks.KEEP` to ``width``
+    positions; None where
     no row edits anything."""
     present = [v for v in per_row if v is not None]
     if not present:
         return None
     out = []
     for m, ref in enumerate(present[0]):
-        block = ref.new_full((draws, len(per_row), width, ref.shape[-1]), float("nan"))
+        block = ref.new_full((draws, len(per_row), width, ref.shape[-1]), hooks.KEEP)
         for r, values in enumerate(per_row):
             if values is not None:
                 block[:, r, : values[m].shape[-2]] = values[m]
@@ -141,12 +126,18 @@ def _stacked(per_row: list, draws: int, width: int):
 
 
 @torch.inference_mode()
-def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: list,
-                  prompt_ids: list[int], edit: Edit, keys: list | None = None,
-                  progress: Progress | None = None, runs: list[int] | None = None,
-                  batch_size: int = 4) -> np.ndarray:  # fmt: skip
+def shared_prefix(
+    engine: Engine,
+    captured: dict[str, torch.Tensor],
+    prompts: list,
+    prompt_ids: list[int],
+    edit: Edit,
+    keys: list | None = None,
+    runs: list[int] | None = None,
+    batch_size: int = 4,
+) -> np.ndarray:
     """(n, draws, 2) logits with ``edit`` applied at any layer ``L``, running only layers >= L
-    from the recorded residual stream entering ``L`` (as :func:`from_layer`), with the
+    from the recorded residual stream entering ``L``, with the
     demonstrations computed once per group of prompts whose values there are equal.
 
     ``keys[i]`` groups the rows (:meth:`headperturb.core.kinds.Perturbation.prefix_key`): rows
@@ -157,51 +148,59 @@ def shared_prefix(engine: Engine, captured: dict[str, torch.Tensor], prompts: li
     ``batch_size`` at a time (shortest first), their own tokens right-padded to the longest as
     the baseline's are (:meth:`headperturb.model.engine.Engine.suffix_batches`): with causal
     attention no real position sees a pad, and the edit's values are placed per row."""
-    from transformers import DynamicCache
-
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} is not allowed: it must be >= 1")
-    model, draws, site = engine.model, edit.draws, edit.site
-    n_pre = engine.prefix_len
     runs = list(range(len(prompts))) if runs is None else list(runs)
     keys = [None] * len(prompts) if keys is None else list(keys)
     groups: dict = {}
     for row, key in enumerate(keys):
         groups.setdefault(("own", row) if key is None else key, []).append(row)
-    out = np.empty((len(prompts), draws, 2), dtype=np.float64)
-    offsets, dev = captured["offsets"], engine.device
+    out = np.empty((len(prompts), edit.draws, 2), dtype=np.float64)
+    offsets = captured["offsets"]
     for row, ids in enumerate(prompts):
-        if len(ids) - n_pre != int(offsets[runs[row] + 1] - offsets[runs[row]]):
+        if len(ids) - engine.prefix_len != int(offsets[runs[row] + 1] - offsets[runs[row]]):
             raise ValueError(
                 f"the layer input recorded for prompt {prompt_ids[row]} does not match its length"
             )
     for key, rows in groups.items():
         first = rows[0]
-        ids = prompts[first]
-        cache = None
-        if n_pre:
-            hidden = captured["prefix"].to(dev)[None].expand(draws, -1, -1)
-            values = (
-                None
-                if key == "clean"
-                else _own_values(edit, first, prompt_ids[first], len(ids), 0, n_pre, dev)
+        values = None  # the demonstrations of the "clean" group are the baseline's
+        if key != "clean":
+            length = len(prompts[first])
+            values = _own_values(
+                edit, first, prompt_ids[first], length, 0, engine.prefix_len, engine.device
             )
-            cache = DynamicCache(config=model.config)
-            with (
-                start_at_layer(model, site, hidden),
-                edit.applied_all(model, values) if values else contextlib.nullcontext(),
-            ):
-                model(input_ids=engine.ids(ids[:n_pre]).expand(draws, -1), use_cache=True,
-                      logits_to_keep=1, **{engine.cache_kw: cache})  # fmt: skip
-            fill_below(cache, site.layer, n_pre)
+        cache = _demonstrations(engine, captured, edit, prompts[first], values)
         rows = sorted(rows, key=lambda r: len(prompts[r]))
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            out[batch] = _own_tokens(engine, captured, prompts, prompt_ids, edit, cache, batch,
-                                     [runs[r] for r in batch])  # fmt: skip
-            if progress:
-                progress.update(len(batch))
+            out[batch] = _own_tokens(
+                engine, captured, prompts, prompt_ids, edit, cache, batch, [runs[r] for r in batch]
+            )
+            joblog.advance(len(batch))
     return out
+
+
+def _demonstrations(engine: Engine, captured, edit, ids, values):
+    """The keys and values of the demonstrations (the first ``prefix_len`` tokens of ``ids``),
+    from the recorded input of the edit's layer up, with ``values`` edited in (None: as recorded),
+    once for every draw; None without demonstrations."""
+    from transformers import DynamicCache
+
+    model, draws, site, n_pre = engine.model, edit.draws, edit.site, engine.prefix_len
+    if not n_pre:
+        return None
+    hidden = captured["prefix"].to(engine.device)[None].expand(draws, -1, -1)
+    cache = DynamicCache(config=model.config)
+    with start_at_layer(model, site, hidden), hooks.edited(model, edit, values):
+        model(
+            input_ids=engine.ids(ids[:n_pre]).expand(draws, -1),
+            use_cache=True,
+            logits_to_keep=1,
+            **{engine.cache_kw: cache},
+        )
+    fill_below(cache, site.layer, n_pre)
+    return cache
 
 
 def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batch, runs):
@@ -211,12 +210,19 @@ def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batc
     lengths = [len(prompts[r]) - n_pre for r in batch]
     width = max(lengths)
     hidden = padded_inputs(captured, runs, width).to(dev).repeat(draws, 1, 1)  # draw-major
-    ids = [np.pad(np.asarray(prompts[r][n_pre:], dtype=np.int64), (0, width - n), mode="edge")
-           for r, n in zip(batch, lengths)]  # fmt: skip
+    ids = [
+        np.pad(np.asarray(prompts[r][n_pre:], dtype=np.int64), (0, width - n), mode="edge")
+        for r, n in zip(batch, lengths)
+    ]
     ids = torch.tensor(np.stack(ids), device=dev).repeat(draws, 1)
     values = _stacked(
-        [_own_values(edit, r, prompt_ids[r], len(prompts[r]), n_pre, len(prompts[r]), dev)
-         for r in batch], draws, width)  # fmt: skip
+        [
+            _own_values(edit, r, prompt_ids[r], len(prompts[r]), n_pre, len(prompts[r]), dev)
+            for r in batch
+        ],
+        draws,
+        width,
+    )
     kwargs = {}
     if cache is not None:
         copied = copy.deepcopy(cache)
@@ -226,7 +232,7 @@ def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batc
     last = torch.tensor(lengths, device=dev).repeat(draws) - 1
     with (
         start_at_layer(model, edit.site, hidden),
-        edit.applied_all(model, values) if values else contextlib.nullcontext(),
+        hooks.edited(model, edit, values),
         narrow_lm_head(model, engine.token_ids),
         last_mlp_at(model, edit.site, last),  # only the final positions' logits are read
     ):
@@ -236,9 +242,15 @@ def _own_tokens(engine: Engine, captured, prompts, prompt_ids, edit, cache, batc
 
 
 @torch.inference_mode()
-def partner_patched(engine: Engine, captured: dict[str, torch.Tensor], prompts: list, point: str,
-                    members: dict[HeadSite, list[slice]], runs: list[int], donors: list[int],
-                    progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+def partner_patched(
+    engine: Engine,
+    captured: dict[str, torch.Tensor],
+    prompts: list,
+    point: str,
+    members: dict[HeadSite, list[slice]],
+    runs: list[int],
+    donors: list[int],
+) -> np.ndarray:
     """(n, 1, 2) logits of every row's prompt (``runs``) with the columns ``members`` of each
     layer's ``point`` (hook_z or hook_attn_out) at every position taken from its donor prompt
     (``donors``, as long as the prompt: a pair). The donor runs unedited in the same batch
@@ -264,131 +276,33 @@ def partner_patched(engine: Engine, captured: dict[str, torch.Tensor], prompts: 
                 raise ValueError("a prompt and its partner must have equally many tokens")
             hidden = torch.stack([donor, own]).to(engine.device)
             with start_at_layer(engine.model, lowest, hidden):
-                logits = _two_logits(engine, input_ids=engine.ids(ids).expand(2, -1))
+                logits = two_logits(engine, input_ids=engine.ids(ids).expand(2, -1))
             out[i, 0] = logits[1]
-            if progress:
-                progress.update()
+            joblog.advance()
     return out
 
 
 @torch.inference_mode()
-def last_layer(engine: Engine, state: dict[str, torch.Tensor], prompt_ids: list[int],
-               edit: Edit) -> np.ndarray:  # fmt: skip
+def last_layer(
+    engine: Engine, state: dict[str, torch.Tensor], prompt_ids: list[int], edit: Edit
+) -> np.ndarray:
     """(n, draws, 2) logits with ``edit`` applied to the LAST layer, from its final state
-    (:func:`headperturb.model.tail.layer_state`; :func:`headperturb.model.tail.rows_of` for other rows)."""
+    (:func:`headperturb.model.tail.layer_state`; :func:`headperturb.model.tail.rows_of` for other
+    rows)."""
     meta = tail.describe(engine.model, edit.site, engine.token_ids)
     with tail.last_layer(engine.model, edit.site, engine.token_ids) as program:
         return tail.perturbed(program, state, prompt_ids, meta, edit, device=engine.device)
 
 
-class _PastLayer(DynamicLayer):
-    """One layer's recorded keys and values for a batch of final tokens. Each row's past (its
-    prompt's every position but the last, left-padded to ``plan["length"]``) is gathered with one
-    index per row from the recorded tensors when the layer asks for it, into a buffer the batch's
-    layers share, so only one layer's batch is in memory at a time. Layers below the perturbed
-    one are skipped and only report the past's length (``keys`` None)."""
-
-    def __init__(self, keys, values, plan: dict):
-        super().__init__()
-        self.source, self.plan = (keys, values), plan
-        self.is_initialized = True
-
-    def get_seq_length(self) -> int:
-        return self.plan["length"]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.plan["length"] + query_length, 0
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.source[0] is None:
-            raise RuntimeError("a skipped layer's past was asked for")
-        return tuple(self._assemble(new, source, which)
-                     for new, source, which in zip((key_states, value_states), self.source, "kv"))  # fmt: skip
-
-    def _assemble(self, new: torch.Tensor, source: torch.Tensor, which: str) -> torch.Tensor:
-        rows, heads, q, dim = new.shape
-        length = self.plan["length"]
-        buffers = self.plan["buffers"]
-        if which not in buffers or buffers[which].dtype != new.dtype:
-            buffers[which] = new.new_empty(rows, heads, length + q, dim)
-        out = buffers[which]
-        index = self.plan["index"] + (torch.arange(heads) * source.shape[1])[None, :, None]
-        flat = source.to(new.dtype).reshape(-1, dim)  # (heads * positions, dim)
-        torch.index_select(flat, 0, index.reshape(-1), out=out.view(-1, dim))
-        out[:, :, length:] = new
-        return out
-
-
-def _gather_plan(
-    kv: dict[str, torch.Tensor], idx: list[int], lengths: list[int], draws: int
-) -> dict:
-    """Where each row's past lies in the recorded keys and values: for every row (``draws`` per
-    recorded prompt of ``idx``), its prompt's positions but the last, left-padded to the longest,
-    then a slot for the final token. Pads point at position 0: a real key, which the mask hides."""
-    prefix_len, offsets = int(kv["prefix_len"][0]), kv["offsets"]
-    length = max(lengths[i] for i in idx) - 1
-    rows = []
-    for i in idx:
-        own = torch.arange(prefix_len + int(offsets[i]), prefix_len + int(offsets[i + 1]) - 1)
-        past = torch.cat([torch.arange(prefix_len), own])
-        pad = torch.zeros(length - len(past), dtype=torch.long)
-        rows += [torch.cat([pad, past, torch.zeros(1, dtype=torch.long)])] * draws  # + the new slot
-    return {"index": torch.stack(rows)[:, None, :], "length": length, "buffers": {}}
-
-
 @torch.inference_mode()
-def final_position(engine: Engine, state: dict[str, torch.Tensor], kv: dict[str, torch.Tensor],
-                   prompt_ids: list[int], edit: Edit, rows_per_batch: int = 256,
-                   runs: list[int] | None = None) -> np.ndarray:  # fmt: skip
-    """(n, draws, 2) logits with ``edit`` applied to the final position of layer ``L`` only:
-    the final token alone through layers >= L, with every earlier position's recorded keys and
-    values. ``state`` is the baseline's final state (all layers), ``kv`` the recorded cache;
-    ``runs`` says which recorded prompt each row is (default: row i is prompt i)."""
-    if edit.position != "last":
-        raise ValueError("final_position() perturbs the final position only (positions: last)")
-    layer, model, draws = edit.site.layer, engine.model, edit.draws
-    n_layers = len(model.get_submodule(edit.site.layers_path))
-    runs = list(range(len(prompt_ids))) if runs is None else list(runs)
-    lengths = state["n_tokens"].tolist()
-    out = np.empty((len(prompt_ids), draws, 2), dtype=np.float64)
-    step = max(1, rows_per_batch // draws)
-    for start in range(0, len(prompt_ids), step):
-        rows = list(range(start, min(start + step, len(prompt_ids))))
-        idx = [runs[r] for r in rows]
-        plan = _gather_plan(kv, idx, lengths, draws)
-        past = plan["length"]
-        layers = [
-            _PastLayer(*((kv[f"k.{lay}"], kv[f"v.{lay}"]) if lay >= layer else (None, None)), plan)
-            for lay in range(n_layers)
-        ]
-        mask = torch.ones(len(idx) * draws, past + 1, dtype=torch.long)
-        for row, i in enumerate(idx):
-            mask[row * draws : (row + 1) * draws, : past - (lengths[i] - 1)] = 0
-        positions = torch.tensor([lengths[i] - 1 for i in idx]).repeat_interleave(draws)[:, None]
-        hidden = state[f"resid.{layer}"][idx].repeat_interleave(draws, dim=0)[:, None, :]
-        per_row = [edit.values_for(r, prompt_ids[r], lengths[i]) for r, i in zip(rows, idx)]
-        values = tuple(torch.cat([v[m].expand(draws, -1, -1) for v in per_row])
-                       for m in range(len(edit.members)))  # fmt: skip
-        dev = engine.device
-        with (
-            stand_in_embeddings(model),
-            start_at_layer(model, edit.site, hidden.to(dev)),
-            edit.applied_all(model, _on(values, dev)),
-        ):
-            logits = _two_logits(
-                engine,
-                input_ids=torch.zeros(len(idx) * draws, 1, dtype=torch.long, device=dev),
-                attention_mask=mask.to(dev),
-                position_ids=positions.to(dev),
-                **{engine.cache_kw: Cache(layers=layers)},
-            )
-        out[rows] = logits.reshape(len(idx), draws, 2)
-    return out
-
-
-@torch.inference_mode()
-def clean_outputs(engine: Engine, prompts: list, site: HeadSite, head: int, where: str,
-                  captured: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+def clean_outputs(
+    engine: Engine,
+    prompts: list,
+    site: HeadSite,
+    head: int,
+    where: str,
+    captured: dict[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """The head's clean output at every position of every prompt, (length, width) each.
 
     From the recorded layer input when ``captured`` is given, else from a full forward; the pass

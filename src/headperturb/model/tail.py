@@ -19,15 +19,16 @@ signature::
     keep_in, add_in    same shape as z      the o_proj input becomes z * keep_in + add_in
     keep_out, add_out  (batch, 1, d_out)    the o_proj output becomes out * keep_out + add_out
 
-A head's perturbation is an edit of its columns (:func:`edits`): noise is ``keep = 1, add = noise``
-(exactly ``x + noise``), an ablation ``keep = 0, add = value`` (exactly ``value``), at the site the
-config names; every other column is ``keep = 1, add = 0``, unchanged.
+A head's perturbation is an edit of its columns (:func:`edits`), read off its kind's function
+(:meth:`headperturb.core.kinds.Perturbation.apply`, affine in the head's output): noise is
+``keep = 1, add = noise`` (exactly ``x + noise``), an ablation ``keep = 0, add = value`` (exactly
+``value``), at the site the config names; every other column is ``keep = 1, add = 0``, unchanged.
 
 The baseline exports it with :func:`torch.export.export` (a dynamic batch dimension) and saves it
-(:func:`save`): a few MB, the last layer's weights only. A perturbation job loads it with torch alone
-(:func:`load`), without transformers and without the model, and evaluates every prompt and draw in
-one call. The engine runs the same module eagerly when no program is available, and the equivalence
-tests check both against full forward passes.
+(:func:`save`): a few MB, the last layer's weights only. A perturbation job loads it with torch
+alone (:func:`load`), without transformers and without the model, and evaluates every prompt and
+draw in one call. The engine runs the same module eagerly when no program is available, and the
+equivalence tests check both against full forward passes.
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ class LastLayer(torch.nn.Module):
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self._inputs: dict[str, torch.Tensor] = {}
-        self._handles = hooks.attach(model, [
-            hooks.Hook("hook_resid_pre", site, lambda _x: self._inputs["resid"]),
-            hooks.Hook("hook_z", site, self._proj_input),
-            hooks.Hook("hook_attn_out", site, self._proj_output),
-        ])  # fmt: skip
+        self._handles = hooks.attach(
+            model,
+            [
+                hooks.Hook("hook_resid_pre", site, lambda _x: self._inputs["resid"]),
+                hooks.Hook("hook_z", site, self._proj_input),
+                hooks.Hook("hook_attn_out", site, self._proj_output),
+            ],
+        )
 
     def _proj_input(self, _z):
         x = self._inputs
@@ -231,7 +235,8 @@ def load(folder: str | os.PathLike, device: str, weights_sha256: str | None = No
     """(callable program, meta) from ``folder``, or (None, reason) when there is no program for
     ``device`` (none was exported, or it was exported for another device). The program must be
     what ``program.json`` says (its sha256) and, given ``weights_sha256``, exported from those
-    weights; otherwise :class:`headperturb.model.recordings.RecordingError` names the folder and the fix."""
+    weights; otherwise :class:`headperturb.model.recordings.RecordingError` names the folder and
+    the fix."""
     from headperturb.model.recordings import RecordingError
 
     folder = Path(folder)
@@ -290,8 +295,10 @@ def columns(meta: dict, head: int, where: str) -> slice:
 def edits(
     state: dict[str, torch.Tensor], meta: dict, edit: Edit, values: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """The program's inputs for ``values`` (n * draws, width) on ``edit``'s head columns, added
-    or set as ``edit.mode`` says; rows are prompt-major, draw-minor."""
+    """The program's inputs for ``values`` (n * draws, width) on ``edit``'s head columns: the
+    kind's function is affine in the head's output, ``fn(z, v) = keep * z + add``, so ``keep`` is
+    ``fn(1, 0)`` and ``add`` is ``fn(0, v)`` (:data:`headperturb.model.hooks.KEEP` values: keep 1,
+    add 0); rows are prompt-major, draw-minor."""
     rows = values.shape[0]
     draws = rows // state["z"].shape[0]
 
@@ -305,10 +312,10 @@ def edits(
     keep, add = (keep_in, add_in) if edit.where == "o_proj_input" else (keep_out, add_out)
     cols = columns(meta, edit.head, edit.where)
     values = values.float()
-    missing = torch.isnan(values)  # a segment without the final position: nothing to edit
-    add[:, 0, cols] = torch.where(missing, 0.0, values)
-    if edit.mode == "set":
-        keep[:, 0, cols] = missing.float()
+    missing = hooks.kept(values)  # a segment without the final position: nothing to edit
+    zeros, ones = torch.zeros_like(values), torch.ones_like(values)
+    add[:, 0, cols] = torch.where(missing, 0.0, edit.fn(zeros, values))
+    keep[:, 0, cols] = torch.where(missing, 1.0, edit.fn(ones, zeros))
     return resid, z, keep_in, add_in, keep_out, add_out
 
 
