@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO / "src"))
 def main() -> None:
     import numpy as np
 
-    from headperturb import runtime
     from headperturb.analysis import effects
     from headperturb.core import files
-    from headperturb.model import passes, recordings, tail
+    from headperturb.core.kinds import Patch
+    from headperturb.model import cache, passes, recordings, tail
     from headperturb.model.context import ModelSpec, PromptFiles, load_engine, prompt_ids
     from headperturb.model.hooks import Edit, site_slice
 
@@ -36,7 +36,7 @@ def main() -> None:
     )
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()
-    runtime.set_threads(2)
+    cache.set_threads(2)
     r = args.results
     prompt_files = PromptFiles(
         str(r / "prompts/prompts.parquet"), str(r / "prompts/prompt_info.json")
@@ -66,9 +66,8 @@ def main() -> None:
     top = table[(table["kind"] == "patch") & (table["position"] == "last")].nlargest(
         args.top, "patch_effect"
     )
-    print(
-        "| head | donor | prompts | share of the opposite-review gap moved | ROC AUC before -> after |"
-    )
+    columns = ("head", "donor", "prompts", "share of the opposite-review gap moved")
+    print("| " + " | ".join(columns) + " | ROC AUC before -> after |")
     print("| --- | --- | --- | --- | --- |")
     for layer, head in zip(top["layer"], top["head"]):
         site = sites[layer]
@@ -80,7 +79,7 @@ def main() -> None:
             def values(r_, _p, length, rows=rows, donor=donor, clean=clean):
                 return clean[donor[rows[r_]]][-length:][None]
 
-            edit = Edit(site, head, "o_proj_input", values, "set", 1, "last")
+            edit = Edit(site, head, "o_proj_input", values, Patch.apply, 1, "last")
             out = passes.final_position(
                 engine, state, kv, [pids[i] for i in rows], edit, runs=rows
             )[:, 0]
@@ -88,9 +87,12 @@ def main() -> None:
             clean_m = base.loc[[pids[i] for i in rows]].to_numpy()
             gap = np.mean(sign * (clean_m - base.loc[[pids[opposite[i]] for i in rows]].to_numpy()))
             moved = np.mean(sign * (clean_m - (out[:, 1] - out[:, 0]))) / gap
-            print(f"| L{layer}H{head} | {name} | {len(rows)} | {moved:+.3f} | "
-                  f"{effects.roc_auc(labels[rows], clean_m):.3f} -> "
-                  f"{effects.roc_auc(labels[rows], out[:, 1] - out[:, 0]):.3f} |")  # fmt: skip
+            before = effects.roc_auc(labels[rows], clean_m)
+            after = effects.roc_auc(labels[rows], out[:, 1] - out[:, 0])
+            print(
+                f"| L{layer}H{head} | {name} | {len(rows)} | {moved:+.3f} | "
+                f"{before:.3f} -> {after:.3f} |"
+            )
 
 
 if __name__ == "__main__":

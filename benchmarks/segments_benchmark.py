@@ -5,9 +5,15 @@ with the whole last layer (release 0.3.0), the pass over each whole prompt from 
 (``from_layer``, the path before 0.3.0) and full forward passes (``naive``), side by side on the
 same prompts, one torch thread (as head jobs run).
 
-    python benchmarks/segments_benchmark.py --results results/smollm2-imdb [--sample 40]
+    python benchmarks/segments_benchmark.py [--results results/bench-default] [--sample 40]
 
-Needs a finished default run (its prompts; the model prepared in resources/models/). For each
+Needs the prompts of a run of benchmarks/configs/default-run.yaml (the default run as of commit
+019136c, whose prompts the figures in benchmarks/segments.md were measured on) and its model
+prepared in resources/models/:
+
+    snakemake --cores all --configfile benchmarks/configs/default-run.yaml --until build_prompts
+
+``--results`` and ``--model`` default to that run's folder and that config's model. For each
 layer of ``--layers``, zero ablation of head 0: seconds per prompt of each pass (median of
 ``--repeats``) and their largest difference from the naive logits. The all-position sweep of
 every head is priced from these per-layer times over every layer (``--all-layers``: measure
@@ -22,12 +28,44 @@ import contextlib
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
+from provenance import current_commit, setting_line
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))  # the whole-prompt pass, now the tests' reference
+SETTING = REPO / "benchmarks" / "configs" / "default-run.yaml"
+"""The run whose prompts the benchmark times its passes on."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One layer's seconds of a job over all the run's prompts, by pass; the largest logit
+    difference from naive; the seconds of recording the layer's input."""
+
+    layer: int
+    naive: float  # full forward passes
+    whole: float  # every position, each whole prompt from the layer (before 0.3.0)
+    one: float  # every position, demonstrations once, one prompt per call (0.3.0)
+    now: float  # every position, demonstrations once, four prompts per call
+    demonstrations: float  # the demonstrations only, now
+    review: float  # the review only, now
+    diff: float
+    recording: float
+
+    def markdown(self) -> str:
+        gains = f"{self.whole / self.now:.1f}x before, {self.one / self.now:.2f}x 0.3.0"
+        now = f"{self.now:.1f} ({gains})"
+        review = f"{self.review:.1f} ({self.review / self.whole:.2f})"
+        cells = (
+            *(self.layer, f"{self.naive:.0f}", f"{self.whole:.1f}", f"{self.one:.1f}", now),
+            *(f"{self.demonstrations:.1f}", review, f"{self.diff:.1e}", f"{self.recording:.1f}"),
+        )
+        return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def timed(func, repeats: int) -> tuple[float, object]:
@@ -52,18 +90,22 @@ def whole_last_layer(passes):
 
 def main() -> None:
     import torch
+    from reference import from_layer
 
     from headperturb.core import files
     from headperturb.core.kinds import build
-    from headperturb.core.spec import recording_source
+    from headperturb.core.plans import recording_source
     from headperturb.model import loading, passes
     from headperturb.model.engine import Engine
     from headperturb.model.hooks import Edit, site_slice
     from headperturb.model.sites import locate_sites
 
+    setting = yaml.safe_load(SETTING.read_text())
     parser = argparse.ArgumentParser()
-    parser.add_argument("--results", default="results/smollm2-imdb")
-    parser.add_argument("--model", default="resources/models/smollm2-135m-instruct")
+    parser.add_argument("--results", default=str(REPO / "results" / setting["run_name"]))
+    parser.add_argument(
+        "--model", default=str(REPO / "resources" / "models" / setting["model"]["name"])
+    )
     parser.add_argument("--sample", type=int, default=40, help="prompts timed per pass")
     parser.add_argument("--naive-sample", type=int, default=8, help="prompts of the naive pass")
     parser.add_argument("--layers", default="0,8,15,22,28")
@@ -98,22 +140,25 @@ def main() -> None:
         values = zero.values(seed=0, layer=layer, head=0, width=cols.stop - cols.start, repeats=1)
 
         def edit(position, site=site, values=values):
-            return Edit(site, 0, "o_proj_input", values, "set", 1, position, engine.prefix_len)
+            return Edit(site, 0, "o_proj_input", values, zero.apply, 1, position, engine.prefix_len)
 
         naive_ids = ids[: args.naive_sample]
         t_naive, out_naive = timed(
             lambda x=naive_ids: passes.naive(engine, x, pids, edit("all")), 1
         )
-        t_whole, out_whole = timed(lambda c=captured: passes.from_layer(engine, c, ids, pids, edit("all")),
-                                   args.repeats)  # fmt: skip
+        t_whole, out_whole = timed(
+            lambda c=captured: from_layer(engine, c, ids, pids, edit("all")), args.repeats
+        )
 
         def job(position, batch_size=4, c=captured, edit=edit):
             """A job of all the run's prompts, priced from passes over ``few`` and ``n`` prompts:
             the demonstrations' pass once per job, then each prompt's own tokens."""
 
             def run(m):
-                return lambda: passes.shared_prefix(engine, c, ids[:m], pids[:m], edit(position),
-                                                    [keys[position]] * m, batch_size=batch_size)  # fmt: skip
+                groups = [keys[position]] * m
+                return lambda: passes.shared_prefix(
+                    engine, c, ids[:m], pids[:m], edit(position), groups, batch_size=batch_size
+                )
 
             t_few, _ = timed(run(few), args.repeats)
             t_n, out = timed(run(n), args.repeats)
@@ -123,27 +168,37 @@ def main() -> None:
         shared = {position: job(position) for position in keys}
         with whole_last_layer(passes):  # release 0.3.0: one prompt per call, whole last layer
             t_one, out_one = job("all", batch_size=1)
-        diff = max(float(np.abs(out[: len(naive_ids)] - out_naive).max())
-                   for out in (out_whole, out_one, shared["all"][1]))  # fmt: skip
+        outs = (out_whole, out_one, shared["all"][1])
+        diff = max(float(np.abs(out[: len(naive_ids)] - out_naive).max()) for out in outs)
         per_layer[layer] = (shared["all"][0], t_one, t_whole / n * n_total)
         start = time.perf_counter()
         engine.capture_layer_inputs(every, site)
         recording[layer] = time.perf_counter() - start
-        rows.append((layer, t_naive / len(naive_ids) * n_total, t_whole / n * n_total, t_one,
-                     shared["all"][0], shared["demonstrations"][0], shared["review"][0], diff,
-                     recording[layer]))  # fmt: skip
+        rows.append(
+            Row(
+                layer=layer,
+                naive=t_naive / len(naive_ids) * n_total,
+                whole=t_whole / n * n_total,
+                one=t_one,
+                now=shared["all"][0],
+                demonstrations=shared["demonstrations"][0],
+                review=shared["review"][0],
+                diff=diff,
+                recording=recording[layer],
+            )
+        )
         print(rows[-1], flush=True)
     known = sorted(per_layer)
 
     def sweep(column: int) -> float:
         """Seconds of one thread for every head below the last layer (the last layer's jobs take
         the last-layer program: seconds in all), interpolated between the layers measured."""
-        return sum(sites[0].n_heads
-                   * float(np.interp(layer, known, [per_layer[k][column] for k in known]))
-                   for layer in range(n_layers - 1))  # fmt: skip
+        seconds = [per_layer[k][column] for k in known]
+        per_head = (float(np.interp(layer, known, seconds)) for layer in range(n_layers - 1))
+        return sites[0].n_heads * sum(per_head)
 
     # Each recording timed from the embeddings (layer L: a + b L seconds); a run's recordings
-    # start from a lower one (spec.recording_source), so layer L costs a + b (L - its source).
+    # start from a lower one (plans.recording_source), so layer L costs a + b (L - its source).
     slope, fixed = np.polyfit(known, [recording[k] for k in known], 1)
     sources = [recording_source(layer, n_layers) or 0 for layer in range(n_layers - 1)]
     alone = sum(fixed + slope * layer for layer in range(n_layers - 1))
@@ -162,15 +217,15 @@ def main() -> None:
         f"{args.repeats}), naive from one pass over {args.naive_sample}; the layer's recording "
         f"timed over all {n_total}.",
         "",
+        setting_line(current_commit(), SETTING.stem, "prompts of a run of"),
+        "",
         "| layer | naive (full forward) | every position, whole prompt from the layer (before "
         "0.3.0) | every position, demonstrations once, one prompt per call (0.3.0) | every "
         "position, now | demonstrations only, now | review only, now (share of the whole "
         "prompt's) | largest logit difference from naive | recording the layer's input |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r[0]} | {r[1]:.0f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} ({r[2] / r[4]:.1f}x "
-              f"before, {r[3] / r[4]:.2f}x 0.3.0) | {r[5]:.1f} | {r[6]:.1f} ({r[6] / r[2]:.2f}) | "
-              f"{r[7]:.1e} | {r[8]:.1f} |" for r in rows]  # fmt: skip
+    lines += [row.markdown() for row in rows]
     lines += [
         "",
         f"Every head of every layer at every position ({sites[0].n_heads * n_layers} jobs, "
