@@ -68,7 +68,8 @@ def gpu_memory_hint(func, *args, **kwargs):
 
 def load_engine(prompts: PromptFiles, model: ModelSpec):
     """(engine, sites, model info, prompt info) for a step's prompts: torch's threads set, the
-    model loaded once per process and copied per thread (:func:`headperturb.cache.cached_model`)."""
+    model loaded once per process and copied per thread
+    (:func:`headperturb.model.cache.cached_model`)."""
     from headperturb.model.engine import Engine
     from headperturb.model.sites import locate_sites
 

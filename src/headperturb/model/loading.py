@@ -149,7 +149,7 @@ def speed(model, n_layers: int, tokens: int = 128, rows: int = 32) -> dict:
     """What computation costs on this machine, one thread, best of three: a token of a full
     forward pass per layer (``seconds_per_token_layer``), and a final token attending to a past of
     128 and of 512 positions per layer (``seconds_per_final_token_layer``, keyed by the past's
-    length): the units of the run's cost preview (:func:`headperturb.core.spec.cost_preview`)."""
+    length): the units of the run's cost preview (:func:`headperturb.core.costs.cost_preview`)."""
     import inspect
     import time
 

@@ -4,8 +4,8 @@ At the last layer only the final position reaches the logits, and a change made 
 attention does not change that layer's keys and values. So scoring a prompt with a head of the last
 layer perturbed needs only two vectors the baseline records at the prompt's final position (the
 residual stream entering the layer, ``resid``, and the layer's o_proj input, ``z``; see
-:data:`headperturb.model.engine.FINAL_STATE`) and the part of the model that maps them to the two
-verbalizer logits: the last layer, the final norm and two rows of the LM head.
+:data:`headperturb.model.engine.FINAL_STATE_KEYS`) and the part of the model that maps them to
+the two verbalizer logits: the last layer, the final norm and two rows of the LM head.
 
 That part is :class:`LastLayer`: the model's own modules run through the model's own ``forward``
 (the layers below are swapped for pass-throughs, the embedding table for a one-row stand-in, and
