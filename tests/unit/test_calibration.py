@@ -41,8 +41,11 @@ def test_development_scores_and_the_choice():
     scores = cal.dev_scores(cal.Calibration("threshold", 0.0), [-1.0, 1.0, 2.0, -3.0], [0, 1, 0, 0])
     assert scores["dev_accuracy"] == 0.75 and scores["dev_share_positive"] == 0.5
     assert scores["dev_auc"] == pytest.approx(2 / 3)
-    rows = [{"candidate": 0, "dev_accuracy": 0.7}, {"candidate": 1, "dev_accuracy": 0.8},
-            {"candidate": 2, "dev_accuracy": 0.8}]  # fmt: skip
+    rows = [
+        {"candidate": 0, "dev_accuracy": 0.7},
+        {"candidate": 1, "dev_accuracy": 0.8},
+        {"candidate": 2, "dev_accuracy": 0.8},
+    ]
     assert cal.choose(rows) == 1  # the first among equals
 
 
@@ -60,10 +63,8 @@ def test_development_reviews_are_train_reviews_apart_from_every_demonstration(im
         one[one["role"] == "test"].reset_index(drop=True),
         reviews[reviews["role"] == "test"].reset_index(drop=True),
     )
-    assert (
-        one[one["role"] == "candidate"]["source_row"].tolist()
-        == demos[demos["candidate"] == 0]["source_row"].tolist()
-    )
+    first = demos[demos["candidate"] == 0]["source_row"].tolist()
+    assert one[one["role"] == "candidate"]["source_row"].tolist() == first
 
 
 @pytest.mark.parametrize("method", ["threshold", "contextual"])
@@ -73,9 +74,17 @@ def test_no_choice_depends_on_test_labels(tmp_path, tiny_llama_dir, imdb_sample,
     train, test = imdb_sample
     model_dir = tmp_path / "model"
     loading.prepare_model(str(tiny_llama_dir), model_dir)
-    settings = {"k_shot": 2, "n_test": 10, "seed": 0, "candidates": 3, "n_dev": 12,
-                "max_review_tokens": 15, "template": "Review: {text}\nSentiment: {label}",
-                "separator": "\n\n", "verbalizers": [" negative", " positive"]}  # fmt: skip
+    settings = {
+        "k_shot": 2,
+        "n_test": 10,
+        "seed": 0,
+        "candidates": 3,
+        "n_dev": 12,
+        "max_review_tokens": 15,
+        "template": "Review: {text}\nSentiment: {label}",
+        "separator": "\n\n",
+        "verbalizers": [" negative", " positive"],
+    }
     shuffled = test.assign(label=np.random.default_rng(1).permutation(test["label"].to_numpy()))
     chosen = []
     for name, test_split in (("original", test), ("permuted", shuffled)):
@@ -83,11 +92,18 @@ def test_no_choice_depends_on_test_labels(tmp_path, tiny_llama_dir, imdb_sample,
         data.mkdir()
         train.drop(columns="row").to_parquet(data / "train.parquet")
         test_split.drop(columns="row").to_parquet(data / "test.parquet")
-        run_step(steps.select_reviews, output={"reviews": data / "reviews.parquet"},
-                 params={"data": {"path": str(data), "hub_dataset": ""}, "prompts": settings})  # fmt: skip
+        run_step(
+            steps.select_reviews,
+            output={"reviews": data / "reviews.parquet"},
+            params={"data": {"path": str(data), "hub_dataset": ""}, "prompts": settings},
+        )
         out = {k: data / f"{k}.out" for k in ("prompts", "demonstrations", "info", "selection")}
-        run_step(steps.build_prompts, input={"reviews": data / "reviews.parquet", "model": str(model_dir)},
-                 output=out, params={**model_params(), "prompts": settings, "calibration": method})  # fmt: skip
+        run_step(
+            steps.build_prompts,
+            input={"reviews": data / "reviews.parquet", "model": str(model_dir)},
+            output=out,
+            params={**model_params(), "prompts": settings, "calibration": method},
+        )
         info = files.read_json(out["info"])
         chosen.append(
             (files.read_parquet(out["demonstrations"]), info["calibration"], info["selection"])

@@ -45,11 +45,12 @@ def test_auc_flip_values_give_the_permutation_distribution_exactly(draws):
     scale = 4 * draws * n_pos * n_neg
 
     def change(s):  # swapped prompts: reference and draw d trade places, for every draw
-        return np.mean([
+        changes = [
             effects.roc_auc(labels, np.where(s, pert[:, d], ref))
             - effects.roc_auc(labels, np.where(s, ref, pert[:, d]))
             for d in range(draws)
-        ])  # fmt: skip
+        ]
+        return np.mean(changes)
 
     assert values.sum() / scale == pytest.approx(change(np.zeros(len(ref), bool)))
     for swap in itertools.product([False, True], repeat=len(ref)):
@@ -108,9 +109,13 @@ def _margins(n=200, seed=0):
 def _summary(labels, ref, pert, **kwargs):
     pert = np.asarray(pert).reshape(len(ref), -1)
     return stats.paired_summary(
-        labels, ((ref > 0).astype(int), ref), ((pert > 0).astype(int), pert),
-        n_boot=400, n_perm=500, **kwargs,
-    )  # fmt: skip
+        labels,
+        ((ref > 0).astype(int), ref),
+        ((pert > 0).astype(int), pert),
+        n_boot=400,
+        n_perm=500,
+        **kwargs,
+    )
 
 
 def test_a_pure_shift_is_all_bias_and_no_discrimination():
@@ -130,9 +135,16 @@ def test_a_pure_shift_is_all_bias_and_no_discrimination():
     p = sum(math.comb(m, j) for j in range(m + 1) if abs(2 * j - m) >= s) / 2**m
     assert m > 10 and p < 1e-3
     assert out["p_value_bias"] == pytest.approx(p)
-    assert effects.effect(out["ci_low_auc"], out["ci_high_auc"], out["p_value_auc"],
-                          out["ci_low_accuracy_bias"], out["ci_high_accuracy_bias"],
-                          out["p_value_bias"], 0.05) == "bias"  # fmt: skip
+    found = effects.effect(
+        auc_low=out["ci_low_auc"],
+        auc_high=out["ci_high_auc"],
+        auc_q=out["p_value_auc"],
+        bias_low=out["ci_low_accuracy_bias"],
+        bias_high=out["ci_high_accuracy_bias"],
+        bias_q=out["p_value_bias"],
+        alpha=0.05,
+    )
+    assert found == "bias"
 
 
 def test_scrambled_margins_are_discrimination_without_bias():

@@ -73,7 +73,8 @@ def test_provenance_has_settings_hash_and_no_timestamps():
 def test_a_failed_process_step_writes_its_traceback_to_its_log_and_one_line_to_stderr(
     tmp_path, capsys
 ):
-    """The steps that are processes of their own (script: rules) end through lifecycle.script_main."""
+    """The steps that are processes of their own (script: rules) end through
+    lifecycle.script_main."""
     from headperturb.workflow import lifecycle
 
     def fail():
@@ -90,7 +91,8 @@ def test_a_failed_process_step_writes_its_traceback_to_its_log_and_one_line_to_s
 
 @pytest.fixture
 def interrupt_handler():
-    """lifecycle.stop_threads_on_interrupt() for one test: the SIGINT handler and the flag restored."""
+    """lifecycle.stop_threads_on_interrupt() for one test: the SIGINT handler and the flag
+    restored."""
     import signal
 
     from headperturb import joblog
@@ -211,7 +213,9 @@ def test_no_job_starts_in_a_thread_after_ctrl_c(interrupt_handler, tmp_path):
     joblog.INTERRUPTED.set()
     log = tmp_path / "aggregate.log"
     with pytest.raises(joblog.JobError, match=r"interrupted \(Ctrl-C\) before this job started"):
-        steps.aggregate(None, None, None, {}, 1, [str(log)])
+        steps.aggregate(
+            input=None, output=None, params=None, wildcards={}, threads=1, log=[str(log)]
+        )
     assert "before this job started" in log.read_text()
 
 

@@ -56,9 +56,15 @@ def test_verbalizers_must_start_with_distinct_tokens(tiny_llama):
 def _build(tok, imdb_sample, **overrides):
     train, test = imdb_sample
     kwargs = dict(
-        k_shot=4, n_test=10, max_review_tokens=30, template=TEMPLATE,
-        verbalizers=(" negative", " positive"), separator="\n\n", seed=0, context_length=1024,
-    )  # fmt: skip
+        k_shot=4,
+        n_test=10,
+        max_review_tokens=30,
+        template=TEMPLATE,
+        verbalizers=(" negative", " positive"),
+        separator="\n\n",
+        seed=0,
+        context_length=1024,
+    )
     kwargs.update(overrides)
     return build_prompts(train, test, tok, **kwargs)
 
@@ -75,9 +81,8 @@ def test_build_prompts(tiny_llama, imdb_sample):
     assert (prompts["n_tokens"] == prompts["input_ids"].map(len)).all()
     for text in list(prompts["review"]) + list(demos["review"]):
         assert "<br" not in text
-        assert (
-            len(tok(text, add_special_tokens=False)["input_ids"]) <= 31
-        )  # budget (+1 for re-tokenization)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) <= 31  # budget (+1 for re-tokenization)
     for prompt in prompts["prompt"]:
         assert prompt.startswith(info["prefix_text"]) and prompt.endswith("\nSentiment:")
         assert prompt.count("Sentiment: positive") == 2 and prompt.count("Sentiment: negative") == 2

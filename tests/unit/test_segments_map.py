@@ -9,20 +9,35 @@ from headperturb.analysis import segments
 
 
 def _row(position, layer, head, change, q, kind="zero"):
-    return {"site": "o_proj_input", "kind": kind, "scale": "", "layer": layer, "head": head,
-            "position": position, "change_logit_diff": change, "ci_low_logit_diff": change - 0.1,
-            "ci_high_logit_diff": change + 0.1, "q_value_logit_diff": q, "change_auc": change / 10}  # fmt: skip
+    return {
+        "site": "o_proj_input",
+        "kind": kind,
+        "scale": "",
+        "layer": layer,
+        "head": head,
+        "position": position,
+        "change_logit_diff": change,
+        "ci_low_logit_diff": change - 0.1,
+        "ci_high_logit_diff": change + 0.1,
+        "q_value_logit_diff": q,
+        "change_auc": change / 10,
+    }
 
 
 def _table():
-    return pd.DataFrame([
-        _row("all", 3, 1, 0.9, 0.001), _row("demonstrations", 3, 1, 0.1, 0.2),
-        _row("review", 3, 1, 0.5, 0.01), _row("last", 3, 1, -0.6, 0.001),
-        _row("all", 5, 0, 0.05, 0.5), _row("demonstrations", 5, 0, 0.01, 0.9),
-        _row("review", 5, 0, 0.02, 0.9),  # no last-position row: the sum is not defined
-        _row("all", 7, 2, 1.0, 0.001),  # one position only: not mapped
-        _row("last", 7, 2, 1.0, 0.001),
-    ])  # fmt: skip
+    return pd.DataFrame(
+        [
+            _row("all", 3, 1, 0.9, 0.001),
+            _row("demonstrations", 3, 1, 0.1, 0.2),
+            _row("review", 3, 1, 0.5, 0.01),
+            _row("last", 3, 1, -0.6, 0.001),
+            _row("all", 5, 0, 0.05, 0.5),
+            _row("demonstrations", 5, 0, 0.01, 0.9),
+            _row("review", 5, 0, 0.02, 0.9),  # no last-position row: the sum is not defined
+            _row("all", 7, 2, 1.0, 0.001),  # one position only: not mapped
+            _row("last", 7, 2, 1.0, 0.001),
+        ]
+    )
 
 
 def test_a_head_acts_where_its_change_is_significant_largest_first():
@@ -39,16 +54,13 @@ def test_a_head_acts_where_its_change_is_significant_largest_first():
 
 
 def test_counts_per_setting():
-    table = pd.concat([_table(), pd.DataFrame([_row("review", 3, 1, 0.4, 0.01, "mean"),
-                                               _row("last", 3, 1, 0.0, 1.0, "mean")])])  # fmt: skip
+    mean = pd.DataFrame(
+        [_row("review", 3, 1, 0.4, 0.01, "mean"), _row("last", 3, 1, 0.0, 1.0, "mean")]
+    )
+    table = pd.concat([_table(), mean])
     counted = segments.counts(segments.segment_map(table)).set_index("kind")
-    assert counted.loc["zero", ["heads", "demonstrations", "review", "last", "none"]].tolist() == [
-        2,
-        0,
-        1,
-        1,
-        1,
-    ]
+    columns = ["heads", "demonstrations", "review", "last", "none"]
+    assert counted.loc["zero", columns].tolist() == [2, 0, 1, 1, 1]
     assert counted.loc["mean", ["heads", "review", "last", "none"]].tolist() == [1, 1, 0, 0]
 
 

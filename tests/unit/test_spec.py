@@ -41,8 +41,14 @@ def test_format_scale_is_canonical_and_positive():
 
 
 def _perturbation(**kw):
-    base = dict(layers=[-1], heads="all", scales=[2.0], kinds=["noise"], positions=["all"],
-                sites=["o_proj_input"])  # fmt: skip
+    base = dict(
+        layers=[-1],
+        heads="all",
+        scales=[2.0],
+        kinds=["noise"],
+        positions=["all"],
+        sites=["o_proj_input"],
+    )
     return {**base, **kw}
 
 
@@ -159,8 +165,10 @@ def test_review_counts_against_the_prompt_settings(imdb_dir, tmp_path, monkeypat
     counts = checks.review_counts(str(imdb_dir), checks.data_files(str(imdb_dir)), tmp_path)
     from headperturb.data import imdb
 
-    kept = {s: imdb.load_split(str(imdb_dir), s)["label"].value_counts().to_dict()
-            for s in ("train", "test")}  # fmt: skip
+    kept = {
+        s: imdb.load_split(str(imdb_dir), s)["label"].value_counts().to_dict()
+        for s in ("train", "test")
+    }
     assert counts == kept and counts["train"][0] < 12500
     monkeypatch.setattr(imdb, "load_split", None)  # a second count comes from the cache
     assert checks.review_counts(str(imdb_dir), checks.data_files(str(imdb_dir)), tmp_path) == counts
@@ -209,10 +217,14 @@ def test_cost_preview_counts_jobs_and_prices_them_from_the_measured_per_token_co
     tenth of them per prompt), so 3 layers x (64 + 64 / 10) tokens x 0.1 s = 21.12 s a prompt;
     noise at its final position: 5 draws x 3 layers x 0.2 s = 3.0 s; 241 s in all. At the final
     position only, the zero job costs 3 x 0.2 s a prompt: (0.6 + 3.0) x 10 = 36 s."""
-    config = {"prompts": {"n_test": 10, "k_shot": 1, "max_review_tokens": 56},
-              "perturbation": {"repeats": 5, "method": "fast"}}  # fmt: skip
-    jobs = [spec.HeadJob("o_proj_input", "all", "zero", "", 1, 0),
-            spec.HeadJob("o_proj_input", "last", "noise", "2", 1, 0)]  # fmt: skip
+    config = {
+        "prompts": {"n_test": 10, "k_shot": 1, "max_review_tokens": 56},
+        "perturbation": {"repeats": 5, "method": "fast"},
+    }
+    jobs = [
+        spec.HeadJob("o_proj_input", "all", "zero", "", 1, 0),
+        spec.HeadJob("o_proj_input", "last", "noise", "2", 1, 0),
+    ]
     shape = {"n_layers": 4}
     info = {
         "seconds_per_token_layer": 0.1,
@@ -336,14 +348,23 @@ def test_the_longest_jobs_and_the_recordings_come_first():
     assert priority("review", 3, kind="noise") == 5 * 27  # the demonstrations stay clean
     assert priority("last", 3) == priority("all", 29) == priority("review", 29) == 0
     assert priority("demonstrations", 3, kind="patch") == 0  # unperturbed
-    assert plans.CHECKPOINT_PRIORITY > plans.RECORDING_PRIORITY > priority("all", 0, "naive", "noise")
+    assert (
+        plans.CHECKPOINT_PRIORITY > plans.RECORDING_PRIORITY > priority("all", 0, "naive", "noise")
+    )
 
 
 def test_recordings_start_from_every_stride_th_layer():
     """30 layers: stride 5, each recording from the multiple of 5 below it (the first five from
     the embeddings); a 4-layer model: each from the layer below."""
     assert [plans.recording_source(layer, 30) for layer in (1, 5, 6, 10, 13, 25, 28)] == [
-        None, None, 5, 5, 10, 20, 25]  # fmt: skip
+        None,
+        None,
+        5,
+        5,
+        10,
+        20,
+        25,
+    ]
     assert [plans.recording_source(layer, 4) for layer in (1, 2, 3)] == [None, 1, 2]
     assert plans.recording_source(15, 16) == 12 and plans.recording_source(3, 16) is None
 

@@ -7,7 +7,8 @@ from headperturb.analysis import stats
 
 
 def test_bh_qvalues_by_hand():
-    # p sorted: 0.01, 0.02, 0.03, 0.5 (m = 4): p*m/rank = 0.04, 0.04, 0.04, 0.5; monotone from the top
+    # p sorted: 0.01, 0.02, 0.03, 0.5 (m = 4): p*m/rank = 0.04, 0.04, 0.04, 0.5;
+    # monotone from the top
     q = stats.bh_qvalues([0.03, 0.5, 0.01, 0.02])
     assert q.tolist() == pytest.approx([0.04, 0.5, 0.04, 0.04])
     # a later smaller ratio pulls earlier ones down: p = 0.01, 0.04 -> 0.02, 0.04
@@ -64,9 +65,8 @@ def test_no_change_gives_zero_and_p_one():
     out = stats.paired_summary(*_fake(), n_boot=300, n_perm=500)
     for metric in ("accuracy", "f1", "logit_diff", "probability"):
         assert out[f"change_{metric}"] == pytest.approx(0.0)
-        assert out[f"ci_low_{metric}"] == pytest.approx(0.0) and out[
-            f"ci_high_{metric}"
-        ] == pytest.approx(0.0)
+        assert out[f"ci_low_{metric}"] == pytest.approx(0.0)
+        assert out[f"ci_high_{metric}"] == pytest.approx(0.0)
     assert out["p_value"] == 1.0
 
 
@@ -102,15 +102,27 @@ def test_stability_is_kept_apart_for_ablations_of_one_head(tmp_path):
     paths = []
     for kind, draws in (("mean", 1), ("resample", 2)):
         frames = [base.assign(draw=d) for d in range(draws)]
-        frame = pd.concat(frames).assign(site="o_proj_input", position="all", kind=kind, layer=0,
-                                         head=0, scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
+        frame = pd.concat(frames).assign(
+            site="o_proj_input",
+            position="all",
+            kind=kind,
+            layer=0,
+            head=0,
+            scale="",
+            noise_mode="",
+            sigma=float("nan"),
+        )
         files.write_parquet(tmp_path / f"{kind}.parquet", frame)
         paths.append(tmp_path / f"{kind}.parquet")
-    table = aggregation.aggregate(
-        {"baseline": tmp_path / "metrics.json", "baseline_per_prompt": tmp_path / "base.parquet", "perturbed": paths,
-         "parquet": tmp_path / "t.parquet", "csv": tmp_path / "t.csv"},
-        10.0, 5.0, {"bootstrap": 100, "permutations": 100},
-    )  # fmt: skip
+    files_of = {
+        "baseline": tmp_path / "metrics.json",
+        "baseline_per_prompt": tmp_path / "base.parquet",
+        "perturbed": paths,
+        "parquet": tmp_path / "t.parquet",
+        "csv": tmp_path / "t.csv",
+    }
+    statistics = {"bootstrap": 100, "permutations": 100}
+    table = aggregation.aggregate(files_of, high=10.0, medium=5.0, statistics=statistics)
     stable = dict(zip(table["kind"], table["category_stable"]))
     assert stable["mean"] is None and stable["resample"] is True
 
@@ -136,16 +148,30 @@ def test_a_registered_metric_reaches_the_table_and_the_figures(tmp_path, monkeyp
     flipped = scoring.per_prompt(
         range(6), labels, np.array([[0, 1.0], [0, 1], [1, 0], [1, 0], [0, 1], [0, 1]])
     )
-    frame = flipped.assign(draw=0, site="o_proj_input", position="all", kind="zero", layer=0, head=0,
-                           scale="", noise_mode="", sigma=float("nan"))  # fmt: skip
+    frame = flipped.assign(
+        draw=0,
+        site="o_proj_input",
+        position="all",
+        kind="zero",
+        layer=0,
+        head=0,
+        scale="",
+        noise_mode="",
+        sigma=float("nan"),
+    )
     files.write_parquet(tmp_path / "zero.parquet", frame)
-    paths = {"baseline": tmp_path / "metrics.json", "baseline_per_prompt": tmp_path / "base.parquet",
-             "perturbed": [tmp_path / "zero.parquet"], "parquet": tmp_path / "t.parquet", "csv": tmp_path / "t.csv"}  # fmt: skip
-    table = aggregation.aggregate(paths, 10.0, 5.0, {"bootstrap": 100, "permutations": 100})
+    paths = {
+        "baseline": tmp_path / "metrics.json",
+        "baseline_per_prompt": tmp_path / "base.parquet",
+        "perturbed": [tmp_path / "zero.parquet"],
+        "parquet": tmp_path / "t.parquet",
+        "csv": tmp_path / "t.csv",
+    }
+    statistics = {"bootstrap": 100, "permutations": 100}
+    table = aggregation.aggregate(paths, high=10.0, medium=5.0, statistics=statistics)
     row = table.iloc[0]
-    assert row["baseline_error_rate"] == pytest.approx(1 / 6) and row[
-        "error_rate"
-    ] == pytest.approx(3 / 6)
+    assert row["baseline_error_rate"] == pytest.approx(1 / 6)
+    assert row["error_rate"] == pytest.approx(3 / 6)
     assert row["contribution_error_rate"] == pytest.approx(-2 / 6)
     assert {"ci_low_error_rate", "ci_high_error_rate"} <= set(table.columns)
     assert "error_rate" in figures.detail() and figures.metric_names()["error_rate"] == "error rate"

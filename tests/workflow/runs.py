@@ -1,5 +1,7 @@
-"""Running the workflow in the tests: Snakemake on the repository's Snakefile in a folder of the
-test's, with a config written there; the tiny-model version of config/test.yaml."""
+"""Running the workflow in the tests: :func:`launch` is the one way a test starts Snakemake (on
+the repository's Snakefile in a folder of the test's, with a config written there; or in a folder
+as a user runs it), :func:`snakemake` and :func:`planned_jobs` the common cases; and the
+tiny-model version of config/test.yaml."""
 
 from __future__ import annotations
 
@@ -15,21 +17,48 @@ REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+def launch(
+    *args: str,
+    workdir: Path | None = None,
+    config: dict | None = None,
+    cwd: Path | None = None,
+    cores: int = 2,
+    env: dict | None = None,
+    background: dict | None = None,
+    timeout: float = 600,
+):
+    """Snakemake with ``args``, the package from this checkout (``env``: variables to set besides
+    this process's environment). With ``workdir``: on the repository's Snakefile in ``workdir``,
+    ``config`` written there as its config file; without: in ``cwd`` (the current folder), as a
+    user runs it. It runs to its end, its output captured (a ``CompletedProcess``), unless
+    ``background`` gives the ``Popen`` arguments (``stdout``, ``stderr``, ``text``) to start it
+    in a session of its own and return at once, for a test that signals the run."""
+    cmd = [*SNAKEMAKE]
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd += ["-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    if config is not None:  # written into the run's folder
+        config_file = workdir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        cmd += ["--configfile", str(config_file)]
+    cmd += ["--cores", str(cores), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    if background is not None:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, **background)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def snakemake(
     workdir: Path, config: dict, *args: str, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run Snakemake on the repository's Snakefile in ``workdir`` with ``config`` as the config file
-    (``env``: variables to set besides this process's environment)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_file = workdir / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(config_file), "--cores", "2", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    (``env``: variables to set besides this process's environment); ``check``: a failure fails
+    the test with the run's output."""
+    result = launch(*args, workdir=workdir, config=config, env=env)
     if check and result.returncode != 0:
         raise AssertionError(
-            f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+            f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-6000:]}"
         )
     return result
 

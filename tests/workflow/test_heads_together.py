@@ -24,11 +24,22 @@ def together_config(tiny_llama_dir, imdb_dir) -> dict:
         {"layers": "all", "heads": "all", "kinds": ["zero"], "positions": ["last"]}
     )
     config["perturbation"]["curves"] = [
-        {"kinds": ["zero"], "positions": ["last"], "orders": ["exact", "screen", "random"],
-         "seeds": [1, 2], "ks": [1, 2, 8]},
-        {"kinds": ["mean", "patch"], "positions": ["all"], "orders": ["screen"], "ks": [2, 8],
-         "modes": ["remove"], "singles": 2},
-    ]  # fmt: skip
+        {
+            "kinds": ["zero"],
+            "positions": ["last"],
+            "orders": ["exact", "screen", "random"],
+            "seeds": [1, 2],
+            "ks": [1, 2, 8],
+        },
+        {
+            "kinds": ["mean", "patch"],
+            "positions": ["all"],
+            "orders": ["screen"],
+            "ks": [2, 8],
+            "modes": ["remove"],
+            "singles": 2,
+        },
+    ]
     config["screen"] = {
         "enabled": True,
         "kinds": ["zero", "mean", "patch"],
@@ -47,11 +58,18 @@ def together_run(tmp_path_factory, together_config):
 
 
 def test_curves_and_direct_effects_are_written_and_summarised(together_run):
-    for name in ["curves/points.parquet", "curves/points.csv", "curves/summary.csv",
-                 "direct_effects.parquet", "direct_effects.csv", "plots/ablation_curves.png",
-                 "plots/direct_vs_total.png", "sets/o_proj_input/last/zero/exact/ranking.parquet",
-                 "sets/o_proj_input/all/patch/screen/remove/k8.parquet",
-                 "logs/sets/o_proj_input/last/zero/random2/keep/k0.log"]:  # fmt: skip
+    for name in [
+        "curves/points.parquet",
+        "curves/points.csv",
+        "curves/summary.csv",
+        "direct_effects.parquet",
+        "direct_effects.csv",
+        "plots/ablation_curves.png",
+        "plots/direct_vs_total.png",
+        "sets/o_proj_input/last/zero/exact/ranking.parquet",
+        "sets/o_proj_input/all/patch/screen/remove/k8.parquet",
+        "logs/sets/o_proj_input/last/zero/random2/keep/k0.log",
+    ]:
         assert (together_run / name).is_file(), name
     text = (together_run / "summary.md").read_text()
     assert "## Heads removed together (joint-ablation curves)" in text
@@ -67,10 +85,8 @@ def test_each_point_is_its_members_removed_against_the_baseline(together_run):
     assert len(points) == 4 * (3 + 3) + 2 * (2 + 2)  # zero: 4 orders x (remove + keep); mean, patch
     for _, row in points.iterrows():
         order = row["order"]
-        path = (
-            together_run
-            / f"sets/o_proj_input/{row['position']}/{row['kind']}/{order}/{row['mode']}/k{row['k']}.parquet"
-        )
+        point = f"{row['position']}/{row['kind']}/{order}/{row['mode']}/k{row['k']}"
+        path = together_run / f"sets/o_proj_input/{point}.parquet"
         frame = files.read_parquet(path)
         ranking = curves.read_ranking(path.parent.parent / "ranking.parquet")
         top = ranking[: row["k"]]
@@ -134,8 +150,14 @@ def test_adding_a_seed_reruns_only_its_points(together_run, together_config):
     config = copy.deepcopy(together_config)
     config["perturbation"]["curves"][0]["seeds"] = [1, 2, 3]
     workdir = together_run.parents[1]
-    assert planned_jobs(workdir, config) == {"rank_heads": 1, "perturb_set": 6, "curves": 1,
-                                             "plot": 1, "summarize": 1, "all": 1}  # fmt: skip
+    assert planned_jobs(workdir, config) == {
+        "rank_heads": 1,
+        "perturb_set": 6,
+        "curves": 1,
+        "plot": 1,
+        "summarize": 1,
+        "all": 1,
+    }
 
 
 def test_a_set_file_copied_from_another_point_is_refused(together_run, together_config, tmp_path):
@@ -178,13 +200,21 @@ def test_naive_sets_give_the_same_points(together_run, together_config, tmp_path
     config["perturbation"]["sweeps"] = config["perturbation"]["sweeps"][:1]
     config["perturbation"]["curves"] = [
         {"kinds": ["zero"], "positions": ["last"], "orders": ["random"], "seeds": [1], "ks": [2]},
-        {"kinds": ["patch"], "positions": ["all"], "orders": ["screen"], "ks": [2], "modes": ["remove"]},
-    ]  # fmt: skip
+        {
+            "kinds": ["patch"],
+            "positions": ["all"],
+            "orders": ["screen"],
+            "ks": [2],
+            "modes": ["remove"],
+        },
+    ]
     config["direct_effects"]["enabled"] = False
     snakemake(tmp_path, config)
-    for rel in ["sets/o_proj_input/last/zero/random1/remove/k2.parquet",
-                "sets/o_proj_input/last/zero/random1/keep/k2.parquet",
-                "sets/o_proj_input/all/patch/screen/remove/k2.parquet"]:  # fmt: skip
+    for rel in [
+        "sets/o_proj_input/last/zero/random1/remove/k2.parquet",
+        "sets/o_proj_input/last/zero/random1/keep/k2.parquet",
+        "sets/o_proj_input/all/patch/screen/remove/k2.parquet",
+    ]:
         fast = pd.read_parquet(together_run / rel)
         naive = pd.read_parquet(tmp_path / "results/together" / rel)
         np.testing.assert_allclose(naive["margin"], fast["margin"], atol=1e-4)

@@ -21,10 +21,14 @@ def segments_config(tiny_llama_dir, imdb_dir) -> dict:
     config = tiny_config(tiny_llama_dir, imdb_dir)
     config["run_name"] = "segments"
     config["perturbation"]["sweeps"] = [
-        {"layers": [0], "heads": [0, 1], "kinds": ["zero", "mean", "noise", "patch"],
-         "positions": SEGMENT_POSITIONS},
+        {
+            "layers": [0],
+            "heads": [0, 1],
+            "kinds": ["zero", "mean", "noise", "patch"],
+            "positions": SEGMENT_POSITIONS,
+        },
         {"layers": [1], "heads": [0], "kinds": ["zero"], "positions": ["demonstrations", "review"]},
-    ]  # fmt: skip
+    ]
     config["screen"] = {"enabled": True, "kinds": ["zero", "patch"], "positions": SEGMENT_POSITIONS}
     return config
 
@@ -41,8 +45,8 @@ def test_the_segment_map_is_summarised_and_drawn(segments_run):
     text = (run / "summary.md").read_text()
     assert "## Where in the prompt" in text
     assert (
-        "| layer | head | all positions | demonstration positions | review positions | last position |"
-        in text
+        "| layer | head | all positions | demonstration positions | review positions "
+        "| last position |" in text
     )
     assert (run / "plots/segment_map.png").stat().st_size > 10_000
     for position in ("demonstrations", "review"):

@@ -13,14 +13,13 @@ import copy
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from runs import REPO, planned_jobs, snakemake, tiny_config
+from runs import REPO, launch, planned_jobs, snakemake, tiny_config
 
 from headperturb.core import config as run_config
 from headperturb.core import files
@@ -35,8 +34,13 @@ SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 def fresh_copy(tmp_path_factory) -> Path:
     """The repository's files (tracked, and new ones git does not ignore), nothing else."""
     root = tmp_path_factory.mktemp("fresh") / "headperturb"
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in listed:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -46,9 +50,7 @@ def fresh_copy(tmp_path_factory) -> Path:
 
 def _from_root(root: Path, *args: str) -> subprocess.CompletedProcess:
     """Snakemake as a user runs it: from the repository root, no --directory."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=root,
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return launch(*args, cwd=root, cores=1, timeout=300)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
@@ -73,8 +75,15 @@ def test_a_users_config_file_replaces_the_default_and_command_line_values_overri
     """A file that sets model.path is not merged with the default's PyPI wheel; keys it leaves
     out take the schema's defaults; --config overrides single keys of either."""
     own = fresh_copy / "mine.yaml"
-    own.write_text(yaml.safe_dump({"run_name": "mine", "model": {"name": "tiny", "path": str(tiny_llama_dir)},
-                                   "data": {"path": str(imdb_dir)}}))  # fmt: skip
+    own.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "mine",
+                "model": {"name": "tiny", "path": str(tiny_llama_dir)},
+                "data": {"path": str(imdb_dir)},
+            }
+        )
+    )
     result = _from_root(fresh_copy, "-n", "--configfile", "mine.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
@@ -109,7 +118,8 @@ def test_numbers_written_as_yaml_text_are_numbers():
         ),
         (
             {"perturbation": {"kinds": ["shuffle"]}},
-            "perturbation.kinds[0] = 'shuffle' is not allowed; allowed: noise, zero, mean, resample",
+            "perturbation.kinds[0] = 'shuffle' is not allowed; allowed: noise, zero, mean, "
+            "resample",
         ),
         (
             {"perturbation": {"sweeps": [{"layer": [1]}]}},
@@ -162,7 +172,8 @@ def test_config_mistakes_get_one_line_naming_key_value_and_what_is_allowed(chang
         ),
         (
             lambda c: c["perturbation"]["sweeps"][1].update(layers=[5]),
-            "layer 5 is out of range: the model has 2 layers (allowed -2..1, negative ones from the end)",
+            "layer 5 is out of range: the model has 2 layers (allowed -2..1, negative ones "
+            "from the end)",
         ),
         (
             lambda c: c["perturbation"].update(heads=[4]),
@@ -222,7 +233,8 @@ def test_mistakes_stop_the_run_before_any_job(tmp_path, tiny_llama_dir, imdb_dir
         (
             "csv",
             {"text": ["a", "b"], "label": ["neg", "pos"]},
-            "train.csv: column 'label' holds 'neg', 'pos'; labels must be the two classes 0 (negative) and 1 (positive)",
+            "train.csv: column 'label' holds 'neg', 'pos'; labels must be the two classes "
+            "0 (negative) and 1 (positive)",
         ),
         (
             "parquet",
@@ -280,8 +292,10 @@ def test_a_table_cannot_mix_settings(run_copy):
     """Seed 0 -> 1: the jobs Snakemake knows rerun, two files it has no record of do not; the
     aggregation names those and says how to redo them, and the fix works."""
     workdir, config = run_copy
-    orphans = ["results/test/perturb/o_proj_input/all/noise_scale2/layer1/head0.parquet",
-               "results/test/perturb/o_proj_input/all/zero/layer1/head1.parquet"]  # fmt: skip
+    orphans = [
+        "results/test/perturb/o_proj_input/all/noise_scale2/layer1/head0.parquet",
+        "results/test/perturb/o_proj_input/all/zero/layer1/head1.parquet",
+    ]
     for name in orphans:
         _forget(workdir, name)
     config["perturbation"]["seed"] = 1
@@ -350,7 +364,10 @@ def test_a_failed_step_leaves_its_error_in_its_log(tmp_path, tiny_llama_dir, imd
     config["prompts"]["verbalizers"] = ["negative", " positive"]
     result = snakemake(tmp_path, config, check=False)
     out = result.stdout + result.stderr
-    message = "PromptError: verbalizers ('negative', ' positive'): both or neither must start with white space"
+    message = (
+        "PromptError: verbalizers ('negative', ' positive'): both or neither must start with "
+        "white space"
+    )
     assert result.returncode != 0 and f"build_prompts: {message}" in out
     log = (tmp_path / "results/test/logs/build_prompts.log").read_text()
     assert "both or neither must start" in log and "Traceback (most recent call last)" in log
@@ -369,13 +386,17 @@ def test_a_result_that_cannot_be_a_measurement_stops_its_job(trust_run, tmp_path
 
     workdir, _ = trust_run
     results = workdir / "results/test"
-    target = HeadJob("o_proj_input", "all", "noise", "1e+30", 1, 0)
+    target = HeadJob(
+        site="o_proj_input", position="all", kind="noise", scale="1e+30", layer=1, head=0
+    )
     job = Job(target, kinds.Noise(scale=1e30), repeats=2)
     inputs = headjob.JobInputs(
-        PromptFiles(str(results / "prompts/prompts.parquet"), str(results / "prompts/prompt_info.json")),
+        PromptFiles(
+            str(results / "prompts/prompts.parquet"), str(results / "prompts/prompt_info.json")
+        ),
         state=str(results / "baseline/final_state.safetensors"),
         program=str(results / "baseline/last_layer"),
-    )  # fmt: skip
+    )
     model = ModelSpec(str(workdir / "resources/models/tiny-llama"), "cpu")
     with pytest.raises(scoring.NumericsError, match="noise sigma 1e\\+30, layer 1 head 0, draw 0"):
         headjob.perturb(job, inputs, model, tmp_path / "out.parquet")
@@ -398,8 +419,10 @@ def recorded_run(tmp_path_factory, tiny_llama_dir, imdb_dir):
     layer, the keys and values), and the keys and values another run recorded for other prompts."""
     workdir = tmp_path_factory.mktemp("recorded")
     config = tiny_config(tiny_llama_dir, imdb_dir)
-    config["perturbation"]["sweeps"] = [{"layers": [-1], "kinds": ["zero"]},
-                                        {"layers": [0], "positions": ["last"], "kinds": ["zero"]}]  # fmt: skip
+    config["perturbation"]["sweeps"] = [
+        {"layers": [-1], "kinds": ["zero"]},
+        {"layers": [0], "positions": ["last"], "kinds": ["zero"]},
+    ]
     snakemake(workdir, config)
     other = copy.deepcopy(config)
     other.update(run_name="other")
@@ -451,8 +474,11 @@ def test_a_flipped_byte_inside_a_result_stops_the_reader(run_copy):
     name = "results/test/perturb/o_proj_input/all/zero/layer1/head0.parquet"
     path = workdir / name
     meta = pq.ParquetFile(path).metadata.row_group(0)
-    column = next(meta.column(i) for i in range(meta.num_columns)
-                  if meta.column(i).path_in_schema == "logit_positive")  # fmt: skip
+    column = next(
+        meta.column(i)
+        for i in range(meta.num_columns)
+        if meta.column(i).path_in_schema == "logit_positive"
+    )
     data = bytearray(path.read_bytes())
     data[column.data_page_offset + column.total_compressed_size - 3] ^= 0x10  # in the page's values
     path.write_bytes(bytes(data))  # now newer than the table: the aggregation reruns and reads it
@@ -486,13 +512,11 @@ def test_no_recording_process_outlives_the_run_that_started_it(tmp_path, tiny_ll
     config = tiny_config(tiny_llama_dir, imdb_dir)
     config["prompts"]["n_test"] = 600  # a recording that takes a few seconds
     config["perturbation"]["sweeps"] = [{"layers": [0], "positions": ["last"], "kinds": ["zero"]}]
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-           str(tmp_path), "--configfile", str(config_file), "--cores", "2"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = launch(
+        workdir=tmp_path,
+        config=config,
+        background={"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL},
+    )
     log = tmp_path / "results/test/logs/capture_cache.log"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -547,13 +571,14 @@ def test_the_slurm_profile_where_slurm_does_not_answer_stops_in_one_line(tmp_pat
     for f in fake.iterdir():
         f.chmod(0o755)
     env = {"PATH": f"{fake}:{os.environ['PATH']}"}
-    result = snakemake(workdir, config, "--profile", str(REPO / "profiles/slurm"), check=False,
-                       env=env)  # fmt: skip
+    result = snakemake(
+        workdir, config, "--profile", str(REPO / "profiles/slurm"), check=False, env=env
+    )
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert (
-        "needs a SLURM that answers here, and this one does not (sinfo: slurm_load_partitions: Unable to contact slurm controller)"
-        in out
+        "needs a SLURM that answers here, and this one does not (sinfo: "
+        "slurm_load_partitions: Unable to contact slurm controller)" in out
     ), out[-3000:]
     assert "sbatch" not in out.split("needs a SLURM")[0][-200:]
     assert not (workdir / "results").exists()
@@ -575,15 +600,11 @@ def test_sigterm_stops_the_run_after_its_running_jobs_and_says_so(
 
     config = tiny_config(tiny_llama_dir, imdb_dir)
     config["prompts"]["n_test"] = 64
-    config["perturbation"].update(method="naive", heads="all", kinds=["noise"],
-                                  sweeps=[{"layers": [-1]}])  # fmt: skip
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-           str(tmp_path), "--configfile", str(config_file), "--cores", "2"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)  # fmt: skip
+    config["perturbation"].update(
+        method="naive", heads="all", kinds=["noise"], sweeps=[{"layers": [-1]}]
+    )
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    proc = launch(workdir=tmp_path, config=config, background=output)
     logs = tmp_path / "results/test/logs/perturb"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

@@ -1,4 +1,5 @@
-"""The whole Snakemake workflow on a tiny random Llama: outputs, numbers, incremental reruns, lint."""
+"""The whole Snakemake workflow on a tiny random Llama: outputs, numbers, incremental reruns,
+lint."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from runs import REPO, SNAKEMAKE, planned_jobs, snakemake, tiny_config
+from runs import REPO, launch, planned_jobs, snakemake, tiny_config
 
 from headperturb.analysis import scoring
 from headperturb.core import files
@@ -88,13 +89,23 @@ def test_table_is_baseline_minus_perturbed_from_the_per_prompt_files(finished_ru
     assert sorted(table["kind"].unique()) == ["mean", "noise", "patch", "restore", "zero"]
     assert set(zip(table["position"], table["layer"])) == {("all", 1), ("last", 0)}
     for _, row in table[table["kind"] == "noise"].iterrows():
+        head = f"layer{row['layer']}/head{row['head']}"
         per_prompt = pd.read_parquet(
-            results
-            / f"perturb/o_proj_input/{row['position']}/noise_scale2/layer{row['layer']}/head{row['head']}.parquet"
+            results / f"perturb/o_proj_input/{row['position']}/noise_scale2/{head}.parquet"
         )
         assert sorted(per_prompt["draw"].unique()) == [0, 1]
-        assert set(per_prompt.columns) >= {"site", "position", "layer", "head", "scale", "seed",
-                                           "draw", "margin", "calibrated_margin", "correct"}  # fmt: skip
+        assert set(per_prompt.columns) >= {
+            "site",
+            "position",
+            "layer",
+            "head",
+            "scale",
+            "seed",
+            "draw",
+            "margin",
+            "calibrated_margin",
+            "correct",
+        }
         accs = [g["correct"].mean() for _, g in per_prompt.groupby("draw")]
         expected = base_metrics["accuracy"] - sum(accs) / len(accs)
         assert row["contribution_accuracy"] == pytest.approx(expected)
@@ -111,8 +122,11 @@ def test_two_runs_give_byte_identical_files(tmp_path, finished_run, base_config)
     """Determinism: a fresh run of the same config in another folder writes the same bytes,
     every file under results/<run>/ but the logs (which hold times)."""
     snakemake(tmp_path, base_config)
-    ours = sorted(p for p in (tmp_path / "results/test").rglob("*")
-                  if p.is_file() and "logs" not in p.relative_to(tmp_path).parts)  # fmt: skip
+    ours = sorted(
+        p
+        for p in (tmp_path / "results/test").rglob("*")
+        if p.is_file() and "logs" not in p.relative_to(tmp_path).parts
+    )
     assert len(ours) >= 20
     assert any(p.name == "program.pt2" for p in ours) and any(p.suffix == ".png" for p in ours)
     for path in ours:
@@ -199,9 +213,14 @@ def test_changing_a_prompt_setting_reruns_prompts_and_everything_after(finished_
     config = copy.deepcopy(base_config)
     config["prompts"]["seed"] = 1
     assert planned_jobs(finished_run, config) == {
-        "select_reviews": 1, "build_prompts": 1, "pair_prompts": 1, "baseline": 1,
-        "capture_cache": 1, "perturb_head": 14, **AFTER_THE_JOBS,
-    }  # fmt: skip
+        "select_reviews": 1,
+        "build_prompts": 1,
+        "pair_prompts": 1,
+        "baseline": 1,
+        "capture_cache": 1,
+        "perturb_head": 14,
+        **AFTER_THE_JOBS,
+    }
 
 
 def test_report_holds_every_plot_and_table(finished_run, base_config, tmp_path):
@@ -246,14 +265,23 @@ def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_d
     config["model"]["path"] = str(
         build_tiny_model(tmp_path / family, tiny_tokenizer_dir, family, n_layers=4)
     )
-    config["perturbation"].update(heads=[0, 3], repeats=1, sweeps=[
-        {"layers": [2, -1], "positions": ["all"]}, {"layers": [0], "positions": ["last"]}])  # fmt: skip
+    config["perturbation"].update(
+        heads=[0, 3],
+        repeats=1,
+        sweeps=[{"layers": [2, -1], "positions": ["all"]}, {"layers": [0], "positions": ["last"]}],
+    )
     snakemake(tmp_path, config)
     run = tmp_path / "results/test"
     table = pd.read_csv(run / "contributions.csv")
     noise = table[table["kind"] == "noise"]
     assert sorted(zip(noise["position"], noise["layer"], noise["head"])) == [
-        ("all", 2, 0), ("all", 2, 3), ("all", 3, 0), ("all", 3, 3), ("last", 0, 0), ("last", 0, 3)]  # fmt: skip
+        ("all", 2, 0),
+        ("all", 2, 3),
+        ("all", 3, 0),
+        ("all", 3, 3),
+        ("last", 0, 0),
+        ("last", 0, 3),
+    ]
     assert (run / "plots/layer_head_heatmap.png").is_file()
     info = files.read_json(tmp_path / f"resources/models/tiny-{family}/headperturb_model.json")
     assert info["model_type"] == family and info["n_heads"] == 4
@@ -264,8 +292,9 @@ def test_pipeline_runs_on_other_families(tmp_path, base_config, tiny_tokenizer_d
     assert (run / "activations/layer1.safetensors").is_file()
     naive_config = copy.deepcopy(config)
     naive_config["run_name"] = "naive"
-    naive_config["perturbation"].update(method="naive", kinds=["zero"],
-                                        sweeps=[{"layers": [2], "positions": ["all"]}])  # fmt: skip
+    naive_config["perturbation"].update(
+        method="naive", kinds=["zero"], sweeps=[{"layers": [2], "positions": ["all"]}]
+    )
     snakemake(tmp_path, naive_config)
     for head in (0, 3):
         path = f"perturb/o_proj_input/all/zero/layer2/head{head}.parquet"
@@ -282,16 +311,14 @@ def test_a_killed_run_leaves_no_partial_output_and_resumes(tmp_path, base_config
     import time
 
     config = copy.deepcopy(base_config)
-    config["perturbation"].update(method="naive", heads="all", kinds=["noise"],
-                                  sweeps=[{"layers": [-1]}])  # fmt: skip
+    config["perturbation"].update(
+        method="naive", heads="all", kinds=["noise"], sweeps=[{"layers": [-1]}]
+    )
     config["prompts"]["n_test"] = 64  # head jobs long enough to be killed while they run
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(config_file), "--cores", "2"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    proc = launch(
+        workdir=tmp_path,
+        config=config,
+        background={"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL},
     )
     logs = tmp_path / "results/test/logs/perturb"
     deadline = time.monotonic() + 240
@@ -328,9 +355,16 @@ def test_pipeline_runs_through_slurm(tmp_path, base_config):
         pytest.skip("no SLURM here; CI starts one with .ci/slurm.sh")
     # the test node has 2 CPUs: the model rules' 4 would never be scheduled
     model_rules = ("prepare_model", "build_prompts", "baseline", "capture_layer", "capture_cache")
-    result = snakemake(tmp_path, base_config, "--profile", str(REPO / "profiles/slurm"),
-                       "--set-resources", *[f"{rule}:cpus_per_task=1" for rule in model_rules],
-                       "--set-threads", *[f"{rule}=1" for rule in model_rules])  # fmt: skip
+    result = snakemake(
+        tmp_path,
+        base_config,
+        "--profile",
+        str(REPO / "profiles/slurm"),
+        "--set-resources",
+        *[f"{rule}:cpus_per_task=1" for rule in model_rules],
+        "--set-threads",
+        *[f"{rule}=1" for rule in model_rules],
+    )
     text = result.stdout + result.stderr
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", text)
     assert len(job_ids) >= 6, text[-3000:]
@@ -390,9 +424,7 @@ def test_the_workflow_works_as_a_snakemake_module(tmp_path, base_config):
         f'module headperturb:\n    snakefile: "{REPO / "Snakefile"}"\n    config: config\n\n'
         "use rule * from headperturb\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = launch("-n", cwd=tmp_path, cores=1, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert re.search(r"^perturb_head\s+14$", out, re.M), out[-3000:]

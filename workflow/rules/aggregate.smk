@@ -4,30 +4,30 @@
 
 rule aggregate:
     input:
-        baseline=BASELINE_METRICS,
-        baseline_per_prompt=BASELINE_PER_PROMPT,
-        info=PROMPT_INFO,
+        baseline=PATHS.baseline_metrics,
+        baseline_per_prompt=PATHS.baseline_per_prompt,
+        info=PATHS.prompt_info,
         perturbed=perturb_files,
     output:
-        parquet=TABLE,
+        parquet=PATHS.table,
         csv=report(
-            f"{RESULTS}/contributions.csv",
+            PATHS.table_csv,
             caption="../report/table.rst",
             category="Run",
             subcategory="contribution table",
         ),
     log:
-        f"{LOGS}/aggregate.log",
+        PATHS.log("aggregate"),
     params:
         high=config["categories"]["high"],
         medium=config["categories"]["medium"],
         statistics=config["statistics"],
-        jobs=lambda wildcards: job_table(),
+        jobs=lambda wildcards: [asdict(job) for job in head_jobs()],
         run={
             key: PERTURBATION[key]
             for key in ("noise_mode", "seed", "repeats", "method")
         }
         | {"dtype": MODEL["dtype"]},
-        stale_list=f"{RESULTS}/stale_results.txt",
+        stale_list=PATHS.stale_results,
     run:
         steps.aggregate(input, output, params, wildcards, threads, log)

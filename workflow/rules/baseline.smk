@@ -4,18 +4,18 @@
 
 rule baseline:
     input:
-        prompts=PROMPT_TABLE,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
+        prompts=PATHS.prompts,
+        info=PATHS.prompt_info,
+        model=PATHS.model_dir,
     output:
-        per_prompt=BASELINE_PER_PROMPT,
-        metrics=BASELINE_METRICS,
-        state=FINAL_STATE,
-        rms=HEAD_RMS,
-        program=directory(LAST_LAYER_PROGRAM),
+        per_prompt=PATHS.baseline_per_prompt,
+        metrics=PATHS.baseline_metrics,
+        state=PATHS.final_state,
+        rms=PATHS.head_rms,
+        program=directory(PATHS.last_layer_program),
     log:
-        f"{LOGS}/baseline.log",
-    threads: step_threads("model")
+        PATHS.log("baseline"),
+    threads: config["threads"]["model"]
     params:
         **MODEL_PARAMS,
     run:
@@ -29,15 +29,15 @@ rule capture_layer:
     input:
         unpack(recording_inputs),
     output:
-        activations=f"{RESULTS}/activations/layer{{layer}}.safetensors",
+        activations=PATHS.activations("{layer}"),
     log:
-        f"{LOGS}/capture_layer/layer{{layer}}.log",
+        PATHS.log("capture_layer/layer{layer}"),
     wildcard_constraints:
         layer=r"\d+",
     priority: plans.RECORDING_PRIORITY
     conda:
         MODEL_ENV
-    threads: step_threads("model")
+    threads: config["threads"]["model"]
     params:
         **MODEL_PARAMS,
     script:
@@ -48,16 +48,16 @@ rule capture_layer:
 # only: one token per prompt then runs through the layers above the perturbed one.
 rule capture_cache:
     input:
-        prompts=PROMPT_TABLE,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
+        prompts=PATHS.prompts,
+        info=PATHS.prompt_info,
+        model=PATHS.model_dir,
     output:
-        cache=CACHE,
+        cache=PATHS.cache,
     log:
-        f"{LOGS}/capture_cache.log",
+        PATHS.log("capture_cache"),
     conda:
         MODEL_ENV
-    threads: step_threads("model")
+    threads: config["threads"]["model"]
     params:
         **MODEL_PARAMS,
     script:

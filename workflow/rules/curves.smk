@@ -8,11 +8,9 @@ checkpoint rank_heads:
     input:
         unpack(ranking_inputs),
     output:
-        ranking=sets.ranking_path(RESULTS, "{site}", "{position}", "{kind}", "{order}"),
+        ranking=PATHS.ranking,
     log:
-        sets.ranking_path(LOGS, "{site}", "{position}", "{kind}", "{order}").replace(
-            ".parquet", ".log"
-        ),
+        PATHS.ranking_log,
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
@@ -29,13 +27,9 @@ rule perturb_set:
     input:
         unpack(set_inputs),
     output:
-        result=sets.set_path(
-            RESULTS, "{site}", "{position}", "{kind}", "{order}", "{mode}", "{k}"
-        ),
+        result=PATHS.set_job,
     log:
-        sets.set_path(
-            LOGS, "{site}", "{position}", "{kind}", "{order}", "{mode}", "{k}"
-        ).replace(".parquet", ".log"),
+        PATHS.set_job_log,
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
@@ -43,7 +37,7 @@ rule perturb_set:
         order=r"screen|exact|random\d+",
         mode="|".join(sets.SET_MODES),
         k=r"\d+",
-    threads: step_threads("perturb")
+    threads: config["threads"]["perturb"]
     params:
         **MODEL_PARAMS,
         method=PERTURBATION["method"],
@@ -53,27 +47,29 @@ rule perturb_set:
 
 rule curves:
     input:
-        baseline_per_prompt=BASELINE_PER_PROMPT,
-        info=PROMPT_INFO,
-        sets=lambda wildcards: [job.path(RESULTS) for job in set_jobs()],
-        rankings=lambda wildcards: [job.ranking(RESULTS) for job in set_jobs()],
-        singles=lambda wildcards: [job.path(RESULTS) for job in single_head_jobs()],
+        baseline_per_prompt=PATHS.baseline_per_prompt,
+        info=PATHS.prompt_info,
+        sets=lambda wildcards: [job.path(PATHS.results) for job in set_jobs()],
+        rankings=lambda wildcards: [job.ranking(PATHS.results) for job in set_jobs()],
+        singles=lambda wildcards: [
+            job.path(PATHS.results) for job in single_head_jobs()
+        ],
     output:
-        points=f"{CURVES}/points.parquet",
+        points=PATHS.curve_points,
         points_csv=report(
-            f"{CURVES}/points.csv",
+            PATHS.curve_points_csv,
             caption="../report/curves.rst",
             category="Heads together",
             subcategory="curve points",
         ),
         summary=report(
-            f"{CURVES}/summary.csv",
+            PATHS.curve_summary,
             caption="../report/curves.rst",
             category="Heads together",
             subcategory="curve summary",
         ),
     log:
-        f"{LOGS}/curves.log",
+        PATHS.log("curves"),
     params:
         jobs=lambda wildcards: [asdict(job) for job in set_jobs()],
         single_jobs=lambda wildcards: [asdict(job) for job in single_head_jobs()],
@@ -81,6 +77,6 @@ rule curves:
         * model_shape()["n_heads"],
         statistics=config["statistics"],
         method=PERTURBATION["method"],
-        stale_list=f"{RESULTS}/stale_sets.txt",
+        stale_list=PATHS.stale_sets,
     run:
         steps.curves(input, output, params, wildcards, threads, log)

@@ -6,23 +6,23 @@
 rule direct_effects:
     input:
         unpack(direct_inputs),
-        prompts=PROMPT_TABLE,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
-        state=FINAL_STATE,
-        baseline_per_prompt=BASELINE_PER_PROMPT,
-        totals=lambda wildcards: [job.path(RESULTS) for job in total_jobs()],
+        prompts=PATHS.prompts,
+        info=PATHS.prompt_info,
+        model=PATHS.model_dir,
+        state=PATHS.final_state,
+        baseline_per_prompt=PATHS.baseline_per_prompt,
+        totals=lambda wildcards: [job.path(PATHS.results) for job in total_jobs()],
     output:
-        parquet=DIRECT,
+        parquet=PATHS.direct,
         csv=report(
-            DIRECT.replace(".parquet", ".csv"),
+            PATHS.direct_csv,
             caption="../report/direct.rst",
             category="Heads together",
             subcategory="direct effects and self-repair",
         ),
     log:
-        f"{LOGS}/direct_effects.log",
-    threads: step_threads("model")
+        PATHS.log("direct_effects"),
+    threads: config["threads"]["model"]
     params:
         **MODEL_PARAMS,
         kinds=DIRECT_EFFECTS["kinds"],

@@ -10,7 +10,7 @@ if FETCHED:
         output:
             source=FETCHED,
         log:
-            f"resources/models/{MODEL['name']}.source/fetch.log",
+            PATHS.fetch_log,
         conda:
             MODEL_ENV
         params:
@@ -27,12 +27,12 @@ rule prepare_model:
     input:
         [FETCHED] if FETCHED else [SOURCE] if Path(SOURCE).is_file() else [],
     output:
-        model=directory(MODEL_DIR),
+        model=directory(PATHS.model_dir),
     log:
-        f"resources/models/{MODEL['name']}.prepare.log",
+        PATHS.prepare_log,
     conda:
         MODEL_ENV
-    threads: step_threads("model")
+    threads: config["threads"]["model"]
     params:
         # a GGUF (fetched or local) is this rule's input; a folder or a hub id is no file to track
         source=lambda wildcards, input: (

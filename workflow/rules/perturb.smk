@@ -8,13 +8,9 @@ rule perturb_head:
     input:
         unpack(job_inputs),
     output:
-        result=spec.head_path(
-            RESULTS, "{site}", "{position}", "{setting}", "{layer}", "{head}"
-        ),
+        result=PATHS.head_job,
     log:
-        spec.head_path(
-            LOGS, "{site}", "{position}", "{setting}", "{layer}", "{head}"
-        ).replace(".parquet", ".log"),
+        PATHS.head_job_log,
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
@@ -22,7 +18,7 @@ rule perturb_head:
         layer=r"\d+",
         head=r"\d+",
     priority: job_priority
-    threads: step_threads("perturb")
+    threads: config["threads"]["perturb"]
     params:
         **MODEL_PARAMS,
         noise_mode=PERTURBATION["noise_mode"],

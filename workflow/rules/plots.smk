@@ -6,13 +6,13 @@ rule plot:
         table=plot_input,
     output:
         figure=report(
-            f"{RESULTS}/plots/{{plot}}.png",
+            PATHS.plot("{plot}"),
             caption="../report/plots.rst",
             category="Plots",
             subcategory="{plot}",
         ),
     log:
-        f"{LOGS}/plot_{{plot}}.log",
+        PATHS.log("plot_{plot}"),
     wildcard_constraints:
         plot="|".join(PLOT_NAMES),
     run:

@@ -6,9 +6,9 @@ rule select_reviews:
     input:
         DATA_FILES,
     output:
-        reviews=REVIEWS,
+        reviews=PATHS.reviews,
     log:
-        f"{LOGS}/select_reviews.log",
+        PATHS.log("select_reviews"),
     params:
         data=config["data"],
         prompts=PROMPTS,
@@ -18,21 +18,21 @@ rule select_reviews:
 
 rule build_prompts:
     input:
-        reviews=REVIEWS,
-        model=MODEL_DIR,
+        reviews=PATHS.reviews,
+        model=PATHS.model_dir,
     output:
-        prompts=PROMPT_TABLE,
-        demonstrations=f"{RESULTS}/prompts/demonstrations.parquet",
-        info=PROMPT_INFO,
+        prompts=PATHS.prompts,
+        demonstrations=PATHS.demonstrations,
+        info=PATHS.prompt_info,
         selection=report(
-            f"{RESULTS}/prompts/selection.csv",
+            PATHS.selection,
             caption="../report/selection.rst",
             category="Run",
             subcategory="demonstrations and decision rule",
         ),
     log:
-        f"{LOGS}/build_prompts.log",
-    threads: step_threads("model")
+        PATHS.log("build_prompts"),
+    threads: config["threads"]["model"]
     params:
         **MODEL_PARAMS,
         prompts=PROMPTS,
@@ -44,11 +44,11 @@ rule build_prompts:
 # Each test prompt's opposite-sentiment partner of the same length, for the patching kinds.
 rule pair_prompts:
     input:
-        prompts=PROMPT_TABLE,
+        prompts=PATHS.prompts,
     output:
-        pairs=PAIRS,
+        pairs=PATHS.pairs,
     log:
-        f"{LOGS}/pair_prompts.log",
+        PATHS.log("pair_prompts"),
     params:
         seed=PROMPTS["seed"],
     run:

@@ -4,18 +4,18 @@
 rule summarize:
     input:
         unpack(summary_inputs),
-        table=TABLE,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
+        table=PATHS.table,
+        info=PATHS.prompt_info,
+        model=PATHS.model_dir,
     output:
         summary=report(
-            f"{RESULTS}/summary.md",
+            PATHS.summary,
             caption="../report/summary.rst",
             category="Run",
             subcategory="summary",
         ),
     log:
-        f"{LOGS}/summarize.log",
+        PATHS.log("summarize"),
     params:
         settings={
             key: config[key]

@@ -7,20 +7,20 @@
 checkpoint screen:
     input:
         unpack(pairs_input),
-        prompts=PROMPT_TABLE,
-        info=PROMPT_INFO,
-        model=MODEL_DIR,
-        per_prompt=BASELINE_PER_PROMPT,
-        rms=HEAD_RMS,
+        prompts=PATHS.prompts,
+        info=PATHS.prompt_info,
+        model=PATHS.model_dir,
+        per_prompt=PATHS.baseline_per_prompt,
+        rms=PATHS.head_rms,
     output:
-        estimates=f"{SCREEN}/estimates.parquet",
-        heads=SCREEN_HEADS,
+        estimates=PATHS.screen_estimates,
+        heads=PATHS.screen_heads,
     log:
-        f"{LOGS}/screen.log",
+        PATHS.log("screen"),
     priority: plans.CHECKPOINT_PRIORITY  # its choice of heads extends the DAG
     conda:
         MODEL_ENV
-    threads: step_threads("model")
+    threads: config["threads"]["model"]
     params:
         **MODEL_PARAMS,
         settings={
@@ -36,18 +36,18 @@ checkpoint screen:
 # How well the screen agreed with the exact measurements of the run, head by head.
 rule screen_agreement:
     input:
-        table=TABLE,
-        heads=SCREEN_HEADS,
+        table=PATHS.table,
+        heads=PATHS.screen_heads,
     output:
         agreement=report(
-            f"{SCREEN}/agreement.csv",
+            PATHS.agreement,
             caption="../report/agreement.rst",
             category="Screen",
             subcategory="agreement with exact measurements",
         ),
-        disagreements=f"{SCREEN}/disagreements.csv",
+        disagreements=PATHS.disagreements,
     log:
-        f"{LOGS}/screen_agreement.log",
+        PATHS.log("screen_agreement"),
     params:
         threshold=config["screen"]["disagreement"],
     run:

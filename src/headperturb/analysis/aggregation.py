@@ -23,8 +23,10 @@ from headperturb.core.spec import HeadJob, Job
 
 log = logging.getLogger("headperturb")
 
-COMPARED = ("site", "position", "kind", "scale", "layer", "head", "noise_mode", "seed",
-            "repeats", "method", "dtype", "prompts_sha256", "calibration_offset")  # fmt: skip
+COMPARED = (
+    *("site", "position", "kind", "scale", "layer", "head"),
+    *("noise_mode", "seed", "repeats", "method", "dtype", "prompts_sha256", "calibration_offset"),
+)
 """The settings of a per-head file that must equal what the run asks for."""
 
 
@@ -33,16 +35,29 @@ class StaleResultsError(RuntimeError):
 
 
 def expected_settings(job: dict, run: dict, prompts_sha256: str, offset: float) -> dict:
-    """What the file of ``job`` (a :class:`headperturb.core.spec.HeadJob` as a dict) must hold, given
-    the run's settings (``noise_mode``, ``seed``, ``repeats``, ``method``, ``dtype``)."""
+    """What the file of ``job`` (a :class:`headperturb.core.spec.HeadJob` as a dict) must hold,
+    given the run's settings (``noise_mode``, ``seed``, ``repeats``, ``method``, ``dtype``)."""
     target = HeadJob(**job)
-    settings = Job(target, target.perturbation(run["noise_mode"]), run["method"],
-                   int(run["seed"]), int(run["repeats"]), dtype=run["dtype"]).settings()  # fmt: skip
+    settings = Job(
+        target,
+        target.perturbation(run["noise_mode"]),
+        method=run["method"],
+        seed=int(run["seed"]),
+        repeats=int(run["repeats"]),
+        dtype=run["dtype"],
+    ).settings()
     return {**settings, "prompts_sha256": prompts_sha256, "calibration_offset": float(offset)}
 
 
-def check_results(paths: list[str], jobs: list[dict], run: dict, prompts_sha256: str,
-                  offset: float, weights_sha256: str | None, stale_list: str | Path) -> None:  # fmt: skip
+def check_results(
+    paths: list[str],
+    jobs: list[dict],
+    run: dict,
+    prompts_sha256: str,
+    offset: float,
+    weights_sha256: str | None,
+    stale_list: str | Path,
+) -> None:
     """Raise :class:`StaleResultsError` unless every file in ``paths`` holds the settings its job
     asks for (:func:`expected_settings`) and the baseline's model weights. The stale files are
     written to ``stale_list``, one per line, for ``--forcerun``."""
@@ -51,8 +66,11 @@ def check_results(paths: list[str], jobs: list[dict], run: dict, prompts_sha256:
         meta = files.read_parquet_metadata(path)
         found = dict(meta.get("settings", {}))
         want = expected_settings(job, run, prompts_sha256, offset)
-        diffs = [f"{k} {found.get(k)!r}, config {want[k]!r}" for k in COMPARED
-                 if not _same(found.get(k), want[k])]  # fmt: skip
+        diffs = [
+            f"{k} {found.get(k)!r}, config {want[k]!r}"
+            for k in COMPARED
+            if not _same(found.get(k), want[k])
+        ]
         if weights_sha256 and meta.get("model_weights_sha256") != weights_sha256:
             diffs.append("model weights differ from the baseline's")
         if diffs:
@@ -118,8 +136,11 @@ def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kw
     reference, patching = clean, None
     if kind.paired:
         partner = base.loc[frame.groupby("prompt_id")["partner_id"].first().loc[wide.index]]
-        patching = (clean["calibrated_margin"].to_numpy(), partner["calibrated_margin"].to_numpy(),
-                    kind.runs_partner)  # fmt: skip
+        patching = (
+            clean["calibrated_margin"].to_numpy(),
+            partner["calibrated_margin"].to_numpy(),
+            kind.runs_partner,
+        )
         reference = partner if kind.runs_partner else clean
     row["n_prompts"] = len(wide)
     for metric, value in metrics(labels, clean["prediction"]).items():
@@ -144,19 +165,22 @@ def job_row(frame: pd.DataFrame, baseline: pd.DataFrame | None = None, **stat_kw
     return row
 
 
-FIRST_COLUMNS = [*stats.KEYS, "draws", "n_prompts", "baseline_accuracy", "accuracy",
-                 "contribution_accuracy", "ci_low", "ci_high", "relative_change_accuracy",
-                 "p_value", "q_value", "significant", "direction", "impact", "conclusive",
-                 "categories_spanned", "category_stable", "effect", "baseline_auc", "auc",
-                 "change_auc", "ci_low_auc", "ci_high_auc", "p_value_auc", "q_value_auc",
-                 "bias_shift", "ci_low_bias_shift", "ci_high_bias_shift",
-                 "contribution_accuracy_bias", "ci_low_accuracy_bias", "ci_high_accuracy_bias",
-                 "p_value_bias", "q_value_bias",
-                 "contribution_accuracy_discrimination", "ci_low_accuracy_discrimination",
-                 "ci_high_accuracy_discrimination", "impact_discrimination", "patch_effect",
-                 "ci_low_patch_effect", "ci_high_patch_effect", "reference_accuracy", "reference_auc",
-                 "baseline_f1", "f1", "contribution_f1", "ci_low_f1", "ci_high_f1",
-                 "relative_change_f1"]  # fmt: skip
+FIRST_COLUMNS = [
+    *stats.KEYS,
+    *("draws", "n_prompts"),
+    *("baseline_accuracy", "accuracy", "contribution_accuracy", "ci_low", "ci_high"),
+    *("relative_change_accuracy", "p_value", "q_value", "significant", "direction", "impact"),
+    *("conclusive", "categories_spanned", "category_stable", "effect"),
+    *("baseline_auc", "auc", "change_auc", "ci_low_auc", "ci_high_auc", "p_value_auc"),
+    *("q_value_auc", "bias_shift", "ci_low_bias_shift", "ci_high_bias_shift"),
+    *("contribution_accuracy_bias", "ci_low_accuracy_bias", "ci_high_accuracy_bias"),
+    *("p_value_bias", "q_value_bias"),
+    *("contribution_accuracy_discrimination", "ci_low_accuracy_discrimination"),
+    *("ci_high_accuracy_discrimination", "impact_discrimination"),
+    *("patch_effect", "ci_low_patch_effect", "ci_high_patch_effect"),
+    *("reference_accuracy", "reference_auc"),
+    *("baseline_f1", "f1", "contribution_f1", "ci_low_f1", "ci_high_f1", "relative_change_f1"),
+]
 
 
 SETTING_KEYS = ["site", "position", "kind", "scale"]
@@ -176,8 +200,9 @@ def qvalues(table: pd.DataFrame, column: str, correction: str = "run") -> np.nda
     return out
 
 
-def build_table(rows: list[dict], high: float, medium: float, alpha: float,
-                correction: str = "run") -> pd.DataFrame:  # fmt: skip
+def build_table(
+    rows: list[dict], high: float, medium: float, alpha: float, correction: str = "run"
+) -> pd.DataFrame:
     """The table from the per-job rows: contributions, q-values (Benjamini-Hochberg over the run
     or within each setting: ``correction``), categories with their certainty and stability
     between halves of the draws, and each row's effect
@@ -186,11 +211,16 @@ def build_table(rows: list[dict], high: float, medium: float, alpha: float,
     table = pd.DataFrame(rows)
     for metric in METRICS:
         table[f"contribution_{metric}"] = table.pop(f"change_{metric}")
-    table = table.rename(columns={"change_accuracy_bias": "contribution_accuracy_bias",
-                                  "change_accuracy_discrimination": "contribution_accuracy_discrimination"})  # fmt: skip
+    table = table.rename(
+        columns={
+            "change_accuracy_bias": "contribution_accuracy_bias",
+            "change_accuracy_discrimination": "contribution_accuracy_discrimination",
+        }
+    )
     if "patch_effect" not in table.columns:
-        table = table.assign(patch_effect=np.nan, ci_low_patch_effect=np.nan,
-                             ci_high_patch_effect=np.nan)  # fmt: skip
+        table = table.assign(
+            patch_effect=np.nan, ci_low_patch_effect=np.nan, ci_high_patch_effect=np.nan
+        )
     order = {
         tuple(r[k] for k in stats.KEYS): (h, r["baseline_accuracy"]) for r, h in zip(rows, halves)
     }
@@ -212,10 +242,14 @@ def build_table(rows: list[dict], high: float, medium: float, alpha: float,
     table["effect"] = [
         effects.effect(a_lo, a_hi, q, b_lo, b_hi, b_q, alpha)
         for a_lo, a_hi, q, b_lo, b_hi, b_q in zip(
-            table["ci_low_auc"], table["ci_high_auc"], table["q_value_auc"],
-            table["ci_low_accuracy_bias"], table["ci_high_accuracy_bias"], table["q_value_bias"],
+            table["ci_low_auc"],
+            table["ci_high_auc"],
+            table["q_value_auc"],
+            table["ci_low_accuracy_bias"],
+            table["ci_high_accuracy_bias"],
+            table["q_value_bias"],
         )
-    ]  # fmt: skip
+    ]
     rel_halves = []
     for key in zip(*(table[k] for k in stats.KEYS)):
         (first, second), base = order[key]
@@ -224,8 +258,13 @@ def build_table(rows: list[dict], high: float, medium: float, alpha: float,
     return table[FIRST_COLUMNS + [c for c in table.columns if c not in FIRST_COLUMNS]]
 
 
-def aggregate(paths: dict, high: float, medium: float, statistics: dict | None = None,
-              check: dict | None = None):  # fmt: skip
+def aggregate(
+    paths: dict,
+    high: float,
+    medium: float,
+    statistics: dict | None = None,
+    check: dict | None = None,
+):
     """Check the per-head files (``check``: the arguments of :func:`check_results` but the
     paths), build the table and write it as Parquet (with its metadata) and CSV. ``paths``
     holds ``baseline`` (metrics.json), ``baseline_per_prompt``, ``perturbed`` (the per-head
@@ -233,9 +272,11 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
     statistics = dict(statistics or {})
     alpha = float(statistics.pop("alpha", 0.05))
     correction = str(statistics.pop("correction", "run"))
-    stat_kwargs = {"n_boot": int(statistics.get("bootstrap", 2000)),
-                   "n_perm": int(statistics.get("permutations", 10_000)),
-                   "seed": int(statistics.get("seed", 0))}  # fmt: skip
+    stat_kwargs = {
+        "n_boot": int(statistics.get("bootstrap", 2000)),
+        "n_perm": int(statistics.get("permutations", 10_000)),
+        "seed": int(statistics.get("seed", 0)),
+    }
     if check is not None:
         check_results(list(paths["perturbed"]), **check)
     baseline = files.read_json(paths["baseline"])
@@ -244,26 +285,46 @@ def aggregate(paths: dict, high: float, medium: float, statistics: dict | None =
     table = build_table(rows, high, medium, alpha, correction)
     judged = table["category_stable"].dropna()
     share = float(judged.astype(bool).mean()) if len(judged) else None
-    meta = {"baseline": baseline, "high": high, "medium": medium, "alpha": alpha,
-            "correction": correction,
-            "statistics": stat_kwargs, "stability_share": share,
-            "detectable_change": float(np.nanmedian(table["detectable_change"]))
-            if len(table) else None}  # fmt: skip
+    detectable = float(np.nanmedian(table["detectable_change"])) if len(table) else None
+    meta = {
+        "baseline": baseline,
+        "high": high,
+        "medium": medium,
+        "alpha": alpha,
+        "correction": correction,
+        "statistics": stat_kwargs,
+        "stability_share": share,
+        "detectable_change": detectable,
+    }
     files.write_parquet(paths["parquet"], table, meta)
     files.write_csv(paths["csv"], table)
+    _log_table(table, baseline, alpha)
+    if share is not None:
+        log.info(
+            "category stability: %.0f%% of %d heads keep their category between two halves "
+            "of the draws",
+            100 * share,
+            len(judged),
+        )
+    return table
+
+
+def _log_table(table: pd.DataFrame, baseline: dict, alpha: float) -> None:
+    """One line on the run's table: its size, the baseline, the categories and effects."""
     counts = stats.category_counts(table)
     effect = table["effect"].value_counts()
     log.info(
         "%d perturbations; baseline accuracy %.4f, F1 %.4f; impact %s; %d significant (q < %g); "
-        "%d inconclusive; effect: %s", len(table), baseline["accuracy"], baseline["f1"],
-        ", ".join(f"{k} {v}" for k, v in counts.items()), int(table["significant"].sum()), alpha,
+        "%d inconclusive; effect: %s",
+        len(table),
+        baseline["accuracy"],
+        baseline["f1"],
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        int(table["significant"].sum()),
+        alpha,
         int((~table["conclusive"]).sum()),
         ", ".join(f"{k} {int(effect.get(k, 0))}" for k in effects.EFFECTS),
-    )  # fmt: skip
-    if share is not None:
-        log.info("category stability: %.0f%% of %d heads keep their category between two halves "
-                 "of the draws", 100 * share, len(judged))  # fmt: skip
-    return table
+    )
 
 
 def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:

@@ -14,7 +14,8 @@ removed together (``remove``), or when every head but them is (``keep``), agains
   they overlap in what they remove;
 - :func:`summarize`: per curve the normalised area under the retained share and the smallest k
   (on the curve's grid) whose removal loses half of the baseline's margin above chance, or whose
-  keeping retains half of it, for the correct-label logit difference and the ROC AUC.
+  keeping retains half of it, for the correct-label logit difference and the ROC AUC, and for
+  ``keep`` curves MIB's CPR and CMD (:mod:`headperturb.analysis.faithfulness`).
 
 Chance is 0 for the logit difference and 0.5 for the AUC and accuracy; the retained share is
 ``(value - chance) / (baseline - chance)``, undefined (NaN) where the unperturbed model is not
@@ -23,10 +24,12 @@ above chance on that metric.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from headperturb.analysis import effects, stats
+from headperturb.analysis import effects, faithfulness, stats
 from headperturb.analysis.scoring import metrics
 from headperturb.core import files
 from headperturb.core.kinds import PERTURBATIONS
@@ -48,13 +51,29 @@ class RankingError(ValueError):
     """An order that cannot rank the heads from what the run has."""
 
 
-def ranking(order: str, kind: str, position: str, site: str, n_layers: int, n_heads: int,
-            seed: int = 0, screen_heads: pd.DataFrame | None = None,
-            table: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
+@dataclass(frozen=True)
+class Setting:
+    """The heads' setting that a ranking orders: a curve's site, positions and kind."""
+
+    site: str
+    position: str
+    kind: str
+
+
+def ranking(
+    order: str,
+    setting: Setting,
+    n_layers: int,
+    n_heads: int,
+    *,
+    seed: int = 0,
+    screen_heads: pd.DataFrame | None = None,
+    table: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Every (layer, head) ranked best first (``rank`` 1..N) with its ``score``: the estimated
-    (``screen``) or measured (``exact``) contribution to the correct-label logit difference of
-    the setting (site, position, kind), larger first; ``random``: a permutation seeded with
-    ``seed`` (score NaN). Ties keep layer and head order."""
+    (``screen``, from ``screen_heads``) or measured (``exact``, from the run's ``table``)
+    contribution to the correct-label logit difference of the ``setting``, larger first;
+    ``random``: a permutation seeded with ``seed`` (score NaN). Ties keep layer and head order."""
     heads = pd.DataFrame(
         [(layer, head) for layer in range(n_layers) for head in range(n_heads)],
         columns=["layer", "head"],
@@ -63,36 +82,51 @@ def ranking(order: str, kind: str, position: str, site: str, n_layers: int, n_he
         permutation = np.random.default_rng([int(seed), 7919]).permutation(len(heads))
         ranked = heads.iloc[permutation].assign(score=np.nan)
     elif order == "screen":
-        if screen_heads is None:
-            raise RankingError(
-                "the screen order needs the screen's estimates (screen/heads.parquet)"
-            )
-        rows = screen_heads[(screen_heads["kind"] == kind) & (screen_heads["position"] == position)]
-        if rows.empty:
-            raise RankingError(
-                f"the screen did not estimate {kind} at position {position}: add {kind} to "
-                f"screen.kinds and {position} to screen.positions, or rank by another order"
-            )
-        ranked = _by_score(heads, rows.rename(columns={"est_logit_diff": "score"}))
+        ranked = _by_estimate(heads, setting, screen_heads)
     elif order == "exact":
-        if table is None:
-            raise RankingError("the exact order needs the run's contribution table")
-        rows = table[
-            (table["site"] == site) & (table["position"] == position) & (table["kind"] == kind)
-        ]
-        ranked = _by_score(heads, rows.rename(columns={"change_logit_diff": "score"}))
-        if ranked["score"].isna().any():
-            missing = int(ranked["score"].isna().sum())
-            raise RankingError(
-                f"the exact order of {kind} at position {position} ({site}) needs every head measured "
-                f"alone; {missing} of {len(heads)} are not: add a sweep "
-                f"{{layers: all, heads: all, kinds: [{kind}], positions: [{position}]}}"
-            )
+        ranked = _by_measurement(heads, setting, table)
     else:
         raise RankingError(f"order {order!r} is not allowed; allowed: screen, exact, random")
     out = ranked.reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
     return out[["rank", "layer", "head", "score"]]
+
+
+def _by_estimate(
+    heads: pd.DataFrame, setting: Setting, screen_heads: pd.DataFrame | None
+) -> pd.DataFrame:
+    """The heads by the screen's estimates of the setting's kind and positions."""
+    kind, position = setting.kind, setting.position
+    if screen_heads is None:
+        raise RankingError("the screen order needs the screen's estimates (screen/heads.parquet)")
+    rows = screen_heads[(screen_heads["kind"] == kind) & (screen_heads["position"] == position)]
+    if rows.empty:
+        raise RankingError(
+            f"the screen did not estimate {kind} at position {position}: add {kind} to "
+            f"screen.kinds and {position} to screen.positions, or rank by another order"
+        )
+    return _by_score(heads, rows.rename(columns={"est_logit_diff": "score"}))
+
+
+def _by_measurement(
+    heads: pd.DataFrame, setting: Setting, table: pd.DataFrame | None
+) -> pd.DataFrame:
+    """The heads by the run's single-head measurements of the setting; every head must have one."""
+    site, position, kind = setting.site, setting.position, setting.kind
+    if table is None:
+        raise RankingError("the exact order needs the run's contribution table")
+    rows = table[
+        (table["site"] == site) & (table["position"] == position) & (table["kind"] == kind)
+    ]
+    ranked = _by_score(heads, rows.rename(columns={"change_logit_diff": "score"}))
+    if ranked["score"].isna().any():
+        missing = int(ranked["score"].isna().sum())
+        raise RankingError(
+            f"the exact order of {kind} at position {position} ({site}) needs every head "
+            f"measured alone; {missing} of {len(heads)} are not: add a sweep "
+            f"{{layers: all, heads: all, kinds: [{kind}], positions: [{position}]}}"
+        )
+    return ranked
 
 
 def read_ranking(path) -> list[tuple[int, int]]:
@@ -158,8 +192,13 @@ def point_row(frame: pd.DataFrame, baseline: pd.DataFrame, **stat_kwargs) -> dic
     return row
 
 
-def interaction(joint: pd.Series, singles: list[pd.Series], n_boot: int = 2000, seed: int = 0,
-                level: float = 0.95) -> dict:  # fmt: skip
+def interaction(
+    joint: pd.Series,
+    singles: list[pd.Series],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """How far a set's joint effect is from the sum of its members' single effects.
 
     ``joint`` and ``singles`` are per-prompt contributions to the correct-label logit difference
@@ -178,14 +217,22 @@ def interaction(joint: pd.Series, singles: list[pd.Series], n_boot: int = 2000, 
     n = len(values)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n
     lo, hi = np.percentile(w @ values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return {"joint_change_logit_diff": float(joint_change.mean()),
-            "singles_change_logit_diff": float(singles_change.mean()),
-            "interaction_logit_diff": float(values.mean()),
-            "ci_low_interaction_logit_diff": float(lo), "ci_high_interaction_logit_diff": float(hi)}  # fmt: skip
+    return {
+        "joint_change_logit_diff": float(joint_change.mean()),
+        "singles_change_logit_diff": float(singles_change.mean()),
+        "interaction_logit_diff": float(values.mean()),
+        "ci_low_interaction_logit_diff": float(lo),
+        "ci_high_interaction_logit_diff": float(hi),
+    }
 
 
-INTERACTION_COLUMNS = ("joint_change_logit_diff", "singles_change_logit_diff", "interaction_logit_diff",
-                       "ci_low_interaction_logit_diff", "ci_high_interaction_logit_diff")  # fmt: skip
+INTERACTION_COLUMNS = (
+    "joint_change_logit_diff",
+    "singles_change_logit_diff",
+    "interaction_logit_diff",
+    "ci_low_interaction_logit_diff",
+    "ci_high_interaction_logit_diff",
+)
 
 
 def _anchored(
@@ -202,28 +249,48 @@ def _anchored(
     return k[order], share[order]
 
 
-def summarize(points: pd.DataFrame, n_total: int) -> pd.DataFrame:
+def summarize(
+    points: pd.DataFrame, n_total: int, prompts: faithfulness.Prompts | None = None
+) -> pd.DataFrame:
     """Per curve (site, position, kind, order, mode) and summarised metric: the normalised area
     under the retained share over k / N (trapezoids between the grid's points, anchored at the
     unperturbed model), and ``k_half``: the smallest k of the grid whose removal leaves at most
-    half (``remove``), or whose keeping retains at least half (``keep``); NaN where none does."""
+    half (``remove``), or whose keeping retains at least half (``keep``); NaN where none does.
+    ``keep`` curves also get MIB's CPR and CMD (the columns of
+    :data:`headperturb.analysis.faithfulness.COLUMNS`, NaN for ``remove``), with their bootstrap
+    intervals where ``prompts`` holds the set files
+    (:func:`headperturb.analysis.faithfulness.intervals`)."""
     rows = []
     curves = points[points["mode"].isin(["remove", "keep"])]
     for key, curve in curves.groupby(CURVE_KEYS, sort=True):
         mode = key[-1]
+        mib = _mib(curve, key, n_total, prompts) if mode == "keep" else {}
         for metric in SUMMARIZED:
             k, share = _anchored(curve, mode, n_total, metric)
+            row = {**dict(zip(CURVE_KEYS, key)), "metric": metric, "points": len(curve)}
+            extra = mib.get(metric, dict.fromkeys(faithfulness.COLUMNS, np.nan))
             if np.isnan(share).any():  # the model is not above chance: nothing to retain
-                rows.append({**dict(zip(CURVE_KEYS, key)), "metric": metric, "points": len(curve),
-                             "area": np.nan, "k_half": np.nan})  # fmt: skip
+                rows.append({**row, "area": np.nan, "k_half": np.nan, **extra})
                 continue
             x = k / n_total
             area = float(np.sum((share[1:] + share[:-1]) / 2 * np.diff(x)))
             hit = share <= 0.5 if mode == "remove" else share >= 0.5
             k_half = float(k[hit].min()) if hit.any() else np.nan
-            rows.append({**dict(zip(CURVE_KEYS, key)), "metric": metric, "points": len(curve),
-                         "area": area, "k_half": k_half})  # fmt: skip
-    return pd.DataFrame(rows, columns=[*CURVE_KEYS, "metric", "points", "area", "k_half"])
+            rows.append({**row, "area": area, "k_half": k_half, **extra})
+    columns = [*CURVE_KEYS, "metric", "points", "area", "k_half", *faithfulness.COLUMNS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _mib(curve: pd.DataFrame, key: tuple, n_total: int, prompts) -> dict:
+    """A ``keep`` curve's MIB columns per summarised metric, with intervals where ``prompts``
+    holds its set files and it measured all of MIB's sizes."""
+    out = {metric: faithfulness.curve_summary(curve, n_total, metric) for metric in SUMMARIZED}
+    complete = all(out[m]["mib_sizes"] == len(faithfulness.mib_grid(n_total)) for m in out)
+    if prompts is not None and complete:
+        found = faithfulness.intervals(prompts.of(dict(zip(CURVE_KEYS, key))), prompts, n_total)
+        for metric in SUMMARIZED:
+            out[metric].update(found[metric])
+    return out
 
 
 def is_random(order: str) -> bool:
@@ -233,27 +300,64 @@ def is_random(order: str) -> bool:
 def control_band(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary with the random orders of each setting put together: per (site, position,
     kind, mode, metric) the median, lowest and highest area and k_half over the seeds, beside
-    each ranked order's own."""
+    each ranked order's own; then MIB's CPR and CMD
+    (:data:`headperturb.analysis.faithfulness.MEASURES`) the same way, each ranked order's with
+    its interval, the random row's the median over the seeds without one."""
     rows = []
     group_keys = ["site", "position", "kind", "mode", "metric"]
+    mib = [c for c in faithfulness.COLUMNS if c in summary.columns]
     for key, group in summary.groupby(group_keys, sort=True):
         randoms = group[group["order"].map(is_random)]
+        named, band = dict(zip(group_keys, key)), _band(randoms)
+        band_mib = _band_mib(randoms, mib)
         for _, row in group[~group["order"].map(is_random)].iterrows():
-            rows.append({**dict(zip(group_keys, key)), "order": row["order"], "area": row["area"],
-                         "k_half": row["k_half"], **_band(randoms)})  # fmt: skip
+            ranked = {"order": row["order"], "area": row["area"], "k_half": row["k_half"]}
+            rows.append({**named, **ranked, **band, **{c: row[c] for c in mib}, **band_mib})
         if not randoms.empty:
-            rows.append({**dict(zip(group_keys, key)), "order": "random", "area": float(randoms["area"].median()),
-                         "k_half": float(randoms["k_half"].median()), **_band(randoms)})  # fmt: skip
+            area, k_half = float(randoms["area"].median()), float(randoms["k_half"].median())
+            ranked = {"order": "random", "area": area, "k_half": k_half}
+            mib_row = {c: _random_mib(randoms, c) for c in mib}
+            rows.append({**named, **ranked, **band, **mib_row, **band_mib})
     return pd.DataFrame(rows)
+
+
+def _random_mib(randoms: pd.DataFrame, column: str) -> float:
+    """The random row's value of a MIB column: the median measure over the seeds, the fewest
+    sizes measured (``mib_sizes``), no interval."""
+    if column in faithfulness.MEASURES:
+        return float(randoms[column].median())
+    return float(randoms[column].min()) if column == "mib_sizes" else np.nan
 
 
 def _band(randoms: pd.DataFrame) -> dict:
     if randoms.empty:
-        return {"random_seeds": 0, "random_area_median": np.nan, "random_area_low": np.nan,
-                "random_area_high": np.nan, "random_k_half_median": np.nan,
-                "random_k_half_low": np.nan, "random_k_half_high": np.nan}  # fmt: skip
-    return {"random_seeds": len(randoms), "random_area_median": float(randoms["area"].median()),
-            "random_area_low": float(randoms["area"].min()), "random_area_high": float(randoms["area"].max()),
-            "random_k_half_median": float(randoms["k_half"].median()),
-            "random_k_half_low": float(randoms["k_half"].min()),
-            "random_k_half_high": float(randoms["k_half"].max())}  # fmt: skip
+        return {
+            "random_seeds": 0,
+            "random_area_median": np.nan,
+            "random_area_low": np.nan,
+            "random_area_high": np.nan,
+            "random_k_half_median": np.nan,
+            "random_k_half_low": np.nan,
+            "random_k_half_high": np.nan,
+        }
+    return {
+        "random_seeds": len(randoms),
+        "random_area_median": float(randoms["area"].median()),
+        "random_area_low": float(randoms["area"].min()),
+        "random_area_high": float(randoms["area"].max()),
+        "random_k_half_median": float(randoms["k_half"].median()),
+        "random_k_half_low": float(randoms["k_half"].min()),
+        "random_k_half_high": float(randoms["k_half"].max()),
+    }
+
+
+def _band_mib(randoms: pd.DataFrame, mib: list[str]) -> dict:
+    """The random orders' median, lowest and highest of each MIB measure the summary has (NaN
+    without random orders)."""
+    out = {}
+    for m in (c for c in faithfulness.MEASURES if c in mib):
+        values = randoms[m].astype(float)
+        out[f"random_{m}_median"] = float(values.median()) if len(values) else np.nan
+        out[f"random_{m}_low"] = float(values.min()) if len(values) else np.nan
+        out[f"random_{m}_high"] = float(values.max()) if len(values) else np.nan
+    return out

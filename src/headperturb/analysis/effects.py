@@ -10,7 +10,8 @@ margins rank positive above negative reviews (*discrimination*). This module mea
 - **the decomposition of the accuracy change**: the part that a pure shift explains (the reference
   margins moved by the row's own mean shift, through the same decision rule) and the rest
   (:func:`shift_only_accuracy`);
-- **the normalised patch effect** of patching with an opposite-sentiment partner (:func:`patch_effect`);
+- **the normalised patch effect** of patching with an opposite-sentiment partner
+  (:func:`patch_effect`);
 - **the effect** of a row: ``bias``, ``discrimination``, ``both`` or ``none`` (:func:`effect`).
 
 Every function takes prompt weights (the bootstrap's resamples) where an interval is made from it;
@@ -57,9 +58,9 @@ def auc_flip_values(labels, reference, perturbed) -> np.ndarray:
     ref)`` (positives first), swapping the prompts ``s`` gives ``sum_i a_i u_i + sum_j a_j v_j``
     where ``a = 1 - 2 s``, ``u_i = sum_j (A + X)_ij / 2`` for a positive ``i`` and ``v_j = sum_i
     (A - X)_ij / 2`` for a negative ``j``. So the permutation test of the AUC change is the
-    sign-flip test of these values (:func:`headperturb.analysis.stats.sign_flip_pvalue`), exact on their
-    lattice. With several draws every draw's values are averaged (the same swap for all draws, as
-    the accuracy test does)."""
+    sign-flip test of these values (:func:`headperturb.analysis.significance.sign_flip_pvalue`),
+    exact on their lattice. With several draws every draw's values are averaged (the same swap for
+    all draws, as the accuracy test does)."""
     labels = np.asarray(labels)
     ref = np.asarray(reference, dtype=float)
     pert = np.asarray(perturbed, dtype=float).reshape(len(ref), -1)
@@ -121,8 +122,15 @@ def interval_excludes_zero(low: float, high: float) -> bool:
     return bool(low > 0 or high < 0)
 
 
-def effect(auc_low: float, auc_high: float, auc_q: float, bias_low: float, bias_high: float,
-           bias_q: float, alpha: float) -> str:  # fmt: skip
+def effect(
+    auc_low: float,
+    auc_high: float,
+    auc_q: float,
+    bias_low: float,
+    bias_high: float,
+    bias_q: float,
+    alpha: float,
+) -> str:
     """What a row's intervention changed, by the same rule for both, on its 95% interval and its
     q-value (Benjamini-Hochberg over the run):
 

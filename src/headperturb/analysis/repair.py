@@ -23,9 +23,12 @@ import pandas as pd
 
 from headperturb.analysis import stats
 
-COLUMNS = ["site", "position", "kind", "layer", "head", "n_prompts", "direct_effect",
-           "ci_low_direct_effect", "ci_high_direct_effect", "total_effect", "ci_low_total_effect",
-           "ci_high_total_effect", "self_repair", "ci_low_self_repair", "ci_high_self_repair"]  # fmt: skip
+COLUMNS = [
+    *("site", "position", "kind", "layer", "head", "n_prompts"),
+    *("direct_effect", "ci_low_direct_effect", "ci_high_direct_effect"),
+    *("total_effect", "ci_low_total_effect", "ci_high_total_effect"),
+    *("self_repair", "ci_low_self_repair", "ci_high_self_repair"),
+]
 
 
 def direct_contributions(margin_change: np.ndarray, labels) -> np.ndarray:
@@ -35,44 +38,59 @@ def direct_contributions(margin_change: np.ndarray, labels) -> np.ndarray:
     return -sign * margin_change
 
 
-def table(direct: dict[str, np.ndarray], prompt_ids, totals: dict, n_boot: int = 2000,
-          seed: int = 0, level: float = 0.95) -> pd.DataFrame:  # fmt: skip
+def table(
+    direct: dict[str, np.ndarray],
+    prompt_ids,
+    totals: dict,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
     """One row per (kind, layer, head). ``direct[kind]`` is (n, layers, heads) of per-prompt direct
     contributions (:func:`direct_contributions`; NaN where a prompt has none, as patching without
     a partner); ``totals[(kind, layer, head)]`` the head's per-prompt total contribution (a
     Series indexed by prompt id), where the run measured it."""
     prompt_ids = np.asarray(prompt_ids)
     rng = np.random.default_rng(seed)
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    where = {"site": "o_proj_input", "position": "last"}
     rows = []
     for kind, values in direct.items():
         n, n_layers, n_heads = values.shape
         for layer in range(n_layers):
             for head in range(n_heads):
                 de = pd.Series(values[:, layer, head], index=prompt_ids).dropna()
-                total = totals.get((kind, layer, head))
-                prompts = de.index if total is None else de.index.intersection(total.index)
-                parts = {"direct_effect": de.loc[prompts].to_numpy()}
-                if total is not None:
-                    parts["total_effect"] = total.loc[prompts].to_numpy()
-                    parts["self_repair"] = parts["direct_effect"] - parts["total_effect"]
-                m = len(prompts)
+                parts = _parts(de, totals.get((kind, layer, head)))
+                m = len(parts["direct_effect"])
                 w = rng.multinomial(m, np.full(m, 1.0 / m), size=n_boot) / m if m else None
-                row = {"site": "o_proj_input", "position": "last", "kind": kind, "layer": layer,
-                       "head": head, "n_prompts": m}  # fmt: skip
-                for name in ("direct_effect", "total_effect", "self_repair"):
-                    if name not in parts or not m:
-                        row.update(
-                            {name: np.nan, f"ci_low_{name}": np.nan, f"ci_high_{name}": np.nan}
-                        )
-                        continue
-                    boot = w @ parts[name]
-                    row[name] = float(parts[name].mean())
-                    row[f"ci_low_{name}"], row[f"ci_high_{name}"] = np.percentile(
-                        boot, [lo, hi]
-                    ).tolist()
-                rows.append(row)
+                row = {**where, "kind": kind, "layer": layer, "head": head, "n_prompts": m}
+                rows.append(row | _intervals(parts, w, level))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _parts(direct: pd.Series, total: pd.Series | None) -> dict[str, np.ndarray]:
+    """A head's per-prompt direct effect and, where the run measured it, its total effect and
+    self-repair, on the prompts both have."""
+    prompts = direct.index if total is None else direct.index.intersection(total.index)
+    parts = {"direct_effect": direct.loc[prompts].to_numpy()}
+    if total is not None:
+        parts["total_effect"] = total.loc[prompts].to_numpy()
+        parts["self_repair"] = parts["direct_effect"] - parts["total_effect"]
+    return parts
+
+
+def _intervals(parts: dict[str, np.ndarray], w: np.ndarray | None, level: float) -> dict:
+    """Each part's mean and percentile interval over the bootstrap weights ``w`` (NaN for a part
+    the head lacks, or without prompts: ``w`` None)."""
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out = {}
+    for name in ("direct_effect", "total_effect", "self_repair"):
+        if name not in parts or w is None:
+            out.update({name: np.nan, f"ci_low_{name}": np.nan, f"ci_high_{name}": np.nan})
+            continue
+        low, high = np.percentile(w @ parts[name], [lo, hi]).tolist()
+        mean = float(parts[name].mean())
+        out.update({name: mean, f"ci_low_{name}": low, f"ci_high_{name}": high})
+    return out
 
 
 def totals_from(frame: pd.DataFrame, baseline: pd.DataFrame) -> pd.Series:
@@ -93,15 +111,20 @@ def repair_summary(frame: pd.DataFrame) -> dict:
     out = {}
     for kind, group in frame.dropna(subset=["total_effect"]).groupby("kind"):
         significant = (group["ci_low_self_repair"] > 0) | (group["ci_high_self_repair"] < 0)
+        same_sign = np.sign(group["self_repair"]) == np.sign(group["direct_effect"])
+        pearson = (
+            float(np.corrcoef(group["direct_effect"], group["total_effect"])[0, 1])
+            if len(group) > 2
+            else float("nan")
+        )
         out[kind] = {
             "heads": len(group),
-            "pearson": float(np.corrcoef(group["direct_effect"], group["total_effect"])[0, 1])
-            if len(group) > 2 else float("nan"),
+            "pearson": pearson,
             "sum_direct": float(group["direct_effect"].sum()),
             "sum_total": float(group["total_effect"].sum()),
             "sum_abs_direct": float(group["direct_effect"].abs().sum()),
             "sum_abs_total": float(group["total_effect"].abs().sum()),
-            "repaired": int((significant & (np.sign(group["self_repair"]) == np.sign(group["direct_effect"]))).sum()),
-            "amplified": int((significant & (np.sign(group["self_repair"]) != np.sign(group["direct_effect"]))).sum()),
-        }  # fmt: skip
+            "repaired": int((significant & same_sign).sum()),
+            "amplified": int((significant & ~same_sign).sum()),
+        }
     return out

@@ -2,13 +2,13 @@
 
 A prompt's *margin* is ``logit(positive) - logit(negative)`` at the last position. The decision
 rule subtracts the run's calibration offset (0 for the original study's rule, see
-:mod:`headperturb.data.calibration`): the prediction is positive (1) when ``margin - offset > 0`` and
-negative (0) otherwise. The offset is estimated once on the unperturbed model and applied unchanged
-to every perturbation.
+:mod:`headperturb.data.calibration`): the prediction is positive (1) when ``margin - offset > 0``
+and negative (0) otherwise. The offset is estimated once on the unperturbed model and applied
+unchanged to every perturbation.
 
 The metrics are a registry, :data:`METRICS`: each computes its value for many prompt weightings at
-once (the bootstrap of :mod:`headperturb.analysis.stats` reweights prompts), and a plain evaluation is the
-weighting of all ones. A new metric is one function registered here.
+once (the bootstrap of :mod:`headperturb.analysis.stats` reweights prompts), and a plain evaluation
+is the weighting of all ones. A new metric is one function registered here.
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ def check_logits(
         )
 
 
-def per_prompt_columns(prompt_ids, labels, logits, offset: float = 0.0, what: str = "",
-                       context_free: bool = False):  # fmt: skip
+def per_prompt_columns(
+    prompt_ids, labels, logits, offset: float = 0.0, what: str = "", context_free: bool = False
+):
     """One row per prompt as a dict of numpy columns (:data:`PER_PROMPT_COLUMNS`) from the (n, 2)
     logits of the negative and positive verbalizers; ``offset`` is the calibration's."""
     logits = np.asarray(logits, dtype=np.float64)

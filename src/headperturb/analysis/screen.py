@@ -5,9 +5,9 @@ Setting head ``h`` of layer ``L`` to a value ``v`` changes a prompt's margin by,
 ``sum over positions of (v - z) . g``, where ``z`` is the head's clean output at its site (the
 o_proj input) and ``g`` the margin's gradient there. One backward pass gives ``g`` for every head
 of every layer at once. Per (prompt, layer, head) and over all positions or the final one alone,
-:func:`headperturb.model.gradients.gradient_sums` returns ``sum z.g``, ``sum mean.g`` (``mean``: the head's mean output over
-the prompts at each position from the end) and ``||g||``, from which each kind's
-:meth:`~headperturb.core.kinds.Perturbation.first_order` makes its estimate: zero
+:func:`headperturb.model.gradients.gradient_sums` returns ``sum z.g``, ``sum mean.g`` (``mean``:
+the head's mean output over the prompts at each position from the end) and ``||g||``, from which
+each kind's :meth:`~headperturb.core.kinds.Perturbation.first_order` makes its estimate: zero
 ``-sum z.g``, mean ``sum (mean - z).g``, and for noise of standard deviation sigma the spread
 ``sigma ||g||`` of the margin's change (its mean is 0 to first order), with the flip probability
 that implies for each prompt.
@@ -36,8 +36,21 @@ COMPARED = ("zero", "mean", "patch")
 """The kinds whose estimates are compared with exact measurements (noise's is a spread)."""
 
 
-def estimates(sums: dict, prompt_ids, labels, calibrated_margins, layers: list[int],
-              settings: list[tuple]) -> dict[str, np.ndarray]:  # fmt: skip
+_COLUMNS = (
+    *("prompt_id", "layer", "head", "kind", "scale", "position"),
+    *("margin_change", "logit_diff", "accuracy"),
+)
+"""The columns of :func:`estimates`."""
+
+
+def _sums_at(sums: dict, position: str) -> dict:
+    """The sums over ``position``'s positions, by name: ``z_dot_g.last`` -> ``z_dot_g``."""
+    return {key.split(".")[0]: value for key, value in sums.items() if key.endswith(f".{position}")}
+
+
+def estimates(
+    sums: dict, prompt_ids, labels, calibrated_margins, layers: list[int], settings: list[tuple]
+) -> dict[str, np.ndarray]:
     """Per (prompt, layer, head) and each (kind, position, scale, sigma) of ``settings`` (sigma
     for noise: a number, or one per (layer, head) for relative noise), as columns:
     the first-order change of the margin (zero, mean) or its spread (noise), the estimated
@@ -48,15 +61,12 @@ def estimates(sums: dict, prompt_ids, labels, calibrated_margins, layers: list[i
     margin = np.asarray(calibrated_margins, dtype=float)[:, None, None]
     correct = ((margin > 0).astype(int) == labels[:, None, None]).astype(float)
     n, n_layers, n_heads = sums["z_dot_g.all"].shape
-    columns: dict[str, list] = {k: [] for k in ("prompt_id", "layer", "head", "kind", "scale",
-                                                "position", "margin_change", "logit_diff",
-                                                "accuracy")}  # fmt: skip
+    columns: dict[str, list] = {k: [] for k in _COLUMNS}
     for kind, position, scale, sigma in settings:
         pert = (
             PERTURBATIONS[kind](scale=1.0).resolve() if kind == "noise" else PERTURBATIONS[kind]()
         )
-        first = pert.first_order({key.split(".")[0]: value for key, value in sums.items()
-                                  if key.endswith(f".{position}")})  # fmt: skip
+        first = pert.first_order(_sums_at(sums, position))
         if kind == "noise":  # the spread for sigma 1, times each head's sigma
             first = first * np.broadcast_to(sigma, (n_layers, n_heads))[None]
             flip = np.vectorize(lambda s, m: NormalDist().cdf(-abs(m) / s) if s > 0 else 0.0)(
@@ -87,13 +97,22 @@ def per_head(frame):
     (noise: by the size of the margin's spread)."""
     keys = ["kind", "scale", "position", "layer", "head"]
     heads = frame.groupby(keys, as_index=False)[["margin_change", "logit_diff", "accuracy"]].mean()
-    heads = heads.rename(columns={"logit_diff": "est_logit_diff", "accuracy": "est_accuracy",
-                                  "margin_change": "est_margin_change"})  # fmt: skip
+    heads = heads.rename(
+        columns={
+            "logit_diff": "est_logit_diff",
+            "accuracy": "est_accuracy",
+            "margin_change": "est_margin_change",
+        }
+    )
     size = np.where(
         heads["kind"] == "noise", heads["est_margin_change"].abs(), heads["est_logit_diff"].abs()
     )
-    heads["rank"] = (heads.assign(_size=size).groupby(["kind", "scale", "position"])["_size"]
-                     .rank(ascending=False, method="first").astype(int))  # fmt: skip
+    heads["rank"] = (
+        heads.assign(_size=size)
+        .groupby(["kind", "scale", "position"])["_size"]
+        .rank(ascending=False, method="first")
+        .astype(int)
+    )
     return heads.sort_values(["kind", "scale", "position", "rank"], ignore_index=True)
 
 
@@ -129,9 +148,9 @@ def choose(
 def agreement(table, heads, threshold: float = 0.05):
     """The screen against the exact measurements, for every head measured both ways (zero and
     mean ablation and patching, same position): per (kind, position, layer) and overall, the
-    Spearman and Pearson correlations of estimated against exact change of the correct-label logit difference,
-    the share of equal signs and the largest miss; and the rows that differ by more than
-    ``threshold``. Returns (summary rows, disagreement rows) as DataFrames."""
+    Spearman and Pearson correlations of estimated against exact change of the correct-label
+    logit difference, the share of equal signs and the largest miss; and the rows that differ by
+    more than ``threshold``. Returns (summary rows, disagreement rows) as DataFrames."""
     import pandas as pd
 
     exact = table[table["kind"].isin(COMPARED)][
@@ -148,10 +167,19 @@ def agreement(table, heads, threshold: float = 0.05):
         *both.groupby(["kind", "position"]),
     ]:
         key = key if len(key) == 3 else (*key, "all")
-        rows.append({"kind": key[0], "position": key[1], "layer": key[2], "heads": len(group),
-                     **_compare(group["est_logit_diff"].to_numpy(), group["exact_logit_diff"].to_numpy()),
-                     "largest_miss": float(group["miss"].abs().max()),
-                     "largest_miss_head": _head_name(group.loc[group["miss"].abs().idxmax()])})  # fmt: skip
+        rows.append(
+            {
+                "kind": key[0],
+                "position": key[1],
+                "layer": key[2],
+                "heads": len(group),
+                **_compare(
+                    group["est_logit_diff"].to_numpy(), group["exact_logit_diff"].to_numpy()
+                ),
+                "largest_miss": float(group["miss"].abs().max()),
+                "largest_miss_head": _head_name(group.loc[group["miss"].abs().idxmax()]),
+            }
+        )
     disagree = both[both["miss"].abs() > threshold].sort_values("miss", key=abs, ascending=False)
     return pd.DataFrame(rows), disagree.reset_index(drop=True)
 
@@ -168,5 +196,8 @@ def _compare(est: np.ndarray, exact: np.ndarray) -> dict:
     if len(est) < 3 or np.ptp(est) == 0 or np.ptp(exact) == 0:
         return {"spearman": float("nan"), "pearson": float("nan"), "sign_agreement": signs}
     ranks = [pd.Series(x).rank().to_numpy() for x in (est, exact)]
-    return {"spearman": float(np.corrcoef(*ranks)[0, 1]), "pearson": float(np.corrcoef(est, exact)[0, 1]),
-            "sign_agreement": signs}  # fmt: skip
+    return {
+        "spearman": float(np.corrcoef(*ranks)[0, 1]),
+        "pearson": float(np.corrcoef(est, exact)[0, 1]),
+        "sign_agreement": signs,
+    }

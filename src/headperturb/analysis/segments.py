@@ -25,6 +25,16 @@ HEAD = ["site", "kind", "scale", "layer", "head"]
 SHOWN = ("all", *SEGMENTS)
 """The columns of the map: every position, then the segments in prompt order."""
 
+MEASURES = {
+    "ld": "change_logit_diff",
+    "low": "ci_low_logit_diff",
+    "high": "ci_high_logit_diff",
+    "q": "q_value_logit_diff",
+    "auc": "change_auc",
+}
+"""Per position of the map, its columns ``<prefix>_<position>``: prefix -> the run table's
+column it comes from."""
+
 
 def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """One row per head and setting measured at two segments or more: for each position in
@@ -44,9 +54,7 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         row["noise_mode"] = str(group["noise_mode"].iloc[0]) if "noise_mode" in group else ""
         for position in SHOWN:
             found = position in by.index
-            for out, column in (("ld", "change_logit_diff"), ("low", "ci_low_logit_diff"),
-                                ("high", "ci_high_logit_diff"), ("q", "q_value_logit_diff"),
-                                ("auc", "change_auc")):  # fmt: skip
+            for out, column in MEASURES.items():
                 row[f"{out}_{position}"] = float(by.at[position, column]) if found else np.nan
         changes = {s: row[f"ld_{s}"] for s in SEGMENTS if not np.isnan(row[f"ld_{s}"])}
         if not changes:
@@ -59,8 +67,8 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         )
         row["largest"] = float(max(abs(v) for v in changes.values()))
         rows.append(row)
-    columns = [*HEAD, "noise_mode", *[f"{o}_{p}" for p in SHOWN for o in ("ld", "low", "high", "q", "auc")],
-               "acts_at", "segments_sum", "largest"]  # fmt: skip
+    measured = [f"{o}_{p}" for p in SHOWN for o in MEASURES]
+    columns = [*HEAD, "noise_mode", *measured, "acts_at", "segments_sum", "largest"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values("largest", ascending=False, kind="stable").reset_index(drop=True)
 

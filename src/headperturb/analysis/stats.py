@@ -10,11 +10,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from headperturb.analysis import effects
 from headperturb.analysis.scoring import METRICS
+
+# the tests live in significance; stats.bh_qvalues, stats.lattice_pvalue and the rest still work
+from headperturb.analysis.significance import (  # noqa: F401
+    bh_qvalues,
+    detectable_change,
+    lattice_pvalue,
+    sign_flip_pvalue,
+)
 
 CATEGORIES = ("HIGH", "MEDIUM", "LOW")
 KEYS = ["site", "position", "kind", "scale", "layer", "head"]
@@ -27,14 +37,16 @@ def contribution(baseline: float, perturbed):
 
 
 def relative_change(baseline: float, perturbed):
-    """100 * (baseline - perturbed) / baseline, in percent of the baseline; NaN when baseline is 0."""
+    """100 * (baseline - perturbed) / baseline, in percent of the baseline; NaN when baseline
+    is 0."""
     if baseline == 0:
         return np.full(np.shape(perturbed), np.nan)[()]
     return 100.0 * contribution(baseline, perturbed) / baseline
 
 
 def direction(score: float) -> str:
-    """``beneficial`` for a positive contribution, ``harmful`` for a negative one, else ``neutral``."""
+    """``beneficial`` for a positive contribution, ``harmful`` for a negative one, else
+    ``neutral``."""
     if score > 0:
         return "beneficial"
     if score < 0:
@@ -67,9 +79,9 @@ def aggregate(perturbed: pd.DataFrame, high: float = 10.0, medium: float = 5.0) 
     """The run's table: a row per job (:data:`KEYS`), sorted.
 
     ``perturbed`` holds one row per job with, for every metric of
-    :data:`headperturb.analysis.scoring.METRICS`, ``baseline_<metric>`` (the unperturbed model on the row's
-    prompts) and ``contribution_<metric>``; this adds the relative change (in percent of the
-    baseline), the direction and the impact category (on the relative change of accuracy).
+    :data:`headperturb.analysis.scoring.METRICS`, ``baseline_<metric>`` (the unperturbed model on
+    the row's prompts) and ``contribution_<metric>``; this adds the relative change (in percent of
+    the baseline), the direction and the impact category (on the relative change of accuracy).
     """
     table = perturbed.sort_values(KEYS, key=_scale_sort_key, ignore_index=True).copy()
     for metric in METRICS:
@@ -91,85 +103,6 @@ def category_counts(table: pd.DataFrame) -> dict[str, int]:
 
 
 # -- uncertainty ----------------------------------------------------------------------------------
-
-
-def bh_qvalues(p_values) -> np.ndarray:
-    """Benjamini-Hochberg q-values (step-up, monotone, capped at 1); NaN p-values stay NaN."""
-    p = np.asarray(p_values, dtype=float)
-    q = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    order = np.argsort(p[ok])
-    ranked = p[ok][order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(ranked, 1.0)
-    q[ok] = out
-    return q
-
-
-def sign_flip_pvalue(differences, n_perm: int = 10_000, seed: int = 0) -> float:
-    """Two-sided paired permutation test that the mean of ``differences`` is 0.
-
-    Under the null each paired difference is as likely to have either sign. Exact when the
-    differences are whole multiples of one step (changes of correctness: multiples of 1/draws;
-    :func:`lattice_pvalue`) or when 2**n <= n_perm (all sign patterns), else Monte Carlo with the
-    observed pattern counted (p = (1 + hits) / (1 + n_perm)), whose floor 1/(1 + n_perm) would
-    keep a strong effect from surviving a correction over many rows.
-    """
-    d = np.asarray(differences, dtype=float)
-    d = d[d != 0]  # zero differences carry no sign information
-    n = len(d)
-    if n == 0:
-        return 1.0
-    exact = lattice_pvalue(d)
-    if exact is not None:
-        return exact
-    observed = abs(d.mean())
-    tol = 1e-12 * max(1.0, observed)
-    if 2**n <= n_perm:
-        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
-        return float((np.abs(signs @ d / n) >= observed - tol).mean())
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for start in range(0, n_perm, 2000):
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(2000, n_perm - start), n))
-        hits += int((np.abs(signs @ d / n) >= observed - tol).sum())
-    return (1 + hits) / (1 + n_perm)
-
-
-def lattice_pvalue(differences, max_steps: int = 100, max_work: float = 2e8) -> float | None:
-    """The exact two-sided sign-flip p-value of nonzero ``differences`` that are whole multiples
-    ``k_i / m`` of one step (``m <= max_steps``), from the distribution of ``sum s_i k_i`` over
-    all sign patterns (a convolution, for any n); None when they are not on such a lattice, or
-    when the convolution would take more than about ``max_work`` operations (the caller then
-    samples sign patterns)."""
-    d = np.asarray(differences, dtype=float)
-    d = d[d != 0]
-    for m in range(1, max_steps + 1):
-        k = np.rint(d * m)
-        if np.allclose(d * m, k, rtol=0, atol=1e-9):
-            break
-    else:
-        return None
-    if not len(k):
-        return 1.0
-    k = k.astype(np.int64)
-    k //= np.gcd.reduce(np.abs(k))  # the same distribution on the coarsest lattice
-    steps = np.sort(np.abs(k))
-    total = int(steps.sum())
-    if total * len(steps) > max_work:  # about n x total operations: Monte Carlo beyond this
-        return None
-    dist = np.ones(1)  # dist[reach + s]: the probability of the sum s, |s| <= reach
-    for step in steps:  # smallest first: the support grows as slowly as it can
-        grown = np.zeros(len(dist) + 2 * step)
-        grown[: len(dist)] += 0.5 * dist
-        grown[2 * step :] += 0.5 * dist
-        dist = grown
-    sums = np.abs(np.arange(-total, total + 1))
-    return float(min(1.0, dist[sums >= abs(int(k.sum()))].sum()))
 
 
 def correct_logit_diff(labels, margins) -> np.ndarray:
@@ -213,60 +146,15 @@ def paired_summary(
     of correctness that the shift alone makes), ``detectable_change``; and
     ``patch_effect`` with its interval when ``patching`` is given.
     """
-    from headperturb.analysis import effects
-
-    (base_pred, base_margin), (pert_pred, pert_margin) = base, perturbed
-    labels = np.asarray(labels)
-    base_pred = np.asarray(base_pred)
-    base_margin = np.asarray(base_margin, dtype=float)
-    pert_pred = np.asarray(pert_pred).reshape(len(labels), -1)
-    pert_margin = np.asarray(pert_margin, dtype=float).reshape(len(labels), -1)
-    n, draws = pert_pred.shape
-    base_c = (base_pred == labels).astype(float)
-    pert_c = (pert_pred == labels[:, None]).astype(float)
-    base_ld = correct_logit_diff(labels, base_margin)
-    pert_ld = correct_logit_diff(labels[:, None], pert_margin)
-    base_p = correct_probability(labels, base_margin)
-    pert_p = correct_probability(labels[:, None], pert_margin)
-
+    pair = _Pair.of(labels, base, perturbed)
     rng = np.random.default_rng(seed)
+    n, draws = pair.pert_pred.shape
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)  # prompt weights
     dw = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=n_boot).astype(float) / draws
-    ones, one_draw = np.ones((1, n)), np.ones((1, draws)) / draws
-    point, boot = {}, {}
-    for name, metric in METRICS.items():
-        per_draw = np.stack(
-            [metric.compute(ones, labels, pert_pred[:, d])[0] for d in range(draws)]
-        )
-        point[name] = metric.compute(ones, labels, base_pred)[0] - per_draw.mean()
-        draws_b = np.stack([metric.compute(w, labels, pert_pred[:, d]) for d in range(draws)], 1)
-        boot[name] = metric.compute(w, labels, base_pred) - (draws_b * dw).sum(axis=1)
-    point["logit_diff"] = base_ld.mean() - pert_ld.mean()
-    point["probability"] = base_p.mean() - pert_p.mean()
-    boot["logit_diff"] = (w @ base_ld - np.einsum("bn,nd,bd->b", w, pert_ld, dw)) / n
-    boot["probability"] = (w @ base_p - np.einsum("bn,nd,bd->b", w, pert_p, dw)) / n
-
-    pos, neg = labels == 1, labels == 0
-    ref_pairs = effects.auc_pairs(base_margin[pos], base_margin[neg])
-    pert_pairs = [effects.auc_pairs(pert_margin[pos, d], pert_margin[neg, d]) for d in range(draws)]
-    aucs = (
-        np.array([p.mean() for p in pert_pairs])
-        if pos.any() and neg.any()
-        else np.full(draws, np.nan)
-    )
-    ref_auc = float(ref_pairs.mean()) if pos.any() and neg.any() else float("nan")
-    point["auc"] = ref_auc - aucs.mean()
-    boot_pert = np.stack([effects.weighted_auc(p, w[:, pos], w[:, neg]) for p in pert_pairs], 1)
-    boot["auc"] = effects.weighted_auc(ref_pairs, w[:, pos], w[:, neg]) - (boot_pert * dw).sum(1)
-
-    shift = effects.bias_shift(base_margin, pert_margin, ones, one_draw)
-    shift_b = effects.bias_shift(base_margin, pert_margin, w, dw)
-    shifted = effects.shift_only_accuracy(labels, base_margin, shift, ones)[0]
-    shifted_c = ((base_margin + shift[0] > 0).astype(int) == labels).astype(float)
-    point["accuracy_bias"] = base_c.mean() - shifted
-    boot["accuracy_bias"] = w @ base_c / n - effects.shift_only_accuracy(
-        labels, base_margin, shift_b, w
-    )
+    point, boot = _task_changes(pair, w, dw)
+    point["auc"], boot["auc"], reference_auc, auc = _auc_change(pair, w, dw)
+    shift, shift_b, shifted_c = _shift(pair, w, dw)
+    point["accuracy_bias"], boot["accuracy_bias"] = _shift_accuracy(pair, shift, shift_b, w)
     point["accuracy_discrimination"] = point["accuracy"] - point["accuracy_bias"]
     boot["accuracy_discrimination"] = boot["accuracy"] - boot["accuracy_bias"]
 
@@ -276,27 +164,143 @@ def paired_summary(
         out[f"change_{metric}"] = float(value)
         out[f"ci_low_{metric}"] = float(np.nanpercentile(boot[metric], lo))
         out[f"ci_high_{metric}"] = float(np.nanpercentile(boot[metric], hi))
-    out["reference_auc"], out["auc"] = ref_auc, float(aucs.mean())
+    out["reference_auc"], out["auc"] = reference_auc, auc
     out["bias_shift"] = float(shift[0])
     out["ci_low_bias_shift"], out["ci_high_bias_shift"] = np.percentile(shift_b, [lo, hi]).tolist()
-    out["p_value"] = sign_flip_pvalue(base_c - pert_c.mean(axis=1), n_perm, seed)
-    out["detectable_change"] = detectable_change(base_c - pert_c.mean(axis=1))
-    out["p_value_logit_diff"] = sign_flip_pvalue(base_ld - pert_ld.mean(axis=1), n_perm, seed)
-    out["p_value_bias"] = sign_flip_pvalue(base_c - shifted_c, n_perm, seed)  # exact: 0, +-1
-    out["p_value_auc"] = (
-        sign_flip_pvalue(effects.auc_flip_values(labels, base_margin, pert_margin), n_perm, seed)
-        if pos.any() and neg.any()
-        else float("nan")
-    )
+    out.update(_tests(pair, shifted_c, n_perm, seed))
     if patching is not None:
-        clean, partner, restore = patching
-        args = (labels, clean, partner, pert_margin[:, 0])
-        out["patch_effect"] = float(effects.patch_effect(*args, ones, restore)[0])
-        boot_effect = effects.patch_effect(*args, w, restore)
-        out["ci_low_patch_effect"], out["ci_high_patch_effect"] = np.nanpercentile(
-            boot_effect, [lo, hi]
-        ).tolist()
+        out.update(_patch_effect(pair, patching, w, (lo, hi)))
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Pair:
+    """A reference and a perturbed run of the same prompts: the labels (n,), the reference's
+    predictions and calibrated margins (n,), and the perturbed ones (n, draws)."""
+
+    labels: np.ndarray
+    base_pred: np.ndarray
+    base_margin: np.ndarray
+    pert_pred: np.ndarray
+    pert_margin: np.ndarray
+
+    @classmethod
+    def of(cls, labels, base: tuple, perturbed: tuple) -> _Pair:
+        (base_pred, base_margin), (pert_pred, pert_margin) = base, perturbed
+        labels = np.asarray(labels)
+        return cls(
+            labels=labels,
+            base_pred=np.asarray(base_pred),
+            base_margin=np.asarray(base_margin, dtype=float),
+            pert_pred=np.asarray(pert_pred).reshape(len(labels), -1),
+            pert_margin=np.asarray(pert_margin, dtype=float).reshape(len(labels), -1),
+        )
+
+    @property
+    def base_correct(self) -> np.ndarray:
+        return (self.base_pred == self.labels).astype(float)
+
+    @property
+    def pert_correct(self) -> np.ndarray:
+        return (self.pert_pred == self.labels[:, None]).astype(float)
+
+    @property
+    def base_ld(self) -> np.ndarray:
+        return correct_logit_diff(self.labels, self.base_margin)
+
+    @property
+    def pert_ld(self) -> np.ndarray:
+        return correct_logit_diff(self.labels[:, None], self.pert_margin)
+
+
+def _task_changes(pair: _Pair, w: np.ndarray, dw: np.ndarray) -> tuple[dict, dict]:
+    """The change of every task metric, the correct-label logit difference and probability: the
+    point estimates (means over draws), and their bootstrap over prompt weights ``w`` (B, n) and
+    draw weights ``dw`` (B, draws)."""
+    labels, (n, draws) = pair.labels, pair.pert_pred.shape
+    ones = np.ones((1, n))
+    point, boot = {}, {}
+    for name, metric in METRICS.items():
+        per_draw = [metric.compute(ones, labels, pair.pert_pred[:, d])[0] for d in range(draws)]
+        point[name] = metric.compute(ones, labels, pair.base_pred)[0] - np.stack(per_draw).mean()
+        draws_b = np.stack(
+            [metric.compute(w, labels, pair.pert_pred[:, d]) for d in range(draws)], 1
+        )
+        boot[name] = metric.compute(w, labels, pair.base_pred) - (draws_b * dw).sum(axis=1)
+    base_ld, pert_ld = pair.base_ld, pair.pert_ld
+    base_p = correct_probability(labels, pair.base_margin)
+    pert_p = correct_probability(labels[:, None], pair.pert_margin)
+    point["logit_diff"] = base_ld.mean() - pert_ld.mean()
+    point["probability"] = base_p.mean() - pert_p.mean()
+    boot["logit_diff"] = (w @ base_ld - np.einsum("bn,nd,bd->b", w, pert_ld, dw)) / n
+    boot["probability"] = (w @ base_p - np.einsum("bn,nd,bd->b", w, pert_p, dw)) / n
+    return point, boot
+
+
+def _auc_change(pair: _Pair, w: np.ndarray, dw: np.ndarray) -> tuple:
+    """The change of the ROC AUC of the margin (point estimate, bootstrap), the reference's AUC
+    and the perturbed one's mean over draws (NaN without both classes)."""
+    pos, neg = pair.labels == 1, pair.labels == 0
+    draws = pair.pert_margin.shape[1]
+    ref_pairs = effects.auc_pairs(pair.base_margin[pos], pair.base_margin[neg])
+    margins = pair.pert_margin
+    pert_pairs = [effects.auc_pairs(margins[pos, d], margins[neg, d]) for d in range(draws)]
+    both = pos.any() and neg.any()
+    aucs = np.array([p.mean() for p in pert_pairs]) if both else np.full(draws, np.nan)
+    ref_auc = float(ref_pairs.mean()) if both else float("nan")
+    boot_pert = np.stack([effects.weighted_auc(p, w[:, pos], w[:, neg]) for p in pert_pairs], 1)
+    boot = effects.weighted_auc(ref_pairs, w[:, pos], w[:, neg]) - (boot_pert * dw).sum(1)
+    return ref_auc - aucs.mean(), boot, ref_auc, float(aucs.mean())
+
+
+def _shift(pair: _Pair, w: np.ndarray, dw: np.ndarray) -> tuple:
+    """The mean margin shift, perturbed - reference: (1,) and its bootstrap (B,); and each
+    prompt's correctness with the reference's margins moved by the shift alone."""
+    n, draws = pair.pert_margin.shape
+    ones, one_draw = np.ones((1, n)), np.ones((1, draws)) / draws
+    shift = effects.bias_shift(pair.base_margin, pair.pert_margin, ones, one_draw)
+    shift_b = effects.bias_shift(pair.base_margin, pair.pert_margin, w, dw)
+    shifted_c = ((pair.base_margin + shift[0] > 0).astype(int) == pair.labels).astype(float)
+    return shift, shift_b, shifted_c
+
+
+def _shift_accuracy(pair: _Pair, shift: np.ndarray, shift_b: np.ndarray, w: np.ndarray) -> tuple:
+    """The part of the accuracy change that the mean shift alone explains: the reference's
+    accuracy minus that of its margins moved by the shift
+    (:func:`headperturb.analysis.effects.shift_only_accuracy`), point estimate and bootstrap."""
+    n = len(pair.labels)
+    shifted = effects.shift_only_accuracy(pair.labels, pair.base_margin, shift, np.ones((1, n)))[0]
+    shifted_b = effects.shift_only_accuracy(pair.labels, pair.base_margin, shift_b, w)
+    return pair.base_correct.mean() - shifted, w @ pair.base_correct / n - shifted_b
+
+
+def _tests(pair: _Pair, shifted_c: np.ndarray, n_perm: int, seed: int) -> dict[str, float]:
+    """The sign-flip p-values of the per-prompt changes (correctness, correct-label logit
+    difference, the correctness the shift alone changes, each prompt's share of the AUC change),
+    and the smallest detectable change of accuracy."""
+    accuracy = pair.base_correct - pair.pert_correct.mean(axis=1)
+    logit_diff = pair.base_ld - pair.pert_ld.mean(axis=1)
+    pos, neg = pair.labels == 1, pair.labels == 0
+    out = {"p_value": sign_flip_pvalue(accuracy, n_perm, seed)}
+    out["detectable_change"] = detectable_change(accuracy)
+    out["p_value_logit_diff"] = sign_flip_pvalue(logit_diff, n_perm, seed)
+    out["p_value_bias"] = sign_flip_pvalue(pair.base_correct - shifted_c, n_perm, seed)  # 0, +-1
+    out["p_value_auc"] = float("nan")
+    if pos.any() and neg.any():
+        flips = effects.auc_flip_values(pair.labels, pair.base_margin, pair.pert_margin)
+        out["p_value_auc"] = sign_flip_pvalue(flips, n_perm, seed)
+    return out
+
+
+def _patch_effect(pair: _Pair, patching: tuple, w: np.ndarray, bounds: tuple) -> dict[str, float]:
+    """The normalised patch effect (:func:`headperturb.analysis.effects.patch_effect`) with its
+    percentile interval (``bounds``: the percentiles)."""
+    clean, partner, restore = patching
+    args = (pair.labels, clean, partner, pair.pert_margin[:, 0])
+    ones = np.ones((1, len(pair.labels)))
+    low, high = np.nanpercentile(effects.patch_effect(*args, w, restore), bounds).tolist()
+    effect = float(effects.patch_effect(*args, ones, restore)[0])
+    return {"patch_effect": effect, "ci_low_patch_effect": low, "ci_high_patch_effect": high}
 
 
 def category_stability(
@@ -322,16 +326,3 @@ def category_span(low: float, high_end: float, high: float, medium: float) -> li
     first = order.index(impact_category(smallest, high, medium))
     last = order.index(impact_category(largest, high, medium))
     return order[first : last + 1]
-
-
-def detectable_change(differences, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest mean paired difference a two-sided test at ``alpha`` detects with ``power``,
-    from the spread of the per-prompt ``differences`` (normal approximation): (z_{1-alpha/2} +
-    z_power) * sd / sqrt(n)."""
-    from statistics import NormalDist
-
-    d = np.asarray(differences, dtype=float)
-    if len(d) < 2:
-        return float("nan")
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    return float(z * d.std(ddof=1) / np.sqrt(len(d)))

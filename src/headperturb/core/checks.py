@@ -9,8 +9,10 @@ version of the files), so the Snakefile uses it while building the DAG.
 from __future__ import annotations
 
 import re
+from itertools import product
 from pathlib import Path
 
+from headperturb.core import files
 from headperturb.core.sets import curves, set_jobs
 from headperturb.core.spec import SpecError, head_jobs, screened, sweeps
 
@@ -28,13 +30,12 @@ def data_files(path: str | None) -> list[str]:
                 f"data.path {text!r}: the only placeholder allowed is {{split}} "
                 "(e.g. data/imdb_{split}.parquet)"
             )
-        files = [text.replace("{split}", s) for s in ("train", "test")]
-        missing = [f for f in files if not Path(f).is_file()]
+        found = [text.replace("{split}", s) for s in ("train", "test")]
+        missing = [f for f in found if not Path(f).is_file()]
         if missing:
-            raise SpecError(
-                f"data.path {text!r}: {' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist"
-            )
-        return files
+            verb = "do" if len(missing) > 1 else "does"
+            raise SpecError(f"data.path {text!r}: {' and '.join(missing)} {verb} not exist")
+        return found
     p = Path(path)
     if not p.exists():
         raise SpecError(
@@ -51,9 +52,9 @@ def data_files(path: str | None) -> list[str]:
             )
         return [str(p)]
     for ext in ("parquet", "csv"):
-        files = [p / f"{s}.{ext}" for s in ("train", "test")]
-        if all(f.is_file() for f in files):
-            return [str(f) for f in files]
+        split_files = [p / f"{s}.{ext}" for s in ("train", "test")]
+        if all(f.is_file() for f in split_files):
+            return [str(f) for f in split_files]
     if not any((root / "train" / "pos").is_dir() for root in (p, p / "aclImdb")):
         raise SpecError(
             f"data.path {str(path)!r} holds neither train/test .parquet or .csv files nor an "
@@ -63,28 +64,29 @@ def data_files(path: str | None) -> list[str]:
 
 
 def review_counts(path: str | None, paths: list[str], cache_dir=".snakemake/headperturb"):
-    """Reviews per label of each split of a local source, as the loader keeps them (missing, empty
-    and duplicate texts dropped; :func:`headperturb.data.imdb.load_split`), so that the prompt settings
-    are checked while the DAG is built. None for the hub and an aclImdb/ folder (checked when the
-    data is read). Counted once per version of the files: the counts are kept in ``cache_dir``,
-    keyed by the files' paths, sizes and modification times. A data problem (a missing column,
-    labels that are not 0/1) raises :class:`headperturb.data.imdb.DataError` naming the file."""
+    """Reviews per label of each split of a local source, as the loader keeps them (missing,
+    empty and duplicate texts dropped; :func:`headperturb.data.imdb.load_split`), so that the
+    prompt settings are checked while the DAG is built. None for the hub and an aclImdb/ folder
+    (checked when the data is read). Counted once per version of the files: the counts are kept
+    in ``cache_dir``, keyed by the files' paths, sizes and modification times. A data problem (a
+    missing column, labels that are not 0/1) raises :class:`headperturb.data.imdb.DataError`
+    naming the file."""
     import hashlib
     import json
 
     if path is None or not paths:
         return None
-    stamps = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns)
-              for f in paths]  # fmt: skip
+    stamps = [
+        (str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in paths
+    ]
     key = hashlib.sha256(json.dumps([str(path), stamps]).encode()).hexdigest()[:20]
     cache = Path(cache_dir) / f"review-counts-{key}.json"
     if cache.is_file():
         try:
-            return {split: {int(k): v for k, v in c.items()}
-                    for split, c in json.loads(cache.read_text()).items()}  # fmt: skip
+            counted = json.loads(cache.read_text())
+            return {split: {int(k): v for k, v in c.items()} for split, c in counted.items()}
         except (ValueError, AttributeError):
             pass  # a damaged cache is counted again
-    from headperturb.core import files
     from headperturb.data.imdb import DataError, load_split
 
     counts = {}
@@ -130,6 +132,40 @@ def check_segments(perturbation: dict, prompts: dict) -> None:
         )
 
 
+def check_exact_orders(curve_list: list[dict], measured: set[tuple[str, str, str]]) -> None:
+    """A curve ranked in the exact order needs every head of its setting (site, position, kind)
+    measured alone (``measured``: :func:`headperturb.core.targets.measured`)."""
+    for curve in curve_list:
+        if "exact" not in curve["orders"]:
+            continue
+        for kind, position, site in product(curve["kinds"], curve["positions"], curve["sites"]):
+            if (site, position, kind) not in measured:
+                raise SpecError(
+                    f"curves: the exact order of {kind} at position {position} ({site}) needs "
+                    f"every head measured alone; add a sweep {{layers: all, heads: all, "
+                    f"kinds: [{kind}], positions: [{position}], sites: [{site}]}} or use the "
+                    "screen order"
+                )
+
+
+def check_results_readable(paths: list[str], forceall: bool = False, forcerun=()) -> None:
+    """Every per-head result file that exists is a Parquet file (its magic bytes at both ends:
+    not truncated, not foreign), unless the run is to redo it anyway (``forceall``, or its path
+    among ``forcerun``); otherwise one message naming the files and the fix."""
+    forced = {str(t) for t in forcerun or ()}
+    broken = [
+        p
+        for p in paths
+        if Path(p).exists() and not files.looks_like_parquet(p) and not (forceall or p in forced)
+    ]
+    if broken:
+        raise SpecError(
+            f"{len(broken)} per-head result file(s) are not readable Parquet files (corrupt or "
+            f"truncated), e.g. {broken[0]}: delete them, or run `snakemake --cores all "
+            f"--forcerun {' '.join(broken[:5])}`, and their jobs run again"
+        )
+
+
 def check_curves(curve_list: list[dict], screen: dict) -> None:
     """A curve ranked by the screen needs the screen's estimate of its kind at its positions."""
     for curve in curve_list:
@@ -169,8 +205,8 @@ def finding(check, *args, local: bool = False):
 
 def check_model_sha256(model: dict, local: bool) -> None:
     """``model.sha256`` is checked against a file: a GGUF (one hash) or a local folder's weights
-    files (:func:`headperturb.model.loading.verify_source`); for a hub id without a GGUF there is none, so
-    a hash given there is refused rather than ignored."""
+    files (:func:`headperturb.model.loading.verify_source`); for a hub id without a GGUF there
+    is none, so a hash given there is refused rather than ignored."""
     sha = model.get("sha256")
     if not sha:
         return
@@ -246,7 +282,8 @@ def check_review_counts(counts: dict | None, prompts: dict) -> None:
             have = counts[split].get(label, 0)
             if count > have:
                 what = "k_shot x candidates + n_dev" if split == "train" else "n_test"
+                keys = "k_shot, candidates or n_dev" if split == "train" else "n_test"
                 raise SpecError(
                     f"prompts: {what} asks for {count} {names[label]} reviews from the {split} "
-                    f"split, which has {have}; lower prompts.{'k_shot, candidates or n_dev' if split == 'train' else 'n_test'}"
+                    f"split, which has {have}; lower prompts.{keys}"
                 )

@@ -124,17 +124,18 @@ def describe(error, schema: dict) -> str:
     if rule == "additionalProperties":
         allowed = sorted(sub.get("properties", {}))
         extra = sorted(set(value) - set(allowed))
-        return (
-            f"config: unknown key {', '.join(repr(key_name([*error.absolute_path, k])) for k in extra)}; "
-            f"allowed keys{' under ' + where if error.absolute_path else ''}: {', '.join(allowed)}"
-        )
+        unknown = ", ".join(repr(key_name([*error.absolute_path, k])) for k in extra)
+        under = " under " + where if error.absolute_path else ""
+        return f"config: unknown key {unknown}; allowed keys{under}: {', '.join(allowed)}"
     if rule == "required":
         return f"config: {where} is missing {error.message.split(' is a required')[0]}{hint}"
     if rule == "enum":
-        return f"config: {where} = {_short(value)} is not allowed; allowed: {', '.join(map(str, sub['enum']))}"
+        allowed = ", ".join(map(str, sub["enum"]))
+        return f"config: {where} = {_short(value)} is not allowed; allowed: {allowed}"
     if rule in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
-        return f"config: {where} = {_short(value)} is not allowed; it must be {ops[rule]} {error.validator_value}{hint}"
+        bound = f"{ops[rule]} {error.validator_value}"
+        return f"config: {where} = {_short(value)} is not allowed; it must be {bound}{hint}"
     if rule == "oneOf" and where == "model" and isinstance(value, dict):
         given = [k for k in ("path", "pypi_wheel") if k in value]
         return (
@@ -152,7 +153,8 @@ def describe(error, schema: dict) -> str:
         "maxItems",
         "uniqueItems",
     ):
-        return f"config: {where} = {_short(value)} is not allowed: {error.message.split(' is ', 1)[-1] if rule == 'type' else _rule_text(rule, sub)}{hint}"
+        why = error.message.split(" is ", 1)[-1] if rule == "type" else _rule_text(rule, sub)
+        return f"config: {where} = {_short(value)} is not allowed: {why}{hint}"
     return f"config: {where} = {_short(value)} is not allowed: {error.message}{hint}"
 
 

@@ -1,7 +1,8 @@
 """Atomic file writes and provenance metadata.
 
 Every file the pipeline produces is written under a temporary name in the same folder and renamed
-into place only once complete, so a killed job never leaves a file that Snakemake would take as done.
+into place only once complete, so a killed job never leaves a file that Snakemake would take as
+done.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Abandoned(RuntimeError):
 
 def only_while(check) -> None:
     """Put finished files in place only while ``check()`` is true (a process step: while the
-    Snakemake process that started it lives, :func:`headperturb.lifecycle.follow_owner`)."""
+    Snakemake process that started it lives, :func:`headperturb.workflow.lifecycle.follow_owner`)."""
     global _still_wanted
     _still_wanted = check
 
@@ -242,8 +243,8 @@ def _meta_digest(meta: dict) -> str:
 
 
 def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) -> None:
-    """Write ``frame`` (a pandas DataFrame, a dict of equal-length columns or a list of rows) to Parquet
-    atomically, with ``metadata`` as JSON, page checksums and :data:`CHECKSUMS`.
+    """Write ``frame`` (a pandas DataFrame, a dict of equal-length columns or a list of rows) to
+    Parquet atomically, with ``metadata`` as JSON, page checksums and :data:`CHECKSUMS`.
 
     The metadata is stored in the file's schema under the key ``headperturb`` and must not hold
     timestamps or host names, so that reruns give byte-identical files.
@@ -258,8 +259,12 @@ def write_parquet(path: str | os.PathLike, frame, metadata: dict | None = None) 
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
     meta = dict(metadata or {})
-    meta[CHECKSUMS] = {"schema": _schema_digest(table), "metadata": _meta_digest(metadata or {}),
-                       **{name: column_digest(name, table[name]) for name in table.column_names}}  # fmt: skip
+    columns = {name: column_digest(name, table[name]) for name in table.column_names}
+    meta[CHECKSUMS] = {
+        "schema": _schema_digest(table),
+        "metadata": _meta_digest(metadata or {}),
+        **columns,
+    }
     # no pandas metadata: a byte changed there would change the frames' dtypes unchecked
     encoded = json.dumps(meta, sort_keys=True, default=_json_default).encode()
     table = table.replace_schema_metadata({METADATA_KEY: encoded})

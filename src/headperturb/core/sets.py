@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import product
 
 from headperturb.core.spec import SITES, SpecError
@@ -89,6 +90,38 @@ def doubling(n: int) -> list[int]:
     return [*out, n]
 
 
+MIB_PERCENTAGES = ("0.1", "0.2", "0.5", "1", "2", "5", "10", "20", "50", "100")
+"""The circuit sizes of MIB's circuit-localization track (Mueller et al. 2025), in percent of the
+scored components, as exact decimals."""
+
+
+def mib_grid(n: int) -> list[tuple[float, int]]:
+    """(percentage, k) of each of MIB's ten sizes for ``n`` heads: ``k = floor(percentage / 100 *
+    n)``, MIB's own ``int(pct * n_scored_items)`` (``MIB_circuit_track/evaluation.py``), computed
+    on exact decimals (it agrees with MIB's float product for every n up to 200,000). Sizes below
+    one head are k = 0, the empty circuit, as in MIB; 100 % is every head."""
+    return [(float(p), int(Fraction(p) * n // 100)) for p in MIB_PERCENTAGES]
+
+
+def mib_ks(n: int) -> list[int]:
+    """MIB's sizes as whole heads, distinct, sorted, from 1 (k = 0 is every head ablated, which
+    every ``keep`` curve measures): for 270 heads 1, 2, 5, 13, 27, 54, 135, 270 (0.1 % and 0.2 %
+    are 0 heads)."""
+    return sorted({k for _, k in mib_grid(n) if k >= 1})
+
+
+def grid(ks, n: int) -> list[int]:
+    """A curve's k, sorted: ``ks`` as given, ``None`` for 1, 2, 4, ... and every head
+    (:func:`doubling`), or ``"mib"`` for those and MIB's sizes (:func:`mib_ks`) together."""
+    if not ks:  # null (or an empty list, as before)
+        return doubling(n)
+    if isinstance(ks, str):
+        if ks != "mib":
+            raise SpecError(f"curves: ks {ks!r} is not allowed; allowed: a list of k, null, mib")
+        return sorted({*doubling(n), *mib_ks(n)})
+    return sorted({int(k) for k in ks})
+
+
 CURVE_DEFAULTS = {
     "positions": ["last"],
     "sites": ["o_proj_input"],
@@ -113,16 +146,18 @@ def curves(perturbation: dict) -> list[dict]:
 def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -> list[SetJob]:
     """Every set job the curves ask for (:func:`curves`), for a model of ``n_heads_total`` heads:
     per order (and seed of the random order), kind, position and site, ``remove`` for each k of
-    the grid (``ks``, default 1, 2, 4, ... and every head), ``keep`` for 0 (every head removed)
-    and each k of the grid below every head, and ``single`` for the ``singles`` highest-ranked
-    heads of the screen and exact orders, unless the run measures every head of that setting
+    the grid (``ks``, default 1, 2, 4, ... and every head; ``mib`` adds MIB's sizes,
+    :func:`grid`), ``keep`` for 0 (every head removed) and each k of the grid below every head,
+    and ``single`` for the ``singles`` highest-ranked heads of the screen and exact orders, unless the run measures every head of that setting
     alone already (``measured``: (site, position, kind) triples). Removing none and keeping all
     is the unperturbed model."""
     jobs: set[SetJob] = set()
     for curve in curve_list:
-        grid = sorted(set(curve["ks"] or doubling(n_heads_total)))
-        if any(not 1 <= int(k) <= n_heads_total for k in grid):
-            raise SpecError(f"curves: ks {grid} must lie in 1..{n_heads_total} (the model's heads)")
+        ks_of_curve = grid(curve["ks"], n_heads_total)
+        if any(not 1 <= k <= n_heads_total for k in ks_of_curve):
+            raise SpecError(
+                f"curves: ks {ks_of_curve} must lie in 1..{n_heads_total} (the model's heads)"
+            )
         for kind in curve["kinds"]:
             if kind not in SET_KINDS:
                 raise SpecError(
@@ -140,9 +175,9 @@ def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -
                     base = (site, position, kind, order, int(seed))
                     for mode in curve["modes"]:
                         ks = (
-                            grid
+                            ks_of_curve
                             if mode == "remove"
-                            else [0, *[k for k in grid if k < n_heads_total]]
+                            else [0, *[k for k in ks_of_curve if k < n_heads_total]]
                         )
                         jobs.update(SetJob(*base, mode, int(k)) for k in ks)
                     if order != "random" and (site, position, kind) not in measured:

@@ -55,8 +55,11 @@ class Calibration:
         return (np.asarray(margins, dtype=float) - self.offset > 0).astype(np.int64)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "offset": float(self.offset),
-                "content_free_margin": self.content_free_margin}  # fmt: skip
+        return {
+            "method": self.method,
+            "offset": float(self.offset),
+            "content_free_margin": self.content_free_margin,
+        }
 
 
 def fit(method: str, dev_margins=None, dev_labels=None, content_free_margins=None) -> Calibration:
@@ -78,8 +81,10 @@ def dev_scores(calibration: Calibration, margins, labels) -> dict:
     """Accuracy, share predicted positive and ROC AUC of a candidate on the development reviews."""
     labels = np.asarray(labels)
     pred = calibration.predict(margins)
-    out = {"dev_accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
-           "dev_share_positive": float(pred.mean()) if len(labels) else float("nan")}  # fmt: skip
+    out = {
+        "dev_accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "dev_share_positive": float(pred.mean()) if len(labels) else float("nan"),
+    }
     if len(set(labels.tolist())) == 2:
         from sklearn.metrics import roc_auc_score
 

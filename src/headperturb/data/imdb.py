@@ -6,7 +6,8 @@ A local source (``data.path`` in the config) may be:
 
 - a folder holding ``train.parquet``/``test.parquet`` or ``train.csv``/``test.csv``
   (columns ``text`` and ``label``; other columns are kept but unused);
-- the official ``aclImdb/`` folder (``{train,test}/{pos,neg}/ID_RATING.txt``), or a folder holding it;
+- the official ``aclImdb/`` folder (``{train,test}/{pos,neg}/ID_RATING.txt``), or a folder
+  holding it;
 - the official ``aclImdb_v1.tar.gz`` tarball, read without unpacking;
 - a single Parquet or CSV file whose name contains ``{split}``, e.g. ``imdb_{split}.parquet``.
 """
@@ -60,10 +61,10 @@ def _load_hub(name: str, split: str) -> pd.DataFrame:
         raise DataError(
             f"could not load the IMDB {split} split from the Hugging Face hub ({name!r}): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
-            "Give the data one of two ways: (1) make the hub reachable (or set HF_DATASETS_CACHE to "
-            "a cache that holds it), or (2) set `data.path` in the config to a local copy: a folder "
-            "with train/test Parquet or CSV files (columns text,label), the official aclImdb/ "
-            "folder, or the aclImdb_v1.tar.gz tarball."
+            "Give the data one of two ways: (1) make the hub reachable (or set HF_DATASETS_CACHE "
+            "to a cache that holds it), or (2) set `data.path` in the config to a local copy: a "
+            "folder with train/test Parquet or CSV files (columns text,label), the official "
+            "aclImdb/ folder, or the aclImdb_v1.tar.gz tarball."
         ) from None
     return ds.to_pandas()
 
@@ -149,7 +150,8 @@ def _read_tarball(path: Path, split: str) -> pd.DataFrame:
 
 
 def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
-    """Check columns and labels; drop missing, empty and duplicate texts (each counted in the log)."""
+    """Check columns and labels; drop missing, empty and duplicate texts (each counted in
+    the log)."""
     missing = [c for c in ("text", "label") if c not in frame.columns]
     if missing:
         raise DataError(

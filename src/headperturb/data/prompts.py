@@ -48,7 +48,8 @@ class Template:
 
     def _before(self, text: str, verbalizer: str) -> str:
         before = self.template[: self.template.index("{label}")].replace("{text}", text)
-        # the verbalizer carries its own leading space (" positive"), so the query ends at "Sentiment:"
+        # the verbalizer carries its own leading space (" positive"), so the query ends at
+        # "Sentiment:"
         return before.rstrip(" ") if verbalizer[:1].isspace() else before
 
     def query(self, text: str, verbalizer: str) -> str:
@@ -142,13 +143,15 @@ def select_reviews(
     parts, pool = [], train
     for c in range(candidates):
         what = f"k_shot demonstrations (candidate {c + 1} of {candidates})"
-        demos = select_balanced(pool, k_shot, seed if c == 0 else _seed(seed, "candidate", c),
-                                what, interleave=True) if k_shot else pool.iloc[:0]  # fmt: skip
+        demos = pool.iloc[:0]
+        if k_shot:
+            demo_seed = seed if c == 0 else _seed(seed, "candidate", c)
+            demos = select_balanced(pool, k_shot, demo_seed, what, interleave=True)
         parts.append(demos.assign(role="candidate", candidate=c, position=range(len(demos))))
         pool = pool[~pool["row"].isin(demos["row"])]
     if n_dev:
-        dev = select_balanced(pool, n_dev, _seed(seed, "dev"),
-                              "n_dev development reviews from train (apart from the candidates)")  # fmt: skip
+        what = "n_dev development reviews from train (apart from the candidates)"
+        dev = select_balanced(pool, n_dev, _seed(seed, "dev"), what)
         parts.append(dev.assign(role="dev", candidate=-1, position=range(n_dev)))
     queries = select_balanced(test, n_test, seed + 1, "n_test reviews from test")
     parts.append(queries.assign(role="test", candidate=-1, position=range(n_test)))
@@ -179,12 +182,17 @@ class PromptSet:
         prefix = self.prefixes.loc[self.prefixes["candidate"] == candidate].iloc[0]
         rows = self.queries[self.queries["role"] == role].reset_index(drop=True)
         ids = [list(prefix["prefix_ids"]) + list(q) for q in rows["query_ids"]]
-        return pd.DataFrame({
-            "prompt_id": rows["prompt_id"], "source_row": rows["source_row"],
-            "label": rows["label"], "review": rows["review"],
-            "prompt": [prefix["prefix_text"] + q for q in rows["query"]],
-            "input_ids": ids, "n_tokens": [len(x) for x in ids],
-        })  # fmt: skip
+        return pd.DataFrame(
+            {
+                "prompt_id": rows["prompt_id"],
+                "source_row": rows["source_row"],
+                "label": rows["label"],
+                "review": rows["review"],
+                "prompt": [prefix["prefix_text"] + q for q in rows["query"]],
+                "input_ids": ids,
+                "n_tokens": [len(x) for x in ids],
+            }
+        )
 
     def demonstrations_of(self, candidate: int) -> pd.DataFrame:
         demos = self.demonstrations[self.demonstrations["candidate"] == candidate]
@@ -209,6 +217,44 @@ def tokenize_prompts(
     tpl = Template(template)
     verbalizers = tuple(verbalizers)
     token_ids = verbalizer_token_ids(tokenizer, verbalizers)
+    _check(reviews, verbalizers, max_review_tokens)
+    reviews = reviews.assign(
+        text=[truncate_tokens(t, tokenizer, max_review_tokens) for t in reviews["text"]]
+    )
+    demos = reviews[reviews["role"] == "candidate"]
+    prefixes = [
+        _prefix(demos[demos["candidate"] == c], int(c), tpl, verbalizers, separator, tokenizer)
+        for c in sorted(demos["candidate"].unique()) or [0]
+    ]
+    queries = _queries(reviews[reviews["role"] != "candidate"], tpl, verbalizers[0], tokenizer)
+    longest = max(len(p["prefix_ids"]) for p in prefixes) + max(map(len, queries["query_ids"]))
+    if context_length is not None and longest + 1 > context_length:
+        raise PromptError(
+            f"the longest prompt has {longest} tokens; the model's context is {context_length}: "
+            "lower prompts.k_shot or prompts.max_review_tokens"
+        )
+    demonstrations = pd.DataFrame(
+        {
+            "candidate": demos["candidate"].to_numpy(),
+            "position": demos["position"].to_numpy(),
+            "source_row": demos["source_row"].to_numpy(),
+            "label": demos["label"].to_numpy(),
+            "review": demos["text"].to_numpy(),
+        }
+    )
+    info = {
+        "verbalizers": list(verbalizers),
+        "verbalizer_token_ids": token_ids,
+        "label_names": list(LABEL_NAMES),
+        "template": template,
+        "separator": separator,
+    }
+    return PromptSet(pd.DataFrame(prefixes), queries, demonstrations, info)
+
+
+def _check(reviews: pd.DataFrame, verbalizers: tuple[str, str], max_review_tokens: int) -> None:
+    """Raise :class:`PromptError` for verbalizers of which one starts with white space and the
+    other not, a review length below one token, or a review that is not text."""
     if verbalizers[0][:1].isspace() != verbalizers[1][:1].isspace():
         raise PromptError(
             f"verbalizers {verbalizers!r}: both or neither must start with white space"
@@ -218,46 +264,45 @@ def tokenize_prompts(
     for text in reviews["text"]:
         if not isinstance(text, str):
             raise PromptError(f"a review is {type(text).__name__}, not text: {text!r}")
-    reviews = reviews.assign(
-        text=[truncate_tokens(t, tokenizer, max_review_tokens) for t in reviews["text"]]
+
+
+def _prefix(demos, candidate: int, tpl: Template, verbalizers, separator: str, tokenizer) -> dict:
+    """One candidate's shared prefix: its demonstrations in order, each labelled and followed by
+    the separator, as text and token ids."""
+    rows = demos.sort_values("position")
+    text = "".join(
+        tpl.example(t, verbalizers[int(lab)]) + separator
+        for t, lab in zip(rows["text"], rows["label"])
     )
-    demos = reviews[reviews["role"] == "candidate"]
-    prefixes = []
-    for c in sorted(demos["candidate"].unique()) or [0]:
-        rows = demos[demos["candidate"] == c].sort_values("position")
-        text = "".join(tpl.example(t, verbalizers[int(lab)]) + separator
-                       for t, lab in zip(rows["text"], rows["label"]))  # fmt: skip
-        prefixes.append({"candidate": int(c), "prefix_text": text,
-                         "prefix_ids": tokenizer(text, add_special_tokens=True)["input_ids"]})  # fmt: skip
-    queries = reviews[reviews["role"] != "candidate"].reset_index(drop=True)
-    texts = [tpl.query(t, verbalizers[0]) for t in queries["text"]]  # never the label's word
-    queries = pd.DataFrame({
-        "role": queries["role"], "prompt_id": queries["position"],
-        "source_row": queries["source_row"], "label": queries["label"], "review": queries["text"],
-        "query": texts,
-        "query_ids": [tokenizer(q, add_special_tokens=False)["input_ids"] for q in texts],
-    })  # fmt: skip
-    longest = max(len(p["prefix_ids"]) for p in prefixes) + max(map(len, queries["query_ids"]))
-    if context_length is not None and longest + 1 > context_length:
-        raise PromptError(
-            f"the longest prompt has {longest} tokens; the model's context is {context_length}: "
-            "lower prompts.k_shot or prompts.max_review_tokens"
-        )
-    demonstrations = pd.DataFrame({
-        "candidate": demos["candidate"].to_numpy(), "position": demos["position"].to_numpy(),
-        "source_row": demos["source_row"].to_numpy(), "label": demos["label"].to_numpy(),
-        "review": demos["text"].to_numpy(),
-    })  # fmt: skip
-    info = {"verbalizers": list(verbalizers), "verbalizer_token_ids": token_ids,
-            "label_names": list(LABEL_NAMES), "template": template, "separator": separator}  # fmt: skip
-    return PromptSet(pd.DataFrame(prefixes), queries, demonstrations, info)
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return {"candidate": candidate, "prefix_text": text, "prefix_ids": ids}
+
+
+def _queries(reviews: pd.DataFrame, tpl: Template, verbalizer: str, tokenizer) -> pd.DataFrame:
+    """The dev and test reviews' queries: the template cut before the label, as text and token
+    ids (``verbalizer`` decides only whether the query ends before a space)."""
+    reviews = reviews.reset_index(drop=True)
+    texts = [tpl.query(t, verbalizer) for t in reviews["text"]]  # never the label's word
+    return pd.DataFrame(
+        {
+            "role": reviews["role"],
+            "prompt_id": reviews["position"],
+            "source_row": reviews["source_row"],
+            "label": reviews["label"],
+            "review": reviews["text"],
+            "query": texts,
+            "query_ids": [tokenizer(q, add_special_tokens=False)["input_ids"] for q in texts],
+        }
+    )
 
 
 def content_free_queries(tokenizer, template: str, verbalizers, inputs) -> list[list[int]]:
     """The token ids of the queries with content-free texts (contextual calibration)."""
     tpl = Template(template)
-    return [tokenizer(tpl.query(t, verbalizers[0]), add_special_tokens=False)["input_ids"]
-            for t in inputs]  # fmt: skip
+    return [
+        tokenizer(tpl.query(t, verbalizers[0]), add_special_tokens=False)["input_ids"]
+        for t in inputs
+    ]
 
 
 def prompt_info(prompt_set: PromptSet, candidate: int, prompts: pd.DataFrame, **extra) -> dict:

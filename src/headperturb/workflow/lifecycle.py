@@ -82,8 +82,8 @@ def follow_owner(interval: float = 0.5) -> int | None:
     """In a step that is a process of its own: end this process as soon as the Snakemake process
     that started it is gone (killed with SIGKILL, its children are orphaned and would write their
     outputs seconds later, unasked). A watcher thread removes the files being written and exits;
-    a file finished in between is not put in place (:func:`headperturb.core.files.only_while`). Returns
-    the owner's pid, or None outside a Snakemake run."""
+    a file finished in between is not put in place (:func:`headperturb.core.files.only_while`).
+    Returns the owner's pid, or None outside a Snakemake run."""
     from headperturb.core import files
 
     owner, _, started = (os.environ.get(OWNER) or "").partition(":")
@@ -145,7 +145,8 @@ def start_of_run() -> None:
 
 
 REEVALUATION = "headperturb-reevaluation"
-"""The name of the one timer thread that wakes Snakemake's job scheduler (:func:`one_reevaluation_timer`)."""
+"""The name of the one timer thread that wakes Snakemake's job scheduler
+(:func:`one_reevaluation_timer`)."""
 
 
 def one_reevaluation_timer(scheduler_class=None) -> bool:
@@ -204,8 +205,9 @@ def check_cluster(workflow) -> None:
     reason = f"{', '.join(missing)} not found" if missing else None
     if reason is None:
         try:
-            result = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True,
-                                    text=True, timeout=30)  # fmt: skip
+            result = subprocess.run(
+                ["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=30
+            )
             if result.returncode != 0:
                 reason = f"sinfo: {(result.stderr or result.stdout).strip().splitlines()[0]}"
         except subprocess.TimeoutExpired:
@@ -226,13 +228,20 @@ def end_of_run() -> int:
     about two seconds of every run on a 2-core machine. Returns how many timers were cancelled."""
     import gc
 
-    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and (
-              t.name == REEVALUATION
-              or getattr(t.function, "__module__", "").startswith("snakemake.scheduling"))]  # fmt: skip
+    timers = [t for t in threading.enumerate() if _scheduler_timer(t)]
     for timer in timers:
         timer.cancel()
     gc.freeze()
     return len(timers)
+
+
+def _scheduler_timer(thread) -> bool:
+    """Whether ``thread`` is a timer of Snakemake's job scheduler (or the one that replaces
+    them, :data:`REEVALUATION`)."""
+    if not isinstance(thread, threading.Timer):
+        return False
+    module = getattr(thread.function, "__module__", "")
+    return thread.name == REEVALUATION or module.startswith("snakemake.scheduling")
 
 
 def stopped(workflow) -> bool:
@@ -252,6 +261,9 @@ def end_of_error(workflow) -> None:
     if stopped(workflow):
         import sys
 
-        print("headperturb: the run was stopped (SIGTERM) after its running jobs finished; no "
-              "job failed. The same command does what is left.", file=sys.stderr)  # fmt: skip
+        print(
+            "headperturb: the run was stopped (SIGTERM) after its running jobs finished; no "
+            "job failed. The same command does what is left.",
+            file=sys.stderr,
+        )
         raise SystemExit(143)
