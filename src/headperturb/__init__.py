@@ -20,7 +20,8 @@ follow the import graph (each imports only from the ones above it; docs/extendin
   unperturbed model (:mod:`~headperturb.model.engine`), the perturbed passes
   (:mod:`~headperturb.model.passes`, :mod:`~headperturb.model.tail`), the screen's gradients
   (:mod:`~headperturb.model.gradients`), recordings (:mod:`~headperturb.model.recordings`), what a
-  process loads once (:mod:`~headperturb.model.cache`) and one head job (:mod:`~headperturb.model.headjob`).
+  process loads once (:mod:`~headperturb.model.cache`), one plan's pass
+  (:mod:`~headperturb.model.run`) and one head job (:mod:`~headperturb.model.headjob`).
 - :mod:`headperturb.workflow`: what each Snakemake rule runs (:mod:`~headperturb.workflow.steps`)
   and the run's lifecycle (:mod:`~headperturb.workflow.lifecycle`: Ctrl-C, SIGTERM, the run's
   owner, the cluster check).

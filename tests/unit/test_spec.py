@@ -176,7 +176,9 @@ def test_review_counts_against_the_prompt_settings(imdb_dir, tmp_path, monkeypat
     checks.check_review_counts(counts, fine)
     with pytest.raises(
         spec.SpecError,
-        match=f"asks for 50050 negative reviews from the train split, which has {counts['train'][0]}",
+        match=(
+            f"asks for 50050 negative reviews from the train split, which has {counts['train'][0]}"
+        ),
     ):
         checks.check_review_counts(counts, {**fine, "k_shot": 100000, "candidates": 1})
     with pytest.raises(
@@ -243,7 +245,10 @@ def test_out_of_range_messages_offer_what_the_config_allows():
     """Layers may count from the end; heads may not (the schema refuses negative heads)."""
     with pytest.raises(
         spec.SpecError,
-        match=r"layer 5 is out of range: the model has 2 layers \(allowed -2\.\.1, negative ones from the end\)",
+        match=(
+            r"layer 5 is out of range: the model has 2 layers "
+            r"\(allowed -2\.\.1, negative ones from the end\)"
+        ),
     ):
         spec.resolve_layers([5], 2)
     with pytest.raises(

@@ -42,7 +42,8 @@ class Abandoned(RuntimeError):
 
 def only_while(check) -> None:
     """Put finished files in place only while ``check()`` is true (a process step: while the
-    Snakemake process that started it lives, :func:`headperturb.workflow.lifecycle.follow_owner`)."""
+    Snakemake process that started it lives,
+    :func:`headperturb.workflow.lifecycle.follow_owner`)."""
     global _still_wanted
     _still_wanted = check
 

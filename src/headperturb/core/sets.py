@@ -148,9 +148,9 @@ def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -
     per order (and seed of the random order), kind, position and site, ``remove`` for each k of
     the grid (``ks``, default 1, 2, 4, ... and every head; ``mib`` adds MIB's sizes,
     :func:`grid`), ``keep`` for 0 (every head removed) and each k of the grid below every head,
-    and ``single`` for the ``singles`` highest-ranked heads of the screen and exact orders, unless the run measures every head of that setting
-    alone already (``measured``: (site, position, kind) triples). Removing none and keeping all
-    is the unperturbed model."""
+    and ``single`` for the ``singles`` highest-ranked heads of the screen and exact orders,
+    unless the run measures every head of that setting alone already (``measured``: (site,
+    position, kind) triples). Removing none and keeping all is the unperturbed model."""
     jobs: set[SetJob] = set()
     for curve in curve_list:
         ks_of_curve = grid(curve["ks"], n_heads_total)

@@ -33,6 +33,7 @@ def perturb_head(input, output, params, wildcards, threads):
     headjob.perturb(job, job_inputs(input), model_spec(input, params, threads), output.result)
 
 
+@step
 def screen(input, output, params, wildcards, threads):
     """Estimate every head of every layer from one forward and one backward pass per prompt
     (:mod:`headperturb.model.gradients`, :mod:`headperturb.analysis.screen`)."""

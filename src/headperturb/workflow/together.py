@@ -120,10 +120,10 @@ def curves(input, output, params, wildcards, threads):
 
 
 def _points(jobs, paths, ranked_of, *, baseline, check: dict, stat_kwargs: dict):
-    """Each set file's row (:func:`headperturb.analysis.curves.point_row`), per-prompt change and,
-    for the ``keep`` curves, its per-prompt rows (MIB's faithfulness intervals), after checking that it holds the heads its ranking names now and the run's prompts and
-    method (``check``); a file that does not is listed in ``check["stale_list"]`` and stops the
-    table."""
+    """Each set file's row (:func:`headperturb.analysis.curves.point_row`), per-prompt change
+    and, for the ``keep`` curves, its per-prompt rows (MIB's faithfulness intervals), after
+    checking that it holds the heads its ranking names now and the run's prompts and method
+    (``check``); a file that does not is listed in ``check["stale_list"]`` and stops the table."""
     from headperturb.analysis import aggregation
     from headperturb.analysis import curves as cv
 
