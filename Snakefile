@@ -17,10 +17,14 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-# the schema beside this Snakefile, also where another workflow uses this one as a module
+# a config that `extends` another is that one with its own keys changed (config/README.md);
+# the schema beside this Snakefile checks the result, also where another workflow uses this one
+# as a module
+RESOLVED = run_config.resolved(dict(config), [".", workflow.basedir])
+config.pop(run_config.EXTENDS, None)
 config.update(
     run_config.validate(
-        config, workflow.source_path("workflow/schemas/config.schema.yaml")
+        RESOLVED, workflow.source_path("workflow/schemas/config.schema.yaml")
     )
 )
 

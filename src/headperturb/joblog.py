@@ -27,8 +27,9 @@ class Interrupted(RuntimeError):
 
 
 INTERRUPTED = threading.Event()
-"""Set by Ctrl-C in a process that called :func:`stop_threads_on_interrupt`: the long loops of
-jobs running in its threads stop at their next progress update (:class:`Progress`)."""
+"""Set by Ctrl-C in a process that called
+:func:`headperturb.workflow.lifecycle.stop_threads_on_interrupt`: the long loops of jobs running
+in its threads stop at their next progress update (:class:`Progress`)."""
 
 
 def _quiet_others() -> None:

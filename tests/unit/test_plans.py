@@ -49,3 +49,19 @@ def test_every_pass_has_a_runner():
     from headperturb.model.run import RUNNERS
 
     assert set(RUNNERS) == set(plans.PASSES)
+
+
+def test_every_kind_edits_affinely():
+    """The exported last layer reads keep = apply(1, 0) and add = apply(0, v) off each kind's
+    edit (model.tail.edits): that is the kind's edit only where apply(z, v) = keep * z + add."""
+    import torch
+
+    from headperturb.core.kinds import PERTURBATIONS
+
+    gen = torch.Generator().manual_seed(0)
+    z, v = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    for kind, cls in PERTURBATIONS.items():
+        keep, add = cls.apply(torch.ones_like(z), torch.zeros_like(v)), cls.apply(0 * z, v)
+        torch.testing.assert_close(cls.apply(z, v), keep * z + add, msg=kind)
+    assert torch.equal(PERTURBATIONS["noise"].apply(z, v), z + v)
+    assert torch.equal(PERTURBATIONS["zero"].apply(z, v), v)

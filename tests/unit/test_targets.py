@@ -231,12 +231,12 @@ def test_a_set_job_reads_its_ranking_and_its_lowest_members_recording():
         raise AssertionError("the ranking is read only where the pass needs it")
 
     last = _set("last", "zero", "screen", mode="remove", k=2)
-    inputs = targets.set_inputs(last, "fast", PATHS, unasked)
+    inputs = targets.set_inputs(last, "fast", PATHS, unasked, n_layers=4)
     assert inputs["ranking"] == last.ranking(PATHS.results)
     assert inputs["state"] == PATHS.final_state and inputs["cache"] == PATHS.cache
-    assert "state" not in targets.set_inputs(last, "naive", PATHS, unasked)
+    assert "state" not in targets.set_inputs(last, "naive", PATHS, unasked, n_layers=4)
     every = _set("all", "patch", "random", seed=1, mode="remove", k=2)
-    inputs = targets.set_inputs(every, "fast", PATHS, lambda: [(3, 0), (1, 1), (0, 0)])
+    inputs = targets.set_inputs(every, "fast", PATHS, lambda: [(3, 0), (1, 1), (0, 0)], n_layers=4)
     assert inputs["activations"] == PATHS.activations(1) and inputs["pairs"] == PATHS.pairs
 
 

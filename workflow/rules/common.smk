@@ -104,7 +104,9 @@ def perturb_files(wildcards):
 
 def set_inputs(wildcards):
     job, method = targets.set_job(wildcards), PERTURBATION["method"]
-    return targets.set_inputs(job, method, PATHS, lambda: ranked(job, wildcards.order))
+    n_layers = model_shape()["n_layers"]
+    rank = lambda: ranked(job, wildcards.order)
+    return targets.set_inputs(job, method, PATHS, rank, n_layers)
 
 
 def ranked(job, order):

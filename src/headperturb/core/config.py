@@ -6,6 +6,9 @@ How configs combine (see the Snakefile):
   config file describes a whole run, and the keys it leaves out take the schema's defaults. Several
   ``--configfile`` files are merged in order, later ones winning key by key.
 - ``--config KEY=VALUE`` overrides single keys of whichever config is in force.
+- A config file with ``extends: <file>`` is that file with only its own keys changed
+  (:func:`resolved`): dicts merge key by key, any other value replaces the base's, and a key
+  written ``<name>+`` adds its items to the base's list ``<name>`` (``sweeps+:``).
 
 Numbers written the way YAML 1.1 reads as text (``1e30`` without a dot) are taken as numbers where
 the schema asks for a number.
@@ -168,3 +171,47 @@ def _rule_text(rule: str, sub: dict) -> str:
     if rule == "uniqueItems":
         return "items must not repeat"
     return "it fits none of the allowed forms"
+
+
+EXTENDS = "extends"
+"""The key of a config that names the config it changes (:func:`resolved`)."""
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes``: dicts merge key by key, a key ``<name>+`` adds its items to the
+    list ``<name>``, any other value replaces the base's."""
+    out = dict(base)
+    for key, value in changes.items():
+        if key.endswith("+"):
+            name = key[:-1]
+            if not isinstance(value, list) or not isinstance(out.get(name, []), list):
+                raise ConfigError(
+                    f"config: {key} adds to a list; {name} must be one and so must it"
+                )
+            out[name] = [*out.get(name, []), *value]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolved(config: dict, folders: list, seen: tuple = ()) -> dict:
+    """``config`` on top of the config its ``extends`` names (a file in one of ``folders``, the
+    working directory first), itself resolved the same way; ``config`` as it is without
+    ``extends``."""
+    import yaml
+
+    if EXTENDS not in config:
+        return config
+    name = str(config[EXTENDS])
+    found = [Path(folder) / name for folder in folders if (Path(folder) / name).is_file()]
+    if not found:
+        where = ", ".join(str(f) for f in folders)
+        raise ConfigError(f"config: extends = {name!r} names no file (looked in {where})")
+    path = found[0].resolve()
+    if path in seen:
+        raise ConfigError(f"config: extends = {name!r} comes back to itself")
+    base = yaml.safe_load(path.read_text()) or {}
+    changes = {key: value for key, value in config.items() if key != EXTENDS}
+    return merged(resolved(base, folders, (*seen, path)), changes)

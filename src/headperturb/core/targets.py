@@ -106,21 +106,22 @@ def ranking_inputs(order: str, paths: RunPaths) -> dict[str, str]:
     return {}
 
 
-def set_inputs(job: SetJob, method: str, paths: RunPaths, ranked: Callable[[], list]) -> dict:
-    """What one set job reads: the prompts, the model, the ranking, and the recordings its pass
-    starts from (the final state and the keys and values at the final position; the residual
-    stream entering the set's lowest layer at every position, from ``ranked()``: every head,
-    best first, once the ranking is known)."""
+def set_inputs(
+    job: SetJob, method: str, paths: RunPaths, ranked: Callable[[], list], n_layers: int
+) -> dict:
+    """What one set job reads: the prompts, the model, the ranking, and the recordings its plan
+    names (:func:`headperturb.core.plans.plan`): at every position the residual stream entering
+    the set's lowest layer, from ``ranked()`` (every head, best first, once the ranking is
+    known)."""
     inputs = _model_inputs(paths)
     inputs |= {"baseline": paths.baseline_metrics, "ranking": job.ranking(paths.results)}
     if paired(job.kind):
         inputs["pairs"] = paths.pairs
-    if method == "naive":
-        return inputs
-    if job.position == "last":
-        return inputs | {"state": paths.final_state, "cache": paths.cache}
-    lowest = min(layer for layer, _ in job.members(ranked()))
-    return inputs | {"activations": paths.activations(lowest)}
+    job_plan = plans.plan(job, method, n_layers)
+    lowest = None
+    if "activations" in job_plan.recordings:
+        lowest = min(layer for layer, _ in job.members(ranked()))
+    return inputs | {name: paths.recording(name, lowest) for name in job_plan.recordings}
 
 
 def pairs_for(kinds: list[str], paths: RunPaths) -> dict[str, str]:

@@ -172,7 +172,7 @@ def _edit(target: Target, loaded: _Loaded, clean_of) -> Edit | EditSet:
     )
 
 
-def _final_state(plan: Plan, inputs: JobInputs, loaded: _Loaded) -> dict:
+def _final_state(inputs: JobInputs, loaded: _Loaded) -> dict:
     expect = recorded("baseline", inputs, loaded.model_info, len(loaded.ids))
     return cache.cached_tensors(inputs.state, None, expect)
 
@@ -197,7 +197,7 @@ def _last_layer(plan: Plan, target: Target, inputs: JobInputs, model: ModelSpec)
     from headperturb.model import passes, tail  # the model's code, which the program avoids
 
     loaded = _load(target, inputs, model)
-    state = _final_state(plan, inputs, loaded)
+    state = _final_state(inputs, loaded)
     edit = _edit(target, loaded, _from_state(state, target.where))
     run_state = tail.rows_of(tail.layer_state(state, plan.layer), loaded.rows.run)
     engine = loaded.engine
@@ -209,7 +209,7 @@ def _final_position(plan: Plan, target: Target, inputs: JobInputs, model: ModelS
     from headperturb.model import passes
 
     loaded = _load(target, inputs, model)
-    state = _final_state(plan, inputs, loaded)
+    state = _final_state(inputs, loaded)
     expect = recorded("capture_cache", inputs, loaded.model_info, len(loaded.ids))
     kv = cache.cached_tensors(inputs.cache, None, expect)
     edit = _edit(target, loaded, _from_state(state, target.where))
