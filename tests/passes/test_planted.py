@@ -74,18 +74,7 @@ def planted(tmp_path_factory, tiny_llama_dir, imdb_sample):
             path = folder / f"{kind}_{head}.parquet"
             files.write_parquet(path, frame)
             paths.append(path)
-    return aggregation.aggregate(
-        {
-            "baseline": folder / "metrics.json",
-            "baseline_per_prompt": folder / "baseline.parquet",
-            "perturbed": paths,
-            "parquet": folder / "table.parquet",
-            "csv": folder / "table.csv",
-        },
-        10.0,
-        5.0,
-        {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
-    )
+    return _aggregate(folder, paths)
 
 
 @pytest.mark.parametrize("kind", ["zero", "noise"])
@@ -212,18 +201,7 @@ def planted_kinds(tmp_path_factory, tiny_tokenizer_dir, imdb_sample):
             )
             paths.append(folder / f"{kind}_{head}.parquet")
             files.write_parquet(paths[-1], frame)
-    table = aggregation.aggregate(
-        {
-            "baseline": folder / "metrics.json",
-            "baseline_per_prompt": folder / "baseline.parquet",
-            "perturbed": paths,
-            "parquet": folder / "table.parquet",
-            "csv": folder / "table.csv",
-        },
-        10.0,
-        5.0,
-        {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
-    )
+    table = _aggregate(folder, paths)
     return table.set_index(["head", "kind"])
 
 
@@ -249,3 +227,19 @@ def test_a_head_that_carries_the_answer_is_discrimination_with_a_large_patch_eff
         row = planted_kinds.loc[(CARRIER, kind)]
         assert row["patch_effect"] > 0.8 and row["ci_low_patch_effect"] > 0.5
         assert row["effect"] in ("discrimination", "both") and row["contribution_accuracy"] > 0.5
+
+
+def _aggregate(folder, paths):
+    """The table of the planted heads' files, as the aggregation rule builds it."""
+    return aggregation.aggregate(
+        {
+            "baseline": folder / "metrics.json",
+            "baseline_per_prompt": folder / "baseline.parquet",
+            "perturbed": paths,
+            "parquet": folder / "table.parquet",
+            "csv": folder / "table.csv",
+        },
+        10.0,
+        5.0,
+        {"bootstrap": 500, "permutations": 2000, "alpha": 0.05},
+    )

@@ -392,3 +392,19 @@ def test_the_model_source_fetched_before_the_weights():
     gguf = {**hub, "gguf_file": "model.Q4.gguf"}
     assert targets.fetched_source(gguf, False, PATHS) == "resources/models/m.source/model.Q4.gguf"
     assert targets.fetched_source(hub, True, PATHS) is None
+
+
+def test_the_screen_says_why_it_runs_when_it_was_not_asked_for():
+    """A curve ordered by the screen runs it although screen.enabled is false: said before any
+    job, not found in the log afterwards."""
+    config = {
+        "screen": {"enabled": False, "kinds": ["mean"], "positions": ["last"]},
+        "perturbation": {"sweeps": [{"heads": "all"}], "curves": [{"kinds": ["mean"]}]},
+    }
+    note = targets.screen_note(config)
+    assert note and "a curve orders heads by it" in note and "screen.enabled is false" in note
+    config["screen"]["enabled"] = True
+    assert targets.screen_note(config) is None
+    config["screen"]["enabled"] = False
+    config["perturbation"]["curves"] = [{"kinds": ["mean"], "orders": ["random"]}]
+    assert targets.screen_note(config) is None  # the screen does not run at all

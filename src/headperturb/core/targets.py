@@ -30,6 +30,26 @@ def screening(config: dict) -> bool:
     return config["screen"]["enabled"] or bool(screened_sweeps(config["perturbation"])) or ranked
 
 
+def screen_note(config: dict) -> str | None:
+    """What to say before any job when the screen runs although ``screen.enabled`` is false
+    (a curve ranks heads by it, or a sweep lets it choose its heads); None otherwise."""
+    if config["screen"]["enabled"] or not screening(config):
+        return None
+    perturbation = config["perturbation"]
+    why = [
+        *(
+            ["a curve orders heads by it"]
+            if any("screen" in c["orders"] for c in curves(perturbation))
+            else []
+        ),
+        *(["a sweep's heads are its choice"] if screened_sweeps(perturbation) else []),
+    ]
+    return (
+        f"screen.enabled is false, but the screen runs: {' and '.join(why)} "
+        f"(screen.kinds {config['screen']['kinds']}, positions {config['screen']['positions']})"
+    )
+
+
 def pairing(config: dict) -> bool:
     """Whether the prompts are paired with an opposite-sentiment partner: a patching kind of a
     sweep, of the screen, of a curve or of the direct effects."""
