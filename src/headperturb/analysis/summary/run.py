@@ -94,13 +94,17 @@ def categories(table: pd.DataFrame, meta: dict, cats: dict) -> list[str]:
     else:
         family = "within each setting: site, positions, kind and scale"
     discrimination = {c: int((table["impact_discrimination"] == c).sum()) for c in counts}
+    findings = finding_counts(table)
     effect = ", ".join(f"{e} {int((table['effect'] == e).sum())}" for e in EFFECTS)
     lines = [
         "## Impact categories",
         "",
         f"{len(table)} perturbations: HIGH {counts['HIGH']} (|relative change of accuracy| > "
-        f"{cats['high']:g}%), MEDIUM {counts['MEDIUM']} ({cats['medium']:g}-{cats['high']:g}%), "
-        f"LOW {counts['LOW']}. Significant after Benjamini-Hochberg (q < {alpha:g}, {family}): "
+        f"{cats['high']:g}%; {findings['HIGH']} of them a finding), MEDIUM {counts['MEDIUM']} "
+        f"({cats['medium']:g}-{cats['high']:g}%; {findings['MEDIUM']} a finding), "
+        f"LOW {counts['LOW']}. A HIGH or MEDIUM row is a finding when its interval stays in its "
+        "category and its effect is not `none`. "
+        f"Significant after Benjamini-Hochberg (q < {alpha:g}, {family}): "
         f"{int(table['significant'].sum())} for accuracy, "
         f"{int((table['q_value_logit_diff'] < alpha).sum())} for the correct-label logit "
         "difference.",
@@ -149,3 +153,11 @@ def top_heads(table: pd.DataFrame, top: int) -> list[str]:
         lines += ["", f"### {setting_label(*combo)} ({len(rows)} heads)", ""]
         lines += head_lines(order.sort_values(["_a", "_l"], ascending=False).head(top))
     return lines
+
+
+def finding_counts(table: pd.DataFrame) -> dict[str, int]:
+    """Per impact category, the rows whose category is a finding: their interval stays in it
+    (``conclusive``) and their effect is not ``none`` (a HIGH change of accuracy whose interval
+    reaches LOW and that neither discriminates nor shifts significantly is not one)."""
+    finding = table["conclusive"].astype(bool) & (table["effect"] != "none")
+    return {c: int((finding & (table["impact"] == c)).sum()) for c in stats.CATEGORIES}
