@@ -33,8 +33,9 @@ FETCHED = targets.fetched_source(MODEL, LOCAL_SHAPE is not None, PATHS)
 # the checks before any job: one message naming the key, the value and what is allowed
 DATA_FILES = checks.finding(checks.check_run, config, LOCAL_SHAPE)
 SCREENED = targets.screened_sweeps(PERTURBATION)
-if targets.screen_note(config):
-    logger.warning(targets.screen_note(config))
+SCREEN_NOTE = targets.screen_note(config)  # the screen runs though screen.enabled is false
+if SCREEN_NOTE:
+    logger.warning(SCREEN_NOTE)
 _memo = {}  # what the DAG asks for many times: the model's shape, the head and set jobs
 
 
