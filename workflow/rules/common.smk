@@ -33,7 +33,8 @@ FETCHED = targets.fetched_source(MODEL, LOCAL_SHAPE is not None, PATHS)
 # the checks before any job: one message naming the key, the value and what is allowed
 DATA_FILES = checks.finding(checks.check_run, config, LOCAL_SHAPE)
 SCREENED = targets.screened_sweeps(PERTURBATION)
-SCREEN_NOTE = targets.screen_note(config)  # the screen runs though screen.enabled is false
+# the screen runs though screen.enabled is false: said before any job
+SCREEN_NOTE = targets.screen_note(config)
 if SCREEN_NOTE:
     logger.warning(SCREEN_NOTE)
 _memo = {}  # what the DAG asks for many times: the model's shape, the head and set jobs
