@@ -41,6 +41,7 @@ include: "workflow/rules/perturb.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/curves.smk"
 include: "workflow/rules/direct.smk"
+include: "workflow/rules/anatomy.smk"
 include: "workflow/rules/plots.smk"
 include: "workflow/rules/report.smk"
 

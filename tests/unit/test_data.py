@@ -91,6 +91,7 @@ def test_empty_and_duplicate_texts_are_dropped(tmp_path, caplog):
             pd.DataFrame({"text": ["a", "b"], "label": ["neg", "pos"]}),
             "column 'label' holds 'neg', 'pos'; labels must be",
         ),
+        (pd.DataFrame({"text": [], "label": []}), "no reviews \\(the columns 'text' and 'label'"),
     ],
 )
 @pytest.mark.parametrize("form", ["parquet", "csv"])

@@ -83,3 +83,10 @@ def tiny_config(model_dir, imdb_dir, name: str = "tiny-llama") -> dict:
     config["model"] = {"name": name, "path": str(model_dir), "dtype": "float32", "device": "cpu"}
     config["data"]["path"] = str(imdb_dir)
     return config
+
+
+def hint(workdir: Path, *args: str) -> str:
+    """A remedy as the product prints it for a run :func:`snakemake` started in ``workdir``: the
+    run's own --snakefile, --directory and --configfile, then ``args``."""
+    own = f"-s {REPO / 'Snakefile'} --directory {workdir} --configfile {workdir / 'config.yaml'}"
+    return " ".join(["snakemake --cores all", own, *args])

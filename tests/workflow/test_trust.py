@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from runs import REPO, launch, planned_jobs, snakemake, tiny_config
+from runs import REPO, hint, launch, planned_jobs, snakemake, tiny_config
 
 from headperturb.core import config as run_config
 from headperturb.core import files
@@ -103,6 +103,10 @@ def test_numbers_written_as_yaml_text_are_numbers():
     checked = run_config.validate(config, SCHEMA)
     assert checked["perturbation"]["scales"] == [1e30, 2.0]
     assert checked["prompts"]["k_shot"] == 4 and checked["scoring"]["calibration"] == "none"
+    # --config 'perturbation={heads: [0, 1]}' gives text; heads is `all`, an integer or a list
+    config["perturbation"].update(heads=["0", "1"], layers=["-1"])
+    checked = run_config.validate(config, SCHEMA)
+    assert checked["perturbation"]["heads"] == [0, 1] and checked["perturbation"]["layers"] == [-1]
 
 
 @pytest.mark.parametrize(
@@ -305,7 +309,7 @@ def test_a_table_cannot_mix_settings(run_copy):
     assert (
         "2 per-head result file(s) were computed with other settings than this run's config" in out
     )
-    assert "snakemake --cores all --forcerun $(cat results/test/stale_results.txt)" in out
+    assert hint(workdir, "--forcerun $(cat results/test/stale_results.txt)") in out
     assert (
         f"{orphans[0]}: seed 0, config 1"
         in (workdir / "results/test/logs/aggregate.log").read_text()
@@ -319,8 +323,19 @@ def test_a_table_cannot_mix_settings(run_copy):
     assert len(table) == 4
 
 
-def test_a_corrupt_result_file_names_itself_and_the_fix(run_copy):
-    """Random bytes in a per-head file with an old timestamp: noticed while the DAG is built."""
+def test_changing_repeats_reruns_only_the_kinds_that_draw(trust_run):
+    """Zero ablation evaluates one draw whatever perturbation.repeats says: its jobs stay."""
+    workdir, config = trust_run
+    changed = copy.deepcopy(config)
+    changed["perturbation"]["repeats"] += 1
+    planned = planned_jobs(workdir, changed)
+    assert planned["perturb_head"] == 2 and planned["aggregate"] == 1, planned  # noise, 2 heads
+
+
+def test_a_corrupt_result_file_names_itself_and_deleting_it_remakes_it(run_copy):
+    """Random bytes in a per-head file with an old timestamp: noticed while the DAG is built, with
+    the command to paste; deleted, as the message also says, the next plain run makes it again
+    and the table after it (Snakemake alone remakes a missing file only for a job that runs)."""
     workdir, config = run_copy
     name = "results/test/perturb/o_proj_input/all/zero/layer1/head0.parquet"
     (workdir / name).write_bytes(np.random.default_rng(0).bytes(3000))
@@ -329,9 +344,13 @@ def test_a_corrupt_result_file_names_itself_and_the_fix(run_copy):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"not readable Parquet files (corrupt or truncated), e.g. {name}" in out
-    assert f"--forcerun {name}" in out
-    snakemake(workdir, config, "--forcerun", name)
+    assert hint(workdir, "--forcerun", name) in out
+    table = workdir / "results/test/contributions.parquet"
+    before = table.stat().st_mtime_ns
+    (workdir / name).unlink()
+    snakemake(workdir, config)
     pd.read_parquet(workdir / name)
+    assert table.stat().st_mtime_ns > before
 
 
 def test_a_failed_job_leaves_its_error_in_its_log(run_copy):
@@ -456,7 +475,7 @@ def test_another_runs_recording_is_refused_naming_the_file_and_the_fix(
     path = f"results/test/{recording}"
     assert result.returncode != 0
     assert f"{path} was recorded for other prompts" in out, out[-3000:]
-    assert f"snakemake --cores all --forcerun {path}" in out
+    assert hint(run, "--forcerun", path) in out
     assert (
         not (run / "results/test/contributions.parquet").stat().st_mtime
         > (run / path).stat().st_mtime
@@ -555,6 +574,39 @@ def test_model_sha256_of_a_local_folder_is_checked_before_loading(
     assert not (tmp_path / "resources/models/tiny-llama").exists()
     config["model"]["sha256"] = files.sha256_file(Path(tiny_llama_dir) / "model.safetensors")
     snakemake(tmp_path, config, "--until", "prepare_model")
+
+
+def test_a_prepared_model_is_the_configured_source_or_the_run_stops(run_copy, tmp_path):
+    """The prepared folder records its source and the source's files; the same model.name with
+    another model.path, or with the weights replaced in place, stops the run before any job,
+    naming what changed and the command that prepares it again, which plans just that."""
+    workdir, config = run_copy
+    source = Path(config["model"]["path"])
+    info = files.read_json(workdir / "resources/models/tiny-llama/headperturb_model.json")
+    weights = source / "model.safetensors"
+    assert info["source"] == str(source)
+    assert info["source_files"]["model.safetensors"]["sha256"] == files.sha256_file(weights)
+    stamp = weights.stat()
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # rewritten in place
+    try:
+        result = snakemake(workdir, config, "-n", check=False)
+    finally:
+        os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"model.path {source} changed since it was prepared (model.safetensors was" in out
+    other = tmp_path / "other-model"
+    shutil.copytree(source, other)
+    config["model"]["path"] = str(other)
+    result = snakemake(workdir, config, "-n", check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "jobid" not in out
+    assert f"it was prepared from {source}, and model.path is now {other}" in out, out[-3000:]
+    fix = hint(workdir, "--forcerun", "prepare_model")
+    assert f"`{fix}`" in out
+    result = launch(*fix.split()[3:], "-n")  # pasted, as a dry run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rule prepare_model:" in result.stdout and "perturb_head" in result.stdout
 
 
 def test_the_slurm_profile_where_slurm_does_not_answer_stops_in_one_line(tmp_path, base_slurm):

@@ -434,3 +434,36 @@ def test_the_workflow_works_as_a_snakemake_module(tmp_path, base_config):
         *(REPO / "workflow").rglob("*.smk"),
     ]:
         assert "sys.path" not in path.read_text(), path
+
+
+def test_the_anatomy_of_every_head_beside_its_effects(tmp_path, finished_run, base_config):
+    """anatomy.enabled adds only its own jobs and the summary; every head gets its attention
+    shares (summing to 1), type scores and writes, the joined table, the map and the cards."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    config = copy.deepcopy(base_config)
+    config["anatomy"] = {"enabled": True, "repeat_sequences": 3, "repeat_length": 8, "cards": 1}
+    assert planned_jobs(workdir, config) == {
+        "attention_shares": 1,
+        "head_types": 1,
+        "head_writes": 1,
+        "anatomy": 1,
+        "plot_attention_map": 1,
+        "plot_head_cards": 1,
+        "summarize": 1,
+        "all": 1,
+    }
+    snakemake(workdir, config)
+    results = workdir / "results" / "test"
+    heads = pd.read_csv(results / "anatomy/heads.csv")
+    assert len(heads) == 2 * 4  # every head of the tiny Llama's two layers
+    shares = heads[[c for c in heads if c.startswith("share_")]].sum(axis=1)
+    assert np.allclose(shares, 1.0, atol=1e-6)
+    assert heads["zero_change_logit_diff"].notna().sum() == 2  # layer 0 heads 0, 1 at last
+    cards = sorted(p.name for p in (results / "plots/head_cards").glob("*.png"))
+    assert cards == ["L0H1.png"]  # the largest zero ablation at the final position
+    summary = (results / "summary.md").read_text()
+    assert "## What kind of head" in summary and f"plots/head_cards/{cards[0]}" in summary
+    assert (results / "plots/attention_map.png").read_bytes()[:4] == b"\x89PNG"

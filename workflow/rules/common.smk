@@ -1,13 +1,24 @@
 # Shared values and short input functions. What they decide lives in headperturb.core (paths,
 # targets, checks, costs: no torch, so building the DAG stays light); here only what the DAG
 # alone knows: the checkpoints, the model's shape, --forcerun.
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from snakemake.logging import logger
 
 from headperturb.analysis import figures
-from headperturb.core import checks, costs, files, plans, sets, spec, targets
+from headperturb.core import (
+    checks,
+    costs,
+    files,
+    hints,
+    origin,
+    plans,
+    sets,
+    spec,
+    targets,
+)
 from headperturb.core.paths import RunPaths
 from headperturb.model import loading
 from headperturb.workflow import steps
@@ -22,6 +33,7 @@ PATHS = RunPaths.of(config["run_name"], MODEL["name"])
 PERTURBATION = config["perturbation"]
 PROMPTS = config["prompts"]
 DIRECT_EFFECTS = config["direct_effects"]
+ANATOMY = config["anatomy"]
 CURVE_LIST = sets.curves(PERTURBATION)
 SOURCE, SITE = MODEL.get("path"), MODEL.get("site")
 MODEL_PARAMS = dict(device=MODEL["device"], dtype=MODEL["dtype"], site=SITE)
@@ -30,6 +42,17 @@ LOCAL_SHAPE = checks.finding(
     loading.read_shape, SOURCE, MODEL.get("gguf_file"), SITE, local=True
 )
 FETCHED = targets.fetched_source(MODEL, LOCAL_SHAPE is not None, PATHS)
+# In the process that plans the run (not in a job's): the remedies it prints repeat the user's
+# own --configfile, --config, --directory; a model prepared under this name from another folder,
+# or from files changed since, is said before any job, with the command that prepares it again.
+if not (workflow.remote_exec or workflow.subprocess_exec):
+    hints.remember(sys.argv)
+    checks.finding(
+        origin.check_prepared,
+        MODEL,
+        PATHS.model_dir,
+        hints.forced(sys.argv, "prepare_model", PATHS.model_dir),
+    )
 # the checks before any job: one message naming the key, the value and what is allowed
 DATA_FILES = checks.finding(checks.check_run, config, LOCAL_SHAPE)
 SCREENED = targets.screened_sweeps(PERTURBATION)
@@ -93,6 +116,13 @@ def job_inputs(wildcards):
     return targets.job_inputs(job, PERTURBATION, model_shape()["n_layers"], PATHS)
 
 
+def head_draws(wildcards):
+    """How many draws a head job evaluates: perturbation.repeats for a kind that draws (noise,
+    resample), 1 for the others."""
+    kind = targets.head_job(wildcards).perturbation(PERTURBATION["noise_mode"])
+    return kind.draws(PERTURBATION["repeats"])
+
+
 def job_priority(wildcards):
     job = targets.head_job(wildcards)
     return targets.priority(job, PERTURBATION, model_shape()["n_layers"])
@@ -133,6 +163,10 @@ def pairs_input(wildcards):
     return targets.pairs_for(config["screen"]["kinds"], PATHS)
 
 
+def anatomy_inputs(wildcards):
+    return targets.anatomy_inputs(config, PATHS)
+
+
 def plot_input(wildcards):
     return targets.plot_input(wildcards.plot, PATHS)
 
@@ -142,5 +176,11 @@ def summary_inputs(wildcards):
 
 
 def final_targets():
-    """The run's final files, its figures chosen from the config alone."""
-    return targets.final_targets(config, PATHS, figures.chosen(config))
+    """The run's final files, its figures chosen from the config alone; and every head job's
+    file, so that one deleted from a finished run is made again by the next run, and what read
+    it after (Snakemake remakes a missing file for a target, or for a job that runs, not for a
+    job whose outputs are up to date)."""
+    return [
+        *targets.final_targets(config, PATHS, figures.chosen(config)),
+        perturb_files,
+    ]

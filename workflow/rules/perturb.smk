@@ -23,7 +23,9 @@ rule perturb_head:
         **MODEL_PARAMS,
         noise_mode=PERTURBATION["noise_mode"],
         method=PERTURBATION["method"],
-        repeats=PERTURBATION["repeats"],
+        # a kind that draws draws perturbation.repeats times, the others once: changing repeats
+        # reruns only the jobs that draw
+        repeats=head_draws,
         seed=PERTURBATION["seed"],
     run:
         steps.perturb_head(input, output, params, wildcards, threads, log)

@@ -30,6 +30,7 @@ rule summarize:
                 "categories",
                 "statistics",
                 "direct_effects",
+                "anatomy",
             )
         },
     run:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from headperturb.analysis import effects, stats
 from headperturb.analysis.scoring import METRICS, interval_columns, metrics
-from headperturb.core import files
+from headperturb.core import files, hints
 from headperturb.core.kinds import PERTURBATIONS
 from headperturb.core.spec import HeadJob, Job
 
@@ -80,7 +80,7 @@ def check_results(
         raise StaleResultsError(
             f"{len(stale)} per-head result file(s) were computed with other settings than this "
             f"run's config, so the table would mix settings; they are listed in {stale_list}; "
-            f"redo them with: snakemake --cores all --forcerun $(cat {stale_list})\n  "
+            f"redo them with: {hints.command('--forcerun', f'$(cat {stale_list})')}\n  "
             + "\n  ".join(stale)
         )
 

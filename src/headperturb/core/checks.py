@@ -12,7 +12,7 @@ import re
 from itertools import product
 from pathlib import Path
 
-from headperturb.core import files
+from headperturb.core import files, hints
 from headperturb.core.sets import curves, set_jobs
 from headperturb.core.spec import SpecError, head_jobs, screened, sweeps
 
@@ -108,6 +108,7 @@ def check_run(config: dict, shape: dict | None) -> list[str]:
     if cats["medium"] > cats["high"]:
         raise SpecError(f"categories: medium ({cats['medium']}) must be <= high ({cats['high']})")
     check_template(config["prompts"]["template"])
+    check_model_path(config["model"])
     check_model_sha256(config["model"], local=shape is not None)
     found = data_files(config["data"]["path"])
     check_review_counts(review_counts(config["data"]["path"], found), config["prompts"])
@@ -161,8 +162,8 @@ def check_results_readable(paths: list[str], forceall: bool = False, forcerun=()
     if broken:
         raise SpecError(
             f"{len(broken)} per-head result file(s) are not readable Parquet files (corrupt or "
-            f"truncated), e.g. {broken[0]}: delete them, or run `snakemake --cores all "
-            f"--forcerun {' '.join(broken[:5])}`, and their jobs run again"
+            f"truncated), e.g. {broken[0]}: delete them, or run "
+            f"`{hints.command('--forcerun', *broken[:5])}`, and their jobs run again"
         )
 
 
@@ -201,6 +202,25 @@ def finding(check, *args, local: bool = False):
         return check(*args)
     except (SpecError, ModelError) as error:
         raise error.with_traceback(None) from None
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+"""What a Hugging Face hub id looks like: ``owner/name``."""
+
+
+def check_model_path(model: dict) -> None:
+    """``model.path`` names a local folder or file, or looks like a hub id (``owner/name``, tried
+    on the hub once the run starts); anything else is a local path that is not there."""
+    path = model.get("path")
+    if path is None or Path(path).exists():
+        return
+    text = str(path)
+    if HUB_ID.fullmatch(text) and not text.endswith(".gguf"):
+        return
+    raise SpecError(
+        f"model.path {text!r} is neither a folder nor a file here, nor a hub id (owner/name): "
+        "give a folder from save_pretrained, a .gguf file, or a Hugging Face hub id"
+    )
 
 
 def check_model_sha256(model: dict, local: bool) -> None:

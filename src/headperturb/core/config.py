@@ -53,15 +53,28 @@ def coerce_numbers(value: Any, schema: dict, root: dict | None = None) -> Any:
     root = schema if root is None else root
     schema = _deref(schema, root)
     if isinstance(value, dict):
-        props = schema.get("properties", {})
+        props = _option(schema, "object", "properties", root).get("properties", {})
         return {k: coerce_numbers(v, props.get(k, {}), root) for k, v in value.items()}
     if isinstance(value, list):
-        items = schema.get("items", {})
+        items = _option(schema, "array", "items", root).get("items", {})
         return [coerce_numbers(v, items, root) for v in value]
     if isinstance(value, str) and _NUMBER.match(value.strip()) and _wants_number(schema):
         number = float(value)
         return int(number) if "integer" in _types(schema) and number.is_integer() else number
     return value
+
+
+def _option(schema: dict, kind: str, key: str, root: dict) -> dict:
+    """The part of ``schema`` that describes a value of JSON type ``kind`` (``array``,
+    ``object``): ``schema`` itself, or its first ``oneOf``/``anyOf`` option of that type
+    (``heads``: ``all``, an integer or a list of integers)."""
+    if key in schema:
+        return schema
+    for option in schema.get("oneOf", []) + schema.get("anyOf", []):
+        option = _deref(option, root)
+        if key in option or kind in _types(option):
+            return option
+    return schema
 
 
 def _types(schema: dict) -> set[str]:

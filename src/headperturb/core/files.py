@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from headperturb.core import hints
+
 METADATA_KEY = b"headperturb"
 
 
@@ -159,7 +161,7 @@ def unreadable(path: str | os.PathLike, exc: BaseException) -> UnreadableError:
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return UnreadableError(
         f"{path} cannot be read ({cause}): it is corrupt or incomplete. Delete it, or run "
-        f"`snakemake --cores all --forcerun {path}`, and the step that writes it runs again"
+        f"`{hints.command('--forcerun', str(path))}`, and the step that writes it runs again"
     )
 
 

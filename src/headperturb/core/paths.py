@@ -211,6 +211,10 @@ class RunPaths:
     def direct_csv(self) -> str:
         return f"{self.results}/direct_effects.csv"
 
+    def anatomy(self, name: str) -> str:
+        """A file of what kind of head each one is: ``anatomy("heads.csv")``."""
+        return f"{self.results}/anatomy/{name}"
+
     # -- the table, the figures, the summary ---------------------------------------------------
     @property
     def table(self) -> str:

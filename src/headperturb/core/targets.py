@@ -240,6 +240,8 @@ def summary_inputs(config: dict, paths: RunPaths) -> dict[str, str]:
         found |= {"curve_points": paths.curve_points, "curve_summary": paths.curve_summary}
     if config["direct_effects"]["enabled"]:
         found["direct"] = paths.direct
+    if config["anatomy"]["enabled"]:
+        found |= {f"anatomy_{n.split('.')[0]}": paths.anatomy(n) for n in ANATOMY_FILES}
     if not screening(config):
         return found
     return found | {
@@ -249,9 +251,40 @@ def summary_inputs(config: dict, paths: RunPaths) -> dict[str, str]:
     }
 
 
+def anatomy_inputs(config: dict, paths: RunPaths) -> dict[str, str]:
+    """What the anatomy table joins besides the heads' shares, types and writes: the run's
+    table, and the direct effects and the screen where the run has them."""
+    found = {"table": paths.table}
+    if config["direct_effects"]["enabled"]:
+        found["direct"] = paths.direct
+    if screening(config):
+        found["screen"] = paths.screen_heads
+    return found
+
+
+ANATOMY_FILES = (
+    "heads.parquet",
+    "shares.parquet",
+    "types.parquet",
+    "writes.parquet",
+    "correlations.csv",
+)
+"""What the summary's head cards read (``anatomy/<name>``)."""
+
+
+def anatomy_targets(paths: RunPaths) -> list[str]:
+    """The anatomy's final files: the joined table, the correlations, the attention map and the
+    head cards."""
+    cards = paths.plot("head_cards").removesuffix(".png")
+    tables = [paths.anatomy("heads.csv"), paths.anatomy("correlations.csv")]
+    return [*tables, paths.plot("attention_map"), cards]
+
+
 def final_targets(config: dict, paths: RunPaths, plots: list[str]) -> list[str]:
     """The run's final files: the table, the summary, the figures ``plots``, and the screen's
-    agreement, the curves' summary and the direct effects where the config asks for them."""
+    agreement, the curves' summary, the direct effects and the anatomy table where the config
+    asks for them."""
+    anatomy = config["anatomy"]["enabled"]
     return [
         paths.table,
         paths.summary,
@@ -260,6 +293,7 @@ def final_targets(config: dict, paths: RunPaths, plots: list[str]) -> list[str]:
         *([paths.agreement] if screening(config) else []),
         *([paths.curve_summary] if curves(config["perturbation"]) else []),
         *([paths.direct] if config["direct_effects"]["enabled"] else []),
+        *(anatomy_targets(paths) if anatomy else []),
     ]
 
 

@@ -159,6 +159,11 @@ def validate_frame(frame: pd.DataFrame, where: str) -> pd.DataFrame:
             f"{', '.join(repr(str(c)) for c in frame.columns) or 'none'}); the data needs a column "
             "'text' (the review) and a column 'label' (0 = negative, 1 = positive)"
         )
+    if frame.empty:
+        raise DataError(
+            f"{where}: no reviews (the columns 'text' and 'label' are there, no rows); give a "
+            "split with reviews of both labels"
+        )
     labels = {x.item() if hasattr(x, "item") else x for x in pd.unique(frame["label"])}
     if not labels <= {0, 1} or len(labels) != 2:
         shown = sorted(labels, key=str)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from headperturb.core import hints
 from headperturb.model.sites import HeadSite, final_norm_name, post_attention_norm
 
 
@@ -149,7 +150,7 @@ def gradients(
             "the baseline's final state has no resid_final (the residual stream entering the final "
             "norm), which direct effects need: it was recorded by an older headperturb or the "
             "model has no final norm headperturb knows; rerun the baseline "
-            "(snakemake --cores all --forcerun baseline)"
+            f"({hints.command('--forcerun', 'baseline')})"
         )
     u = readout(model, token_ids, state["resid_final"].float())
     out = {}

@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from headperturb.core import files
+from headperturb.core import files, hints, origin
 from headperturb.model.sources import (
     WEIGHT_FILES,
     ModelError,
@@ -62,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "headperturb_model.json"
+INFO_FILE = origin.INFO_FILE
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -94,7 +94,26 @@ def load_source(path: str, gguf_file: str | None = None, dtype: str = "float32")
             f"{str(exc).splitlines()[0]}. Give a hub id (with network or a filled HF cache), a "
             "local folder from save_pretrained, or a .gguf file"
         ) from None
+    except Exception as exc:
+        if not _unreadable_weights(exc):
+            raise
+        found = weight_files(path) if Path(path).is_dir() else []
+        raise ModelError(
+            f"the weights of model {path!r} cannot be read ({_cause(exc)}): "
+            f"{', '.join(str(f) for f in found) or 'its weights file'} is truncated or corrupt; "
+            "copy or download the model again"
+        ) from None
     return model, tokenizer
+
+
+def _unreadable_weights(exc: BaseException) -> bool:
+    """Whether ``exc`` is safetensors' error for a file it cannot read (truncated, corrupt)."""
+    return type(exc).__name__ == "SafetensorError"
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _without_quantization(model, dtype: str):
@@ -119,20 +138,26 @@ def prepare_model(
     dtype: str = "float32",
     sha256: str | None = None,
     site_override: dict | None = None,
+    pypi_wheel: dict | None = None,
 ) -> dict:
     """Load a source once and save it as safetensors + tokenizer + ``headperturb_model.json``.
 
-    ``sha256``, when given, is checked before loading (:func:`verify_source`). The folder
-    appears only when complete.
+    ``sha256``, when given, is checked before loading (:func:`verify_source`). The summary
+    records where the model came from: the source's path, ``pypi_wheel`` (the wheel's
+    requirement and member) and a local source's files with their sizes, times and sha256
+    (:func:`headperturb.core.origin.source_files`), which the next run compares with its
+    config. The folder appears only when complete.
     """
     from headperturb.model.sites import locate_sites
 
+    files_before = origin.source_files(path, hashes=True)  # as it is before loading
     weights_sha = verify_source(path, gguf_file, sha256)
     model, tokenizer = load_source(path, gguf_file, dtype)
     model = _without_quantization(model, dtype)
     sites = locate_sites(model, site_override)
     info = model_summary(model, sites)
     info.update({"source": str(path), "gguf_file": gguf_file, "dtype": dtype})
+    info.update({"source_files": files_before, "pypi_wheel": pypi_wheel})
     info.update(speed(model, len(sites)))
     if tokenizer.pad_token_id is None:  # padding is never used for scoring; some savers want one
         tokenizer.pad_token = tokenizer.eos_token
@@ -272,7 +297,15 @@ def _assign_weights(folder: Path, dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {}
     for f in shards:
-        state.update({k: v.to(dtype) for k, v in load_file(f).items()})
+        try:
+            state.update({k: v.to(dtype) for k, v in load_file(f).items()})
+        except Exception as exc:
+            if not _unreadable_weights(exc):
+                raise
+            raise ModelError(
+                f"{f} cannot be read ({_cause(exc)}): the prepared model is truncated or "
+                f"corrupt; prepare it again with `{hints.command('--forcerun', 'prepare_model')}`"
+            ) from None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     loaded = {t.data_ptr() for t in state.values()}

@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from headperturb import __version__
-from headperturb.core import files
+from headperturb.core import files, hints
 
 KEY = "headperturb"
 """The one metadata key of a recording: its provenance and checksums, as JSON."""
@@ -118,7 +118,7 @@ def check_recording(path, meta: dict, expect: dict) -> None:
     if diffs:
         raise RecordingError(
             f"{path} {'; '.join(diffs[:3])}: it belongs to another run or is stale. Remake it "
-            f"with `snakemake --cores all --forcerun {path}`"
+            f"with `{hints.command('--forcerun', str(path))}`"
         )
 
 

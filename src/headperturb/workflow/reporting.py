@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from headperturb.core import files
+from headperturb.core import files, hints
 from headperturb.workflow.rulestep import step
 
 log = logging.getLogger("headperturb")
@@ -23,7 +23,7 @@ def aggregate(input, output, params, wildcards, threads):
     if baseline.get("settings", {}).get("prompts_sha256") != prompts_sha256:
         raise aggregation.StaleResultsError(
             f"{input.baseline_per_prompt} was computed for other prompts than {input.info} holds "
-            f"now: redo it with `snakemake --cores all --forcerun {input.baseline_per_prompt}`"
+            f"now: redo it with `{hints.command('--forcerun', input.baseline_per_prompt)}`"
         )
     check = {
         "jobs": params.jobs,
@@ -64,7 +64,9 @@ def summarize(input, output, params, wildcards, threads):
     pairs = files.read_parquet(input.pairs) if getattr(input, "pairs", None) else None
     curves = _curves(input)
     repair = files.read_parquet(input.direct) if getattr(input, "direct", None) else None
-    extras = summary.Extras(screened=screened, pairs=pairs, curves=curves, repair=repair)
+    extras = summary.Extras(
+        screened=screened, pairs=pairs, curves=curves, repair=repair, anatomy=_anatomy(input)
+    )
     text = summary.summary_markdown(
         table,
         meta,
@@ -83,6 +85,18 @@ def _screened(input) -> dict | None:
     screened = {k: files.read_csv(getattr(input, k)) for k in ("agreement", "disagreements")}
     screened["heads"] = files.read_parquet(input.screen)
     return screened
+
+
+def _anatomy(input) -> dict | None:
+    """The anatomy tables (:data:`headperturb.core.targets.ANATOMY_FILES`), where the run has
+    them."""
+    if not getattr(input, "anatomy_heads", None):
+        return None
+    found = {}
+    for name in ("heads", "shares", "types", "writes", "correlations"):
+        path = getattr(input, f"anatomy_{name}")
+        found[name] = files.read_csv(path) if path.endswith(".csv") else files.read_parquet(path)
+    return found
 
 
 def _curves(input) -> dict | None:

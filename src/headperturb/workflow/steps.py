@@ -11,7 +11,8 @@ one line on the terminal and its traceback in the log (:mod:`headperturb.joblog`
 The steps live by stage: :mod:`~headperturb.workflow.preparing` (the model, the prompts),
 :mod:`~headperturb.workflow.recording` (the baseline and the recordings),
 :mod:`~headperturb.workflow.measuring` (the head jobs, the screen),
-:mod:`~headperturb.workflow.together` (the curves, the direct effects) and
+:mod:`~headperturb.workflow.together` (the curves, the direct effects),
+:mod:`~headperturb.workflow.anatomy` (what kind of head each one is) and
 :mod:`~headperturb.workflow.reporting` (the table, the figures, the summary), around
 :mod:`~headperturb.workflow.rulestep` (the job a step runs as). This module gathers them under
 the names the rules call.
@@ -24,6 +25,14 @@ module is cheap.
 
 from __future__ import annotations
 
+from headperturb.workflow.anatomy import (
+    anatomy_table,
+    attention_shares,
+    head_types,
+    head_writes,
+    plot_attention_map,
+    plot_head_cards,
+)
 from headperturb.workflow.measuring import perturb_head, screen, screen_agreement
 from headperturb.workflow.preparing import (
     build_prompts,
@@ -39,6 +48,8 @@ from headperturb.workflow.together import curves, direct_effects, perturb_set, r
 
 __all__ = [
     "aggregate",
+    "anatomy_table",
+    "attention_shares",
     "baseline",
     "build_prompts",
     "capture_cache",
@@ -46,10 +57,14 @@ __all__ = [
     "curves",
     "direct_effects",
     "fetch_model",
+    "head_types",
+    "head_writes",
     "pair_prompts",
     "perturb_head",
     "perturb_set",
     "plot",
+    "plot_attention_map",
+    "plot_head_cards",
     "prepare_model",
     "rank_heads",
     "screen",

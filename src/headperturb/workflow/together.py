@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from headperturb.core import files
+from headperturb.core import files, hints
 from headperturb.model.rows import partners_of, read_pairs
 from headperturb.workflow.rulestep import job_inputs, model_spec, prompt_files, step
 
@@ -143,7 +143,7 @@ def _points(jobs, paths, ranked_of, *, baseline, check: dict, stat_kwargs: dict)
         raise aggregation.StaleResultsError(
             f"{len(stale)} set file(s) hold other heads or settings than their ranking and this "
             f"run's config ask for (e.g. {stale[0]}); they are listed in {stale_list}; redo "
-            f"them with: snakemake --cores all --forcerun $(cat {stale_list})"
+            f"them with: {hints.command('--forcerun', f'$(cat {stale_list})')}"
         )
     return rows, changes, kept
 

@@ -4,7 +4,8 @@ One function per section, in the module of its concern: :mod:`~headperturb.analy
 (the setup, the baseline, the categories and the strongest heads),
 :mod:`~headperturb.analysis.summary.findings` (discrimination, patching and bias),
 :mod:`~headperturb.analysis.summary.screen`, :mod:`~headperturb.analysis.summary.segments` and
-:mod:`~headperturb.analysis.summary.together` (curves, self-repair); :func:`summary_markdown`
+:mod:`~headperturb.analysis.summary.together` (curves, self-repair),
+:mod:`~headperturb.analysis.summary.anatomy` (head types, head cards); :func:`summary_markdown`
 puts them together.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from headperturb.analysis.summary.anatomy import anatomy
 from headperturb.analysis.summary.common import head_lines, kind_label
 from headperturb.analysis.summary.findings import findings
 from headperturb.analysis.summary.run import baseline, categories, setup, top_heads
@@ -31,12 +33,14 @@ class Extras:
     ``agreement``, ``disagreements``): the screen's section; ``pairs``, the prompts' partners:
     how many prompts patching could use; ``curves``, the joint-ablation curves (``points``, the
     ``band`` of the random orders, ``n_total`` heads): their section; ``repair``, the direct
-    effects: the self-repair section."""
+    effects: the self-repair section; ``anatomy``, the anatomy tables (``heads``, ``shares``,
+    ``types``, ``writes``, ``correlations``): what kind of head each one is, and the head cards."""
 
     screened: dict | None = None
     pairs: pd.DataFrame | None = None
     curves: dict | None = None
     repair: pd.DataFrame | None = None
+    anatomy: dict | None = None
 
 
 def summary_markdown(
@@ -64,6 +68,7 @@ def summary_markdown(
         segments(table, meta.get("alpha", 0.05), top + 5),
         _curves(extras.curves),
         repair(extras.repair, top + 3) if extras.repair is not None else [],
+        anatomy(extras.anatomy, settings) if extras.anatomy else [],
         [
             "Contribution = baseline - perturbed. Intervals: 95% paired bootstrap over prompts and "
             "draws. A category whose interval spans several categories, or zero, is not a finding."

@@ -1,0 +1,163 @@
+"""What kind of head each one is (headperturb.model.attention, headperturb.model.writes): the
+attention weights read are the model's own, computed again here from the queries and keys it
+hands its attention (in every supported family); the type scores find a planted induction head;
+what a head writes equals a naive logit lens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from headperturb.model import attention, writes
+from headperturb.model.sites import locate_sites
+
+
+def _reference_rows(model, ids) -> torch.Tensor:
+    """(n_layers, n_heads, n_tokens): every head's weights from the last position, computed
+    from the queries, keys, mask, scaling and soft-capping the model passes its attention
+    function (softmax of q.k x scaling, capped, masked), by a function registered here."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    rows = []
+
+    def reference(module, query, key, value, attention_mask, scaling=None, softcap=None, **kw):
+        key = repeat_kv(key, query.shape[1] // key.shape[1]).double()
+        value = repeat_kv(value, query.shape[1] // value.shape[1])
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        scores = query.double() @ key.transpose(-1, -2) * scaling
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            mask = attention_mask[..., : key.shape[-2]]
+            scores = (
+                scores.masked_fill(~mask, -torch.inf)
+                if mask.dtype == torch.bool
+                else (scores + mask.double())
+            )
+        weights = torch.softmax(scores, -1)
+        rows.append(weights[0, :, -1])
+        out = (weights.to(value.dtype) @ value).transpose(1, 2).contiguous()
+        return out, None
+
+    AttentionInterface.register("headperturb_reference", reference)
+    AttentionMaskInterface.register("headperturb_reference", eager_mask)  # additive, 0: attend
+    before = model.config._attn_implementation
+    model.set_attn_implementation("headperturb_reference")
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.as_tensor(np.asarray(ids))[None])
+    finally:
+        model.set_attn_implementation(before)
+    return torch.stack(rows)
+
+
+def test_attention_weights_are_the_models_own_and_shares_sum_to_one(family_setup):
+    model, engine, ids, _pids, _recorded, _before = family_setup
+    before = model.config._attn_implementation
+    found = list(attention.final_rows(model, ids, engine.prefix_len))
+    assert model.config._attn_implementation == before  # switched back after reading
+    for x, rows in zip(ids, found):
+        reference = _reference_rows(model, x)
+        assert rows.shape == reference.shape == (len(locate_sites(model)), 4, len(x))
+        assert torch.allclose(rows, reference, atol=1e-5)
+        shares = attention.part_shares(rows, np.arange(len(x)) % 3, 3)
+        assert np.allclose(shares.sum(-1), 1.0, atol=1e-6)
+
+
+def test_what_a_head_writes_equals_a_naive_logit_lens(family_setup):
+    """The head's output through its own columns of the output projection (called on its slice
+    alone), the final norm with the prompt's scale and the output embedding, by modules."""
+    model, engine, _ids, _pids, recorded, _before = family_setup
+    sites, state = locate_sites(model), recorded.final_state
+    if model.config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        pytest.skip("the naive lens here is written for one RMSNorm before the unembedding")
+    labels = np.arange(state["resid_final"].shape[0]) % 2
+    rows = writes.read_writes(model, sites, state, labels, engine.token_ids, top=5)
+    site, head = sites[-1], 1
+    z = state[f"z.{site.layer}"].float()
+    keep = torch.zeros_like(z)
+    columns = slice(head * site.head_dim, (head + 1) * site.head_dim)
+    keep[:, columns] = z[:, columns]
+    o_proj = model.get_submodule(site.module_name)
+    o = o_proj(keep) - o_proj(torch.zeros_like(keep))
+    resid = state["resid_final"].float()
+    norm = model.get_submodule("model.norm")
+    scale = resid.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).rsqrt()
+    weight = norm.weight + 1 if model.config.model_type.startswith("gemma") else norm.weight
+    logits = model.lm_head(weight * o * scale).double()
+    mean_logits = logits.mean(0)
+    row = next(r for r in rows if (r["layer"], r["head"], r["write"]) == (site.layer, 1, "mean"))
+    assert row["promoted"] == torch.argsort(mean_logits, descending=True)[:5].tolist()
+    negative, positive = engine.token_ids
+    assert row["label_gap"] == pytest.approx(float(mean_logits[positive] - mean_logits[negative]))
+
+
+def _planted_induction(vocab: int = 200, length: int = 24):
+    """A 2-layer GPT-2 whose layer 0 head 0 attends to the previous position and writes that
+    token into a subspace of its own, and whose layer 1 head 0 attends where that subspace holds
+    the current token: an induction head built by hand (every other weight zero, the norms'
+    weights one; one-hot tokens, positions and previous tokens in subspaces of their own)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_pos, d, head_dim = 2 * length + 1, 512, 256
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=d,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    tok, pos, prev = 0, vocab, vocab + 64  # the subspaces: token, position, previous token
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for block in model.transformer.h:
+            block.ln_1.weight.fill_(1.0)
+            block.ln_2.weight.fill_(1.0)
+        model.transformer.ln_f.weight.fill_(1.0)
+        model.transformer.wte.weight[:, tok:vocab] = torch.eye(vocab)
+        model.transformer.wpe.weight[:, pos : pos + 64] = torch.eye(64)
+        q0 = model.transformer.h[0].attn.c_attn.weight  # (d, 3d): q, k, v columns
+        c0 = model.transformer.h[0].attn.c_proj.weight  # (d, d)
+        for i in range(n_pos):
+            q0[pos + i, i] = 4.0  # position i asks for ...
+            if i + 1 < head_dim:
+                q0[pos + i, d + i + 1] = 4.0  # ... the key of position i - 1
+        for t in range(vocab):
+            q0[tok + t, 2 * d + t] = 1.0  # value: the token
+            c0[t, prev + t] = 1.0  # written to the previous-token subspace
+        q1 = model.transformer.h[1].attn.c_attn.weight
+        for t in range(vocab):
+            q1[tok + t, t] = 4.0  # query: the current token
+            q1[prev + t, d + t] = 4.0  # key: the previous token there
+    return model
+
+
+def test_a_planted_induction_head_scores_high_and_random_heads_near_chance(llama_setup):
+    length = 24
+    model = _planted_induction(length=length)
+    sequences = attention.repeated_tokens(list(range(1, 200)), [0], length, 8, seed=0)
+    scores = np.stack(
+        [attention.pattern_scores(attention.patterns(model, s), 1, length) for s in sequences]
+    ).mean(0)
+    induction = attention.TYPE_SCORES.index("induction")
+    previous = attention.TYPE_SCORES.index("previous_token")
+    assert scores[1, 0, induction] >= 0.9  # 0.96: repeats within a sequence share the rest
+    assert scores[0, 0, previous] >= 0.9
+    assert scores[1, 1, induction] < 0.3  # the zero head attends evenly
+    random_model = llama_setup[0]
+    n_vocab = random_model.get_output_embeddings().weight.shape[0]
+    sequences = attention.repeated_tokens(list(range(n_vocab)), [], length, 4, seed=0)
+    found = np.stack(
+        [
+            attention.pattern_scores(attention.patterns(random_model, s), 0, length)
+            for s in sequences
+        ]
+    ).mean(0)
+    assert found[..., induction].max() < 0.3  # chance: about one over the positions attended
