@@ -161,3 +161,67 @@ def test_a_planted_induction_head_scores_high_and_random_heads_near_chance(llama
         ]
     ).mean(0)
     assert found[..., induction].max() < 0.3  # chance: about one over the positions attended
+
+
+def test_the_function_vector_score_equals_a_naive_hook(family_setup):
+    """A head's mean clean final-position output patched into prompts with shuffled
+    demonstration labels: the fast score (final token alone above the head) against full forward
+    passes with a plain forward pre-hook on the output projection."""
+    from headperturb.analysis.stats import correct_logit_diff
+    from headperturb.data.parts import LABEL_WORDS, TEMPLATE
+    from headperturb.model import function_vectors as fv
+    from headperturb.model.hooks import site_slice
+
+    model, engine, ids, _pids, recorded, _before = family_setup
+    sites = locate_sites(model)
+    first = np.asarray(ids[0])
+    is_label = np.isin(first, engine.token_ids) & (np.arange(len(first)) < engine.prefix_len)
+    parts = np.where(is_label, LABEL_WORDS, TEMPLATE)
+    corrupted = fv.shuffled_labels(ids, parts, engine.prefix_len, seed=0)
+    assert not np.array_equal(corrupted[0][0], first) and corrupted[1] == engine.prefix_len
+    labels = np.arange(len(ids)) % 2
+    fast = fv.scores(engine, sites, recorded.final_state, corrupted, labels)
+    negative, positive = engine.token_ids
+
+    def ld(x, site=None, cols=None, value=None):
+        handle = None
+        if site is not None:
+
+            def set_last(_module, args):
+                z = args[0].clone()
+                z[0, -1, cols] = value
+                return (z, *args[1:])
+
+            module = model.get_submodule(site.module_name)
+            handle = module.register_forward_pre_hook(set_last)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=torch.as_tensor(x)[None]).logits[0, -1].double()
+        finally:
+            if handle is not None:
+                handle.remove()
+        return float(logits[positive] - logits[negative])
+
+    for site, head in [(sites[0], 1), (sites[-1], 2)]:
+        cols = site_slice(model, site, head, "o_proj_input")
+        z = recorded.final_state[f"z.{site.layer}"][:, cols].mean(0)
+        for i, x in enumerate(corrupted[0]):
+            gain = ld(x, site, cols, z) - ld(x)
+            naive = correct_logit_diff(labels[i : i + 1], np.array([gain]))[0]
+            j = [s.layer for s in sites].index(site.layer)
+            assert fast[i, j, head] == pytest.approx(naive, abs=1e-4)
+
+
+def test_shuffled_labels_move_whole_label_words():
+    from headperturb.data.parts import LABEL_WORDS, TEMPLATE
+    from headperturb.model import function_vectors as fv
+
+    # prefix: 1 [7 8] 2 [9] 3 | query 5 6 ; label words [7 8] and [9]
+    parts = np.array([TEMPLATE, LABEL_WORDS, LABEL_WORDS, TEMPLATE, LABEL_WORDS, TEMPLATE, 0, 0])
+    ids = [np.array([1, 7, 8, 2, 9, 3, 5, 6]), np.array([1, 7, 8, 2, 9, 3, 4])]
+    corrupted, prefix_len = fv.shuffled_labels(ids, parts, 6, seed=0)
+    assert prefix_len == 6
+    assert corrupted[0].tolist() == [1, 9, 2, 7, 8, 3, 5, 6]
+    assert corrupted[1].tolist() == [1, 9, 2, 7, 8, 3, 4]
+    with pytest.raises(fv.FunctionVectorError, match="one label"):
+        fv.shuffled_labels(ids, np.where(parts == LABEL_WORDS, TEMPLATE, parts), 6, seed=0)

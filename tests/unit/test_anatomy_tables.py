@@ -83,3 +83,33 @@ def test_types_correlations_and_card_heads():
     rho = table.set_index(["score", "effect"]).loc[("induction", "patch_effect"), "spearman"]
     assert rho == pytest.approx(1.0)
     assert anatomy.card_heads(heads, per_list=1) == [(1, 1), (0, 0), (1, 0)]
+
+
+def test_orders_by_kind_of_head_and_their_exclusion_controls():
+    from headperturb.analysis.curves import Setting, ranking
+    from headperturb.core.sets import parse_order
+
+    scores = pd.DataFrame(
+        {
+            "layer": [0, 0, 1, 1],
+            "head": [0, 1, 0, 1],
+            "induction": [0.9, 0.1, 0.5, 0.0],
+            "share_label_words": [0.8, 0.6, 0.1, 0.3],
+            "function_vector": [0.0, 0.3, 0.2, 0.1],
+        }
+    )
+    setting = Setting(site="o_proj_input", position="last", kind="mean")
+
+    def order(name, exclude=1):
+        ranked = ranking(name, setting, 2, 2, anatomy={"scores": scores, "exclude": exclude})
+        return list(zip(ranked["layer"], ranked["head"]))
+
+    assert order("induction") == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert order("label_attention") == [(0, 0), (0, 1), (1, 1), (1, 0)]
+    assert order("function_vector") == [(0, 1), (1, 0), (1, 1), (0, 0)]
+    # the top function-vector head last, then the top two
+    assert order("induction_exclusive") == [(0, 0), (1, 0), (1, 1), (0, 1)]
+    assert order("induction_exclusive", 2) == [(0, 0), (1, 1), (0, 1), (1, 0)]
+    # the top induction head last
+    assert order("function_vector_exclusive") == [(0, 1), (1, 0), (1, 1), (0, 0)]
+    assert parse_order("function_vector_exclusive") == ("function_vector_exclusive", 0)

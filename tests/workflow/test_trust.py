@@ -114,7 +114,8 @@ def test_numbers_written_as_yaml_text_are_numbers():
     [
         (
             {"prompt": {}},
-            "config: unknown key 'prompt'; allowed keys: categories, data, direct_effects, model,",
+            "config: unknown key 'prompt'; allowed keys: anatomy, categories, data, "
+            "direct_effects, model,",
         ),
         (
             {"perturbation": {"scales": [0.0]}},

@@ -127,3 +127,22 @@ rule plot_head_cards:
         cards=ANATOMY["cards"],
     run:
         steps.plot_head_cards(input, output, params, wildcards, threads, log)
+
+
+rule function_vectors:
+    input:
+        prompts=PATHS.prompts,
+        info=PATHS.prompt_info,
+        model=PATHS.model_dir,
+        state=PATHS.final_state,
+    output:
+        scores=PATHS.anatomy("function_vectors.parquet"),
+    log:
+        PATHS.log("function_vectors"),
+    threads: config["threads"]["model"]
+    params:
+        **MODEL_PARAMS,
+        seed=PERTURBATION["seed"],
+        statistics=config["statistics"],
+    run:
+        steps.function_vectors(input, output, params, wildcards, threads, log)

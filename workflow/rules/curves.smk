@@ -15,10 +15,11 @@ checkpoint rank_heads:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
         kind="|".join(sets.SET_KINDS),
-        order=r"screen|exact|random\d+",
+        order=sets.ORDER_PATTERN,
     params:
         n_layers=lambda wildcards: model_shape()["n_layers"],
         n_heads=lambda wildcards: model_shape()["n_heads"],
+        exclude=ANATOMY["exclude"],
     run:
         steps.rank_heads(input, output, params, wildcards, threads, log)
 
@@ -34,7 +35,7 @@ rule perturb_set:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
         kind="|".join(sets.SET_KINDS),
-        order=r"screen|exact|random\d+",
+        order=sets.ORDER_PATTERN,
         mode="|".join(sets.SET_MODES),
         k=r"\d+",
     threads: config["threads"]["perturb"]

@@ -111,7 +111,8 @@ def head_table(shares, types, writes, table=None, **measured) -> pd.DataFrame:
     looks at most: ``looks_at``), its type scores and ``types`` (scores of at least
     ``measured["threshold"]``, default 0.4), its contrast write's ``label_gap`` and top promoted
     tokens and its mean write's; and where measured its effects (:data:`EFFECTS`), direct effect
-    (``direct``: the direct-effects table), the screen's best rank over its kinds at the final
+    (``direct``: the direct-effects table), its function-vector score with its interval
+    (``function_vectors``), the screen's best rank over its kinds at the final
     position (``screen``) and the segment map's ``acts_at`` (``segments``)."""
     out = _wide(shares, "part", "share", "share_")
     out["looks_at"] = out[[f"share_{p}" for p in PARTS]].idxmax(axis=1).str[len("share_") :]
@@ -125,6 +126,10 @@ def head_table(shares, types, writes, table=None, **measured) -> pd.DataFrame:
         for kind, columns in EFFECTS.items():
             found = _effects(table, kind, {k: v for k, v in columns.items() if k in table})
             out = out.join(found) if len(found) else out
+    if measured.get("function_vectors") is not None:
+        fv = measured["function_vectors"].set_index(HEAD)
+        out["function_vector"] = fv["function_vector"]
+        out["function_vector_low"], out["function_vector_high"] = fv["ci_low"], fv["ci_high"]
     if measured.get("direct") is not None:
         direct = measured["direct"]
         direct = direct[direct["kind"] == "zero"].set_index(HEAD)["direct_effect"]
@@ -139,7 +144,13 @@ def head_table(shares, types, writes, table=None, **measured) -> pd.DataFrame:
     return out.reset_index()
 
 
-SCORES = (*(f"share_{p}" for p in PARTS), *TYPE_SCORES, "contrast_label_gap", "mean_label_gap")
+SCORES = (
+    *(f"share_{p}" for p in PARTS),
+    *TYPE_SCORES,
+    "function_vector",
+    "contrast_label_gap",
+    "mean_label_gap",
+)
 MEASURED = (
     "patch_effect",
     "patch_change_auc",
@@ -187,3 +198,45 @@ def card_heads(heads: pd.DataFrame, per_list: int = 3) -> list[tuple[int, int]]:
             if (int(layer), int(head)) not in chosen:
                 chosen.append((int(layer), int(head)))
     return chosen
+
+
+ORDER_SCORES = {
+    "induction": "induction",
+    "function_vector": "function_vector",
+    "label_attention": "share_label_words",
+}
+"""The score each anatomy order ranks by (a column of :func:`head_scores`)."""
+
+EXCLUSIONS = {
+    "induction_exclusive": ("induction", "function_vector"),
+    "function_vector_exclusive": ("function_vector", "induction"),
+}
+"""The exclusion controls (Yin & Steinhardt 2025): an order, and the order whose top heads it
+puts last."""
+
+
+def head_scores(shares, types, function_vectors=None) -> pd.DataFrame:
+    """One row per head with the scores the anatomy orders rank by: ``induction``,
+    ``share_label_words`` and, where measured, ``function_vector``."""
+    out = _wide(types, "type", "score")[["induction"]]
+    out = out.join(_wide(shares, "part", "share", "share_")[["share_label_words"]])
+    if function_vectors is not None:
+        out = out.join(function_vectors.set_index(HEAD)[["function_vector"]])
+    return out.reset_index()
+
+
+def order_scores(order: str, scores: pd.DataFrame, exclude: int) -> pd.DataFrame:
+    """(layer, head, score) of every head under an anatomy order
+    (:data:`headperturb.core.sets.ANATOMY_ORDERS`): its score (:data:`ORDER_SCORES`); an
+    exclusion control (:data:`EXCLUSIONS`) puts the other order's ``exclude`` highest heads last
+    (score NaN)."""
+    name, other = EXCLUSIONS.get(order, (order, None))
+    column = ORDER_SCORES[name]
+    if column not in scores:
+        raise ValueError(f"the order {order} needs the heads' {column} scores")
+    out = scores[HEAD].assign(score=scores[column])
+    if other is not None:
+        top = scores.sort_values(ORDER_SCORES[other], ascending=False, kind="stable")
+        excluded = top.head(exclude).index
+        out.loc[excluded, "score"] = np.nan
+    return out

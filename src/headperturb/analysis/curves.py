@@ -33,6 +33,7 @@ from headperturb.analysis import effects, faithfulness, stats
 from headperturb.analysis.scoring import metrics
 from headperturb.core import files
 from headperturb.core.kinds import PERTURBATIONS
+from headperturb.core.sets import ANATOMY_ORDERS
 
 SET_KEYS = ["site", "position", "kind", "order", "seed", "mode", "k"]
 """The columns that name a point of a curve."""
@@ -69,11 +70,14 @@ def ranking(
     seed: int = 0,
     screen_heads: pd.DataFrame | None = None,
     table: pd.DataFrame | None = None,
+    anatomy: dict | None = None,
 ) -> pd.DataFrame:
     """Every (layer, head) ranked best first (``rank`` 1..N) with its ``score``: the estimated
     (``screen``, from ``screen_heads``) or measured (``exact``, from the run's ``table``)
     contribution to the correct-label logit difference of the ``setting``, larger first;
-    ``random``: a permutation seeded with ``seed`` (score NaN). Ties keep layer and head order."""
+    ``random``: a permutation seeded with ``seed`` (score NaN); a kind of head (``anatomy``: the
+    heads' ``scores`` and how many to ``exclude``;
+    :func:`headperturb.analysis.anatomy.order_scores`). Ties keep layer and head order."""
     heads = pd.DataFrame(
         [(layer, head) for layer in range(n_layers) for head in range(n_heads)],
         columns=["layer", "head"],
@@ -85,8 +89,13 @@ def ranking(
         ranked = _by_estimate(heads, setting, screen_heads)
     elif order == "exact":
         ranked = _by_measurement(heads, setting, table)
+    elif order in ANATOMY_ORDERS and anatomy is not None:
+        from headperturb.analysis.anatomy import order_scores
+
+        ranked = _by_score(heads, order_scores(order, **anatomy))
     else:
-        raise RankingError(f"order {order!r} is not allowed; allowed: screen, exact, random")
+        allowed = ", ".join(["screen", "exact", "random", *ANATOMY_ORDERS])
+        raise RankingError(f"order {order!r} cannot rank the heads here; allowed: {allowed}")
     out = ranked.reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
     return out[["rank", "layer", "head", "score"]]

@@ -16,10 +16,26 @@ from itertools import product
 
 from headperturb.core.spec import SITES, SpecError
 
-ORDERS = ("screen", "exact", "random")
+ANATOMY_ORDERS = (
+    "induction",
+    "function_vector",
+    "label_attention",
+    "induction_exclusive",
+    "function_vector_exclusive",
+)
+"""Orders by what kind of head each one is (:func:`headperturb.analysis.anatomy.order_scores`):
+the induction score, the function-vector score, the share of the final position's attention on
+the demonstrations' label words, and induction without the top function-vector heads and the
+reverse (the exclusion controls)."""
+
+ORDERS = ("screen", "exact", "random", *ANATOMY_ORDERS)
 """How the heads of a curve are ranked: the screen's estimate of each head's contribution to the
 correct-label logit difference (same kind and position), the run's exact single-head measurement
-of the same setting, or a seeded random order (the control)."""
+of the same setting, a seeded random order (the control), or a kind of head
+(:data:`ANATOMY_ORDERS`)."""
+
+ORDER_PATTERN = "|".join(["screen", "exact", r"random\d+", *ANATOMY_ORDERS])
+"""The order names of set and ranking files (a random order's holds its seed)."""
 
 SET_MODES = ("remove", "keep", "single")
 """``remove``: the k highest-ranked heads perturbed together; ``keep``: every other head perturbed
@@ -69,11 +85,11 @@ class SetJob:
 
 def parse_order(order_name: str) -> tuple[str, int]:
     """``random2`` -> ``("random", 2)``; ``screen`` -> ``("screen", 0)``."""
-    match = re.fullmatch(r"(screen|exact|random)(\d*)", order_name)
+    named = "|".join(["screen", "exact", "random", *ANATOMY_ORDERS])
+    match = re.fullmatch(f"({named})(\\d*)", order_name)
     if not match or (match.group(1) == "random") != bool(match.group(2)):
-        raise SpecError(
-            f"order {order_name!r} is not allowed; allowed: screen, exact, random<seed>"
-        )
+        allowed = ", ".join(["screen", "exact", "random<seed>", *ANATOMY_ORDERS])
+        raise SpecError(f"order {order_name!r} is not allowed; allowed: {allowed}")
     return match.group(1), int(match.group(2) or 0)
 
 

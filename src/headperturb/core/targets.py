@@ -12,7 +12,7 @@ from pathlib import PurePath
 
 from headperturb.core import checks, plans
 from headperturb.core.paths import RunPaths
-from headperturb.core.sets import SetJob, curves
+from headperturb.core.sets import ANATOMY_ORDERS, SetJob, curves
 from headperturb.core.sets import set_jobs as curve_set_jobs
 from headperturb.core.spec import HeadJob, paired, screened, sweeps
 
@@ -118,11 +118,15 @@ def priority(job: HeadJob, perturbation: dict, n_layers: int) -> int:
 
 
 def ranking_inputs(order: str, paths: RunPaths) -> dict[str, str]:
-    """What an order ranks the heads by: the screen's estimates, or the run's table."""
+    """What an order ranks the heads by: the screen's estimates, the run's table, or the heads'
+    attention shares and type scores."""
     if order == "screen":
         return {"screen": paths.screen_heads}
     if order == "exact":
         return {"table": paths.table}
+    if order in ANATOMY_ORDERS:
+        names = ("shares", "types", "function_vectors")
+        return {name: paths.anatomy(f"{name}.parquet") for name in names}
     return {}
 
 
@@ -253,12 +257,15 @@ def summary_inputs(config: dict, paths: RunPaths) -> dict[str, str]:
 
 def anatomy_inputs(config: dict, paths: RunPaths) -> dict[str, str]:
     """What the anatomy table joins besides the heads' shares, types and writes: the run's
-    table, and the direct effects and the screen where the run has them."""
+    table, and the direct effects, the screen and the function-vector scores where the run has
+    them."""
     found = {"table": paths.table}
     if config["direct_effects"]["enabled"]:
         found["direct"] = paths.direct
     if screening(config):
         found["screen"] = paths.screen_heads
+    if config["anatomy"]["function_vectors"]:
+        found["function_vectors"] = paths.anatomy("function_vectors.parquet")
     return found
 
 

@@ -153,6 +153,48 @@ def head_types(input, output, params, wildcards, threads):
 
 
 @step
+def function_vectors(input, output, params, wildcards, threads):
+    """Every head's function-vector score: its mean clean final-position output patched into the
+    prompts with the demonstrations' labels shuffled (:mod:`headperturb.model.function_vectors`)."""
+    import pandas as pd
+
+    from headperturb.analysis import anatomy
+    from headperturb.data.parts import prompt_parts
+    from headperturb.model import cache, recordings
+    from headperturb.model import function_vectors as fv
+
+    engine, sites, model_info, info, tokenizer, frame = _loaded(input, params, threads)
+    expect = recordings.recording(
+        "baseline", input.info, model_info, layers=len(sites), n_prompts=len(frame)
+    )
+    state = cache.cached_tensors(input.state, None, expect)
+    ids = [np.asarray(x, dtype=np.int64) for x in frame["input_ids"]]
+    parts = prompt_parts(info, frame.head(1), tokenizer)[0]
+    corrupted = fv.shuffled_labels(ids, parts, int(info["prefix_len"]), int(params.seed))
+    progress = joblog.Progress(len(sites), "function-vector scores, layers", log)
+    labels = frame["label"].to_numpy()
+    gains = fv.scores(engine, sites, state, corrupted, labels, progress)
+    stat = params.statistics
+    mean, low, high = anatomy.bootstrap(gains, int(stat["bootstrap"]), int(stat["seed"]))
+    rows = [
+        {"layer": s.layer, "head": h, "function_vector": mean[j, h]}
+        | {"ci_low": low[j, h], "ci_high": high[j, h]}
+        for j, s in enumerate(sites)
+        for h in range(s.n_heads)
+    ]
+    meta = _meta(engine, model_info, input, {"step": "function_vectors", "seed": params.seed})
+    files.write_parquet(output.scores, pd.DataFrame(rows), meta)
+    best = max(rows, key=lambda r: r["function_vector"])
+    log.info(
+        "function-vector scores of %d heads; the highest: layer %d head %d (%+.3f)",
+        len(rows),
+        best["layer"],
+        best["head"],
+        best["function_vector"],
+    )
+
+
+@step
 def head_writes(input, output, params, wildcards, threads):
     """What every head writes at the final position, read at the unembedding
     (:mod:`headperturb.model.writes`)."""
@@ -197,6 +239,7 @@ def anatomy_table(input, output, params, wildcards, threads):
         table,
         direct=read("direct"),
         screen=read("screen"),
+        function_vectors=read("function_vectors"),
         segments=segments,
         threshold=params.threshold,
     )

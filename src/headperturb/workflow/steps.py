@@ -28,6 +28,7 @@ from __future__ import annotations
 from headperturb.workflow.anatomy import (
     anatomy_table,
     attention_shares,
+    function_vectors,
     head_types,
     head_writes,
     plot_attention_map,
@@ -57,6 +58,7 @@ __all__ = [
     "curves",
     "direct_effects",
     "fetch_model",
+    "function_vectors",
     "head_types",
     "head_writes",
     "pair_prompts",

@@ -27,6 +27,13 @@ def rank_heads(input, output, params, wildcards, threads):
     order, seed = parse_order(wildcards.order)
     screen_heads = files.read_parquet(input.screen) if getattr(input, "screen", None) else None
     table = files.read_parquet(input.table) if getattr(input, "table", None) else None
+    anatomy = None
+    if getattr(input, "shares", None):
+        from headperturb.analysis.anatomy import head_scores
+
+        read = files.read_parquet
+        scores = head_scores(read(input.shares), read(input.types), read(input.function_vectors))
+        anatomy = {"scores": scores, "exclude": params.exclude}
     setting = curves.Setting(site=wildcards.site, position=wildcards.position, kind=wildcards.kind)
     ranked = curves.ranking(
         order,
@@ -36,6 +43,7 @@ def rank_heads(input, output, params, wildcards, threads):
         seed=seed,
         screen_heads=screen_heads,
         table=table,
+        anatomy=anatomy,
     )
     meta = {
         "order": wildcards.order,

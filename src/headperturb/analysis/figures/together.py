@@ -16,7 +16,14 @@ CURVE_METRICS = {
 }
 """The metrics of the curve panels: label and the interval of the change (baseline - value)."""
 
-ORDER_COLOURS = {"screen": "#0072B2", "exact": "#D55E00"}
+ORDER_COLOURS = {
+    "screen": "#0072B2",
+    "exact": "#D55E00",
+    "induction": "#E69F00",
+    "induction_exclusive": "#F0E442",
+    "label_attention": "#CC79A7",
+    "label_attention_exclusive": "#000000",
+}
 
 
 def ablation_curves(points, meta: dict, out_path) -> None:

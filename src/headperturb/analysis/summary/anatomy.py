@@ -39,7 +39,7 @@ def anatomy(found: dict, settings: dict) -> list[str]:
         f"{config['repeat_sequences']} seeded sequences of {config['repeat_length']} random "
         "tokens repeated once (a type at a score of at least "
         f"{config['type_threshold']:g}: {typed}), and what it writes at the final position, "
-        "read at the unembedding (anatomy/heads.csv). "
+        "read at the unembedding (anatomy/heads.csv)" + _function_vectors(heads) + ". "
         f"{label} heads put half their attention or more on the demonstrations' label words, "
         f"{sink} on the first token.",
         "",
@@ -48,6 +48,23 @@ def anatomy(found: dict, settings: dict) -> list[str]:
     for layer, head in card_heads(heads, int(config["cards"])):
         lines += ["", *card(found, layer, head)]
     return lines
+
+
+def _interval(row, name: str) -> str:
+    return f"{row[name]:+.3f} [{row[f'{name}_low']:+.3f}, {row[f'{name}_high']:+.3f}]"
+
+
+def _function_vectors(heads: pd.DataFrame) -> str:
+    """How many heads' function-vector score is above zero with its interval, where measured."""
+    if "function_vector" not in heads:
+        return ""
+    above = int((heads["function_vector_low"] > 0).sum())
+    best = heads.loc[heads["function_vector"].idxmax()]
+    return (
+        f"; with the demonstrations' labels shuffled, {above} heads' mean clean output raises the "
+        f"correct-label logit difference (interval above 0), most L{int(best['layer'])}"
+        f"H{int(best['head'])}: {_interval(best, 'function_vector')}"
+    )
 
 
 def _correlations(table: pd.DataFrame) -> list[str]:
@@ -115,6 +132,8 @@ def _effects(row: pd.Series) -> str:
             f"{row['zero_change_logit_diff']:+.3f}, AUC change {row['zero_change_auc']:+.3f} "
             f"(effect: {row['zero_effect']})"
         )
+    if not np.isnan(row.get("function_vector", np.nan)):
+        found.append(f"function-vector score {_interval(row, 'function_vector')}")
     if not np.isnan(row.get("zero_direct_effect", np.nan)):
         found.append(f"direct effect {row['zero_direct_effect']:+.3f}")
     if not np.isnan(row.get("screen_rank", np.nan)):
