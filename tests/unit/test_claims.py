@@ -98,3 +98,9 @@ def test_the_command_exits_1_when_a_claim_differs(results, tmp_path, capsys):
     )
     assert claims.main([str(path), str(results)]) == 1
     assert "DIFFERS" in capsys.readouterr().out
+
+
+def test_at_least_counts_the_rows_that_reach_a_value(results):
+    claim = {"key": "n", "file": "contributions.csv", "column": "change_auc", "reduce": "count"}
+    assert claims.found_value({**claim, "at_least": 0.01}, results) == 2
+    assert claims.found_value({**claim, "rows": {"kind": "zero"}, "at_least": 0.01}, results) == 1

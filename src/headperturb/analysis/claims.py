@@ -5,7 +5,8 @@ a results folder.
 A claim names its ``key`` (what the sentence says), the ``file`` under the results folder (a CSV,
 Parquet or JSON file), and either a ``field`` of a JSON file or the ``rows`` of a table (column
 values every row must have; a list means any of them) and its ``column``; ``reduce`` (``max``,
-``min``, ``count``) when the statement is about many rows; and the ``value`` as written: a
+``min``, ``count``) when the statement is about many rows (``at_least``: only the rows whose
+column reaches it, to count them); and the ``value`` as written: a
 number, compared at the precision it is written with (``0.852`` holds for 0.8516; quote it,
 ``"0.750"``, to keep a last zero; ``scale: 100`` for a percentage written as ``41``), or a text
 compared as is (a label such as ``bias``).
@@ -63,6 +64,8 @@ def found_value(claim: dict, results: Path):
             value = value[part]
         return value
     frame = _selected(_table(path), claim.get("rows", {}))
+    if "at_least" in claim:  # the rows whose column reaches a value (to count them)
+        frame = frame[frame[claim["column"]] >= float(claim["at_least"])]
     reduce = claim.get("reduce")
     if reduce == "count":
         return len(frame)

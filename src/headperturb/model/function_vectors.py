@@ -16,6 +16,8 @@ recorded), then each head's edit runs the final token alone through the layers a
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -25,6 +27,8 @@ from headperturb.data.parts import LABEL_WORDS
 from headperturb.model.engine import Engine
 from headperturb.model.final_token import final_position
 from headperturb.model.hooks import Edit
+
+log = logging.getLogger("headperturb")
 
 
 class FunctionVectorError(ValueError):
@@ -73,6 +77,11 @@ def scores(engine, sites, clean_state: dict, corrupted: tuple, labels, progress=
     recorded = engine.baseline(corrupted, sites)
     kv = engine.capture_cache(corrupted)
     before = correct_logit_diff(labels, _margin(recorded.logits))
+    log.info(
+        "the prompts with shuffled labels: mean correct-label logit difference %.3f (the clean "
+        "prompts': the baseline's)",
+        float(before.mean()),
+    )
     replace = build("mean").apply  # the head's columns set to the values
     out = np.empty((len(corrupted), len(sites), sites[0].n_heads))
     for j, site in enumerate(sites):

@@ -55,15 +55,23 @@ def _interval(row, name: str) -> str:
 
 
 def _function_vectors(heads: pd.DataFrame) -> str:
-    """How many heads' function-vector score is above zero with its interval, where measured."""
+    """How many heads' function-vector score is above zero with its interval, and the largest
+    score, where measured."""
     if "function_vector" not in heads:
         return ""
-    above = int((heads["function_vector_low"] > 0).sum())
+    above = heads[heads["function_vector_low"] > 0]
     best = heads.loc[heads["function_vector"].idxmax()]
-    return (
-        f"; with the demonstrations' labels shuffled, {above} heads' mean clean output raises the "
-        f"correct-label logit difference (interval above 0), most L{int(best['layer'])}"
-        f"H{int(best['head'])}: {_interval(best, 'function_vector')}"
+    text = (
+        "; with the demonstrations' labels shuffled, a head's mean clean output raises the "
+        f"correct-label logit difference with an interval above 0 for {len(above)} heads"
+    )
+    if len(above):
+        top = above.loc[above["function_vector"].idxmax()]
+        text += f" (the most: L{int(top['layer'])}H{int(top['head'])}, "
+        text += f"{_interval(top, 'function_vector')})"
+    return text + (
+        f"; the largest score: L{int(best['layer'])}H{int(best['head'])}, "
+        f"{_interval(best, 'function_vector')}"
     )
 
 
