@@ -104,3 +104,13 @@ def test_context_length_and_sizes_are_checked(tiny_llama, imdb_sample):
         _build(tok, imdb_sample, context_length=50)
     with pytest.raises(PromptError, match="offers 100"):
         _build(tok, imdb_sample, n_test=202)
+
+
+def test_no_partner_of_the_same_length_is_one_line_before_any_head_job():
+    import pandas as pd
+
+    from headperturb.data.prompts import PromptError, check_pairs
+
+    check_pairs(pd.DataFrame({"prompt_id": [0, 1], "partner_id": [1, -1]}), 2)
+    with pytest.raises(PromptError, match="none of the 2 test prompts.*prompts.n_test"):
+        check_pairs(pd.DataFrame({"prompt_id": [0, 1], "partner_id": [-1, -1]}), 2)

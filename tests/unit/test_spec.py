@@ -380,3 +380,12 @@ def test_demonstrations_need_demonstrations():
         checks.check_segments(perturbation, {"k_shot": 0})
     checks.check_segments(perturbation, {"k_shot": 1})
     checks.check_segments({"sweeps": [{"positions": ["all"]}]}, {"k_shot": 0})
+
+
+def test_a_threshold_or_a_choice_of_demonstrations_needs_development_reviews():
+    prompts = {"n_dev": 0, "candidates": 1}
+    with pytest.raises(spec.SpecError, match="n_dev = 0"):
+        checks.check_calibration({"calibration": "threshold"}, prompts)
+    checks.check_calibration({"calibration": "none"}, prompts)
+    with pytest.raises(spec.SpecError, match="candidates: 4"):
+        checks.check_calibration({"calibration": "none"}, {"n_dev": 0, "candidates": 4})

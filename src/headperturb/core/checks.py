@@ -117,10 +117,30 @@ def check_run(config: dict, shape: dict | None) -> list[str]:
         head_jobs(perturbation, shape["n_layers"], shape["n_heads"])
     check_screen(config["screen"], [s for s in sweeps(perturbation) if screened(s)])
     check_segments(perturbation, config["prompts"])
+    check_calibration(config["scoring"], config["prompts"])
     check_curves(curves(perturbation), config["screen"])
     if shape is not None:
         set_jobs(curves(perturbation), shape["n_layers"] * shape["n_heads"])
     return found
+
+
+def check_calibration(scoring: dict, prompts: dict) -> None:
+    """A threshold is fitted on development reviews, and several candidate demonstrations are
+    chosen on them: both need some."""
+    if prompts.get("n_dev", 0) > 0:
+        return
+    if scoring["calibration"] == "threshold":
+        raise SpecError(
+            "scoring.calibration: threshold fits its threshold on development reviews, but "
+            "prompts.n_dev = 0 gives none; set n_dev >= 1 (the default run: 100) or "
+            "calibration: none or contextual"
+        )
+    if prompts.get("candidates", 1) > 1:
+        raise SpecError(
+            f"prompts.candidates: {prompts['candidates']} chooses among demonstrations on "
+            "development reviews, but prompts.n_dev = 0 gives none; set n_dev >= 1 or "
+            "candidates: 1"
+        )
 
 
 def check_segments(perturbation: dict, prompts: dict) -> None:

@@ -320,6 +320,18 @@ def prompt_info(prompt_set: PromptSet, candidate: int, prompts: pd.DataFrame, **
     }
 
 
+def check_pairs(pairs: pd.DataFrame, n_test: int) -> None:
+    """Patching needs prompts with a partner: one line when none of the ``n_test`` has one."""
+    if (pairs["partner_id"] >= 0).any():
+        return
+    raise PromptError(
+        f"none of the {n_test} test prompts has an opposite-sentiment prompt of the same length, "
+        "so patching (the kinds patch and restore) has no prompt to run on: raise prompts.n_test "
+        "(more reviews share a length) or lower prompts.max_review_tokens (more reviews are cut "
+        "to the same length)"
+    )
+
+
 def pair_prompts(prompts: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Each test prompt's opposite-sentiment partner, for patching (:mod:`headperturb.core.kinds`,
     ``patch`` and ``restore``): another prompt of the run with the other label and exactly as many

@@ -195,6 +195,7 @@ def pair_prompts(input, output, params, wildcards, threads):
     from headperturb.data import prompts
 
     pairs = prompts.pair_prompts(files.read_parquet(input.prompts), params.seed)
+    prompts.check_pairs(pairs, len(pairs))  # before any head job that patches
     files.write_parquet(output.pairs, pairs)
     paired = int((pairs["partner_id"] >= 0).sum())
     log.info(
