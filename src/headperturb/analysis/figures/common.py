@@ -39,16 +39,35 @@ def part(table, combo):
     return rows_of(table, combo).sort_values(["layer", "head"])
 
 
+FAMILIES = {
+    "run": "q-values: Benjamini-Hochberg over every row of the run",
+    "setting": "q-values: Benjamini-Hochberg within each setting",
+}
+"""How a figure names the family of its q-values (the table's ``correction``)."""
+
+
 def baseline_text(meta: dict) -> str:
     base = meta.get("baseline", {})
     return (
         f"baseline accuracy {base.get('accuracy', float('nan')):.3f}, "
         f"macro-F1 {base.get('f1', float('nan')):.3f}, ROC AUC {base.get('auc', float('nan')):.3f} "
-        f"on {base.get('n_prompts', '?')} prompts"
+        f"on {base.get('n_prompts', '?')} prompts; {FAMILIES[meta.get('correction', 'run')]}"
     )
 
 
+def run_of(path) -> str | None:
+    """The run a file belongs to: the folder after ``results`` in its path."""
+    from pathlib import Path
+
+    parts = Path(path).parts
+    return parts[parts.index("results") + 1] if "results" in parts[:-1] else None
+
+
 def save(fig, out_path) -> None:
+    """The figure as a PNG file, its run named at its foot."""
+    run = run_of(out_path)
+    if run is not None:
+        fig.text(0.0, 0.0, f"run {run}", fontsize=7, color="#555555", ha="left", va="top")
     with files.atomic_path(out_path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
 

@@ -21,8 +21,9 @@ ORDER_COLOURS = {
     "exact": "#D55E00",
     "induction": "#E69F00",
     "induction_exclusive": "#F0E442",
+    "function_vector": "#009E73",
+    "function_vector_exclusive": "#000000",
     "label_attention": "#CC79A7",
-    "label_attention_exclusive": "#000000",
 }
 
 
