@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from headperturb.analysis.anatomy import TYPE_SCORES
 from headperturb.model import attention, writes
 from headperturb.model.sites import locate_sites
 
@@ -146,8 +147,8 @@ def test_a_planted_induction_head_scores_high_and_random_heads_near_chance(llama
     scores = np.stack(
         [attention.pattern_scores(attention.patterns(model, s), 1, length) for s in sequences]
     ).mean(0)
-    induction = attention.TYPE_SCORES.index("induction")
-    previous = attention.TYPE_SCORES.index("previous_token")
+    induction = TYPE_SCORES.index("induction")
+    previous = TYPE_SCORES.index("previous_token")
     assert scores[1, 0, induction] >= 0.9  # 0.96: repeats within a sequence share the rest
     assert scores[0, 0, previous] >= 0.9
     assert scores[1, 1, induction] < 0.3  # the zero head attends evenly

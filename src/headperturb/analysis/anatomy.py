@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from headperturb.data.parts import PARTS
-from headperturb.model.attention import TYPE_SCORES
 
 HEAD = ["layer", "head"]
+TYPE_SCORES = ("previous_token", "duplicate_token", "induction", "sink")
+"""The type scores on repeated random tokens (:func:`headperturb.model.attention.pattern_scores`),
+in the order it returns them."""
 TYPES = {
     "previous_token": "previous-token",
     "duplicate_token": "duplicate-token",
@@ -27,6 +29,11 @@ TYPES = {
 }
 """The types a head is called by its scores on repeated random tokens (the sink apart: it is
 read from the prompts' first token)."""
+
+
+def of_head(frame: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
+    """The rows of one head in an anatomy table."""
+    return frame[(frame["layer"] == layer) & (frame["head"] == head)]
 
 
 def bootstrap(values: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -64,7 +71,7 @@ def share_table(shares: np.ndarray, layers: list[int], resamples: int, seed: int
 
 def type_table(scores: np.ndarray, layers: list[int], resamples: int, seed: int) -> pd.DataFrame:
     """``scores`` (n_sequences, n_layers, n_heads, 4): one row per head and score of
-    :data:`~headperturb.model.attention.TYPE_SCORES`: ``score``, ``ci_low``, ``ci_high``."""
+    :data:`TYPE_SCORES`: ``score``, ``ci_low``, ``ci_high``."""
     mean, low, high = bootstrap(scores, resamples, seed)
     arrays = {"score": mean, "ci_low": low, "ci_high": high}
     return _long(layers, arrays, TYPE_SCORES, "type")

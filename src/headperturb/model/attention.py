@@ -25,8 +25,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-TYPE_SCORES = ("previous_token", "duplicate_token", "induction", "sink")
-
 
 @contextmanager
 def eager(model):
@@ -102,7 +100,8 @@ def repeated_tokens(vocab: list[int], start: list[int], length: int, count: int,
 
 
 def pattern_scores(layers: tuple[torch.Tensor, ...], offset: int, length: int) -> np.ndarray:
-    """(n_layers, n_heads, 4): the :data:`TYPE_SCORES` of one repeated sequence's patterns
+    """(n_layers, n_heads, 4): the type scores
+    (:data:`headperturb.analysis.anatomy.TYPE_SCORES`) of one repeated sequence's patterns
     (``offset`` start tokens, then ``length`` random tokens twice): previous-token, the mean
     attention from each position ``i >= 1`` to ``i - 1``; duplicate-token and induction, from each
     position ``i`` of the repeat to ``i - length`` and ``i - length + 1``; sink, from each position

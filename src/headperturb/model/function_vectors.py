@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from headperturb.analysis.stats import correct_logit_diff
 from headperturb.core.kinds import build
@@ -97,6 +96,6 @@ def scores(engine, sites, clean_state: dict, corrupted: tuple, labels, progress=
     return out
 
 
-def _margin(logits) -> np.ndarray:
-    logits = np.asarray(torch.as_tensor(logits, dtype=torch.float64))
+def _margin(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
     return logits[..., 1] - logits[..., 0]

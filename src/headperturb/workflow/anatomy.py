@@ -122,7 +122,7 @@ def head_types(input, output, params, wildcards, threads):
     from headperturb.analysis import anatomy
     from headperturb.model.attention import pattern_scores, patterns, repeated_tokens
 
-    engine, sites, model_info, _info, tokenizer, _frame_ = _loaded(input, params, threads)
+    engine, sites, model_info, _info, tokenizer, _prompts = _loaded(input, params, threads)
     settings = params.settings
     special = set(tokenizer.all_special_ids)
     vocab = [t for t in range(len(tokenizer)) if t not in special]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from headperturb.analysis.anatomy import TYPE_SCORES, of_head
 from headperturb.analysis.figures.common import save, subplots
-from headperturb.analysis.summary.anatomy import PART_NAMES
+from headperturb.analysis.summary.anatomy import PART_NAMES, TYPE_NAMES
 from headperturb.data.parts import PARTS
-from headperturb.model.attention import TYPE_SCORES
 
 PART_COLOURS = {
     "first": "#000000",
@@ -109,7 +109,7 @@ def head_card(found: dict, layer: int, head: int, run_name: str, out_path) -> No
     fig.clear()
     grid = fig.add_gridspec(2, 3, height_ratios=[1.5, 1])
     this = {
-        name: found[name][(found[name]["layer"] == layer) & (found[name]["head"] == head)]
+        name: of_head(found[name], layer, head)
         for name in ("shares", "types", "writes", "examples")
     }
     example = this["examples"].iloc[0]
@@ -127,7 +127,7 @@ def head_card(found: dict, layer: int, head: int, run_name: str, out_path) -> No
     colours = [PART_COLOURS[p] for p in PARTS]
     _bars(fig.add_subplot(grid[1, 0]), shares, names, colours, "attention by part, every prompt")
     types = this["types"].set_index("type").loc[list(TYPE_SCORES), ["score", "ci_low", "ci_high"]]
-    type_names = [t.replace("_", "-") for t in TYPE_SCORES]
+    type_names = list(TYPE_NAMES.values())
     _bars(
         fig.add_subplot(grid[1, 1]), types, type_names, "#56B4E9", "type scores (repeated tokens)"
     )

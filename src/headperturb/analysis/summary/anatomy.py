@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from headperturb.analysis.anatomy import TYPE_SCORES, of_head
 from headperturb.analysis.summary.common import table_head, table_row
-from headperturb.data.parts import PARTS
-from headperturb.model.attention import TYPE_SCORES
+
+TYPE_NAMES = {t: t.replace("_", "-") for t in TYPE_SCORES}
+"""How the summary names each type score."""
 
 PART_NAMES = {
     "first": "first token",
@@ -95,21 +97,11 @@ def _correlations(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _shares(shares: pd.DataFrame, layer: int, head: int) -> str:
-    rows = shares[(shares["layer"] == layer) & (shares["head"] == head)].set_index("part")
+def _with_intervals(rows: pd.DataFrame, value: str, names: dict[str, str]) -> str:
+    """``name value [low, high]`` for each of ``names`` (the index of ``rows``: one head's)."""
     return ", ".join(
-        f"{PART_NAMES[p]} {rows.at[p, 'share']:.2f} [{rows.at[p, 'ci_low']:.2f}, "
-        f"{rows.at[p, 'ci_high']:.2f}]"
-        for p in PARTS
-    )
-
-
-def _types(types: pd.DataFrame, layer: int, head: int) -> str:
-    rows = types[(types["layer"] == layer) & (types["head"] == head)].set_index("type")
-    return ", ".join(
-        f"{t.replace('_', '-')} {rows.at[t, 'score']:.2f} [{rows.at[t, 'ci_low']:.2f}, "
-        f"{rows.at[t, 'ci_high']:.2f}]"
-        for t in TYPE_SCORES
+        f"{label} {rows.at[n, value]:.2f} [{rows.at[n, 'ci_low']:.2f}, {rows.at[n, 'ci_high']:.2f}]"
+        for n, label in names.items()
     )
 
 
@@ -118,7 +110,7 @@ def _tokens(texts) -> str:
 
 
 def _writes(writes: pd.DataFrame, layer: int, head: int) -> list[str]:
-    rows = writes[(writes["layer"] == layer) & (writes["head"] == head)].set_index("write")
+    rows = of_head(writes, layer, head).set_index("write")
     mean, contrast = rows.loc["mean"], rows.loc["contrast"]
     return [
         f"- writes on average: promotes {_tokens(mean['promoted_text'])}; the positive label "
@@ -153,15 +145,16 @@ def _effects(row: pd.Series) -> str:
 
 def card(found: dict, layer: int, head: int) -> list[str]:
     """One head's card: its effects, where it looks, its types, what it writes, its figure."""
-    heads = found["heads"]
-    row = heads[(heads["layer"] == layer) & (heads["head"] == head)].iloc[0]
+    row = of_head(found["heads"], layer, head).iloc[0]
+    shares = of_head(found["shares"], layer, head).set_index("part")
+    types = of_head(found["types"], layer, head).set_index("type")
     return [
         f"### Layer {layer} head {head}: looks at the {PART_NAMES[row['looks_at']]}, "
         f"type {row['types']}",
         "",
         f"- effects at the final position: {_effects(row)}",
-        f"- attention from the final position: {_shares(found['shares'], layer, head)}",
-        f"- type scores: {_types(found['types'], layer, head)}",
+        f"- attention from the final position: {_with_intervals(shares, 'share', PART_NAMES)}",
+        f"- type scores: {_with_intervals(types, 'score', TYPE_NAMES)}",
         *_writes(found["writes"], layer, head),
         "",
         f"![L{layer}H{head}](plots/head_cards/L{layer}H{head}.png)",
