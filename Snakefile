@@ -8,7 +8,9 @@ from headperturb.workflow import lifecycle
 
 min_version("9.27")
 
-lifecycle.start_of_run()  # Ctrl-C stops the jobs in threads of this process too
+# Ctrl-C stops the jobs in threads of this process too; failed jobs end the run with one line
+# each; a config that changed finished steps' settings under --rerun-triggers mtime stops it
+lifecycle.start_of_run(workflow)
 
 # The default run. A config file given with --configfile replaces it (keys it leaves out take
 # the schema's defaults); --config KEY=VALUE overrides single keys. config/README.md.

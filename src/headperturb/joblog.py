@@ -44,13 +44,44 @@ def setup(log_file: str | None = None, level: int = logging.INFO) -> logging.Log
         handlers.append(logging.FileHandler(log_file, mode="w"))
     logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
     _quiet_others()
-    return logging.getLogger(LOGGER)
+    logger = logging.getLogger(LOGGER)
+    logger.propagate = True  # to the handlers above, also after a job() in this process
+    return logger
 
 
 def one_line(exc: BaseException) -> str:
     """``Type: first line of the message``."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def cause(exc: BaseException) -> str:
+    """``Type: the whole message``."""
+    return f"{type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
+
+
+FAILED = " failed: "
+"""What the record a failed job writes to its log says between the job's name and the cause."""
+
+
+def failed(name: str) -> str:
+    """The start of the record a failed job writes to its log: its name, then :data:`FAILED`."""
+    return f"{name}{FAILED}"
+
+
+def failure(log_file) -> str | None:
+    """``name failed: Type: first line of the cause``, from the record a failed job wrote to
+    ``log_file`` (the first such record), or None where the log has none (no log, or a job that
+    failed outside its step)."""
+    marker = f" ERROR {LOGGER}: "
+    try:
+        with open(log_file, errors="replace") as handle:
+            for line in handle:
+                if marker in line and FAILED in line:
+                    return line.split(marker, 1)[1].rstrip("\n")
+    except OSError:
+        return None
+    return None
 
 
 @contextlib.contextmanager
@@ -73,7 +104,7 @@ def job(log_file: str | None, name: str = "job", echo: bool = False) -> Iterator
         yield logger
     except Exception as exc:
         _swap_handlers(logger, remove=handlers[1:])  # the traceback goes to the log file only
-        logger.error("%s failed: %s\n%s", name, exc, traceback.format_exc().rstrip())
+        logger.error("%s%s\n%s", failed(name), cause(exc), traceback.format_exc().rstrip())
         raise JobError(f"{name}: {one_line(exc)} (log: {log_file})") from None
     finally:
         _swap_handlers(logger, remove=handlers)

@@ -148,3 +148,49 @@ def test_ctrl_c_ends_the_run_with_its_own_line_and_130(monkeypatch, capsys):
         INTERRUPTED.clear()
     assert ended.value.code == 130
     assert "the run was interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
+def test_failed_jobs_end_the_run_with_one_line_per_cause(tmp_path, monkeypatch, capsys):
+    """Each failed job's line comes from the record its step wrote to its log; jobs with the same
+    cause share a line; a job that failed outside its step is named with its log."""
+    import logging
+    from types import SimpleNamespace
+
+    from headperturb import joblog
+    from headperturb.workflow import lifecycle
+
+    with pytest.raises(joblog.JobError):
+        with joblog.job(str(tmp_path / "a.log"), "perturb_head layer=1, head=0"):
+            raise OSError("state.safetensors cannot be read\nsecond line")
+    with pytest.raises(joblog.JobError):
+        with joblog.job(str(tmp_path / "b.log"), "perturb_head layer=1, head=1"):
+            raise OSError("state.safetensors cannot be read\nsecond line")
+    jobs = [SimpleNamespace(log=[str(tmp_path / n)]) for n in ("a.log", "b.log", "c.log")]
+    lines = lifecycle.failure_lines(jobs)
+    assert lines[0] == (
+        "headperturb: perturb_head layer=1, head=0 failed (and 1 more job(s) with this cause): "
+        f"OSError: state.safetensors cannot be read (log: {tmp_path / 'a.log'})"
+    )
+    assert len(lines) == 2 and lines[1].endswith(
+        f"failed (log: {tmp_path / 'c.log'}); Snakemake says why above"
+    )
+    # what Snakemake prints for those jobs leaves the terminal, not its log file
+    keep = lifecycle.FailureLines().filter
+
+    def record(msg, **extra):
+        rec = logging.LogRecord("snakemake.logging", logging.ERROR, "", 0, msg, None, None)
+        rec.__dict__.update(extra)
+        return rec
+
+    assert not keep(record('RuleException:\nJobError in file "x.smk", line 3:\nperturb_head'))
+    assert not keep(record("Error in rule perturb_head, jobid: 8", log=[str(tmp_path / "a.log")]))
+    assert keep(record("Error in rule perturb_head, jobid: 9", log=[str(tmp_path / "c.log")]))
+    assert not keep(record("Exiting because a job execution failed. Look above for error messages"))
+    assert keep(record("RuleException:\nMissingOutputException in file x.smk"))
+    # the run's end: the lines, and exit code 1
+    monkeypatch.setattr(lifecycle, "end_of_run", lambda: 0)
+    workflow = SimpleNamespace(scheduler=SimpleNamespace(_user_kill=None, failed=jobs[:1]))
+    with pytest.raises(SystemExit) as ended:
+        lifecycle.end_of_error(workflow)
+    assert ended.value.code == 1
+    assert capsys.readouterr().err.splitlines() == lifecycle.failure_lines(jobs[:1])

@@ -324,6 +324,22 @@ def test_a_table_cannot_mix_settings(run_copy):
     assert len(table) == 4
 
 
+def test_a_changed_setting_is_named_though_the_rerun_triggers_leave_it_out(trust_run):
+    """--rerun-triggers mtime would keep the tables of the old seed without a word: the run
+    (a dry run too) stops before any job, naming the steps and a command that reruns them."""
+    workdir, config = trust_run
+    changed = copy.deepcopy(config)
+    changed["prompts"]["seed"] += 1
+    result = snakemake(workdir, changed, "--rerun-triggers", "mtime", "-n", check=False)
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert last.startswith("headperturb: the config changes the settings of finished steps (")
+    assert "build_prompts (1 job(s))" in last
+    assert hint(workdir, "--forcerun", "build_prompts") in last
+    same = snakemake(workdir, config, "--rerun-triggers", "mtime", "-n", check=False)
+    assert same.returncode == 0 and "Nothing to be done" in same.stdout + same.stderr
+
+
 def test_changing_repeats_reruns_only_the_kinds_that_draw(trust_run):
     """Zero ablation evaluates one draw whatever perturbation.repeats says: its jobs stay."""
     workdir, config = trust_run
@@ -367,6 +383,9 @@ def test_a_failed_job_leaves_its_error_in_its_log(run_copy):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "final_state.safetensors cannot be read" in out and "--forcerun" in out
+    last = result.stderr.rstrip().splitlines()[-1]  # one line for the jobs with this cause
+    assert last.startswith("headperturb: perturb_head site=") and "cannot be read" in last
+    assert "RuleException" not in out and "Error in rule" not in out
     failed = [
         p
         for p in (workdir / "results/test/logs/perturb").rglob("*.log")
@@ -388,10 +407,16 @@ def test_a_failed_step_leaves_its_error_in_its_log(tmp_path, tiny_llama_dir, imd
         "PromptError: verbalizers ('negative', ' positive'): both or neither must start with "
         "white space"
     )
-    assert result.returncode != 0 and f"build_prompts: {message}" in out
-    log = (tmp_path / "results/test/logs/build_prompts.log").read_text()
+    log_file = "results/test/logs/build_prompts.log"
+    # the run ends with the one line: the step, the cause, its log; no Snakemake error block
+    assert result.returncode == 1
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f"headperturb: build_prompts failed: {message} (log: {log_file})"
+    )
+    for block in ("RuleException", "Error in rule", "Exiting because", "Traceback"):
+        assert block not in out
+    log = (tmp_path / log_file).read_text()
     assert "both or neither must start" in log and "Traceback (most recent call last)" in log
-    assert "Traceback" not in out  # the terminal gets one line; the traceback is in the log
     assert not (tmp_path / "results/test/prompts/prompts.parquet").exists()
 
 

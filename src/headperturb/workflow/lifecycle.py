@@ -13,7 +13,16 @@ import sys
 import threading
 import time
 
-from headperturb.joblog import INTERRUPTED, LOGGER, one_line, setup
+from headperturb.joblog import (
+    FAILED,
+    INTERRUPTED,
+    LOGGER,
+    cause,
+    failed,
+    failure,
+    one_line,
+    setup,
+)
 
 
 def stop_threads_on_interrupt() -> None:
@@ -104,11 +113,13 @@ def follow_owner(interval: float = 0.5) -> int | None:
     return pid
 
 
-def script_main(log_file: str | None, func, *args, **kwargs) -> None:
-    """Run ``func`` as a job that is its own process: log to ``log_file`` (and stderr); on an
-    exception write it with its traceback to the log, print one line to stderr and exit 1."""
+def script_main(log_file: str | None, func, *args, name: str = "step", **kwargs) -> None:
+    """Run ``func`` as the job ``name`` that is its own process: log to ``log_file`` (and
+    stderr); on an exception write it with its traceback to the log and exit 1, printing one line
+    to stderr where no Snakemake run of this workflow started it (in one, :func:`end_of_error`
+    prints it)."""
     logger = setup(log_file)
-    follow_owner()
+    owner = follow_owner()
     try:
         func(*args, **kwargs)
     except Exception as exc:
@@ -116,8 +127,9 @@ def script_main(log_file: str | None, func, *args, **kwargs) -> None:
         for handler in list(root.handlers):  # the traceback goes to the log file only
             if not isinstance(handler, logging.FileHandler):
                 root.removeHandler(handler)
-        logger.error("failed: %s", exc, exc_info=True)
-        print(f"headperturb error: {one_line(exc)}", file=sys.stderr)
+        logger.error("%s%s", failed(name), cause(exc), exc_info=True)
+        if owner is None:  # in a run, the run's end prints the line (end_of_error)
+            print(f"headperturb error: {one_line(exc)}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -134,7 +146,7 @@ def release_gpu_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def start_of_run() -> None:
+def start_of_run(workflow=None) -> None:
     """What the Snakefile does first in the Snakemake process: let Ctrl-C stop the jobs running in
     its threads at their next progress update (:func:`stop_threads_on_interrupt`),
     as it stops the jobs that are processes; and name this process as the owner of the steps that
@@ -142,6 +154,79 @@ def start_of_run() -> None:
     stop_threads_on_interrupt()
     mark_owner()
     one_reevaluation_timer()
+    failures_at_the_end()
+    if workflow is not None:
+        check_when_planned(workflow)
+
+
+# -- one line for a failed job ----------------------------------------------------------------
+
+SNAKEMAKE_LOGGER = "snakemake.logging"
+ENDING = "Exiting because a job execution failed"
+"""The start of Snakemake's last line before a failed run's ``onerror``."""
+
+
+class FailureLines(logging.Filter):
+    """On Snakemake's terminal handlers: leave out what a job that failed in its step
+    (:func:`headperturb.joblog.failure`) makes Snakemake print (the ``RuleException`` with its
+    frames, the ``Error in rule`` block; for a step that is a process of its own, the
+    ``CalledProcessError`` naming a temporary script), and Snakemake's "Exiting because a job
+    execution failed. Look above": :func:`end_of_error` ends the run with one line per failure
+    instead. Snakemake's log file keeps all of it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.msg if isinstance(record.msg, str) else ""
+        if text.startswith("RuleException:"):
+            ours = "\nJobError in file " in text or (
+                "\nCalledProcessError in file " in text
+                and "/.snakemake/scripts/" in text
+                and "returned non-zero exit status 1." in text
+            )
+            return not ours
+        if text.startswith(ENDING):
+            return False
+        logs = getattr(record, "log", None)
+        if text.startswith("Error in rule") and logs:
+            return not any(failure(log.split(" ")[0]) for log in logs)
+        return True
+
+
+def failures_at_the_end() -> int:
+    """Put :class:`FailureLines` on Snakemake's terminal handlers (not its log file's). Returns
+    how many handlers it was put on."""
+    put = 0
+    for handler in logging.getLogger(SNAKEMAKE_LOGGER).handlers:
+        if isinstance(handler, logging.FileHandler):
+            continue
+        if not any(isinstance(f, FailureLines) for f in handler.filters):
+            handler.addFilter(FailureLines())
+            put += 1
+    return put
+
+
+def failure_lines(jobs) -> list[str]:
+    """One line per failed job in ``jobs`` (Snakemake's): ``headperturb: <rule> <wildcards>
+    failed: <Type>: <cause> (log: <its log>)`` from the record the job wrote to its log; jobs that
+    failed with the same cause share one line (their count and the first job's name and log);
+    a job whose log holds no such record is named with its log, Snakemake's message being
+    above."""
+    causes: dict[str, list[tuple[str, str]]] = {}
+    lines = []
+    for job in sorted(jobs, key=str):
+        logs = [str(f) for f in getattr(job, "log", [])]
+        found = next((line for line in map(failure, logs) if line), None)
+        where = f" (log: {logs[0]})" if logs else ""
+        if found is None:
+            lines.append(f"headperturb: {job} failed{where}; Snakemake says why above")
+            continue
+        name, _, why = found.partition(FAILED)
+        causes.setdefault(why, []).append((name, where))
+    first = []
+    for why, named in causes.items():
+        (name, where), more = named[0], len(named) - 1
+        also = f" (and {more} more job(s) with this cause)" if more else ""
+        first.append(f"headperturb: {name} failed{also}: {why}{where}")
+    return first + lines
 
 
 REEVALUATION = "headperturb-reevaluation"
@@ -219,6 +304,73 @@ def check_cluster(workflow) -> None:
         )
 
 
+class WhenPlanned(logging.Filter):
+    """On Snakemake's logger: when the run is planned (the DAG's job counts, or "Nothing to be
+    done", in a dry run too), :func:`check_rerun_triggers`. Snakemake has no hook there (its
+    ``onstart`` runs only when there are jobs, and not in a dry run): a finding stops the run
+    before any job, with one line and exit code 1."""
+
+    def __init__(self, workflow):
+        super().__init__()
+        self.workflow = workflow
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from snakemake.common import NOTHING_TO_BE_DONE_MSG
+        from snakemake_interface_logger_plugins.common import LogEvent
+
+        if getattr(record, "event", None) == LogEvent.RUN_INFO or record.msg == (
+            NOTHING_TO_BE_DONE_MSG
+        ):
+            try:
+                check_rerun_triggers(self.workflow)
+            except NarrowedTriggersError as error:
+                print(f"headperturb: {error}", file=sys.stderr)
+                raise SystemExit(1) from None
+        return True
+
+
+def check_when_planned(workflow) -> None:
+    """Put :class:`WhenPlanned` on Snakemake's logger (once)."""
+    logger = logging.getLogger(SNAKEMAKE_LOGGER)
+    if not any(isinstance(f, WhenPlanned) for f in logger.filters):
+        logger.addFilter(WhenPlanned(workflow))
+
+
+class NarrowedTriggersError(RuntimeError):
+    """The config changed the settings of finished jobs that ``--rerun-triggers`` keeps."""
+
+
+def check_rerun_triggers(workflow) -> None:
+    """Before any job (the Snakefile's ``onstart``): where ``--rerun-triggers`` leaves out
+    ``params`` (``--rerun-triggers mtime``), a finished job whose settings the config has changed
+    since it ran would not run again, and the tables and the summary would keep its old
+    settings without a word. The run stops with one line naming those steps and how to rerun
+    them. Never in a dry run."""
+    from snakemake.settings.types import RerunTrigger
+
+    from headperturb.core import hints
+
+    if RerunTrigger.PARAMS in workflow.rerun_triggers or getattr(workflow, "dag", None) is None:
+        return
+    if workflow.remote_exec or workflow.subprocess_exec:  # a job already on a node
+        return
+    dag, persistence = workflow.dag, workflow.persistence
+    changed: dict[str, int] = {}
+    for job in dag.jobs:
+        if dag.needrun(job) or not persistence.has_metadata(job):
+            continue
+        if not persistence.has_outdated_metadata(job) and persistence.params_changed(job):
+            changed[job.rule.name] = changed.get(job.rule.name, 0) + 1
+    if changed:
+        named = ", ".join(f"{rule} ({n} job(s))" for rule, n in sorted(changed.items()))
+        raise NarrowedTriggersError(
+            f"the config changes the settings of finished steps ({named}), but "
+            f"--rerun-triggers leaves out params, so they would not run again and the results "
+            f"would keep their old settings: run without --rerun-triggers, or "
+            f"`{hints.command('--forcerun', *sorted(changed))}`"
+        )
+
+
 def end_of_run() -> int:
     """What a run's end (``onsuccess``/``onerror``) does to let the Snakemake process exit at once:
     cancel the timers Snakemake's job scheduler leaves behind (its rate limiter re-checks the
@@ -257,7 +409,9 @@ def end_of_error(workflow) -> None:
     """What a run's end by ``onerror`` does besides :func:`end_of_run`: a run stopped by SIGTERM
     after its running jobs finished says so in one line and exits with 143 (128 + SIGTERM); one
     interrupted by Ctrl-C (SIGINT) says so and exits with 130 (128 + SIGINT); both instead of
-    Snakemake's "At least one job did not complete successfully", which no job did."""
+    Snakemake's "At least one job did not complete successfully", which no job did. A run
+    ended by failed jobs ends with one line for each cause (:func:`failure_lines`) and exit code
+    1."""
     end_of_run()
     if stopped(workflow):
         print(
@@ -273,3 +427,8 @@ def end_of_error(workflow) -> None:
             file=sys.stderr,
         )
         raise SystemExit(130)
+    failed_jobs = getattr(getattr(workflow, "scheduler", None), "failed", None)
+    if failed_jobs:
+        for line in failure_lines(failed_jobs):
+            print(line, file=sys.stderr)
+        raise SystemExit(1)

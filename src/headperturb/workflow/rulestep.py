@@ -53,6 +53,7 @@ def script(snakemake, rule_step) -> None:
     lifecycle.script_main(
         s.log[0] if s.log else None,
         rule_step.step,
+        name=f"{s.rule} {described(s.wildcards)}".strip(),
         input=s.input,
         output=s.output,
         params=s.params,
