@@ -157,7 +157,7 @@ def test_failed_jobs_end_the_run_with_one_line_per_cause(tmp_path, monkeypatch, 
     from types import SimpleNamespace
 
     from headperturb import joblog
-    from headperturb.workflow import lifecycle
+    from headperturb.workflow import lifecycle, terminal
 
     with pytest.raises(joblog.JobError):
         with joblog.job(str(tmp_path / "a.log"), "perturb_head layer=1, head=0"):
@@ -166,7 +166,7 @@ def test_failed_jobs_end_the_run_with_one_line_per_cause(tmp_path, monkeypatch, 
         with joblog.job(str(tmp_path / "b.log"), "perturb_head layer=1, head=1"):
             raise OSError("state.safetensors cannot be read\nsecond line")
     jobs = [SimpleNamespace(log=[str(tmp_path / n)]) for n in ("a.log", "b.log", "c.log")]
-    lines = lifecycle.failure_lines(jobs)
+    lines = terminal.failure_lines(jobs)
     assert lines[0] == (
         "headperturb: perturb_head layer=1, head=0 failed (and 1 more job(s) with this cause): "
         f"OSError: state.safetensors cannot be read (log: {tmp_path / 'a.log'})"
@@ -175,7 +175,7 @@ def test_failed_jobs_end_the_run_with_one_line_per_cause(tmp_path, monkeypatch, 
         f"failed (log: {tmp_path / 'c.log'}); Snakemake says why above"
     )
     # what Snakemake prints for those jobs leaves the terminal, not its log file
-    keep = lifecycle.FailureLines().filter
+    keep = terminal.FailureLines().filter
 
     def record(msg, **extra):
         rec = logging.LogRecord("snakemake.logging", logging.ERROR, "", 0, msg, None, None)
@@ -193,4 +193,4 @@ def test_failed_jobs_end_the_run_with_one_line_per_cause(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as ended:
         lifecycle.end_of_error(workflow)
     assert ended.value.code == 1
-    assert capsys.readouterr().err.splitlines() == lifecycle.failure_lines(jobs[:1])
+    assert capsys.readouterr().err.splitlines() == terminal.failure_lines(jobs[:1])

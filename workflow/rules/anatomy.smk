@@ -18,7 +18,7 @@ rule attention_shares:
     params:
         **MODEL_PARAMS,
         examples=ANATOMY["examples"],
-        statistics=config["statistics"],
+        statistics=RESAMPLING,
     run:
         steps.attention_shares(input, output, params, wildcards, threads, log)
 
@@ -40,7 +40,7 @@ rule head_types:
             "sequences": ANATOMY["repeat_sequences"],
             "seed": PERTURBATION["seed"],
         },
-        statistics=config["statistics"],
+        statistics=RESAMPLING,
     run:
         steps.head_types(input, output, params, wildcards, threads, log)
 
@@ -143,6 +143,6 @@ rule function_vectors:
     params:
         **MODEL_PARAMS,
         seed=PERTURBATION["seed"],
-        statistics=config["statistics"],
+        statistics=RESAMPLING,
     run:
         steps.function_vectors(input, output, params, wildcards, threads, log)

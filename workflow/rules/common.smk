@@ -61,6 +61,9 @@ SCREEN_NOTE = targets.screen_note(config)
 if SCREEN_NOTE:
     logger.warning(SCREEN_NOTE)
 _memo = {}  # what the DAG asks for many times: the model's shape, the head and set jobs
+# the statistics settings of the rules that resample (a changed alpha or correction family
+# reruns only the aggregation)
+RESAMPLING = {k: config["statistics"][k] for k in ("bootstrap", "permutations", "seed")}
 
 
 def model_shape():

@@ -76,7 +76,7 @@ rule curves:
         single_jobs=lambda wildcards: [asdict(job) for job in single_head_jobs()],
         n_heads_total=lambda wildcards: model_shape()["n_layers"]
         * model_shape()["n_heads"],
-        statistics=config["statistics"],
+        statistics=RESAMPLING,
         method=PERTURBATION["method"],
         stale_list=PATHS.stale_sets,
     run:

@@ -26,7 +26,7 @@ rule direct_effects:
     params:
         **MODEL_PARAMS,
         kinds=DIRECT_EFFECTS["kinds"],
-        statistics=config["statistics"],
+        statistics=RESAMPLING,
         total_jobs=lambda wildcards: [asdict(job) for job in total_jobs()],
     run:
         steps.direct_effects(input, output, params, wildcards, threads, log)

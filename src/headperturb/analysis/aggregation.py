@@ -187,7 +187,7 @@ SETTING_KEYS = ["site", "position", "kind", "scale"]
 """A setting: the rows a ``statistics.correction: setting`` corrects together."""
 
 
-def qvalues(table: pd.DataFrame, column: str, correction: str = "run") -> np.ndarray:
+def qvalues(table: pd.DataFrame, column: str, correction: str = "setting") -> np.ndarray:
     """Benjamini-Hochberg q-values of ``column`` over every row (``run``) or within each setting
     (``setting``: :data:`SETTING_KEYS`)."""
     if correction == "run":
@@ -201,7 +201,7 @@ def qvalues(table: pd.DataFrame, column: str, correction: str = "run") -> np.nda
 
 
 def build_table(
-    rows: list[dict], high: float, medium: float, alpha: float, correction: str = "run"
+    rows: list[dict], high: float, medium: float, alpha: float, correction: str = "setting"
 ) -> pd.DataFrame:
     """The table from the per-job rows: contributions, q-values (Benjamini-Hochberg over the run
     or within each setting: ``correction``), categories with their certainty and stability
@@ -271,7 +271,7 @@ def aggregate(
     files), ``parquet`` and ``csv`` (the table's)."""
     statistics = dict(statistics or {})
     alpha = float(statistics.pop("alpha", 0.05))
-    correction = str(statistics.pop("correction", "run"))
+    correction = str(statistics.pop("correction", "setting"))
     stat_kwargs = {
         "n_boot": int(statistics.get("bootstrap", 2000)),
         "n_perm": int(statistics.get("permutations", 10_000)),
