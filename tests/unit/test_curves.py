@@ -314,5 +314,9 @@ def test_correction_within_each_setting_by_hand():
     np.testing.assert_allclose(run, stats.bh_qvalues(table["p"]))
     within = aggregation.qvalues(table, "p", "setting")
     np.testing.assert_allclose(within, [0.02, 0.04, 0.06, 0.5])  # each pair corrected alone
+    # the default family: the rows of another setting added beside leave these q-values alone
+    alone = aggregation.qvalues(table.iloc[:2], "p")
+    np.testing.assert_allclose(aggregation.qvalues(table, "p")[:2], alone)
+    assert not np.allclose(aggregation.qvalues(table, "p", "run")[:2], alone)
     with pytest.raises(ValueError, match="allowed: run, setting"):
         aggregation.qvalues(table, "p", "layer")
