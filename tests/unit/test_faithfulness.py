@@ -177,8 +177,28 @@ def test_mib_node_json():
     randoms = ranking.assign(score=np.nan)
     scores = json.loads(faithfulness.mib_node_json(randoms, cfg))["nodes"]
     assert [scores[n]["score"] for n in ("a1.h0", "a0.h1", "a0.h0")] == [1.0, 2 / 3, 1 / 3]
-    with pytest.raises(ValueError, match=r"1 heads have no score \(e.g. a0.h0\)"):
-        faithfulness.mib_node_json(ranking.assign(score=[0.5, 2.0, np.nan]), cfg)
+    # an exclusion order's unscored heads come last: below every scored head, in their order
+    excluded = json.loads(faithfulness.mib_node_json(ranking.assign(score=[0.5, 2.0, np.nan]), cfg))
+    assert excluded["nodes"]["a0.h0"]["score"] == -0.5
+    with pytest.raises(ValueError, match=r"1 heads have no score \(e.g. a1.h0\), some ranked"):
+        faithfulness.mib_node_json(ranking.assign(score=[0.5, np.nan, -1.0]), cfg)
     with pytest.raises(ValueError, match="needs d_model"):
         faithfulness.mib_node_json(ranking, {k: v for k, v in cfg.items() if k != "d_model"})
     assert faithfulness.mib_node_name(12, 3) == "a12.h3"
+
+
+def test_mib_cfg_from_the_models_own_config():
+    """d_model is the hidden size under each family's name; parallel attention and MLP where the
+    config says so (GPT-NeoX's use_parallel_residual) or the family always has it (GPT-J)."""
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+
+    llama = faithfulness.mib_cfg(LlamaConfig(hidden_size=64).to_dict(), 2, 4)
+    assert llama == {"n_layers": 2, "n_heads": 4, "d_model": 64, "parallel_attn_mlp": False}
+    assert faithfulness.mib_cfg(GPT2Config(n_embd=32).to_dict(), 2, 4)["d_model"] == 32
+    assert not faithfulness.mib_cfg(GPT2Config().to_dict(), 2, 4)["parallel_attn_mlp"]
+    assert faithfulness.mib_cfg(GPTNeoXConfig().to_dict(), 2, 4)["parallel_attn_mlp"]
+    neox = GPTNeoXConfig(use_parallel_residual=False).to_dict()
+    assert not faithfulness.mib_cfg(neox, 2, 4)["parallel_attn_mlp"]
+    assert faithfulness.mib_cfg(GPTJConfig().to_dict(), 2, 4)["parallel_attn_mlp"]
+    with pytest.raises(ValueError, match="names no hidden size"):
+        faithfulness.mib_cfg({"model_type": "llama"}, 2, 4)

@@ -5,6 +5,7 @@ self-repair; what reruns when a seed is added; what a copied set file does."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import numpy as np
@@ -71,6 +72,12 @@ def test_curves_and_direct_effects_are_written_and_summarised(together_run):
         "logs/sets/o_proj_input/last/zero/random2/keep/k0.log",
     ]:
         assert (together_run / name).is_file(), name
+    # every order's head scores as MIB's node-level file, in its ranking's order
+    ranking = pd.read_parquet(together_run / "sets/o_proj_input/last/zero/exact/ranking.parquet")
+    mib = json.loads((together_run / "curves/mib/o_proj_input/last/zero/exact.json").read_text())
+    assert mib["cfg"]["n_layers"] == 2 and mib["cfg"]["n_heads"] == 4
+    names = [f"a{r.layer}.h{r.head}" for r in ranking.sort_values("rank").itertuples()]
+    assert list(mib["nodes"]) == names and mib["edges"] == {}
     text = (together_run / "summary.md").read_text()
     assert "## Heads removed together (joint-ablation curves)" in text
     assert "## Direct effects and self-repair (final position)" in text
@@ -152,6 +159,7 @@ def test_adding_a_seed_reruns_only_its_points(together_run, together_config):
     workdir = together_run.parents[1]
     assert planned_jobs(workdir, config) == {
         "rank_heads": 1,
+        "mib_nodes": 1,
         "perturb_set": 6,
         "curves": 1,
         "plot": 1,

@@ -186,4 +186,10 @@ def final_targets():
     return [
         *targets.final_targets(config, PATHS, figures.chosen(config)),
         perturb_files,
+        mib_files,
     ]
+
+
+def mib_files(wildcards):
+    """Every curve order's head scores in MIB's node-level format."""
+    return sorted({job.mib_nodes(PATHS.results) for job in set_jobs()})

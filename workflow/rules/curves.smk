@@ -24,6 +24,27 @@ checkpoint rank_heads:
         steps.rank_heads(input, output, params, wildcards, threads, log)
 
 
+# every order's head scores as MIB's node-level circuit file (docs/method.md)
+rule mib_nodes:
+    input:
+        ranking=PATHS.ranking,
+        model=PATHS.model_dir,
+    output:
+        nodes=PATHS.mib_nodes,
+    log:
+        PATHS.mib_nodes_log,
+    wildcard_constraints:
+        site="|".join(spec.SITES),
+        position="|".join(spec.POSITIONS),
+        kind="|".join(sets.SET_KINDS),
+        order=sets.ORDER_PATTERN,
+    params:
+        n_layers=lambda wildcards: model_shape()["n_layers"],
+        n_heads=lambda wildcards: model_shape()["n_heads"],
+    run:
+        steps.mib_nodes(input, output, params, wildcards, threads, log)
+
+
 rule perturb_set:
     input:
         unpack(set_inputs),

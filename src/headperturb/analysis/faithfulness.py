@@ -20,7 +20,8 @@ every order's head scores in MIB's node-level file format.
 - :func:`curve_summary` and :func:`intervals`: a curve's areas from its points, and their
   percentile intervals from the paired bootstrap over prompts (the prompts resampled, f and the
   areas recomputed per resample, seeded, as :func:`headperturb.analysis.stats.paired_summary`);
-- :func:`mib_node_json`: an order's ranking as MIB's node-level circuit file.
+- :func:`mib_node_json`: an order's ranking as MIB's node-level circuit file (:func:`mib_cfg`:
+  the model's part of it).
 """
 
 from __future__ import annotations
@@ -173,6 +174,32 @@ def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(finite, q)) if len(finite) else float("nan")
 
 
+PARALLEL_TYPES = ("gptj", "phi", "cohere")
+"""Model types whose attention and MLP read the same residual stream (besides those whose
+config says so: ``use_parallel_residual``, ``parallel_attn``)."""
+
+
+def mib_cfg(model_config: dict, n_layers: int, n_heads: int) -> dict:
+    """MIB's ``cfg`` of a model (what EAP-IG's ``Graph`` needs to lay out its nodes) from its
+    Hugging Face ``config.json``: ``n_layers``, ``n_heads`` (query heads), ``d_model`` (the
+    hidden size) and ``parallel_attn_mlp``."""
+    names = ("hidden_size", "n_embd", "d_model")
+    d_model = next((model_config[k] for k in names if model_config.get(k)), None)
+    if d_model is None:
+        raise ValueError(f"the model's config names no hidden size ({', '.join(names)})")
+    parallel = (
+        bool(model_config.get("use_parallel_residual"))
+        or bool(model_config.get("parallel_attn"))
+        or model_config.get("model_type") in PARALLEL_TYPES
+    )
+    return {
+        "n_layers": int(n_layers),
+        "n_heads": int(n_heads),
+        "d_model": int(d_model),
+        "parallel_attn_mlp": parallel,
+    }
+
+
 def mib_node_name(layer: int, head: int) -> str:
     """An attention head as MIB names it (EAP-IG's ``AttentionNode``): ``a{layer}.h{head}``."""
     return f"a{int(layer)}.h{int(head)}"
@@ -185,8 +212,10 @@ def mib_node_json(ranking: pd.DataFrame, cfg: dict) -> str:
     ``cfg`` is the model's ``n_layers``, ``n_heads``, ``d_model``, ``parallel_attn_mlp``. Only
     heads are scored: MIB keeps unscored nodes (MLPs, the input) in every circuit, as the curves
     never ablate them. The score is the order's (larger first); a random order has none, so it
-    gets (N + 1 - rank) / N, which orders the heads as its ranks do. An order that scored some
-    heads but not others is refused (MIB would keep the unscored ones in every circuit)."""
+    gets (N + 1 - rank) / N, which orders the heads as its ranks do. The heads an exclusion order
+    puts last without a score (the other score's top heads) get scores below every scored head's,
+    in their order (the lowest score minus 1, 2, ...). Unscored heads before scored ones are
+    refused (MIB would keep them in every circuit)."""
     missing = [k for k in ("n_layers", "n_heads", "d_model", "parallel_attn_mlp") if k not in cfg]
     if missing:
         raise ValueError(f"MIB's cfg needs {', '.join(missing)}")
@@ -195,8 +224,16 @@ def mib_node_json(ranking: pd.DataFrame, cfg: dict) -> str:
     if score.isna().all():
         score = (len(table) + 1 - table["rank"].astype(float)) / len(table)
     elif score.isna().any():
-        unscored = [mib_node_name(r.layer, r.head) for r in table[score.isna()].itertuples()]
-        raise ValueError(f"{len(unscored)} heads have no score (e.g. {unscored[0]})")
+        scored = score.notna().to_numpy()
+        last = int(scored.nonzero()[0].max())
+        if not scored[: last + 1].all():
+            unscored = [mib_node_name(r.layer, r.head) for r in table[score.isna()].itertuples()]
+            raise ValueError(
+                f"{len(unscored)} heads have no score (e.g. {unscored[0]}), some ranked before "
+                f"scored heads"
+            )
+        score = score.copy()
+        score.iloc[last + 1 :] = score.iloc[last] - np.arange(1, len(score) - last)
     nodes = {
         mib_node_name(layer, head): {"in_graph": True, "score": float(s)}
         for layer, head, s in zip(table["layer"], table["head"], score)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headperturb.core.sets import ranking_path, set_path
+from headperturb.core.sets import mib_path, ranking_path, set_path
 from headperturb.core.spec import head_path
 
 MODELS = "resources/models"
@@ -33,7 +33,7 @@ _SET_WILDCARDS = {**_RANKING_WILDCARDS, "mode": "{mode}", "k": "{k}"}
 
 
 def _as_log(path: str) -> str:
-    return path.replace(".parquet", ".log")
+    return path.replace(".parquet", ".log").replace(".json", ".log")
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,15 @@ class RunPaths:
     @property
     def ranking_log(self) -> str:
         return _as_log(ranking_path(self.logs, **_RANKING_WILDCARDS))
+
+    @property
+    def mib_nodes(self) -> str:
+        """The pattern of an order's head scores as MIB's node-level circuit file."""
+        return mib_path(self.results, **_RANKING_WILDCARDS)
+
+    @property
+    def mib_nodes_log(self) -> str:
+        return _as_log(mib_path(self.logs, **_RANKING_WILDCARDS))
 
     @property
     def set_job(self) -> str:

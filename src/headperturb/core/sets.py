@@ -69,6 +69,10 @@ class SetJob:
         """Where the ranking of its order lives."""
         return ranking_path(results, self.site, self.position, self.kind, self.order_name)
 
+    def mib_nodes(self, results: str) -> str:
+        """Where its order's head scores live as MIB's node-level circuit file."""
+        return mib_path(results, self.site, self.position, self.kind, self.order_name)
+
     @classmethod
     def from_wildcards(cls, site, position, kind, order, mode, k) -> SetJob:
         name, seed = parse_order(order)
@@ -204,3 +208,7 @@ def set_jobs(curve_list: list[dict], n_heads_total: int, measured=frozenset()) -
 
 def ranking_path(results: str, site, position, kind, order_name) -> str:
     return f"{results}/sets/{site}/{position}/{kind}/{order_name}/ranking.parquet"
+
+
+def mib_path(results: str, site, position, kind, order_name) -> str:
+    return f"{results}/curves/mib/{site}/{position}/{kind}/{order_name}.json"

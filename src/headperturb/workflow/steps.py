@@ -45,7 +45,13 @@ from headperturb.workflow.preparing import (
 from headperturb.workflow.recording import baseline, capture_cache, capture_layer
 from headperturb.workflow.reporting import aggregate, plot, summarize
 from headperturb.workflow.rulestep import script, step
-from headperturb.workflow.together import curves, direct_effects, perturb_set, rank_heads
+from headperturb.workflow.together import (
+    curves,
+    direct_effects,
+    mib_nodes,
+    perturb_set,
+    rank_heads,
+)
 
 __all__ = [
     "aggregate",
@@ -61,6 +67,7 @@ __all__ = [
     "function_vectors",
     "head_types",
     "head_writes",
+    "mib_nodes",
     "pair_prompts",
     "perturb_head",
     "perturb_set",

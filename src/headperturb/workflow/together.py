@@ -55,6 +55,20 @@ def rank_heads(input, output, params, wildcards, threads):
 
 
 @step(quiet=True)
+def mib_nodes(input, output, params, wildcards, threads):
+    """An order's head scores as MIB's node-level circuit file
+    (:func:`headperturb.analysis.faithfulness.mib_node_json`), to compare with MIB's methods."""
+    from pathlib import Path
+
+    from headperturb.analysis import faithfulness
+
+    model_config = files.read_json(Path(input.model) / "config.json")
+    cfg = faithfulness.mib_cfg(model_config, params.n_layers, params.n_heads)
+    nodes = faithfulness.mib_node_json(files.read_parquet(input.ranking), cfg)
+    files.write_text(output.nodes, nodes + "\n")
+
+
+@step(quiet=True)
 def perturb_set(input, output, params, wildcards, threads):
     """Several heads perturbed together (:func:`headperturb.model.headset.perturb_set`)."""
     from headperturb.analysis.curves import read_ranking
