@@ -104,3 +104,34 @@ def test_at_least_counts_the_rows_that_reach_a_value(results):
     claim = {"key": "n", "file": "contributions.csv", "column": "change_auc", "reduce": "count"}
     assert claims.found_value({**claim, "at_least": 0.01}, results) == 2
     assert claims.found_value({**claim, "rows": {"kind": "zero"}, "at_least": 0.01}, results) == 1
+
+
+def test_the_structure_of_the_claims_resolves_on_a_run_of_another_config(results, tmp_path):
+    """--structure: the files this run holds must have every field, column and row key the
+    claims name; files it lacks are left out; values are not compared."""
+    written = [
+        {"key": "a", "file": "baseline/metrics.json", "field": "accuracy", "value": 0.5},
+        {
+            "key": "b",
+            "file": "contributions.csv",
+            "rows": {"kind": "zero", "layer": 3},
+            "column": "change_auc",
+            "reduce": "max",
+            "value": 9,
+        },
+        {"key": "c", "file": "curves/points.csv", "column": "auc", "value": 0.5},
+    ]
+    assert claims.unresolved(written, results) == ([], 2)
+    renamed = [
+        {**written[0], "field": "accuracy_mean"},
+        {**written[1], "rows": {"kind": "zero", "ordering": 1}, "column": "auc_change"},
+    ]
+    problems, resolved = claims.unresolved(renamed, results)
+    assert resolved == 2 and problems == [
+        "a: baseline/metrics.json has no field 'accuracy_mean'",
+        "b: contributions.csv has no column ordering, auc_change",
+    ]
+    (tmp_path / "claims.yaml").write_text(json.dumps({"claims": renamed}))
+    assert claims.main(["--structure", str(tmp_path / "claims.yaml"), str(results)]) == 1
+    (tmp_path / "claims.yaml").write_text(json.dumps({"claims": written}))
+    assert claims.main(["--structure", str(tmp_path / "claims.yaml"), str(results)]) == 0

@@ -11,9 +11,10 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from runs import planned_jobs, snakemake, tiny_config
+import yaml
+from runs import REPO, planned_jobs, snakemake, tiny_config
 
-from headperturb.analysis import curves, stats
+from headperturb.analysis import claims, curves, stats
 from headperturb.core import files
 
 
@@ -78,6 +79,12 @@ def test_curves_and_direct_effects_are_written_and_summarised(together_run):
     assert mib["cfg"]["n_layers"] == 2 and mib["cfg"]["n_heads"] == 4
     names = [f"a{r.layer}.h{r.head}" for r in ranking.sort_values("rank").itertuples()]
     assert list(mib["nodes"]) == names and mib["edges"] == {}
+    # the curve claims of docs/claims.yaml resolve in this run of the test config
+    written = yaml.safe_load((REPO / "docs/claims.yaml").read_text())["claims"]
+    problems, _ = claims.unresolved(
+        [c for c in written if c["file"].startswith("curves/")], together_run
+    )
+    assert not problems, problems
     text = (together_run / "summary.md").read_text()
     assert "## Heads removed together (joint-ablation curves)" in text
     assert "## Direct effects and self-repair (final position)" in text

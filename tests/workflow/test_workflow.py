@@ -15,7 +15,7 @@ import pytest
 import yaml
 from runs import REPO, launch, planned_jobs, snakemake, tiny_config
 
-from headperturb.analysis import scoring
+from headperturb.analysis import claims, scoring
 from headperturb.core import files
 
 
@@ -471,3 +471,15 @@ def test_the_anatomy_of_every_head_beside_its_effects(tmp_path, finished_run, ba
     summary = (results / "summary.md").read_text()
     assert "## What kind of head" in summary and f"plots/head_cards/{cards[0]}" in summary
     assert (results / "plots/attention_map.png").read_bytes()[:4] == b"\x89PNG"
+    # every file, field and column docs/claims.yaml names about the default run is in this run
+    # of the test config too (its values are checked on the default run)
+    written = yaml.safe_load((REPO / "docs/claims.yaml").read_text())["claims"]
+    problems, _ = claims.unresolved(written, results)
+    unpatched = [  # this run measures no patching: its heads have no patch effect
+        f"{c['key']}: anatomy/heads.csv has no column patch_effect"
+        for c in written
+        if c["file"] == "anatomy/heads.csv" and c.get("column") == "patch_effect"
+    ]
+    assert problems == unpatched, problems
+    absent = {c["file"] for c in written if not (results / c["file"]).is_file()}
+    assert absent == {"curves/points.csv"}  # this run has no curves: test_heads_together's has
