@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,37 @@ def test_failed_jobs_end_the_run_with_one_line_per_cause(tmp_path, monkeypatch, 
         lifecycle.end_of_error(workflow)
     assert ended.value.code == 1
     assert capsys.readouterr().err.splitlines() == terminal.failure_lines(jobs[:1])
+
+
+def test_bash_run_names_the_slurm_plugin_in_one_line(tmp_path):
+    """`bash run --profile profiles/slurm` where the executor plugin is missing: one line naming
+    the install, exit 1, before Snakemake (whose option parser would print its whole usage)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copy(repo / "run", tmp_path / "run")
+    bin_dir = tmp_path / ".venv/bin"
+    bin_dir.mkdir(parents=True)
+    # a set-up venv whose python has torch, the package and Snakemake, but not the SLURM plugin
+    (bin_dir / "python").write_text(
+        '#!/bin/sh\ncase "$2" in *snakemake_executor_plugin_slurm*) exit 1;; esac\nexit 0\n'
+    )
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / "snakemake").write_text("#!/bin/sh\necho snakemake ran\n")
+    (bin_dir / "snakemake").chmod(0o755)
+    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"\n')
+    result = subprocess.run(
+        ["bash", str(tmp_path / "run"), "--cores", "all", "--profile", "profiles/slurm"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "snakemake ran" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "headperturb: --profile profiles/slurm needs the SLURM executor plugin: "
+        'pip install -e ".[slurm]" (in .venv)'
+    ]
+    plain = subprocess.run(
+        ["bash", str(tmp_path / "run"), "--cores", "all"], capture_output=True, text=True
+    )
+    assert plain.returncode == 0 and plain.stdout.strip() == "snakemake ran"
