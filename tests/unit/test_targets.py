@@ -129,15 +129,20 @@ def test_the_job_patterns_are_the_jobs_paths():
     wild = {"site": job.site, "position": job.position, "setting": job.setting}
     assert p.head_job.format(**wild, layer=1, head=3) == job.path(p.results)
     assert (
-        p.head_job_log
+        p.log_of(p.head_job)
         == "results/run/logs/perturb/{site}/{position}/{setting}/layer{layer}/head{head}.log"
     )
     set_job = _set("last", "zero", "random", seed=2, mode="keep", k=4)
     wild = {"site": "o_proj_input", "position": "last", "kind": "zero", "order": "random2"}
     assert p.set_job.format(**wild, mode="keep", k=4) == set_job.path(p.results)
     assert p.ranking.format(**wild) == set_job.ranking(p.results)
-    assert p.set_job_log == "results/run/logs/sets/{site}/{position}/{kind}/{order}/{mode}/k{k}.log"
-    assert p.ranking_log == "results/run/logs/sets/{site}/{position}/{kind}/{order}/ranking.log"
+    assert (
+        p.log_of(p.set_job)
+        == "results/run/logs/sets/{site}/{position}/{kind}/{order}/{mode}/k{k}.log"
+    )
+    assert (
+        p.log_of(p.ranking) == "results/run/logs/sets/{site}/{position}/{kind}/{order}/ranking.log"
+    )
 
 
 def test_every_recording_a_plan_names_has_a_file():

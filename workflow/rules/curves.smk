@@ -10,7 +10,7 @@ checkpoint rank_heads:
     output:
         ranking=PATHS.ranking,
     log:
-        PATHS.ranking_log,
+        PATHS.log_of(PATHS.ranking),
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
@@ -32,7 +32,7 @@ rule mib_nodes:
     output:
         nodes=PATHS.mib_nodes,
     log:
-        PATHS.mib_nodes_log,
+        PATHS.log_of(PATHS.mib_nodes),
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),
@@ -51,7 +51,7 @@ rule perturb_set:
     output:
         result=PATHS.set_job,
     log:
-        PATHS.set_job_log,
+        PATHS.log_of(PATHS.set_job),
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),

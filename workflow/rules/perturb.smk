@@ -10,7 +10,7 @@ rule perturb_head:
     output:
         result=PATHS.head_job,
     log:
-        PATHS.head_job_log,
+        PATHS.log_of(PATHS.head_job),
     wildcard_constraints:
         site="|".join(spec.SITES),
         position="|".join(spec.POSITIONS),

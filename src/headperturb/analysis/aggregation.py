@@ -195,7 +195,7 @@ def qvalues(table: pd.DataFrame, column: str, correction: str = "setting") -> np
     if correction != "setting":
         raise ValueError(f"correction {correction!r} is not allowed; allowed: run, setting")
     out = np.full(len(table), np.nan)
-    for _, index in table.groupby(SETTING_KEYS, sort=False).indices.items():
+    for _, index in table.groupby(SETTING_KEYS, sort=False, dropna=False).indices.items():
         out[index] = stats.bh_qvalues(table[column].to_numpy()[index])
     return out
 

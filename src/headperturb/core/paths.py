@@ -77,6 +77,11 @@ class RunPaths:
         """A step's log: ``log("aggregate")`` is ``<results>/logs/aggregate.log``."""
         return f"{self.logs}/{name}.log"
 
+    def log_of(self, pattern: str) -> str:
+        """The log of a pattern under the results (a head job's, a ranking's, a set job's): the
+        same path under the logs, ending in ``.log``."""
+        return _as_log(self.logs + pattern.removeprefix(self.results))
+
     # -- prompts -------------------------------------------------------------------------------
     @property
     def reviews(self) -> str:
@@ -150,10 +155,6 @@ class RunPaths:
         return head_path(self.results, **_HEAD_WILDCARDS)
 
     @property
-    def head_job_log(self) -> str:
-        return _as_log(head_path(self.logs, **_HEAD_WILDCARDS))
-
-    @property
     def screen_estimates(self) -> str:
         return f"{self.results}/screen/estimates.parquet"
 
@@ -175,26 +176,14 @@ class RunPaths:
         return ranking_path(self.results, **_RANKING_WILDCARDS)
 
     @property
-    def ranking_log(self) -> str:
-        return _as_log(ranking_path(self.logs, **_RANKING_WILDCARDS))
-
-    @property
     def mib_nodes(self) -> str:
         """The pattern of an order's head scores as MIB's node-level circuit file."""
         return mib_path(self.results, **_RANKING_WILDCARDS)
 
     @property
-    def mib_nodes_log(self) -> str:
-        return _as_log(mib_path(self.logs, **_RANKING_WILDCARDS))
-
-    @property
     def set_job(self) -> str:
         """The pattern of a set job's file."""
         return set_path(self.results, **_SET_WILDCARDS)
-
-    @property
-    def set_job_log(self) -> str:
-        return _as_log(set_path(self.logs, **_SET_WILDCARDS))
 
     @property
     def curve_points(self) -> str:

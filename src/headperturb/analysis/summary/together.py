@@ -25,7 +25,7 @@ def curves(points: pd.DataFrame, band: pd.DataFrame, n_total: int) -> list[str]:
     ]
     for (site, position, kind), part in band.groupby(["site", "position", "kind"], sort=True):
         lines += ["", f"**{kind_label(kind)}, {position_label(position)} ({site})**", ""]
-        lines += _curve_table(part)
+        lines += _curve_table(part) + _faithfulness(part)
         setting = points[
             (points["site"] == site) & (points["position"] == position) & (points["kind"] == kind)
         ]
@@ -53,6 +53,46 @@ def _curve_table(band: pd.DataFrame) -> list[str]:
         ]
         lines.append(table_row(order, *cells))
     return lines
+
+
+METRICS = {"logit_diff": "logit difference", "auc": "ROC AUC"}
+
+
+def _faithfulness(band: pd.DataFrame) -> list[str]:
+    """MIB's faithfulness of a setting's keep curves on MIB's sizes: each order's CPR and CMD
+    with their intervals, beside the random orders' median [lowest-highest]."""
+    keep = band[(band["mode"] == "keep") & band["cpr"].notna()] if "cpr" in band else band[:0]
+    if keep.empty:
+        return []
+    lines = [
+        "",
+        "MIB's faithfulness of the kept heads (the keep curves on MIB's circuit sizes, "
+        "`ks: mib`; CPR: area under f, higher is better; CMD: area under |1 - f|, lower is "
+        "better; 95% intervals from the paired bootstrap; random orders: median "
+        "[lowest-highest] over the seeds):",
+        "",
+        *table_head("order", "metric", "CPR", "CMD", "random CPR", "random CMD"),
+    ]
+    for row in keep.sort_values(["metric", "order"]).to_dict("records"):
+        if row["order"] == "random":
+            continue
+        lines.append(
+            table_row(
+                row["order"],
+                METRICS.get(row["metric"], row["metric"]),
+                ci(row, "cpr", "ci_low_cpr", "ci_high_cpr", digits=2),
+                ci(row, "cmd", "ci_low_cmd", "ci_high_cmd", digits=2),
+                _band(row, "cpr"),
+                _band(row, "cmd"),
+            )
+        )
+    return lines
+
+
+def _band(row: dict, measure: str) -> str:
+    """The random orders' median [lowest-highest] of ``measure``."""
+    median, low, high = (row[f"random_{measure}_{q}"] for q in ("median", "low", "high"))
+    return "-" if pd.isna(median) else f"{median:.2f} [{low:.2f}-{high:.2f}]"
 
 
 def _curve_cell(band: pd.DataFrame, order: str, mode: str, metric: str) -> str:
