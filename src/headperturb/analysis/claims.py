@@ -19,6 +19,7 @@ row keys the claims name (:func:`unresolved`).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -57,15 +58,15 @@ def _selected(frame, rows: dict):
     return frame[keep]
 
 
-def found_value(claim: dict, results: Path):
-    """The value the run holds for ``claim``."""
+def found_value(claim: dict, results: Path, read=_table):
+    """The value the run holds for ``claim`` (``read``: how a table is read)."""
     path = results / claim["file"]
     if path.suffix == ".json":
         value = json.loads(path.read_text())
         for part in str(claim["field"]).split("."):
             value = value[part]
         return value
-    frame = _selected(_table(path), claim.get("rows", {}))
+    frame = _selected(read(path), claim.get("rows", {}))
     if "at_least" in claim:  # the rows whose column reaches a value (to count them)
         frame = frame[frame[claim["column"]] >= float(claim["at_least"])]
     reduce = claim.get("reduce")
@@ -107,11 +108,11 @@ def _number(written) -> Decimal | None:
 
 
 def check(claims: list[dict], results: Path) -> list[Finding]:
-    """Every claim checked against the results folder ``results``."""
-    out = []
+    """Every claim checked against the results folder ``results`` (each table read once)."""
+    out, read = [], functools.cache(_table)
     for claim in claims:
         try:
-            found = found_value(claim, results)
+            found = found_value(claim, results, read)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             found = f"unreadable: {exc}"
         holds = agrees(claim["value"], found, float(claim.get("scale", 1.0)))
@@ -124,7 +125,7 @@ def unresolved(claims: list[dict], results: Path) -> tuple[list[str], int]:
     file this run holds but whose JSON field, or table column or row key, it lacks (a renamed
     column or field would make the check of the default run fail), as ``key: what is missing``;
     and how many claims had their file here to be resolved. Values are not compared."""
-    problems, resolved = [], 0
+    problems, resolved, read = [], 0, functools.cache(_table)
     for claim in claims:
         path = results / claim["file"]
         if not path.is_file():
@@ -138,7 +139,7 @@ def unresolved(claims: list[dict], results: Path) -> tuple[list[str], int]:
                     break
                 value = value[part]
             continue
-        columns = set(_table(path).columns)
+        columns = set(read(path).columns)
         named = [*claim.get("rows", {}), *([claim["column"]] if "column" in claim else [])]
         missing = [c for c in named if c not in columns]
         if missing:

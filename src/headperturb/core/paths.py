@@ -7,6 +7,7 @@ Standard library only, so the Snakefile uses it while building the DAG.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from headperturb.core.sets import mib_path, ranking_path, set_path
@@ -30,10 +31,6 @@ _RANKING_WILDCARDS = {
     "order_name": "{order}",
 }
 _SET_WILDCARDS = {**_RANKING_WILDCARDS, "mode": "{mode}", "k": "{k}"}
-
-
-def _as_log(path: str) -> str:
-    return path.replace(".parquet", ".log").replace(".json", ".log")
 
 
 @dataclass(frozen=True)
@@ -79,8 +76,8 @@ class RunPaths:
 
     def log_of(self, pattern: str) -> str:
         """The log of a pattern under the results (a head job's, a ranking's, a set job's): the
-        same path under the logs, ending in ``.log``."""
-        return _as_log(self.logs + pattern.removeprefix(self.results))
+        same path under the logs, its suffix ``.log``."""
+        return os.path.splitext(self.logs + pattern.removeprefix(self.results))[0] + ".log"
 
     # -- prompts -------------------------------------------------------------------------------
     @property
