@@ -12,6 +12,7 @@ from tiny_models import edit_of, head_slice, sentiment_prompts
 
 from headperturb.analysis import screen
 from headperturb.core.kinds import mean_from_end
+from headperturb.data.parts import Prefix
 from headperturb.model import gradients, passes
 from headperturb.model.engine import Engine
 from headperturb.model.sites import locate_sites
@@ -39,13 +40,17 @@ def test_head_means_are_the_mean_ablations_values(tiny_llama, imdb_sample):
 
 def test_screen_numbers_equal_plain_autograd(tiny_llama, imdb_sample):
     """sum z.g, sum mean.g and ||g|| of every head, against a margin differentiated by hand with
-    torch.autograd on one prompt at a time."""
+    torch.autograd on one prompt at a time; over all positions, the last, the label words and
+    one demonstration (positions placed by hand)."""
     model, tok = tiny_llama
     engine, ids, _pids, _labels = _setup(model, tok, imdb_sample, n_test=4)
     ids = ids[:2] + [ids[2][:-3], ids[3]]
     sites = locate_sites(model)
     means = gradients.head_means(engine, ids, sites)
-    sums = gradients.gradient_sums(engine, ids, sites, means)
+    p = engine.prefix_len
+    prefix = Prefix(p, (2, p - 1), ((0, p // 2), (p // 2, p)))
+    positions = ("all", "last", "label_words", "demonstration_2")
+    sums = gradients.gradient_sums(engine, ids, sites, means, positions=positions, prefix=prefix)
     neg, pos = engine.token_ids
     zs = {}
     handles = []
@@ -73,6 +78,10 @@ def test_screen_numbers_equal_plain_autograd(tiny_llama, imdb_sample):
                     "mean_dot_g.all": (mu[:, cols] * g[:, cols]).sum(),
                     "g_norm.all": g[:, cols].pow(2).sum().sqrt(),
                     "g_norm.last": g[-1, cols].pow(2).sum().sqrt(),
+                    "z_dot_g.label_words": (z[[2, p - 1], cols] * g[[2, p - 1], cols]).sum(),
+                    "mean_dot_g.demonstration_2": (
+                        mu[p // 2 : p, cols] * g[p // 2 : p, cols]
+                    ).sum(),
                 }
                 for key, value in expected.items():
                     assert sums[key][i, s.layer, head] == pytest.approx(

@@ -12,6 +12,7 @@ from tiny_models import untouched
 
 from headperturb.core import kinds
 from headperturb.core.sets import SetJob
+from headperturb.data.parts import Prefix
 from headperturb.model import gradients, headset, passes, run
 from headperturb.model.hooks import AT_SITE, site_slice
 from headperturb.model.rows import rows_for
@@ -38,7 +39,7 @@ def set_edit(job, members, engine, sites, rows, state=None, means=None, clean=No
         cols_of=lambda site, head: site_slice(engine.model, site, head, job.site),
         clean_of=clean_of,
         donors=rows.donors,
-        prefix_len=engine.prefix_len,
+        prefix=Prefix(engine.prefix_len),
     )
 
 

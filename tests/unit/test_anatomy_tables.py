@@ -55,6 +55,36 @@ def test_the_parts_of_built_prompts_spell_their_label_words_and_reviews(
         assert tok.decode(ids[parts == P.FINAL_TEMPLATE]) == "\nSentiment:"
 
 
+def test_the_prefix_layout_places_each_demonstration_and_its_label_word(
+    tiny_tokenizer_dir, imdb_sample
+):
+    """The positions label_words and demonstration_<i> edit: the demonstrations tile the prefix in
+    order, each decodes to its own filled template, and the label words are their verbalizers."""
+    from tiny_models import sentiment_prompts
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    built = sentiment_prompts(*imdb_sample, tok, k_shot=3, n_test=2, max_review_tokens=12)
+    ids = np.asarray(built.prompts["input_ids"].iloc[0])
+    layout = P.prefix_layout(built.info, ids, tok)
+    n = built.info["prefix_len"]
+    assert layout.length == n and len(layout.demonstrations) == 3
+    assert layout.demonstrations[0][0] == 0 and layout.demonstrations[-1][1] == n
+    for (_, stop), (start, _) in zip(layout.demonstrations, layout.demonstrations[1:]):
+        assert stop == start  # they tile the prefix
+    words = []
+    for start, stop in layout.demonstrations:
+        text = tok.decode(ids[start:stop])
+        assert text.lstrip().startswith("Review:") and text.endswith("\n\n")
+        inside = [t for t in layout.label_words if start <= t < stop]
+        assert len(inside) >= 1  # one label word each, as many tokens as it takes
+        words.append(tok.decode(ids[inside]).strip())
+        assert f"Sentiment: {words[-1]}" in text
+    assert set(words) <= {"negative", "positive"}
+    with pytest.raises(P.PartsError, match="another tokenizer"):
+        P.prefix_layout(built.info, ids[1:], tok)
+
+
 def test_the_bootstrap_interval_holds_the_mean_and_is_a_point_for_constants():
     rng = np.random.default_rng(0)
     values = rng.normal(size=(50, 2, 3))

@@ -53,6 +53,24 @@ def test_a_head_acts_where_its_change_is_significant_largest_first():
     assert np.isnan(second["ld_last"]) and np.isnan(second["segments_sum"])
 
 
+def test_positions_inside_the_demonstrations_get_columns_of_their_own():
+    """label_words and single demonstrations follow the segments, in order; they join acts_at by
+    their size but not the sum of the segments (they lie inside the demonstrations)."""
+    inner = [
+        _row("demonstration_2", 3, 1, 0.05, 0.9),
+        _row("label_words", 3, 1, 0.7, 0.001),
+        _row("demonstration_10", 3, 1, 0.02, 0.9),
+    ]
+    frame = segments.segment_map(pd.concat([_table(), pd.DataFrame(inner)]), alpha=0.05)
+    inside = ("label_words", "demonstration_2", "demonstration_10")
+    assert segments.shown(frame) == (*segments.SHOWN, *inside)
+    first = frame.iloc[0]
+    assert first["acts_at"] == "label_words, last, review"
+    assert first["segments_sum"] == 0.1 + 0.5 - 0.6 and first["largest"] == 0.6
+    assert np.isnan(frame.iloc[1]["ld_label_words"])
+    assert segments.shown(segments.segment_map(_table())) == segments.SHOWN
+
+
 def test_counts_per_setting():
     mean = pd.DataFrame(
         [_row("review", 3, 1, 0.4, 0.01, "mean"), _row("last", 3, 1, 0.0, 1.0, "mean")]

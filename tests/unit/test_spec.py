@@ -1,6 +1,7 @@
 """Which head jobs a config asks for, where their files go, and the checks made while the DAG is
 built (headperturb.core.spec, headperturb.core.checks)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -200,7 +201,9 @@ def test_the_schema_lists_what_the_library_knows():
     defs, pert = schema["$defs"], schema["properties"]["perturbation"]["properties"]
     assert defs["kinds"]["items"]["enum"] == list(kinds.kinds())
     assert defs["sites"]["items"]["enum"] == list(spec.SITES)
-    assert defs["positions"]["items"]["enum"] == list(spec.POSITIONS)
+    named, numbered = defs["positions"]["items"]["anyOf"]
+    assert named["enum"] == list(spec.POSITIONS)
+    assert f"{numbered['pattern'][1:-1]}" == spec.POSITION_PATTERN.split("|")[-1]
     assert pert["method"]["enum"] == list(spec.METHODS)
     assert pert["noise_mode"]["enum"] == list(kinds.Noise.NOISE_MODES)
     assert set(pert["sweeps"]["items"]["properties"]) == set(spec.SWEEP_KEYS)
@@ -380,6 +383,32 @@ def test_demonstrations_need_demonstrations():
         checks.check_segments(perturbation, {"k_shot": 0})
     checks.check_segments(perturbation, {"k_shot": 1})
     checks.check_segments({"sweeps": [{"positions": ["all"]}]}, {"k_shot": 0})
+
+
+def test_label_words_and_single_demonstrations_are_positions_inside_the_demonstrations():
+    """demonstration_<i> up to k_shot, in the sweeps and an enabled screen; label_words where there
+    are demonstrations; a name that is none is refused with what is allowed."""
+    one = {"sweeps": [{"positions": ["label_words", "demonstration_2"]}]}
+    checks.check_segments(one, {"k_shot": 2})
+    with pytest.raises(spec.SpecError, match="allowed: demonstration_1 to demonstration_1"):
+        checks.check_segments(one, {"k_shot": 1})
+    with pytest.raises(spec.SpecError, match="label_words asks .*k_shot = 0 gives none"):
+        checks.check_segments(one, {"k_shot": 0})
+    screen = {"enabled": True, "positions": ["all", "demonstration_5"]}
+    all_ = {"sweeps": [{"positions": ["all"]}]}
+    with pytest.raises(spec.SpecError, match="demonstration_5 asks for demonstration 5"):
+        checks.check_segments(all_, {"k_shot": 4}, screen)
+    checks.check_segments(all_, {"k_shot": 4}, {**screen, "enabled": False})
+    for wrong in ("demonstration_0", "demonstration_x", "labels"):
+        with pytest.raises(spec.SpecError, match="allowed: all, last, .*label_words"):
+            spec.check_position(wrong)
+    assert spec.in_prefix("demonstration_3") and spec.in_prefix("label_words")
+    assert not spec.in_prefix("review") and not spec.in_prefix("all")
+    job = spec.HeadJob("o_proj_input", "label_words", "patch", "", 3, 0)
+    assert "shares the demonstrations" in plans.unchanged(job, 30)
+    assert "only the final position" in plans.unchanged(replace(job, kind="zero", layer=29), 30)
+    assert plans.unchanged(replace(job, kind="zero"), 30) is None
+    assert spec.position_label("demonstration_2") == "demonstration 2 positions"
 
 
 def test_a_threshold_or_a_choice_of_demonstrations_needs_development_reviews():

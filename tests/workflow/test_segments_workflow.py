@@ -14,6 +14,7 @@ from runs import snakemake, tiny_config
 from headperturb.core import files
 
 SEGMENT_POSITIONS = ["all", "demonstrations", "review", "last"]
+INSIDE = ["label_words", "demonstration_2"]  # inside the demonstrations
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,13 @@ def segments_config(tiny_llama_dir, imdb_dir) -> dict:
             "positions": SEGMENT_POSITIONS,
         },
         {"layers": [1], "heads": [0], "kinds": ["zero"], "positions": ["demonstrations", "review"]},
+        {"layers": [0], "heads": [1], "kinds": ["zero", "patch"], "positions": INSIDE},
     ]
-    config["screen"] = {"enabled": True, "kinds": ["zero", "patch"], "positions": SEGMENT_POSITIONS}
+    config["screen"] = {
+        "enabled": True,
+        "kinds": ["zero", "patch"],
+        "positions": [*SEGMENT_POSITIONS, *INSIDE],
+    }
     return config
 
 
@@ -46,7 +52,7 @@ def test_the_segment_map_is_summarised_and_drawn(segments_run):
     assert "## Where in the prompt" in text
     assert (
         "| layer | head | all positions | demonstration positions | review positions "
-        "| last position |" in text
+        "| last position | label-word positions | demonstration 2 positions |" in text
     )
     assert (run / "plots/segment_map.png").stat().st_size > 10_000
     for position in ("demonstrations", "review"):
@@ -57,7 +63,7 @@ def test_the_screen_is_compared_per_segment(segments_run):
     agreement = pd.read_csv(segments_run / "results/segments/screen/agreement.csv")
     assert set(SEGMENT_POSITIONS) <= set(agreement["position"])
     estimates = files.read_parquet(segments_run / "results/segments/screen/heads.parquet")
-    assert set(estimates["position"]) == set(SEGMENT_POSITIONS)
+    assert set(estimates["position"]) == {*SEGMENT_POSITIONS, *INSIDE}
 
 
 def test_a_segment_of_the_last_layer_takes_the_unperturbed_logits(segments_run):
@@ -95,6 +101,9 @@ def test_each_segment_moves_the_margins_and_patched_demonstrations_do_not(segmen
     for position in ("demonstrations", "review", "last"):
         assert np.abs(shift(position)).sum() > 0, position
     np.testing.assert_array_equal(shift("demonstrations", "patch"), 0)  # the partner shares them
+    for position in INSIDE:  # the label words and the second demonstration, from the tokenizer
+        assert np.abs(shift(position)).sum() > 0, position
+        np.testing.assert_array_equal(shift(position, "patch"), 0)
 
 
 def test_naive_method_gives_the_same_numbers_at_every_segment(segments_run, segments_config):
@@ -105,7 +114,7 @@ def test_naive_method_gives_the_same_numbers_at_every_segment(segments_run, segm
     snakemake(segments_run, config)
     fast_dir, naive_dir = segments_run / "results/segments", segments_run / "results/segments-naive"
     names = sorted(p.relative_to(fast_dir) for p in (fast_dir / "perturb").rglob("*.parquet"))
-    assert len(names) == 2 * 4 * 4 + 2
+    assert len(names) == 2 * 4 * 4 + 2 + 2 * 2
     for name in names:
         fast, naive = pd.read_parquet(fast_dir / name), pd.read_parquet(naive_dir / name)
         np.testing.assert_allclose(fast["margin"], naive["margin"], atol=1e-4, err_msg=str(name))

@@ -13,7 +13,7 @@ checkpoint rank_heads:
         PATHS.log_of(PATHS.ranking),
     wildcard_constraints:
         site="|".join(spec.SITES),
-        position="|".join(spec.POSITIONS),
+        position=spec.POSITION_PATTERN,
         kind="|".join(sets.SET_KINDS),
         order=sets.ORDER_PATTERN,
     params:
@@ -35,7 +35,7 @@ rule mib_nodes:
         PATHS.log_of(PATHS.mib_nodes),
     wildcard_constraints:
         site="|".join(spec.SITES),
-        position="|".join(spec.POSITIONS),
+        position=spec.POSITION_PATTERN,
         kind="|".join(sets.SET_KINDS),
         order=sets.ORDER_PATTERN,
     params:
@@ -54,7 +54,7 @@ rule perturb_set:
         PATHS.log_of(PATHS.set_job),
     wildcard_constraints:
         site="|".join(spec.SITES),
-        position="|".join(spec.POSITIONS),
+        position=spec.POSITION_PATTERN,
         kind="|".join(sets.SET_KINDS),
         order=sets.ORDER_PATTERN,
         mode="|".join(sets.SET_MODES),

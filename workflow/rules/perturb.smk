@@ -13,7 +13,7 @@ rule perturb_head:
         PATHS.log_of(PATHS.head_job),
     wildcard_constraints:
         site="|".join(spec.SITES),
-        position="|".join(spec.POSITIONS),
+        position=spec.POSITION_PATTERN,
         setting=spec.setting_pattern(),
         layer=r"\d+",
         head=r"\d+",

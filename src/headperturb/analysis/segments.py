@@ -17,13 +17,27 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from headperturb.core.spec import SEGMENTS
+from headperturb.core.spec import SEGMENTS, in_prefix
 
 HEAD = ["site", "kind", "scale", "layer", "head"]
 """A head in one setting apart from its positions."""
 
 SHOWN = ("all", *SEGMENTS)
-"""The columns of the map: every position, then the segments in prompt order."""
+"""The columns of every map: every position, then the segments in prompt order; the positions
+inside the demonstrations a run measured follow (:func:`inside`)."""
+
+
+def inside(positions) -> tuple[str, ...]:
+    """The positions inside the demonstrations among ``positions``: ``label_words``, then
+    ``demonstration_<i>`` by ``i``."""
+    found = {str(p) for p in positions if in_prefix(str(p)) and p != "demonstrations"}
+    return tuple(sorted(found, key=lambda p: -1 if p == "label_words" else int(p.split("_")[1])))
+
+
+def shown(frame: pd.DataFrame) -> tuple[str, ...]:
+    """The positions a map (:func:`segment_map`) has columns for, in order."""
+    return tuple(c[len("ld_") :] for c in frame.columns if c.startswith("ld_"))
+
 
 MEASURES = {
     "ld": "change_logit_diff",
@@ -38,13 +52,15 @@ column it comes from."""
 
 def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """One row per head and setting measured at two segments or more: for each position in
-    :data:`SHOWN` the change of the logit difference (``ld_<position>``, NaN where not measured),
-    its interval (``low_``, ``high_``), q-value (``q_``) and AUC change (``auc_``);
-    ``acts_at``, the segments whose change has q < alpha, largest first, comma-separated
-    ("none" where there is none); ``segments_sum``, the sum of the segments' changes (to set
-    beside ``ld_all``: close when the segments' effects add up); ``largest``, the largest
-    absolute change over the segments. Sorted by ``largest``, largest first."""
-    part = table[table["position"].isin(SHOWN)]
+    :data:`SHOWN` and those inside the demonstrations the table holds (:func:`inside`) the change
+    of the logit difference (``ld_<position>``, NaN where not measured), its interval (``low_``,
+    ``high_``), q-value (``q_``) and AUC change (``auc_``); ``acts_at``, the segments and
+    positions inside the demonstrations whose change has q < alpha, largest first,
+    comma-separated ("none" where there is none); ``segments_sum``, the sum of the segments'
+    changes (to set beside ``ld_all``: close when the segments' effects add up); ``largest``,
+    the largest absolute change over the segments. Sorted by ``largest``, largest first."""
+    columns_at = SHOWN + inside(table["position"].unique())
+    part = table[table["position"].isin(columns_at)]
     rows = []
     for key, group in part.groupby(HEAD, sort=False):
         by = group.set_index("position")
@@ -52,7 +68,7 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
             continue
         row = dict(zip(HEAD, key))
         row["noise_mode"] = str(group["noise_mode"].iloc[0]) if "noise_mode" in group else ""
-        for position in SHOWN:
+        for position in columns_at:
             found = position in by.index
             for out, column in MEASURES.items():
                 row[f"{out}_{position}"] = float(by.at[position, column]) if found else np.nan
@@ -60,14 +76,16 @@ def segment_map(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         if not changes:
             continue
         acting = [s for s in changes if row[f"q_{s}"] < alpha]
-        acting.sort(key=lambda s: -abs(changes[s]))
+        acting += [p for p in inside(by.index) if row[f"q_{p}"] < alpha]
+        changes_in = {p: row[f"ld_{p}"] for p in acting}
+        acting.sort(key=lambda s: -abs(changes_in[s]))
         row["acts_at"] = ", ".join(acting) or "none"
         row["segments_sum"] = (
             float(sum(changes.values())) if len(changes) == len(SEGMENTS) else np.nan
         )
         row["largest"] = float(max(abs(v) for v in changes.values()))
         rows.append(row)
-    measured = [f"{o}_{p}" for p in SHOWN for o in MEASURES]
+    measured = [f"{o}_{p}" for p in columns_at for o in MEASURES]
     columns = [*HEAD, "noise_mode", *measured, "acts_at", "segments_sum", "largest"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values("largest", ascending=False, kind="stable").reset_index(drop=True)

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from headperturb.core import files, hints
 from headperturb.core.sets import curves, set_jobs
-from headperturb.core.spec import SpecError, head_jobs, screened, sweeps
+from headperturb.core.spec import (
+    SpecError,
+    check_position,
+    head_jobs,
+    in_prefix,
+    screened,
+    sweeps,
+)
 
 
 def data_files(path: str | None) -> list[str]:
@@ -116,7 +123,7 @@ def check_run(config: dict, shape: dict | None) -> list[str]:
     if shape is not None:
         head_jobs(perturbation, shape["n_layers"], shape["n_heads"])
     check_screen(config["screen"], [s for s in sweeps(perturbation) if screened(s)])
-    check_segments(perturbation, config["prompts"])
+    check_segments(perturbation, config["prompts"], config["screen"])
     check_calibration(config["scoring"], config["prompts"])
     check_curves(curves(perturbation), config["screen"])
     if shape is not None:
@@ -143,14 +150,28 @@ def check_calibration(scoring: dict, prompts: dict) -> None:
         )
 
 
-def check_segments(perturbation: dict, prompts: dict) -> None:
-    """The demonstrations are a segment only where there are some."""
-    asked = any("demonstrations" in s["positions"] for s in sweeps(perturbation))
-    if asked and prompts["k_shot"] == 0:
-        raise SpecError(
-            "perturbation: positions demonstrations asks for the demonstrations, but "
-            "prompts.k_shot = 0 gives none; set k_shot >= 1 or drop demonstrations"
-        )
+def check_segments(perturbation: dict, prompts: dict, screen: dict | None = None) -> None:
+    """The demonstrations, their label words and the ``i``-th demonstration are segments only
+    where there are some (``prompts.k_shot``), in the sweeps and an enabled screen."""
+    k = prompts["k_shot"]
+    asked = [p for s in sweeps(perturbation) for p in s["positions"]]
+    if screen and screen.get("enabled"):
+        asked += list(screen.get("positions") or [])
+    for position in dict.fromkeys(asked):
+        check_position(position)
+        if not in_prefix(position):
+            continue
+        if k == 0:
+            raise SpecError(
+                f"perturbation: positions {position} asks for the demonstrations, but "
+                f"prompts.k_shot = 0 gives none; set k_shot >= 1 or drop {position}"
+            )
+        i = int(position.split("_")[1]) if position.startswith("demonstration_") else 1
+        if i > k:
+            raise SpecError(
+                f"perturbation: positions {position} asks for demonstration {i}, but "
+                f"prompts.k_shot = {k} gives {k}; allowed: demonstration_1 to demonstration_{k}"
+            )
 
 
 def check_exact_orders(curve_list: list[dict], measured: set[tuple[str, str, str]]) -> None:

@@ -22,7 +22,9 @@ def cost_preview(jobs: list[HeadJob], shape: dict, config: dict, model_info: dic
     n_layers, n = shape["n_layers"], prompts["n_test"]
     own = prompts["max_review_tokens"] + 8  # a review with its template words
     tokens = (prompts["k_shot"] + 1) * own
-    by_position = {p: [j for j in jobs if j.position == p] for p in POSITIONS}
+    by_position: dict[str, list[HeadJob]] = {p: [] for p in POSITIONS}
+    for j in jobs:  # the single demonstrations after, in the order asked
+        by_position.setdefault(j.position, []).append(j)
     counts = ", ".join(f"{len(v)} at {k} positions" for k, v in by_position.items() if v)
     text = f"{len(jobs)} head jobs ({counts})"
     if model_info is None:

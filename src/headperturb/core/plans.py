@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from headperturb.core.kinds import build
 from headperturb.core.sets import SetJob
-from headperturb.core.spec import HeadJob, paired
+from headperturb.core.spec import HeadJob, in_prefix, paired
 
 PASSES = (
     "naive",
@@ -67,9 +67,9 @@ class Plan:
 def unchanged(job: HeadJob, n_layers: int) -> str | None:
     """Why ``job``'s edit cannot reach the logits, so that its numbers are the unperturbed
     model's exactly; None where it can."""
-    if job.position in ("demonstrations", "review") and job.layer == n_layers - 1:
+    if job.position not in ("all", "last") and job.layer == n_layers - 1:
         return "at the last layer only the final position reaches the logits"
-    if job.position == "demonstrations" and paired(job.kind):
+    if in_prefix(job.position) and paired(job.kind):
         return (
             "the partner prompt shares the demonstrations, so its output there is the prompt's own"
         )

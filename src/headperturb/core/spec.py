@@ -34,15 +34,42 @@ SITES = ("o_proj_input", "o_proj_output")
 projection mixes all heads, so that slice is a block of residual-stream coordinates, not a head.
 """
 
-POSITIONS = ("all", "last", "demonstrations", "review")
+POSITIONS = ("all", "last", "demonstrations", "review", "label_words")
 """Which positions of a prompt are perturbed: ``all`` (the original study); ``last``, the final
 position, where the label is read; ``demonstrations``, the shared k-shot prefix (the tokens of
 every filled demonstration and its separator, ``prefix_len`` in ``prompt_info.json``); or
 ``review``, the test review's own tokens (its template words and text) up to, not including,
-the final position. ``demonstrations``, ``review`` and ``last`` make up ``all``."""
+the final position. ``demonstrations``, ``review`` and ``last`` make up ``all``. Inside the
+demonstrations: ``label_words``, their label words (the verbalizer tokens, Wang et al. 2023's
+"anchors"), and each single demonstration, ``demonstration_<i>`` (:func:`demonstration`)."""
 
 SEGMENTS = ("demonstrations", "review", "last")
 """The positions that partition a prompt, in prompt order."""
+
+POSITION_PATTERN = "|".join(POSITIONS) + "|demonstration_[1-9][0-9]*"
+"""Every position's name, as a regular expression (the Snakefile's wildcard constraint)."""
+
+
+def demonstration(i: int) -> str:
+    """The position of the ``i``-th demonstration (from 1, in prompt order): its template words,
+    text, label word and separator (the first also holds the prompt's first token)."""
+    return f"demonstration_{int(i)}"
+
+
+def check_position(position: str) -> None:
+    """Raise :class:`SpecError` for a position that is none."""
+    if not re.fullmatch(POSITION_PATTERN, str(position)):
+        raise SpecError(
+            f"position {position!r} is not allowed; allowed: {', '.join(POSITIONS)}, "
+            "demonstration_<i> (the i-th demonstration, from 1)"
+        )
+
+
+def in_prefix(position: str) -> bool:
+    """Whether ``position`` lies inside the shared demonstrations (all of them, their label words
+    or one of them), which every prompt and its partner share."""
+    return position in ("demonstrations", "label_words") or position.startswith("demonstration_")
+
 
 METHODS = ("fast", "naive")
 """``fast`` runs only what the perturbation can change, from recorded activations; ``naive``, the
@@ -165,11 +192,15 @@ POSITION_LABELS = {
     "last": "last position",
     "demonstrations": "demonstration positions",
     "review": "review positions",
+    "label_words": "label-word positions",
 }
 
 
 def position_label(position: str) -> str:
-    """``all`` -> ``all positions``, ``last`` -> ``last position``, for logs, plots and tables."""
+    """``all`` -> ``all positions``, ``last`` -> ``last position``, ``demonstration_2`` ->
+    ``demonstration 2 positions``, for logs, plots and tables."""
+    if position.startswith("demonstration_"):
+        return f"demonstration {position.split('_')[1]} positions"
     return POSITION_LABELS[position]
 
 
@@ -197,10 +228,7 @@ def sweep_jobs(
         if site not in SITES:
             raise SpecError(f"site {site!r} is not allowed; allowed: {', '.join(SITES)}")
     for position in sweep["positions"]:
-        if position not in POSITIONS:
-            raise SpecError(
-                f"position {position!r} is not allowed; allowed: {', '.join(POSITIONS)}"
-            )
+        check_position(position)
     settings = []
     for kind in sweep["kinds"]:
         if kind not in PERTURBATIONS:

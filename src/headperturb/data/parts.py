@@ -23,6 +23,7 @@ stored.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,8 +45,9 @@ def _pieces(template: str, verbalizer: str) -> tuple[str, str, str]:
     return template[:at_text], between, template[at_label + len("{label}") :]
 
 
-def prefix_chars(prefix: str, template: str, separator: str, verbalizers) -> np.ndarray:
-    """(len(prefix),) the part of each character of the demonstrations' prefix."""
+def _examples(prefix: str, template: str, separator: str, verbalizers):
+    """The demonstrations of ``prefix`` in order, as regular-expression matches (groups ``text``
+    and ``label``; each match runs through its separator)."""
     before, between, after = _pieces(template, verbalizers[0])
     words = "|".join(re.escape(v) for v in sorted(verbalizers, key=len, reverse=True))
     example = re.compile(
@@ -56,18 +58,25 @@ def prefix_chars(prefix: str, template: str, separator: str, verbalizers) -> np.
         + re.escape(after + separator),
         re.DOTALL,
     )
-    chars = np.full(len(prefix), TEMPLATE, dtype=np.int8)
-    at = 0
+    found, at = [], 0
     while at < len(prefix):
-        found = example.match(prefix, at)
-        if found is None:
+        match = example.match(prefix, at)
+        if match is None:
             raise PartsError(
                 f"the prompts' prefix does not read as demonstrations of the template "
                 f"{template!r} from character {at}: {prefix[at : at + 60]!r}"
             )
+        found.append(match)
+        at = match.end()
+    return found
+
+
+def prefix_chars(prefix: str, template: str, separator: str, verbalizers) -> np.ndarray:
+    """(len(prefix),) the part of each character of the demonstrations' prefix."""
+    chars = np.full(len(prefix), TEMPLATE, dtype=np.int8)
+    for found in _examples(prefix, template, separator, verbalizers):
         chars[found.start("text") : found.end("text")] = DEMONSTRATIONS
         chars[found.start("label") : found.end("label")] = LABEL_WORDS
-        at = found.end()
     return chars
 
 
@@ -127,3 +136,39 @@ def prompt_parts(info: dict, prompts, tokenizer) -> list[np.ndarray]:
         parts[0] = FIRST
         out.append(parts)
     return out
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """Where things lie in the shared demonstrations (the first ``length`` tokens of every
+    prompt): the token positions of their label words, and each demonstration's ``[start,
+    stop)`` (the demonstrations tile the prefix, in order). What the positions ``label_words``
+    and ``demonstration_<i>`` edit (:func:`headperturb.model.hooks.segment`)."""
+
+    length: int = 0
+    label_words: tuple[int, ...] = ()
+    demonstrations: tuple[tuple[int, int], ...] = ()
+
+
+def prefix_layout(info: dict, first_ids, tokenizer) -> Prefix:
+    """The run's :class:`Prefix`, from ``prompt_info.json`` (``info``), a prompt's token ids
+    (``first_ids``: the prefix is every prompt's first ``prefix_len``) and the tokenizer's
+    offsets. A token belongs to the demonstration its first character is in (the prompt's first
+    token to the first); it is a label word where :func:`token_parts` says so."""
+    prefix, n_prefix = info["prefix_text"], int(info["prefix_len"])
+    offsets = _encoded(tokenizer, prefix, True, first_ids[:n_prefix], "the demonstrations")
+    template, verbalizers = info["template"], info["verbalizers"]
+    parts = token_parts(prefix_chars(prefix, template, info["separator"], verbalizers), offsets)
+    ends = [m.end() for m in _examples(prefix, template, info["separator"], verbalizers)]
+    if not ends:  # no demonstrations (k_shot: 0)
+        return Prefix(n_prefix)
+    starts = np.array([start for start, _end in offsets])
+    which = np.minimum(np.searchsorted(ends, starts, side="right"), len(ends) - 1)
+    spans = []
+    for i in range(len(ends)):
+        at = np.flatnonzero(which == i)
+        if not len(at):
+            raise PartsError(f"demonstration {i + 1} of the prefix has no token of its own")
+        spans.append((int(at[0]), int(at[-1]) + 1))
+    labels = tuple(int(t) for t in np.flatnonzero(parts == LABEL_WORDS))
+    return Prefix(n_prefix, labels, tuple(spans))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from headperturb.core import files
+from headperturb.core.spec import in_prefix
+from headperturb.data.parts import Prefix, prefix_layout
 from headperturb.model import cache
 
 
@@ -78,6 +80,17 @@ def load_engine(prompts: PromptFiles, model: ModelSpec):
     info = files.read_json(prompts.info)
     engine = Engine(net, info["prefix_len"], info["verbalizer_token_ids"])
     return engine, locate_sites(net, model.site), model_info, info
+
+
+def prefix_of(info: dict, first_ids, model_path: str, positions) -> Prefix:
+    """Where the demonstrations lie in the run's prompts (:class:`Prefix`): their length, and
+    for the positions inside them (``label_words``, ``demonstration_<i>``) the tokenizer's word
+    (:func:`headperturb.data.parts.prefix_layout`), loaded only then."""
+    if all(p == "demonstrations" or not in_prefix(p) for p in positions):
+        return Prefix(int(info["prefix_len"]))
+    from headperturb.model.loading import load_tokenizer
+
+    return prefix_layout(info, first_ids, load_tokenizer(model_path))
 
 
 def prompt_ids(prompts_path) -> tuple[list[np.ndarray], list[int], np.ndarray]:

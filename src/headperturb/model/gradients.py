@@ -9,12 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from headperturb.core.spec import POSITIONS
+from headperturb.data.parts import Prefix
 from headperturb.joblog import Progress
 from headperturb.model import cache, hooks
 from headperturb.model.engine import Engine
 from headperturb.model.sites import HeadSite
 from headperturb.model.surgery import narrow_lm_head
+
+BASE_POSITIONS = ("all", "last", "demonstrations", "review")
+"""The positions :func:`gradient_sums` sums over unless told."""
 
 
 def head_means(
@@ -65,12 +68,14 @@ def gradient_sums(
     means: dict,
     progress: Progress | None = None,
     partners: list[int] | None = None,
+    positions=BASE_POSITIONS,
+    prefix: Prefix | None = None,
 ) -> dict[str, np.ndarray]:
-    """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over all
-    positions (``.all``), the final position (``.last``), the demonstrations
-    (``.demonstrations``) and the review (``.review``: :data:`headperturb.core.spec.POSITIONS`),
-    from one forward and one backward pass per prompt through the model's own modules. Arrays
-    (n, layers, heads).
+    """For every prompt, layer and head: ``z_dot_g``, ``mean_dot_g`` and ``g_norm`` over each of
+    ``positions`` (``.all``, ``.last``, ``.demonstrations``, ``.review``, ``.label_words``,
+    ``.demonstration_<i>``: :func:`headperturb.model.hooks.segment`, as ``prefix`` places them;
+    None: ``Prefix(engine.prefix_len)``), from one forward and one backward pass per prompt
+    through the model's own modules. Arrays (n, layers, heads).
 
     The shared prefix runs forward once; each prompt's query then runs on its cache and one
     backward pass gives that prompt's gradient at every position, the prefix's included.
@@ -80,9 +85,9 @@ def gradient_sums(
     n_heads = sites[0].n_heads
     sums = ("z_dot_g", "mean_dot_g", "g_norm") + (("partner_dot_g",) if partners else ())
     out = {
-        f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads)) for q in sums for p in POSITIONS
+        f"{q}.{p}": np.zeros((len(prompts), len(sites), n_heads)) for q in sums for p in positions
     }
-    n_pre = engine.prefix_len
+    prefix = Prefix(engine.prefix_len) if prefix is None else prefix
     with _Gradients(engine, sites) as grads:
         for i, ids in enumerate(prompts):
             zs, gs = grads.of(ids)
@@ -93,8 +98,8 @@ def gradient_sums(
                 z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
                 mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
                 p = zp[layer].double().reshape(n, n_heads, -1) if zp is not None else None
-                for part in POSITIONS:
-                    sl = slice(*hooks.segment(part, n, n_pre))
+                for part in positions:
+                    sl = torch.from_numpy(hooks.segment(part, n, prefix))
                     out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
                     out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()

@@ -38,10 +38,12 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from headperturb.core.kinds import Noise
-from headperturb.core.spec import SITES
+from headperturb.core.spec import SITES, check_position
+from headperturb.data.parts import Prefix
 from headperturb.model.sites import HeadSite, SiteError, final_norm_name
 from headperturb.model.surgery import out_features, skip_layers_below
 
@@ -204,36 +206,48 @@ def edit_slice(x: torch.Tensor, cols: slice, values: torch.Tensor, fn) -> torch.
     return out
 
 
-def segment(position: str, length: int, prefix_len: int) -> tuple[int, int]:
-    """The positions ``[start, stop)`` of a prompt of ``length`` tokens that ``position`` edits:
-    every one (``all``), the final one (``last``), the demonstrations (the first ``prefix_len``)
-    or the review (the rest but the final one)."""
-    bounds = {
-        "all": (0, length),
-        "last": (length - 1, length),
-        "demonstrations": (0, prefix_len),
-        "review": (prefix_len, length - 1),
+def segment(position: str, length: int, prefix: Prefix) -> np.ndarray:
+    """(length,) which positions of a prompt of ``length`` tokens ``position`` edits: every one
+    (``all``), the final one (``last``), the demonstrations (the first ``prefix.length``), the
+    review (the rest but the final one), the demonstrations' label words (``label_words``) or
+    the ``i``-th demonstration (``demonstration_<i>``), as ``prefix`` places them."""
+    check_position(position)
+    mask = np.zeros(length, dtype=bool)
+    if position.startswith("demonstration_"):
+        i = int(position.split("_")[1])
+        if i > len(prefix.demonstrations):
+            raise ValueError(
+                f"position {position} asks for demonstration {i}; the prompts have "
+                f"{len(prefix.demonstrations)}"
+            )
+        mask[slice(*prefix.demonstrations[i - 1])] = True
+        return mask
+    spans = {
+        "all": slice(0, length),
+        "last": slice(length - 1, length),
+        "demonstrations": slice(0, prefix.length),
+        "review": slice(prefix.length, length - 1),
+        "label_words": list(prefix.label_words),
     }
-    if position not in bounds:
-        raise ValueError(f"position {position!r} is not allowed; allowed: {', '.join(bounds)}")
-    return bounds[position]
+    mask[spans[position]] = True
+    return mask
 
 
-def only_segment(values: torch.Tensor, length: int, start: int, stop: int) -> torch.Tensor:
+def only_segment(values: torch.Tensor, length: int, mask: np.ndarray) -> torch.Tensor:
     """``values`` (aligned to the last positions of a prompt of ``length`` tokens) with
-    :data:`KEEP` outside positions ``[start, stop)``."""
+    :data:`KEEP` where ``mask`` (``(length,)``, :func:`segment`) is False."""
     out = values.clone()
-    first = length - values.shape[-2]  # the prompt position of values' first row
-    index = torch.arange(first, length)
-    out[..., (index < start) | (index >= stop), :] = KEEP
+    outside = torch.from_numpy(~mask[length - values.shape[-2] :])
+    out[..., outside, :] = KEEP
     return out
 
 
 @dataclass(frozen=True)
 class Edit:
     """The edit of one head: head ``head`` of ``site``, at ``where`` (o_proj input or output),
-    over ``position`` (``all`` positions, the ``last`` one, the ``demonstrations`` or the
-    ``review``: :func:`segment`), its columns set to ``fn(z, v)`` (the kind's
+    over ``position`` (``all`` positions, the ``last`` one, the ``demonstrations``, the
+    ``review``, the ``label_words`` or a ``demonstration_<i>``: :func:`segment`, as ``prefix``
+    places them), its columns set to ``fn(z, v)`` (the kind's
     :meth:`~headperturb.core.kinds.Perturbation.apply`) in each of ``draws`` draws.
 
     ``values(index, prompt_id, length)`` gives ``v``, a (draws or 1, length, width) tensor aligned
@@ -246,10 +260,10 @@ class Edit:
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     draws: int
     position: str = "all"
-    prefix_len: int = 0  # the demonstrations' tokens, for the segments
+    prefix: Prefix = Prefix()  # where the demonstrations lie, for the segments
 
     def __post_init__(self):
-        segment(self.position, 1, 0)  # raises for a position that is none
+        check_position(self.position)  # raises for a position that is none
 
     def for_prompt(self, index: int, prompt_id: int, length: int) -> torch.Tensor:
         """The values for one prompt of ``length`` tokens: every position, the final one, or
@@ -259,7 +273,7 @@ class Edit:
         values = self.values(index, prompt_id, length)
         if self.position == "all":
             return values
-        return only_segment(values, length, *segment(self.position, length, self.prefix_len))
+        return only_segment(values, length, segment(self.position, length, self.prefix))
 
     @property
     def members(self) -> tuple[Edit, ...]:

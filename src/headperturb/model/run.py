@@ -22,8 +22,16 @@ import numpy as np
 from headperturb import joblog
 from headperturb.core import files
 from headperturb.core.plans import Plan
+from headperturb.data.parts import Prefix
 from headperturb.model import cache
-from headperturb.model.context import JobInputs, ModelSpec, gpu_memory_hint, load_engine, prompt_ids
+from headperturb.model.context import (
+    JobInputs,
+    ModelSpec,
+    gpu_memory_hint,
+    load_engine,
+    prefix_of,
+    prompt_ids,
+)
 from headperturb.model.hooks import AT_SITE, Edit, EditSet, site_slice
 from headperturb.model.rows import Rows, job_rows
 from headperturb.model.sites import HeadSite
@@ -115,7 +123,7 @@ def _program(plan: Plan, target: Target, inputs: JobInputs, model: ModelSpec) ->
         cols_of=lambda _site, head: tail.columns(meta, head, target.where),
         clean_of=lambda _site, _head, cols: tail.final_outputs(state, cols, target.where),
         donors=rows.donors,
-        prefix_len=info["prefix_len"],
+        prefix=Prefix(int(info["prefix_len"])),  # at the last layer: all or last
     )
     run_state, run_pids = tail.rows_of(state, rows.run), [pids[k] for k in rows.prompt]
     logits = gpu_memory_hint(tail.perturbed, program, run_state, run_pids, meta, edit, device)
@@ -128,7 +136,7 @@ def _program(plan: Plan, target: Target, inputs: JobInputs, model: ModelSpec) ->
 @dataclass(frozen=True)
 class _Loaded:
     """What a pass on the model runs on: the engine, each layer's site, the model's info, every
-    prompt's token ids, ids and labels, and the job's rows."""
+    prompt's token ids, ids and labels, the job's rows, and where the demonstrations lie."""
 
     engine: object
     sites: list
@@ -137,6 +145,7 @@ class _Loaded:
     pids: list
     labels: np.ndarray
     rows: Rows
+    prefix: Prefix
 
     def cols_of(self, where: str) -> Callable:
         return lambda site, head: site_slice(self.engine.model, site, head, where)
@@ -155,10 +164,11 @@ class _Loaded:
 
 
 def _load(target: Target, inputs: JobInputs, model: ModelSpec) -> _Loaded:
-    engine, sites, model_info, _info = load_engine(inputs.prompts, model)
+    engine, sites, model_info, info = load_engine(inputs.prompts, model)
     ids, pids, labels = prompt_ids(inputs.prompts.prompts)
     rows = job_rows(target.perturbation, pids, inputs.pairs)
-    return _Loaded(engine, sites, model_info, ids, pids, labels, rows)
+    prefix = prefix_of(info, ids[0], model.path, [target.position])
+    return _Loaded(engine, sites, model_info, ids, pids, labels, rows, prefix)
 
 
 def _edit(target: Target, loaded: _Loaded, clean_of) -> Edit | EditSet:
@@ -168,7 +178,7 @@ def _edit(target: Target, loaded: _Loaded, clean_of) -> Edit | EditSet:
         cols_of=loaded.cols_of(target.where),
         clean_of=clean_of,
         donors=loaded.rows.donors,
-        prefix_len=loaded.engine.prefix_len,
+        prefix=loaded.prefix,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from headperturb.core.kinds import Perturbation
+from headperturb.data.parts import Prefix
 from headperturb.model.hooks import Edit, EditSet
 
 
@@ -46,11 +47,12 @@ class Result:
     partner_ids: list[int] | None = None
 
 
-def build_edit(target: Target, site_of, cols_of, clean_of, donors=None, prefix_len: int = 0):
+def build_edit(target: Target, site_of, cols_of, clean_of, donors=None, prefix=None):
     """The edit of ``target``: for each member, its site (``site_of(layer)``), its columns
     (``cols_of(site, head)``), its clean output where its kind needs it (``clean_of(site, head,
     cols)``, one tensor per prompt) and its kind's values and function. ``donors``: for a paired
-    kind, whose clean output each row takes; ``prefix_len``: the demonstrations' tokens."""
+    kind, whose clean output each row takes; ``prefix``: where the demonstrations lie
+    (:class:`~headperturb.data.parts.Prefix`; None: none)."""
     pert = target.perturbation
     edits = []
     for layer, head in target.members:
@@ -69,6 +71,6 @@ def build_edit(target: Target, site_of, cols_of, clean_of, donors=None, prefix_l
         )
         draws, position = target.draws, target.position
         edits.append(
-            Edit(site, head, target.where, values, pert.apply, draws, position, prefix_len)
+            Edit(site, head, target.where, values, pert.apply, draws, position, prefix or Prefix())
         )
     return EditSet(tuple(edits)) if target.is_set else edits[0]

@@ -41,11 +41,16 @@ def screen(input, output, params, wildcards, threads):
 
     from headperturb.analysis import screen as sc
     from headperturb.model import gradients, recordings
-    from headperturb.model.context import gpu_memory_hint, load_engine, prompt_ids
+    from headperturb.model.context import gpu_memory_hint, load_engine, prefix_of, prompt_ids
 
-    prompts, settings = prompt_files(input), params.settings
-    engine, sites, model_info, _info = load_engine(prompts, model_spec(input, params, threads))
+    prompts, settings, model = (
+        prompt_files(input),
+        params.settings,
+        model_spec(input, params, threads),
+    )
+    engine, sites, model_info, info = load_engine(prompts, model)
     ids, pids, labels = prompt_ids(prompts.prompts)
+    positions = settings["positions"]
     base = files.read_parquet(input.per_prompt, ["prompt_id", "calibrated_margin"])
     if base["prompt_id"].tolist() != list(pids):
         raise ValueError(f"{input.per_prompt} does not hold the run's prompts in order")
@@ -55,7 +60,15 @@ def screen(input, output, params, wildcards, threads):
         partners = partners_of(read_pairs(input.pairs), pids)
     progress = joblog.Progress(len(ids), "screen: forward and backward passes", log)
     sums = gpu_memory_hint(
-        gradients.gradient_sums, engine, ids, sites, means, progress=progress, partners=partners
+        gradients.gradient_sums,
+        engine,
+        ids,
+        sites,
+        means,
+        progress=progress,
+        partners=partners,
+        positions=positions,
+        prefix=prefix_of(info, ids[0], model.path, positions),
     )
     est = sc.estimates(
         sums,

@@ -163,9 +163,10 @@ def _no_segments(out_path) -> None:
 def _segment_panel(fig, ax, group, alpha: float) -> None:
     """One setting's heads (rows) against all positions and each segment (columns), the value
     written in each cell, a dot where q < alpha."""
-    from headperturb.analysis.segments import SHOWN, setting_name
+    from headperturb.analysis.segments import setting_name, shown
 
-    grid = group[[f"ld_{p}" for p in SHOWN]].to_numpy(dtype=float)
+    columns = shown(group)
+    grid = group[[f"ld_{p}" for p in columns]].to_numpy(dtype=float)
     limit = max(float(np.nan_to_num(np.nanmax(np.abs(grid)), nan=0.0)), 1e-9)
     image = ax.imshow(
         grid, cmap="PuOr_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest"
@@ -175,10 +176,12 @@ def _segment_panel(fig, ax, group, alpha: float) -> None:
             colour = "white" if abs(value) > 0.6 * limit else "black"
             text = f"{value:+.2g}"
             ax.text(c, r, text, ha="center", va="center", fontsize=7, color=colour)
-            if group[f"q_{SHOWN[c]}"].iloc[r] < alpha:
+            if group[f"q_{columns[c]}"].iloc[r] < alpha:
                 ax.plot(c + 0.36, r - 0.3, "o", color="black", markersize=2.5)
-    segments = [position_label(p).replace(" positions", "").replace(" position", "") for p in SHOWN]
-    ax.set_xticks(range(len(SHOWN)), segments)
+    segments = [
+        position_label(p).replace(" positions", "").replace(" position", "") for p in columns
+    ]
+    ax.set_xticks(range(len(columns)), segments)
     ax.set_yticks(range(len(group)), [f"L{r.layer}H{r.head}" for r in group.itertuples()])
     ax.set_title(setting_name(group.iloc[0]), fontsize=10)
     ax.spines[:].set_visible(False)

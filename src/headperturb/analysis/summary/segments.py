@@ -47,7 +47,7 @@ def segments(table: pd.DataFrame, alpha: float, top: int) -> list[str]:
 def _setting(group: pd.DataFrame, n: pd.Series, top: int) -> list[str]:
     """One setting's mapped heads: how many act at each segment (``n``: its counts), and its
     ``top`` heads' changes at every position and segment."""
-    from headperturb.analysis.segments import SHOWN, setting_name
+    from headperturb.analysis.segments import setting_name, shown
 
     acting = "; ".join(
         f"at {WHERE[s]}: {n[s]}" + (f" ({_acting_heads(group, s)})" if n[s] else "") for s in WHERE
@@ -59,7 +59,11 @@ def _setting(group: pd.DataFrame, n: pd.Series, top: int) -> list[str]:
         f"Heads that act {acting}; nowhere: {n['none']}.",
         "",
         *table_head(
-            "layer", "head", *(position_label(p) for p in SHOWN), "sum of segments", "acts at"
+            "layer",
+            "head",
+            *(position_label(p) for p in shown(group)),
+            "sum of segments",
+            "acts at",
         ),
     ]
     for _, r in group.head(top).iterrows():
@@ -67,7 +71,7 @@ def _setting(group: pd.DataFrame, n: pd.Series, top: int) -> list[str]:
             "-"
             if np.isnan(r[f"ld_{p}"])
             else f"{r[f'ld_{p}']:+.3f} [{r[f'low_{p}']:+.3f}, {r[f'high_{p}']:+.3f}]"
-            for p in SHOWN
+            for p in shown(group)
         ]
         total = "-" if np.isnan(r["segments_sum"]) else f"{r['segments_sum']:+.3f}"
         lines.append(table_row(r["layer"], r["head"], *cells, total, r["acts_at"]))
