@@ -29,6 +29,7 @@ import torch
 
 from headperturb.joblog import Progress
 from headperturb.model import hooks
+from headperturb.model.records import KeysValues, RmsSums, final_recorder, full_cache
 from headperturb.model.sites import HeadSite, final_norm_name
 from headperturb.model.surgery import narrow_lm_head, skip_layers_above, skip_layers_below
 
@@ -164,28 +165,14 @@ class _Recordings:
         head_dim) with the prefix's positions first, then each prompt's query positions;
         ``offsets`` (n + 1) into the query part. Sliding-window layers keep every position."""
         cache = self.prefix_cache(prompts, full=True)
-        parts: dict[str, list[torch.Tensor]] = {}
-        offsets = [0]
-        if cache is not None:
-            for layer, (k, v) in enumerate(_layers_kv(cache)):
-                parts.setdefault(f"k.{layer}", []).append(k[0].float().cpu())
-                parts.setdefault(f"v.{layer}", []).append(v[0].float().cpu())
+        kv = KeysValues(self.prefix_len, cache)
         for idx, lengths, _logits, batch_cache in self.suffix_batches(
-            cache if cache is not None else _full_cache(), prompts, batch_size
+            cache if cache is not None else full_cache(), prompts, batch_size
         ):
-            for layer, (k, v) in enumerate(_layers_kv(batch_cache)):
-                for row, length in enumerate(lengths.tolist()):
-                    sl = slice(self.prefix_len, self.prefix_len + length)
-                    parts.setdefault(f"k.{layer}", []).append(k[row, :, sl].float().cpu())
-                    parts.setdefault(f"v.{layer}", []).append(v[row, :, sl].float().cpu())
-            for length in lengths.tolist():
-                offsets.append(offsets[-1] + length)
+            kv.add(lengths, batch_cache)
             if progress:
                 progress.update(len(idx))
-        out = {key: torch.cat(rows, dim=1).contiguous() for key, rows in parts.items()}
-        out["offsets"] = torch.tensor(offsets, dtype=torch.int64)
-        out["prefix_len"] = torch.tensor([self.prefix_len], dtype=torch.int64)
-        return out
+        return kv.tensors()
 
 
 class Engine(_Recordings):
@@ -269,109 +256,59 @@ class Engine(_Recordings):
         sites: list[HeadSite],
         progress: Progress | None = None,
         batch_size: int = 4,
+        keys_values: dict | None = None,
     ) -> Baseline:
-        """The scores, and what the perturbed passes start from (see :class:`Baseline`)."""
+        """The scores, and what the perturbed passes start from (see :class:`Baseline`);
+        ``keys_values``, a dict, is filled with what :meth:`capture_cache` returns, from the same
+        pass."""
         out = np.empty((len(prompts), 2), dtype=np.float64)
         current: dict = {"lengths": None}  # None during the prefix pass
-        rms = _RmsSums(len(prompts))
+        rms = RmsSums(len(prompts))
         final: dict[str, list[torch.Tensor]] = {}
         recorders = []
         for site in sites:
             recorders += [
                 hooks.Hook(
-                    "hook_resid_pre", site, _final_recorder(final, f"resid.{site.layer}", current)
+                    "hook_resid_pre", site, final_recorder(final, f"resid.{site.layer}", current)
                 ),
                 hooks.Hook(
                     "hook_z",
                     site,
-                    _final_recorder(final, f"z.{site.layer}", current, rms, ("o_proj_input", site)),
+                    final_recorder(final, f"z.{site.layer}", current, rms, ("o_proj_input", site)),
                 ),
                 hooks.Hook(
                     "hook_attn_out",
                     site,
-                    _final_recorder(
+                    final_recorder(
                         final, f"out.{site.layer}", current, rms, ("o_proj_output", site)
                     ),
                 ),
             ]
         if final_norm_name(self.model) is not None:  # what the unembedding reads: direct effects
             recorders.append(
-                hooks.Hook("hook_resid_final", None, _final_recorder(final, "resid_final", current))
+                hooks.Hook("hook_resid_final", None, final_recorder(final, "resid_final", current))
             )
         handles = hooks.attach(self.model, recorders)
         try:
-            cache = self.prefix_cache(prompts)
-            for idx, _lengths, logits, _cache in self.suffix_batches(
+            cache = self.prefix_cache(prompts, full=keys_values is not None)
+            kv = None if keys_values is None else KeysValues(self.prefix_len, cache)
+            if cache is None and kv is not None:
+                cache = full_cache()
+            for idx, lengths, logits, batch_cache in self.suffix_batches(
                 cache, prompts, batch_size, current
             ):
                 out[idx] = logits
+                if kv is not None:
+                    kv.add(lengths, batch_cache)
                 if progress:
                     progress.update(len(idx))
         finally:
             hooks.detach(handles)
+        if kv is not None:
+            keys_values.update(kv.tensors())
         state = {key: torch.cat(rows) for key, rows in final.items()}
         state["n_tokens"] = torch.tensor([len(ids) for ids in prompts], dtype=torch.int64)
         return Baseline(out, state, rms.rows())
-
-
-def _full_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _layers_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-class _RmsSums:
-    """Running sums of each head's squared output at both sites; the shared prefix counts once
-    per prompt, padded positions not at all."""
-
-    def __init__(self, n_prompts: int):
-        self.n_prompts = n_prompts
-        self.sums: dict[tuple[str, int], list] = {}
-
-    def add(self, where: str, site: HeadSite, x: torch.Tensor, lengths) -> None:
-        x = x.detach().float()
-        n_heads = site.n_heads
-        if lengths is None:  # the prefix, shared by every prompt
-            sq, count = x[0].pow(2).sum(0) * self.n_prompts, x.shape[1] * self.n_prompts
-        else:
-            valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-            sq = (x.pow(2) * valid[..., None]).sum((0, 1))
-            count = int(valid.sum())
-        per_head = sq.reshape(n_heads, -1).sum(-1).double().cpu()
-        entry = self.sums.setdefault(
-            (where, site.layer), [torch.zeros(n_heads, dtype=torch.float64), 0, 0]
-        )
-        entry[0] += per_head
-        entry[1] += count
-        entry[2] = sq.numel() // n_heads
-
-    def rows(self) -> list[dict]:
-        """Rows (site, layer, head, rms)."""
-        rows = []
-        for (where, layer), (sq, count, width) in sorted(self.sums.items()):
-            for head, value in enumerate((sq / max(count * width, 1)).sqrt().tolist()):
-                rows.append({"site": where, "layer": layer, "head": head, "rms": value})
-        return rows
-
-
-def _final_recorder(final: dict, name: str, current: dict, rms: _RmsSums | None = None, what=None):
-    """A hook function recording an activation at each prompt's final position into
-    ``final[name]``, and adding to the RMS sums when given."""
-
-    def record(x: torch.Tensor) -> None:
-        lengths = current["lengths"]
-        if rms is not None:
-            rms.add(what[0], what[1], x, lengths)
-        if lengths is None:  # the prefix pass: no prompt ends there
-            return
-        rows = torch.arange(x.shape[0], device=x.device)
-        final.setdefault(name, []).append(x[rows, lengths - 1].detach().float().cpu().clone())
-
-    return record
 
 
 def on_device(values: tuple, device) -> tuple:

@@ -73,8 +73,8 @@ def scores(engine, sites, clean_state: dict, corrupted: tuple, labels, progress=
     corrupted, prefix_len = corrupted
     engine = Engine(engine.model, prefix_len, engine.token_ids)
     prompt_ids = list(range(len(corrupted)))
-    recorded = engine.baseline(corrupted, sites)
-    kv = engine.capture_cache(corrupted)
+    kv: dict = {}
+    recorded = engine.baseline(corrupted, sites, keys_values=kv)  # one pass records both
     before = correct_logit_diff(labels, _margin(recorded.logits))
     log.info(
         "the prompts with shuffled labels: mean correct-label logit difference %.3f (the clean "
