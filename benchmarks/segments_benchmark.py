@@ -95,6 +95,7 @@ def main() -> None:
     from headperturb.core import files
     from headperturb.core.kinds import build
     from headperturb.core.plans import recording_source
+    from headperturb.data.parts import Prefix
     from headperturb.model import loading, passes
     from headperturb.model.engine import Engine
     from headperturb.model.hooks import Edit, site_slice
@@ -140,7 +141,8 @@ def main() -> None:
         values = zero.values(seed=0, layer=layer, head=0, width=cols.stop - cols.start, repeats=1)
 
         def edit(position, site=site, values=values):
-            return Edit(site, 0, "o_proj_input", values, zero.apply, 1, position, engine.prefix_len)
+            prefix = Prefix(engine.prefix_len)
+            return Edit(site, 0, "o_proj_input", values, zero.apply, 1, position, prefix)
 
         naive_ids = ids[: args.naive_sample]
         t_naive, out_naive = timed(

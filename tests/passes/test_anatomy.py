@@ -68,32 +68,62 @@ def test_attention_weights_are_the_models_own_and_shares_sum_to_one(family_setup
         assert np.allclose(shares.sum(-1), 1.0, atol=1e-6)
 
 
-def test_what_a_head_writes_equals_a_naive_logit_lens(family_setup):
-    """The head's output through its own columns of the output projection (called on its slice
-    alone), the final norm with the prompt's scale and the output embedding, by modules."""
-    model, engine, _ids, _pids, recorded, _before = family_setup
-    sites, state = locate_sites(model), recorded.final_state
-    if model.config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
-        pytest.skip("the naive lens here is written for one RMSNorm before the unembedding")
-    labels = np.arange(state["resid_final"].shape[0]) % 2
-    rows = writes.read_writes(model, sites, state, labels, engine.token_ids, top=5)
-    site, head = sites[-1], 1
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+"""The final norm of the families whose norm is not ``model.norm`` (OPT's: ``model.decoder``)."""
+
+
+def _naive_lens(model, site, head: int, state: dict) -> torch.Tensor:
+    """(n, vocab) what head ``head`` of ``site`` writes at the final position, read at the
+    unembedding by the model's modules: its output through the projection called on its slice
+    alone (bias cancelled), Gemma's norm after attention and the final norm with their scales
+    held at the unperturbed values, then the output embedding (after OPT's project_out)."""
+    family = model.config.model_type
     z = state[f"z.{site.layer}"].float()
     keep = torch.zeros_like(z)
     columns = slice(head * site.head_dim, (head + 1) * site.head_dim)
     keep[:, columns] = z[:, columns]
     o_proj = model.get_submodule(site.module_name)
-    o = o_proj(keep) - o_proj(torch.zeros_like(keep))
-    resid = state["resid_final"].float()
-    norm = model.get_submodule("model.norm")
-    scale = resid.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).rsqrt()
-    weight = norm.weight + 1 if model.config.model_type.startswith("gemma") else norm.weight
-    logits = model.lm_head(weight * o * scale).double()
-    mean_logits = logits.mean(0)
-    row = next(r for r in rows if (r["layer"], r["head"], r["write"]) == (site.layer, 1, "mean"))
-    assert row["promoted"] == torch.argsort(mean_logits, descending=True)[:5].tolist()
-    negative, positive = engine.token_ids
-    assert row["label_gap"] == pytest.approx(float(mean_logits[positive] - mean_logits[negative]))
+    o = (o_proj(keep) - o_proj(torch.zeros_like(keep))).double()
+    if family.startswith("gemma"):  # the norm after attention: RMSNorm with weight 1 + w
+        post = model.model.layers[site.layer].post_attention_layernorm
+        out = state[f"out.{site.layer}"].double()
+        o = o * (out.pow(2).mean(-1, keepdim=True) + post.eps).rsqrt() * (1 + post.weight.double())
+    resid = state["resid_final"].double()
+    if family in ("gpt2", "gpt_neox", "opt"):  # LayerNorm: centred, the biased variance
+        name = FINAL_NORM.get(family, "model.decoder.final_layer_norm")
+        norm = model.get_submodule(name)
+        var = resid.var(-1, unbiased=False, keepdim=True)
+        normed = (o - o.mean(-1, keepdim=True)) / (var + norm.eps).sqrt() * norm.weight.double()
+    else:  # RMSNorm (Gemma's weight is 1 + w)
+        norm = model.get_submodule("model.norm")
+        eps = getattr(norm, "variance_epsilon", None) or norm.eps
+        weight = norm.weight.double() + (1 if family.startswith("gemma") else 0)
+        normed = o * (resid.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * weight
+    project_out = getattr(getattr(model, "model", None), "decoder", None)
+    project_out = getattr(project_out, "project_out", None)
+    if project_out is not None:
+        normed = normed.float() @ project_out.weight.T
+    return model.get_output_embeddings()(normed.float()).double()
+
+
+def test_what_a_head_writes_equals_a_naive_logit_lens(family_setup):
+    """The head's output through its own columns of the output projection (called on its slice
+    alone), the norms with the prompt's scales and the output embedding, by modules, in every
+    family: the promoted tokens and the label gap of the mean write."""
+    model, engine, _ids, _pids, recorded, _before = family_setup
+    sites, state = locate_sites(model), recorded.final_state
+    labels = np.arange(state["resid_final"].shape[0]) % 2
+    rows = writes.read_writes(model, sites, state, labels, engine.token_ids, top=5)
+    for site, head in ((sites[-1], 1), (sites[0], 2)):
+        with torch.no_grad():
+            mean_logits = _naive_lens(model, site, head, state).mean(0)
+        row = next(
+            r for r in rows if (r["layer"], r["head"], r["write"]) == (site.layer, head, "mean")
+        )
+        assert row["promoted"] == torch.argsort(mean_logits, descending=True)[:5].tolist()
+        negative, positive = engine.token_ids
+        gap = float(mean_logits[positive] - mean_logits[negative])
+        assert row["label_gap"] == pytest.approx(gap, rel=1e-4, abs=1e-6)
 
 
 def _planted_induction(vocab: int = 200, length: int = 24):
