@@ -11,7 +11,8 @@ resources/models/ (``snakemake --cores all --configfile benchmarks/configs/defau
   it estimates patching): the shared prefix's forward once, each prompt's own tokens on its cache,
   one backward pass to every head's output at every position (the prefix's included) and the
   sums; split into its suffix forward, its backward and the partner's forward;
-- ``cached forward``: the baseline's pass (the prefix's cache reused, four prompts per call);
+- ``cached forward``: the baseline's pass over every prompt of the run (the prefix's cache
+  reused, four prompts per call);
 - ``suffix forward and backward``: the same pass with a gradient that stops at the cached prefix
   (what a screen of the final position and the review alone would need);
 - ``full forward`` and ``full forward and backward``: a whole prompt, no cache.
@@ -163,15 +164,16 @@ def main() -> None:
     t_sums = (time.perf_counter() - start) / len(ids)
     parts = screen_parts(engine, sites, ids, every, partners)
     t_screen = t_sums + parts["partner forward"]
-    start = time.perf_counter()
-    engine.score(ids)
-    t_cached = (time.perf_counter() - start) / len(ids)
-    cache = engine.prefix_cache(ids)
+    start = time.perf_counter()  # every prompt: the prefix's forward shared as in a run
+    engine.score(every)
+    t_cached = (time.perf_counter() - start) / len(every)
+    with torch.no_grad():  # the prefix as the screen holds it, without a graph
+        cache = engine.prefix_cache(ids)
     t_suffix = per_prompt(lambda x: suffix_backward(engine, sites, cache, x), ids)
     with torch.inference_mode():
         t_full = per_prompt(lambda x: model(input_ids=engine.ids(x), logits_to_keep=1), ids)
     t_full_bwd = per_prompt(lambda x: full_backward(engine, sites, x), ids)
-    price = t_cached + t_suffix + (t_cached if partners else 0.0)
+    price = t_suffix + (t_cached if partners else 0.0)
     rows = [
         ("the screen at its setting's positions, with patching", t_screen, ""),
         ("... without patching (`gradient_sums` timed whole)", t_sums, ""),
@@ -179,7 +181,7 @@ def main() -> None:
         ("... its backward, through the prefix's graph", parts["backward"], ""),
         ("... the partner's forward, which patching adds", parts["partner forward"], ""),
         ("the heads' means (mean ablation's values), per prompt", t_means, ""),
-        ("cached forward (the baseline's pass, 4 prompts per call)", t_cached, ""),
+        ("cached forward (the baseline's pass over every prompt, 4 per call)", t_cached, ""),
         ("cached forward and a backward that stops at the prefix", t_suffix, ""),
         ("full forward of one prompt", t_full, ""),
         ("full forward and backward of one prompt", t_full_bwd, ""),
@@ -192,11 +194,12 @@ def main() -> None:
         f"{len(ids)} prompts (median seconds per prompt), {args.threads} torch threads, fp32, "
         "CPU; `python benchmarks/screen_benchmark.py`.",
         "",
-        "| pass | seconds per prompt | against the screen |",
+        "| pass | seconds per prompt | the screen / this |",
         "| --- | --- | --- |",
         *(f"| {what} | {t:.3f} | {t_screen / t:.2f}x |" for what, t, _ in rows if t > 0),
         "",
-        f"The issue's price of the screen (a cached forward, its backward, the partner's forward): "
+        "The issue's price of the screen (a forward on the prefix's cache and its backward, and "
+        "the partner's forward): "
         f"{price:.3f} s per prompt; the screen takes {t_screen / price:.2f}x that, and "
         f"{t_screen / t_full_bwd:.2f}x a full forward and backward of the prompt. The backward "
         "through the prefix's graph is what the demonstrations', label words' and all-position "

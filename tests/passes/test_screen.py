@@ -50,7 +50,14 @@ def test_screen_numbers_equal_plain_autograd(tiny_llama, imdb_sample):
     p = engine.prefix_len
     prefix = Prefix(p, (2, p - 1), ((0, p // 2), (p // 2, p)))
     positions = ("all", "last", "label_words", "demonstration_2")
-    sums = gradients.gradient_sums(engine, ids, sites, means, positions=positions, prefix=prefix)
+    partners = [0, -1, 2, 3]  # each its own partner (patching from itself changes nothing)
+    sums = gradients.gradient_sums(
+        engine, ids, sites, means, positions=positions, prefix=prefix, partners=partners
+    )
+    for part in positions:  # the partner's own forward pass gives the outputs the gradient's did
+        own, partner = sums[f"z_dot_g.{part}"], sums[f"partner_dot_g.{part}"]
+        np.testing.assert_allclose(partner[[0, 2, 3]], own[[0, 2, 3]], rtol=1e-5, atol=1e-9)
+        assert np.isnan(partner[1]).all()
     neg, pos = engine.token_ids
     zs = {}
     handles = []

@@ -199,6 +199,8 @@ def test_segment_bounds_and_masks():
     assert where("demonstration_2") == [3, 4, 5]
     with pytest.raises(ValueError, match="demonstration 3; the prompts have 2"):
         segment("demonstration_3", 10, prefix)
+    with pytest.raises(ValueError, match="needs the label words placed"):
+        segment("label_words", 10, Prefix(6))  # a length alone would edit nothing, silently
     with pytest.raises(ValueError, match="allowed: all, last, demonstrations, review"):
         segment("middle", 10, prefix)
     values = torch.arange(8.0).reshape(1, 4, 2)  # the last 4 positions of a 10-token prompt

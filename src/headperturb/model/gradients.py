@@ -94,21 +94,38 @@ def gradient_sums(
             partner = partners[i] if partners else -1
             zp = grads.inputs(prompts[partner]) if partner >= 0 else None
             n = len(ids)
+            masks = torch.from_numpy(np.stack([hooks.segment(p, n, prefix) for p in positions]))
             for layer, (z, g) in enumerate(zip(zs, gs)):
-                z, g = z.double().reshape(n, n_heads, -1), g.double().reshape(n, n_heads, -1)
-                mu = means[sites[layer].layer][-n:].double().reshape(n, n_heads, -1)
-                p = zp[layer].double().reshape(n, n_heads, -1) if zp is not None else None
-                for part in positions:
-                    sl = torch.from_numpy(hooks.segment(part, n, prefix))
-                    out[f"z_dot_g.{part}"][i, layer] = (z[sl] * g[sl]).sum((0, 2)).numpy()
-                    out[f"mean_dot_g.{part}"][i, layer] = (mu[sl] * g[sl]).sum((0, 2)).numpy()
-                    out[f"g_norm.{part}"][i, layer] = g[sl].pow(2).sum((0, 2)).sqrt().numpy()
-                    if partners:
-                        out[f"partner_dot_g.{part}"][i, layer] = (
-                            np.nan if p is None else (p[sl] * g[sl]).sum((0, 2)).numpy()
-                        )
+                mu = means[sites[layer].layer][-n:]
+                p = zp[layer] if zp is not None else None
+                at = _segment_sums(z, g, mu, p, masks.double(), n_heads)
+                for q, value in at.items():
+                    for k, part in enumerate(positions):
+                        out[f"{q}.{part}"][i, layer] = value[k]
+                if partners and p is None:
+                    for part in positions:
+                        out[f"partner_dot_g.{part}"][i, layer] = np.nan
             if progress:
                 progress.update()
+    return out
+
+
+def _segment_sums(z, g, mu, partner, masks, n_heads: int) -> dict[str, np.ndarray]:
+    """One layer of one prompt: ``z_dot_g``, ``mean_dot_g``, ``g_norm`` and, with ``partner``,
+    ``partner_dot_g``, each (positions, heads): the per-position products summed over each
+    head's columns, then over each position's ``masks`` row (positions, length) by one product.
+    ``z``, ``g``, ``mu`` and ``partner`` are (length, heads * head_dim)."""
+    n = g.shape[0]
+    g = g.double().reshape(n, n_heads, -1)
+    products = {
+        "z_dot_g": (z.double().reshape(n, n_heads, -1) * g).sum(-1),
+        "mean_dot_g": (mu.double().reshape(n, n_heads, -1) * g).sum(-1),
+        "g_norm": g.pow(2).sum(-1),
+    }
+    if partner is not None:
+        products["partner_dot_g"] = (partner.double().reshape(n, n_heads, -1) * g).sum(-1)
+    out = {q: (masks @ value).numpy() for q, value in products.items()}  # (positions, heads)
+    out["g_norm"] = np.sqrt(out["g_norm"])
     return out
 
 

@@ -222,6 +222,11 @@ def segment(position: str, length: int, prefix: Prefix) -> np.ndarray:
             )
         mask[slice(*prefix.demonstrations[i - 1])] = True
         return mask
+    if position == "label_words" and prefix.length and not prefix.label_words:
+        raise ValueError(
+            "position label_words needs the label words placed in the prefix "
+            "(headperturb.data.parts.prefix_layout); this Prefix holds only its length"
+        )
     spans = {
         "all": slice(0, length),
         "last": slice(length - 1, length),
