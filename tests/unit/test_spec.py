@@ -409,6 +409,11 @@ def test_label_words_and_single_demonstrations_are_positions_inside_the_demonstr
     assert "only the final position" in plans.unchanged(replace(job, kind="zero", layer=29), 30)
     assert plans.unchanged(replace(job, kind="zero"), 30) is None
     assert spec.position_label("demonstration_2") == "demonstration 2 positions"
+    assert [spec.demonstration_index(p) for p in ("demonstration_12", "label_words", "all")] == [
+        12,
+        None,
+        None,
+    ]
 
 
 def test_a_threshold_or_a_choice_of_demonstrations_needs_development_reviews():

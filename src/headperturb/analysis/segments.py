@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from headperturb.core.spec import SEGMENTS, in_prefix
+from headperturb.core.spec import SEGMENTS, demonstration_index, in_prefix
 
 HEAD = ["site", "kind", "scale", "layer", "head"]
 """A head in one setting apart from its positions."""
@@ -31,7 +31,7 @@ def inside(positions) -> tuple[str, ...]:
     """The positions inside the demonstrations among ``positions``: ``label_words``, then
     ``demonstration_<i>`` by ``i``."""
     found = {str(p) for p in positions if in_prefix(str(p)) and p != "demonstrations"}
-    return tuple(sorted(found, key=lambda p: -1 if p == "label_words" else int(p.split("_")[1])))
+    return tuple(sorted(found, key=lambda p: demonstration_index(p) or 0))
 
 
 def shown(frame: pd.DataFrame) -> tuple[str, ...]:

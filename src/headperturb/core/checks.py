@@ -17,6 +17,7 @@ from headperturb.core.sets import curves, set_jobs
 from headperturb.core.spec import (
     SpecError,
     check_position,
+    demonstration_index,
     head_jobs,
     in_prefix,
     screened,
@@ -166,7 +167,7 @@ def check_segments(perturbation: dict, prompts: dict, screen: dict | None = None
                 f"perturbation: positions {position} asks for the demonstrations, but "
                 f"prompts.k_shot = 0 gives none; set k_shot >= 1 or drop {position}"
             )
-        i = int(position.split("_")[1]) if position.startswith("demonstration_") else 1
+        i = demonstration_index(position) or 1
         if i > k:
             raise SpecError(
                 f"perturbation: positions {position} asks for demonstration {i}, but "

@@ -41,7 +41,7 @@ every filled demonstration and its separator, ``prefix_len`` in ``prompt_info.js
 ``review``, the test review's own tokens (its template words and text) up to, not including,
 the final position. ``demonstrations``, ``review`` and ``last`` make up ``all``. Inside the
 demonstrations: ``label_words``, their label words (the verbalizer tokens, Wang et al. 2023's
-"anchors"), and each single demonstration, ``demonstration_<i>`` (:func:`demonstration`)."""
+"anchors"), and each single demonstration, ``demonstration_<i>`` (:func:`demonstration_index`)."""
 
 SEGMENTS = ("demonstrations", "review", "last")
 """The positions that partition a prompt, in prompt order."""
@@ -50,10 +50,12 @@ POSITION_PATTERN = "|".join(POSITIONS) + "|demonstration_[1-9][0-9]*"
 """Every position's name, as a regular expression (the Snakefile's wildcard constraint)."""
 
 
-def demonstration(i: int) -> str:
-    """The position of the ``i``-th demonstration (from 1, in prompt order): its template words,
-    text, label word and separator (the first also holds the prompt's first token)."""
-    return f"demonstration_{int(i)}"
+def demonstration_index(position: str) -> int | None:
+    """``i`` of the position ``demonstration_<i>``, the ``i``-th demonstration (from 1, in prompt
+    order: its template words, text, label word and separator; the first also holds the prompt's
+    first token); None for any other position."""
+    found = re.fullmatch(r"demonstration_([1-9][0-9]*)", position)
+    return int(found.group(1)) if found else None
 
 
 def check_position(position: str) -> None:
@@ -68,7 +70,9 @@ def check_position(position: str) -> None:
 def in_prefix(position: str) -> bool:
     """Whether ``position`` lies inside the shared demonstrations (all of them, their label words
     or one of them), which every prompt and its partner share."""
-    return position in ("demonstrations", "label_words") or position.startswith("demonstration_")
+    return (
+        position in ("demonstrations", "label_words") or demonstration_index(position) is not None
+    )
 
 
 METHODS = ("fast", "naive")
@@ -199,8 +203,9 @@ POSITION_LABELS = {
 def position_label(position: str) -> str:
     """``all`` -> ``all positions``, ``last`` -> ``last position``, ``demonstration_2`` ->
     ``demonstration 2 positions``, for logs, plots and tables."""
-    if position.startswith("demonstration_"):
-        return f"demonstration {position.split('_')[1]} positions"
+    i = demonstration_index(position)
+    if i is not None:
+        return f"demonstration {i} positions"
     return POSITION_LABELS[position]
 
 

@@ -84,8 +84,9 @@ def load_engine(prompts: PromptFiles, model: ModelSpec):
 
 def prefix_of(info: dict, first_ids, model_path: str, positions) -> Prefix:
     """Where the demonstrations lie in the run's prompts (:class:`Prefix`): their length, and
-    for the positions inside them (``label_words``, ``demonstration_<i>``) the tokenizer's word
-    (:func:`headperturb.data.parts.prefix_layout`), loaded only then."""
+    for the positions inside them (``label_words``, ``demonstration_<i>``) where their tokens lie,
+    from the tokenizer's offsets (:func:`headperturb.data.parts.prefix_layout`; the tokenizer is
+    loaded only then)."""
     if all(p == "demonstrations" or not in_prefix(p) for p in positions):
         return Prefix(int(info["prefix_len"]))
     from headperturb.model.loading import load_tokenizer

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from headperturb.core.kinds import Noise
-from headperturb.core.spec import SITES, check_position
+from headperturb.core.spec import SITES, check_position, demonstration_index
 from headperturb.data.parts import Prefix
 from headperturb.model.sites import HeadSite, SiteError, final_norm_name
 from headperturb.model.surgery import out_features, skip_layers_below
@@ -213,8 +213,8 @@ def segment(position: str, length: int, prefix: Prefix) -> np.ndarray:
     the ``i``-th demonstration (``demonstration_<i>``), as ``prefix`` places them."""
     check_position(position)
     mask = np.zeros(length, dtype=bool)
-    if position.startswith("demonstration_"):
-        i = int(position.split("_")[1])
+    i = demonstration_index(position)
+    if i is not None:
         if i > len(prefix.demonstrations):
             raise ValueError(
                 f"position {position} asks for demonstration {i}; the prompts have "
