@@ -127,6 +127,11 @@ def test_numbers_written_as_yaml_text_are_numbers():
             "resample",
         ),
         (
+            {"perturbation": {"sweeps": [{"positions": ["labels"]}]}},
+            "perturbation.sweeps[0].positions[0] = 'labels' is not allowed; allowed: all, last, "
+            "demonstrations, review, label_words, or a name matching '\\^demonstration_",
+        ),
+        (
             {"perturbation": {"sweeps": [{"layer": [1]}]}},
             "unknown key 'perturbation.sweeps[0].layer'",
         ),

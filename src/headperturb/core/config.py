@@ -102,7 +102,11 @@ def validate(config: dict, schema_path: str | Path) -> dict:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(e.path)))
     if errors:
-        raise ConfigError(describe(jsonschema.exceptions.best_match(errors), schema))
+        error = jsonschema.exceptions.best_match(errors)
+        parent = error.parent
+        if parent is not None and parent.validator == "anyOf" and _names(parent.schema):
+            error = parent  # names and a pattern (positions): every allowed form, not the nearest
+        raise ConfigError(describe(error, schema))
     fill_defaults(config, schema)
     return config
 
@@ -152,6 +156,8 @@ def describe(error, schema: dict) -> str:
         ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
         bound = f"{ops[rule]} {error.validator_value}"
         return f"config: {where} = {_short(value)} is not allowed; it must be {bound}{hint}"
+    if rule == "anyOf" and _names(sub):
+        return f"config: {where} = {_short(value)} is not allowed; allowed: {_names(sub)}"
     if rule == "oneOf" and where == "model" and isinstance(value, dict):
         given = [k for k in ("path", "pypi_wheel") if k in value]
         return (
@@ -172,6 +178,16 @@ def describe(error, schema: dict) -> str:
         why = error.message.split(" is ", 1)[-1] if rule == "type" else _rule_text(rule, sub)
         return f"config: {where} = {_short(value)} is not allowed: {why}{hint}"
     return f"config: {where} = {_short(value)} is not allowed: {error.message}{hint}"
+
+
+def _names(schema: dict) -> str:
+    """The names an ``anyOf`` of enums and patterns allows, as text ("" for any other)."""
+    options = schema.get("anyOf", []) if isinstance(schema, dict) else []
+    if not options or not all("enum" in o or "pattern" in o for o in options):
+        return ""
+    named = ", ".join(str(v) for o in options for v in o.get("enum", []))
+    patterns = "".join(f", or a name matching {o['pattern']!r}" for o in options if "pattern" in o)
+    return named + patterns
 
 
 def _rule_text(rule: str, sub: dict) -> str:
