@@ -47,8 +47,8 @@ def per_prompt(func, prompts) -> float:
     return statistics.median(times)
 
 
-def full_backward(engine, sites, ids) -> None:
-    """A whole prompt's forward pass and the margin's backward pass to every head's output."""
+def margin_backward(engine, sites, **inputs) -> None:
+    """One forward pass of ``inputs`` and the margin's backward pass to every head's output."""
     import torch
 
     from headperturb.model import hooks
@@ -62,37 +62,24 @@ def full_backward(engine, sites, ids) -> None:
         frozen_parameters(engine.model),
         hooks.hooked(engine.model, *recorders),
     ):
-        logits = engine.model(input_ids=engine.ids(ids), logits_to_keep=1).logits
+        logits = engine.model(logits_to_keep=1, **inputs).logits
         margin = logits[0, -1, engine.token_ids[1]] - logits[0, -1, engine.token_ids[0]]
         torch.autograd.grad(margin, seen)
+
+
+def full_backward(engine, sites, ids) -> None:
+    """A whole prompt's forward pass and the margin's backward pass to every head's output."""
+    margin_backward(engine, sites, input_ids=engine.ids(ids))
 
 
 def suffix_backward(engine, sites, cache, ids) -> None:
     """One prompt's own tokens on the prefix's cache, the gradient stopping at the cache."""
     import copy
 
-    import torch
-
-    from headperturb.model import hooks
-    from headperturb.model.cache import frozen_parameters
-
-    seen = []
-    recorders = [hooks.Hook("hook_z", s, lambda z: seen.append(z)) for s in sites]
-    recorders.append(hooks.Hook("hook_embed", None, lambda out: out.requires_grad_(True)))
-    own = copy.deepcopy(cache)
-    with (
-        torch.enable_grad(),
-        frozen_parameters(engine.model),
-        hooks.hooked(engine.model, *recorders),
-    ):
-        logits = engine.model(
-            input_ids=engine.ids(ids[engine.prefix_len :]),
-            use_cache=True,
-            logits_to_keep=1,
-            **{engine.cache_kw: own},
-        ).logits
-        margin = logits[0, -1, engine.token_ids[1]] - logits[0, -1, engine.token_ids[0]]
-        torch.autograd.grad(margin, seen)
+    own = {engine.cache_kw: copy.deepcopy(cache)}
+    margin_backward(
+        engine, sites, input_ids=engine.ids(ids[engine.prefix_len :]), use_cache=True, **own
+    )
 
 
 def screen_parts(engine, sites, prompts, every, partners) -> dict[str, float]:

@@ -70,14 +70,15 @@ def test_the_baseline_records_the_keys_and_values_in_the_same_pass(family_setup,
     """One pass for the function-vector scores' corrupted prompts: the baseline asked for the keys
     and values gives capture_cache's tensors and the baseline's own logits and final state."""
     model, engine, ids, _pids, recorded, _before = family_setup
-    kv: dict = {}
-    both = engine.baseline(ids, locate_sites(model), batch_size=3, keys_values=kv)
+    both = engine.baseline(ids, locate_sites(model), batch_size=3, keys_values=True)
+    kv = both.keys_values
     assert sorted(kv) == sorted(family_cache)
     for key, value in family_cache.items():
         np.testing.assert_allclose(kv[key].numpy(), value.numpy(), atol=1e-5, err_msg=key)
     np.testing.assert_allclose(both.logits, recorded.logits, atol=1e-5)
     for key, value in recorded.final_state.items():
         np.testing.assert_allclose(both.final_state[key], value, atol=1e-5, err_msg=key)
+    assert recorded.keys_values is None  # only when asked for
 
 
 @pytest.mark.parametrize("kind", ["zero", "mean", "resample"])

@@ -61,12 +61,14 @@ def padded_inputs(recorded: dict[str, torch.Tensor], rows, width: int) -> torch.
 @dataclass
 class Baseline:
     """What :meth:`Engine.baseline` returns: (n, 2) verbalizer logits, the final state of every
-    layer (tensors named as in :data:`FINAL_STATE_KEYS`) and one row per (site, layer, head) of
-    RMS output."""
+    layer (tensors named as in :data:`FINAL_STATE_KEYS`), one row per (site, layer, head) of
+    RMS output and, when asked for, what :meth:`Engine.capture_cache` returns, from the same
+    pass."""
 
     logits: np.ndarray
     final_state: dict[str, torch.Tensor]
     head_rms: list[dict]
+    keys_values: dict[str, torch.Tensor] | None = None
 
 
 FINAL_STATE_KEYS = ("resid", "z", "out")
@@ -256,11 +258,10 @@ class Engine(_Recordings):
         sites: list[HeadSite],
         progress: Progress | None = None,
         batch_size: int = 4,
-        keys_values: dict | None = None,
+        keys_values: bool = False,
     ) -> Baseline:
         """The scores, and what the perturbed passes start from (see :class:`Baseline`);
-        ``keys_values``, a dict, is filled with what :meth:`capture_cache` returns, from the same
-        pass."""
+        ``keys_values``: also every layer's keys and values (:attr:`Baseline.keys_values`)."""
         out = np.empty((len(prompts), 2), dtype=np.float64)
         current: dict = {"lengths": None}  # None during the prefix pass
         rms = RmsSums(len(prompts))
@@ -290,8 +291,8 @@ class Engine(_Recordings):
             )
         handles = hooks.attach(self.model, recorders)
         try:
-            cache = self.prefix_cache(prompts, full=keys_values is not None)
-            kv = None if keys_values is None else KeysValues(self.prefix_len, cache)
+            cache = self.prefix_cache(prompts, full=keys_values)
+            kv = KeysValues(self.prefix_len, cache) if keys_values else None
             if cache is None and kv is not None:
                 cache = full_cache()
             for idx, lengths, logits, batch_cache in self.suffix_batches(
@@ -304,11 +305,9 @@ class Engine(_Recordings):
                     progress.update(len(idx))
         finally:
             hooks.detach(handles)
-        if kv is not None:
-            keys_values.update(kv.tensors())
         state = {key: torch.cat(rows) for key, rows in final.items()}
         state["n_tokens"] = torch.tensor([len(ids) for ids in prompts], dtype=torch.int64)
-        return Baseline(out, state, rms.rows())
+        return Baseline(out, state, rms.rows(), kv.tensors() if kv is not None else None)
 
 
 def on_device(values: tuple, device) -> tuple:

@@ -73,8 +73,8 @@ def scores(engine, sites, clean_state: dict, corrupted: tuple, labels, progress=
     corrupted, prefix_len = corrupted
     engine = Engine(engine.model, prefix_len, engine.token_ids)
     prompt_ids = list(range(len(corrupted)))
-    kv: dict = {}
-    recorded = engine.baseline(corrupted, sites, keys_values=kv)  # one pass records both
+    recorded = engine.baseline(corrupted, sites, keys_values=True)  # one pass records both
+    kv = recorded.keys_values
     before = correct_logit_diff(labels, _margin(recorded.logits))
     log.info(
         "the prompts with shuffled labels: mean correct-label logit difference %.3f (the clean "
