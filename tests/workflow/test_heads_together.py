@@ -79,12 +79,12 @@ def test_curves_and_direct_effects_are_written_and_summarised(together_run):
     assert mib["cfg"]["n_layers"] == 2 and mib["cfg"]["n_heads"] == 4
     names = [f"a{r.layer}.h{r.head}" for r in ranking.sort_values("rank").itertuples()]
     assert list(mib["nodes"]) == names and mib["edges"] == {}
-    # the curve claims of docs/claims.yaml resolve in this run of the test config
+    # the curve and screen claims of docs/claims.yaml resolve in this run of the test config
     written = yaml.safe_load((REPO / "docs/claims.yaml").read_text())["claims"]
-    problems, _ = claims.unresolved(
-        [c for c in written if c["file"].startswith("curves/")], together_run
-    )
-    assert not problems, problems
+    named = [c for c in written if c["file"].startswith(("curves/", "screen/"))]
+    assert {c["file"].split("/")[0] for c in named} == {"curves", "screen"}
+    problems, resolved = claims.unresolved(named, together_run)
+    assert not problems and resolved == len(named), problems
     text = (together_run / "summary.md").read_text()
     assert "## Heads removed together (joint-ablation curves)" in text
     assert "## Direct effects and self-repair (final position)" in text
