@@ -404,6 +404,10 @@ def test_label_words_and_single_demonstrations_are_positions_inside_the_demonstr
             spec.check_position(wrong)
     assert spec.in_prefix("demonstration_3") and spec.in_prefix("label_words")
     assert not spec.in_prefix("review") and not spec.in_prefix("all")
+    assert spec.within_demonstrations("label_words") and spec.within_demonstrations(
+        "demonstration_2"
+    )
+    assert not spec.within_demonstrations("demonstrations")
     job = spec.HeadJob("o_proj_input", "label_words", "patch", "", 3, 0)
     assert "shares the demonstrations" in plans.unchanged(job, 30)
     assert "only the final position" in plans.unchanged(replace(job, kind="zero", layer=29), 30)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from headperturb.core.spec import SEGMENTS, demonstration_index, in_prefix
+from headperturb.core.spec import SEGMENTS, demonstration_index, within_demonstrations
 
 HEAD = ["site", "kind", "scale", "layer", "head"]
 """A head in one setting apart from its positions."""
@@ -30,7 +30,7 @@ inside the demonstrations a run measured follow (:func:`inside`)."""
 def inside(positions) -> tuple[str, ...]:
     """The positions inside the demonstrations among ``positions``: ``label_words``, then
     ``demonstration_<i>`` by ``i``."""
-    found = {str(p) for p in positions if in_prefix(str(p)) and p != "demonstrations"}
+    found = {str(p) for p in positions if within_demonstrations(str(p))}
     return tuple(sorted(found, key=lambda p: demonstration_index(p) or 0))
 
 

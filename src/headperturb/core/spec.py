@@ -70,9 +70,13 @@ def check_position(position: str) -> None:
 def in_prefix(position: str) -> bool:
     """Whether ``position`` lies inside the shared demonstrations (all of them, their label words
     or one of them), which every prompt and its partner share."""
-    return (
-        position in ("demonstrations", "label_words") or demonstration_index(position) is not None
-    )
+    return position == "demonstrations" or within_demonstrations(position)
+
+
+def within_demonstrations(position: str) -> bool:
+    """Whether ``position`` is a part of the demonstrations (their label words or one of them),
+    which the tokens' places in the prefix say (:class:`headperturb.data.parts.Prefix`)."""
+    return position == "label_words" or demonstration_index(position) is not None
 
 
 METHODS = ("fast", "naive")

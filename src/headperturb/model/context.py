@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from headperturb.core import files
-from headperturb.core.spec import in_prefix
+from headperturb.core.spec import within_demonstrations
 from headperturb.data.parts import Prefix, prefix_layout
 from headperturb.model import cache
 
@@ -87,7 +87,7 @@ def prefix_of(info: dict, first_ids, model_path: str, positions) -> Prefix:
     for the positions inside them (``label_words``, ``demonstration_<i>``) where their tokens lie,
     from the tokenizer's offsets (:func:`headperturb.data.parts.prefix_layout`; the tokenizer is
     loaded only then)."""
-    if all(p == "demonstrations" or not in_prefix(p) for p in positions):
+    if not any(within_demonstrations(p) for p in positions):
         return Prefix(int(info["prefix_len"]))
     from headperturb.model.loading import load_tokenizer
 

@@ -94,11 +94,12 @@ def gradient_sums(
             partner = partners[i] if partners else -1
             zp = grads.inputs(prompts[partner]) if partner >= 0 else None
             n = len(ids)
-            masks = torch.from_numpy(np.stack([hooks.segment(p, n, prefix) for p in positions]))
+            masks = [hooks.segment(p, n, prefix) for p in positions]
+            masks = torch.from_numpy(np.stack(masks)).double()  # (positions, length)
             for layer, (z, g) in enumerate(zip(zs, gs)):
                 mu = means[sites[layer].layer][-n:]
                 p = zp[layer] if zp is not None else None
-                at = _segment_sums(z, g, mu, p, masks.double(), n_heads)
+                at = _segment_sums(z, g, mu, p, masks, n_heads)
                 for q, value in at.items():
                     for k, part in enumerate(positions):
                         out[f"{q}.{part}"][i, layer] = value[k]
